@@ -1,0 +1,99 @@
+/// The lossy (or identity) first stage of a codec. Tags are stable: they are written into page
+/// records and wire frames. Byte layouts: docs/codec-layouts.md.
+public enum Quantizer: UInt8, Sendable, CaseIterable, CustomStringConvertible {
+    /// No quantization: the 16-bit elements as given.
+    case fp16 = 1
+    /// int8 per token and head, symmetric, fp16 scale.
+    case q8 = 2
+    /// KIVI-style 4-bit: keys per channel over 32-token groups, values per token over 32 channels.
+    case k4v4 = 3
+    /// Random-sign Hadamard rotation + 4-bit Lloyd–Max codebook + fp16 scale per vector.
+    case tq4 = 4
+    /// As `tq4` with a 3-bit codebook.
+    case tq3 = 5
+
+    public var name: String {
+        switch self {
+        case .fp16: "fp16"
+        case .q8: "q8"
+        case .k4v4: "k4v4"
+        case .tq4: "tq4"
+        case .tq3: "tq3"
+        }
+    }
+
+    public var description: String { name }
+
+    public init?(name: String) {
+        guard let match = Self.allCases.first(where: { $0.name == name.lowercased() }) else { return nil }
+        self = match
+    }
+
+    /// True when decoding gives back the input bits exactly.
+    public var isLossless: Bool { self == .fp16 }
+
+    /// One sentence for `kvtier codec list`.
+    public var summary: String {
+        switch self {
+        case .fp16: "no quantization (16-bit elements as given)"
+        case .q8: "int8 per token and head, fp16 scale"
+        case .k4v4: "KIVI 4-bit: keys per channel over 32 tokens, values per token over 32 channels"
+        case .tq4: "random-sign Hadamard rotation, 4-bit Lloyd-Max codebook, fp16 scale per vector"
+        case .tq3: "random-sign Hadamard rotation, 3-bit Lloyd-Max codebook, fp16 scale per vector"
+        }
+    }
+
+    /// The head dimensions this quantizer accepts, in words.
+    public var headDimRule: String {
+        switch self {
+        case .fp16, .q8: "any"
+        case .k4v4: "multiple of 32"
+        case .tq4, .tq3: "power of 2, 32-256"
+        }
+    }
+
+    /// Throws unless this quantizer can encode sections of `shape`.
+    public func check(_ shape: SectionShape) throws(CodecError) {
+        try shape.validate()
+        let d = shape.headDim
+        switch self {
+        case .fp16, .q8:
+            return
+        case .k4v4:
+            guard d % 32 == 0 else { throw .unsupportedShape(shape, "k4v4 needs headDim divisible by 32") }
+        case .tq4, .tq3:
+            guard d >= 32, d <= 256, d & (d - 1) == 0 else {
+                throw .unsupportedShape(shape, "\(name) needs headDim a power of two from 32 to 256")
+            }
+        }
+    }
+
+    /// Exact bytes of the keys part and of the values part for `shape` (no lossless stage).
+    public func partSizes(_ shape: SectionShape) -> (keys: Int, values: Int) {
+        let t = shape.tokens, h = shape.kvHeads, d = shape.headDim
+        switch self {
+        case .fp16:
+            return (t * h * d * 2, t * h * d * 2)
+        case .q8:
+            return (t * h * (d + 2), t * h * (d + 2))
+        case .k4v4:
+            let groups = (t + 31) / 32
+            return (groups * h * d * 4 + t * h * d / 2, t * h * (d / 32) * 20)
+        case .tq4:
+            return (t * h * (2 + d / 2), t * h * (2 + d / 2))
+        case .tq3:
+            return (t * h * (2 + d * 3 / 8), t * h * (2 + d * 3 / 8))
+        }
+    }
+
+    /// Exact bytes of a whole quantized section.
+    public func sectionSize(_ shape: SectionShape) -> Int {
+        let parts = partSizes(shape)
+        return parts.keys + parts.values
+    }
+
+    /// Stored bits per element for `shape`, scales and minimums included.
+    public func bitsPerElement(_ shape: SectionShape) -> Double {
+        Double(sectionSize(shape) * 8) / Double(shape.elements)
+    }
+}

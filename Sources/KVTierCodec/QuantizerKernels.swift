@@ -1,0 +1,116 @@
+import CKVTierKernels
+import KVTierCore
+
+/// The bridge from quantizers to the C kernels: sizes are checked by the caller
+/// (`SectionCodec`), so every pointer handed down covers exactly what the kernel touches.
+enum QuantizerKernels {
+    static func encode(
+        _ quantizer: Quantizer, keys: UnsafeRawBufferPointer, values: UnsafeRawBufferPointer,
+        shape: SectionShape, into output: UnsafeMutableRawBufferPointer
+    ) throws(CodecError) {
+        let sizes = quantizer.partSizes(shape)
+        precondition(output.count == sizes.keys + sizes.values, "quantizer output buffer mis-sized")
+        let keysOut = output.baseAddress!.assumingMemoryBound(to: UInt8.self)
+        let valuesOut = keysOut + sizes.keys
+        let k = keys.baseAddress!.assumingMemoryBound(to: UInt16.self)
+        let v = values.baseAddress!.assumingMemoryBound(to: UInt16.self)
+        let (t, h, d) = (shape.tokens, shape.kvHeads, shape.headDim)
+        let dtype = Int32(shape.elementType.rawValue)
+        var badKeys = 0, badValues = 0
+        switch quantizer {
+        case .fp16:
+            output.copyMemory(from: keys)
+            UnsafeMutableRawBufferPointer(rebasing: output[sizes.keys...]).copyMemory(from: values)
+        case .q8:
+            badKeys = kvt_q8_encode(k, t, h, d, dtype, keysOut)
+            badValues = kvt_q8_encode(v, t, h, d, dtype, valuesOut)
+        case .k4v4:
+            badKeys = kvt_k4v4_encode_keys(k, t, h, d, dtype, keysOut)
+            badValues = kvt_k4v4_encode_values(v, t, h, d, dtype, valuesOut)
+        case .tq4, .tq3:
+            let bits = Int32(quantizer == .tq4 ? 4 : 3)
+            badKeys = kvt_tq_encode(k, t * h, d, bits, dtype, keysOut)
+            badValues = kvt_tq_encode(v, t * h, d, bits, dtype, valuesOut)
+        }
+        // A negative count is SIZE_MAX: arguments `Quantizer.check` should have refused.
+        precondition(badKeys >= 0 && badValues >= 0, "kernel refused a shape that passed Quantizer.check")
+        if badKeys > 0 { throw .nonFiniteInput(part: "keys", count: badKeys) }
+        if badValues > 0 { throw .nonFiniteInput(part: "values", count: badValues) }
+    }
+
+    static func decode(
+        _ quantizer: Quantizer, _ input: UnsafeRawBufferPointer, shape: SectionShape,
+        keys: UnsafeMutableRawBufferPointer, values: UnsafeMutableRawBufferPointer
+    ) throws(CodecError) {
+        let sizes = quantizer.partSizes(shape)
+        precondition(input.count == sizes.keys + sizes.values, "quantizer input buffer mis-sized")
+        let keysIn = input.baseAddress!.assumingMemoryBound(to: UInt8.self)
+        let valuesIn = keysIn + sizes.keys
+        let k = keys.baseAddress!.assumingMemoryBound(to: UInt16.self)
+        let v = values.baseAddress!.assumingMemoryBound(to: UInt16.self)
+        let (t, h, d) = (shape.tokens, shape.kvHeads, shape.headDim)
+        let dtype = Int32(shape.elementType.rawValue)
+        var statuses: (Int32, Int32) = (0, 0)
+        switch quantizer {
+        case .fp16:
+            keys.copyMemory(from: UnsafeRawBufferPointer(rebasing: input[0..<sizes.keys]))
+            values.copyMemory(from: UnsafeRawBufferPointer(rebasing: input[sizes.keys...]))
+        case .q8:
+            statuses = (kvt_q8_decode(keysIn, t, h, d, dtype, k), kvt_q8_decode(valuesIn, t, h, d, dtype, v))
+        case .k4v4:
+            statuses = (kvt_k4v4_decode_keys(keysIn, t, h, d, dtype, k), kvt_k4v4_decode_values(valuesIn, t, h, d, dtype, v))
+        case .tq4, .tq3:
+            let bits = Int32(quantizer == .tq4 ? 4 : 3)
+            statuses = (kvt_tq_decode(keysIn, t * h, d, bits, dtype, k), kvt_tq_decode(valuesIn, t * h, d, bits, dtype, v))
+        }
+        precondition(statuses.0 >= 0 && statuses.1 >= 0, "kernel refused a shape that passed Quantizer.check")
+        if statuses.0 != 0 || statuses.1 != 0 {
+            let part = statuses.0 != 0 ? "keys" : "values"
+            throw .corrupt("\(quantizer.name) \(part) hold a non-finite or negative scale or minimum")
+        }
+    }
+}
+
+/// Byte-plane shuffle of 2-byte elements: all low bytes, then all high bytes.
+enum ByteShuffle {
+    static func shuffle2(_ source: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer) {
+        precondition(source.count == destination.count && source.count % 2 == 0)
+        kvt_shuffle2(source.baseAddress!.assumingMemoryBound(to: UInt8.self), source.count / 2,
+                     destination.baseAddress!.assumingMemoryBound(to: UInt8.self))
+    }
+
+    static func unshuffle2(_ source: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer) {
+        precondition(source.count == destination.count && source.count % 2 == 0)
+        kvt_unshuffle2(source.baseAddress!.assumingMemoryBound(to: UInt8.self), source.count / 2,
+                       destination.baseAddress!.assumingMemoryBound(to: UInt8.self))
+    }
+}
+
+/// Which SIMD path the kernels use. Tests force each available level in turn.
+public enum KernelLevel: Int, Sendable, CaseIterable, Comparable, CustomStringConvertible {
+    case scalar = 0
+    case avx2 = 1
+    case avx512 = 2
+
+    /// The best level this CPU supports.
+    public static var best: KernelLevel { KernelLevel(rawValue: Int(kvt_cpu_level())) ?? .scalar }
+
+    /// The level in force now.
+    public static var current: KernelLevel { KernelLevel(rawValue: Int(kvt_get_level())) ?? .scalar }
+
+    /// Forces a level (clamped to what the CPU supports) and returns the one in force.
+    @discardableResult
+    public static func force(_ level: KernelLevel) -> KernelLevel {
+        KernelLevel(rawValue: Int(kvt_set_level(Int32(level.rawValue)))) ?? .scalar
+    }
+
+    public static func < (a: KernelLevel, b: KernelLevel) -> Bool { a.rawValue < b.rawValue }
+
+    public var description: String {
+        switch self {
+        case .scalar: "scalar"
+        case .avx2: "avx2"
+        case .avx512: "avx512"
+        }
+    }
+}
