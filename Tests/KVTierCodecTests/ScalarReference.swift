@@ -26,7 +26,11 @@ enum ScalarReference {
     }
 
     static func pack2(_ c: [Int]) -> [UInt8] {
-        (0..<8).map { i in UInt8((c[i] & 3) | (c[i + 8] & 3) << 2 | (c[i + 16] & 3) << 4 | (c[i + 24] & 3) << 6) }
+        (0..<8).map { (i: Int) -> UInt8 in
+            var byte = 0
+            for lane in 0..<4 { byte |= (c[i + 8 * lane] & 3) << (2 * lane) }
+            return UInt8(byte)
+        }
     }
 
     static func pack3(_ c: [Int]) -> [UInt8] {
@@ -78,6 +82,10 @@ enum ScalarReference {
 
     // MARK: k4v4
 
+    /// Minimum and maximum in the total order the kernels use, where -0 < +0.
+    static func lowest(_ x: [Float]) -> Float { x.reduce(.infinity) { $1 < $0 || ($1 == $0 && $1.sign == .minus) ? $1 : $0 } }
+    static func highest(_ x: [Float]) -> Float { x.reduce(-.infinity) { $1 > $0 || ($1 == $0 && $1.sign == .plus) ? $1 : $0 } }
+
     static func asymmetric(_ lo: Float, _ hi: Float) -> (m: Float, s: Float, inv: Float, mBits: UInt16, sBits: UInt16) {
         let mBits = f16(lo), sBits = f16((hi - lo) / 15)
         let m = fromF16(mBits), s = fromF16(sBits)
@@ -94,7 +102,7 @@ enum ScalarReference {
             var params: [(m: Float, s: Float, inv: Float, mBits: UInt16, sBits: UInt16)] = []
             for c in 0..<row {
                 let column = (g..<g + n).map { x[$0 * row + c] }
-                params.append(asymmetric(column.min()!, column.max()!))
+                params.append(asymmetric(lowest(column), highest(column)))
             }
             for p in params { put16(&out, p.mBits) }
             for p in params { put16(&out, p.sBits) }
@@ -135,7 +143,7 @@ enum ScalarReference {
         var out: [UInt8] = []
         for start in stride(from: 0, to: t * h * d, by: 32) {
             let group = x[start..<start + 32]
-            let p = asymmetric(group.min()!, group.max()!)
+            let p = asymmetric(lowest(Array(group)), highest(Array(group)))
             put16(&out, p.mBits)
             put16(&out, p.sBits)
             out += pack4(group.map { code4($0, p.m, p.inv) }[...])

@@ -1,0 +1,136 @@
+/* internal.h - private helpers shared by the kernel files (not part of the API). */
+#ifndef KVT_INTERNAL_H
+#define KVT_INTERNAL_H
+
+#include "kvtier_kernels.h"
+#include <string.h>
+#include <stdint.h>
+#include <stddef.h>
+
+/* No FMA contraction anywhere: the spec fixes a multiply then an add. */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#define KVT_INLINE static inline __attribute__((always_inline))
+#define KVT_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define KVT_AVX512_TARGET \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,fma,f16c,avx2")))
+
+/* Exponent-all-ones threshold on the magnitude bits, per dtype. */
+#define KVT_NF_F16 0x7C00u
+#define KVT_NF_BF16 0x7F80u
+
+/* ---- unaligned little-endian access ---- */
+KVT_INLINE uint16_t kvt_ld16(const void *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+KVT_INLINE void kvt_st16(void *p, uint16_t v) { memcpy(p, &v, 2); }
+KVT_INLINE uint16_t kvt_le16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+KVT_INLINE void kvt_put_le16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
+KVT_INLINE float kvt_ldf(const float *p) { float v; memcpy(&v, p, 4); return v; }
+KVT_INLINE void kvt_stf(float *p, float v) { memcpy(p, &v, 4); }
+
+KVT_INLINE uint32_t kvt_fbits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+KVT_INLINE float kvt_bitsf(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* ---- portable conversions (bit-identical to F16C / the integer bf16 rounding) ---- */
+KVT_INLINE float kvt_h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0x1F) return kvt_bitsf(sign | 0x7F800000u | (m << 13) | (m ? 0x400000u : 0));
+    if (e == 0) {
+        float v = (float)m * 5.9604644775390625e-8f; /* m * 2^-24, exact */
+        return kvt_bitsf(kvt_fbits(v) | sign);
+    }
+    return kvt_bitsf(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+KVT_INLINE uint16_t kvt_f2h(float f) {
+    uint32_t x = kvt_fbits(f);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    uint32_t ax = x & 0x7FFFFFFFu;
+    if (ax >= 0x7F800000u) /* Inf or NaN (quieted, payload truncated) */
+        return (uint16_t)(sign | (ax == 0x7F800000u ? 0x7C00u : (0x7E00u | ((ax >> 13) & 0x3FFu))));
+    if (ax >= 0x47800000u) return (uint16_t)(sign | 0x7C00u); /* >= 65536 */
+    if (ax >= 0x38800000u) {                                    /* normal half (or rounds to Inf) */
+        uint32_t r = ax - 0x38000000u;
+        r = r + 0xFFFu + ((r >> 13) & 1u);
+        return (uint16_t)(sign | (r >> 13));
+    }
+    /* subnormal half or zero: let the FPU round at the 2^-24 position */
+    float v = kvt_bitsf(ax) + 0.5f;
+    return (uint16_t)(sign | (uint16_t)(kvt_fbits(v) - 0x3F000000u));
+}
+
+KVT_INLINE float kvt_b2f(uint16_t b) { return kvt_bitsf((uint32_t)b << 16); }
+
+KVT_INLINE uint16_t kvt_f2b(float f) {
+    uint32_t x = kvt_fbits(f);
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((x >> 16) | 0x40u);
+    return (uint16_t)((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+
+KVT_INLINE float kvt_widen(uint16_t v, int dtype) { return dtype == KVT_F16 ? kvt_h2f(v) : kvt_b2f(v); }
+KVT_INLINE uint16_t kvt_narrow(float f, int dtype) { return dtype == KVT_F16 ? kvt_f2h(f) : kvt_f2b(f); }
+
+/* Round to nearest integer, ties to even, for |v| < 2^22 (default rounding mode). */
+KVT_INLINE float kvt_rne(float v) {
+    const float m = 12582912.0f; /* 1.5 * 2^23 (not folded: no fast-math) */
+    return (v + m) - m;
+}
+
+/* Total-order key of a sign-magnitude 16-bit float: -0 < +0, signed compare. */
+KVT_INLINE int16_t kvt_key(uint16_t b) { return (int16_t)(b ^ ((b & 0x8000u) ? 0x7FFFu : 0u)); }
+KVT_INLINE uint16_t kvt_unkey(int16_t k) { return (uint16_t)((uint16_t)k ^ (k < 0 ? 0x7FFFu : 0u)); }
+
+/* fp16 bits that are NaN or Inf. */
+KVT_INLINE int kvt_h_nonfinite(uint16_t h) { return (h & 0x7C00u) == 0x7C00u; }
+/* A stored scale is corrupt if NaN/Inf or < 0 (-0 is accepted). */
+KVT_INLINE int kvt_bad_scale(uint16_t s) { return (s & 0x7C00u) == 0x7C00u || s > 0x8000u; }
+
+/* Non-finite threshold for the dtype (on the magnitude bits). */
+KVT_INLINE uint16_t kvt_nf(int dtype) { return dtype == KVT_F16 ? (uint16_t)KVT_NF_F16 : (uint16_t)KVT_NF_BF16; }
+
+/* ---- failure counting (scalar, exact, shared by every path) ---- */
+size_t kvt_fail_q8(const uint16_t *src, size_t T, size_t H, size_t D, int dtype);
+size_t kvt_fail_k4v4_keys(const uint16_t *src, size_t T, size_t H, size_t D, int dtype);
+size_t kvt_fail_k4v4_values(const uint16_t *src, size_t T, size_t H, size_t D, int dtype);
+
+/* ---- tq tables ---- */
+typedef struct {
+    float sign[256];     /* +-1 */
+    float lev[3][16];    /* levels for bits 2,3,4 (index bits-2) */
+    float bnd[3][16];    /* decision boundaries (count 2^bits - 1) */
+    float lev2[3][16];   /* levels squared */
+} kvt_tq_tables;
+const kvt_tq_tables *kvt_tq_get_tables(void);
+
+/* ---- per-level implementation table ---- */
+typedef struct {
+    void (*f16_to_f32)(const uint16_t *, size_t, float *);
+    void (*f32_to_f16)(const float *, size_t, uint16_t *);
+    void (*bf16_to_f32)(const uint16_t *, size_t, float *);
+    void (*f32_to_bf16)(const float *, size_t, uint16_t *);
+    size_t (*count_nonfinite)(const uint16_t *, size_t, uint16_t nf);
+    void (*shuffle2)(const uint8_t *, size_t, uint8_t *);
+    void (*unshuffle2)(const uint8_t *, size_t, uint8_t *);
+    size_t (*q8_encode)(const uint16_t *, size_t, size_t, size_t, int, uint8_t *);
+    int (*q8_decode)(const uint8_t *, size_t, size_t, size_t, int, uint16_t *);
+    size_t (*k4v4_encode_keys)(const uint16_t *, size_t, size_t, size_t, int, uint8_t *);
+    int (*k4v4_decode_keys)(const uint8_t *, size_t, size_t, size_t, int, uint16_t *);
+    size_t (*k4v4_encode_values)(const uint16_t *, size_t, size_t, size_t, int, uint8_t *);
+    int (*k4v4_decode_values)(const uint8_t *, size_t, size_t, size_t, int, uint16_t *);
+    /* tq on one part; src_f32/dst_f32 variants have dtype 0 */
+    size_t (*tq_encode)(const void *, size_t, size_t, int, int, uint8_t *);
+    int (*tq_decode)(const uint8_t *, size_t, size_t, int, int, void *);
+} kvt_impl;
+
+extern const kvt_impl kvt_impl_scalar;
+#if defined(__x86_64__)
+extern const kvt_impl kvt_impl_avx2;
+extern const kvt_impl kvt_impl_avx512;
+#endif
+
+#endif

@@ -1,0 +1,236 @@
+/* tq.c - random-sign Hadamard rotation + Lloyd-Max codebook (tq2/tq3/tq4), all paths.
+ *
+ * The per-vector core is written once in plain C and instantiated for each
+ * target (scalar, AVX2, AVX-512) so the compiler may vectorize it; the
+ * element conversions use the level's bulk converters. tq is not on the hot
+ * path of the daemon (k4v4 is), so this favours clarity.
+ */
+#include "internal.h"
+#include <math.h>
+
+/* sign[i] = -1 where bit i is set: SplitMix64 seeded 0x6B76746965720001, top bit. */
+static const uint64_t kSignMask[4] = {0xeba4287cd91dc99dULL, 0xf0f3ce4b368c0ca3ULL,
+                                      0xfcbd0302b5338645ULL, 0x3d5322da82adbf0bULL};
+
+static const float kLev2[4] = {-1.5104176f, -0.4527800f, 0.4527800f, 1.5104176f};
+static const float kLev3[8] = {-2.1519456f, -1.3439093f, -0.7560053f, -0.2450942f,
+                               0.2450942f,  0.7560053f,  1.3439093f,  2.1519456f};
+static const float kLev4[16] = {-2.7325895f, -2.0690172f, -1.6180464f, -1.2562312f,
+                                -0.9423404f, -0.6567591f, -0.3880483f, -0.1283950f,
+                                0.1283950f,  0.3880483f,  0.6567591f,  0.9423404f,
+                                1.2562312f,  1.6180464f,  2.0690172f,  2.7325895f};
+
+static kvt_tq_tables g_tables;
+static int g_tables_ready; /* written once under the lock below */
+
+static void build_tables(kvt_tq_tables *t) {
+    for (int i = 0; i < 256; i++) t->sign[i] = ((kSignMask[i >> 6] >> (i & 63)) & 1) ? -1.0f : 1.0f;
+    const float *levs[3] = {kLev2, kLev3, kLev4};
+    for (int b = 0; b < 3; b++) {
+        int n = 4 << b;
+        for (int k = 0; k < 16; k++) {
+            t->lev[b][k] = k < n ? levs[b][k] : 0.0f;
+            t->lev2[b][k] = t->lev[b][k] * t->lev[b][k];
+            t->bnd[b][k] = k < n - 1 ? (levs[b][k] + levs[b][k + 1]) / 2.0f : INFINITY;
+        }
+    }
+}
+
+const kvt_tq_tables *kvt_tq_get_tables(void) {
+    if (!__atomic_load_n(&g_tables_ready, __ATOMIC_ACQUIRE)) {
+        static int lock;
+        while (__atomic_exchange_n(&lock, 1, __ATOMIC_ACQUIRE)) {}
+        if (!g_tables_ready) {
+            build_tables(&g_tables);
+            __atomic_store_n(&g_tables_ready, 1, __ATOMIC_RELEASE);
+        }
+        __atomic_store_n(&lock, 0, __ATOMIC_RELEASE);
+    }
+    return &g_tables;
+}
+
+KVT_INLINE float kvt_sqrtf(float v) {
+#if defined(__has_builtin) && __has_builtin(__builtin_elementwise_sqrt)
+    return __builtin_elementwise_sqrt(v); /* no errno, no libm call */
+#else
+    return sqrtf(v);
+#endif
+}
+
+/* Unnormalized Walsh-Hadamard transform, stages len = 1, 2, ..., D/2. */
+KVT_INLINE void fwht(float *y, size_t D) {
+    for (size_t len = 1; len < D; len <<= 1)
+        for (size_t j0 = 0; j0 < D; j0 += 2 * len)
+            for (size_t j = j0; j < j0 + len; j++) {
+                float a = y[j], b = y[j + len];
+                y[j] = a + b;
+                y[j + len] = a - b;
+            }
+}
+
+KVT_INLINE void pack_codes(const uint8_t *c, size_t D, int bits, uint8_t *out) {
+    for (size_t b = 0; b < D; b += 32, c += 32) {
+        if (bits == 4) {
+            for (int i = 0; i < 16; i++) *out++ = (uint8_t)(c[i] | c[i + 16] << 4);
+        } else {
+            for (int i = 0; i < 8; i++)
+                *out++ = (uint8_t)((c[i] & 3) | (c[i + 8] & 3) << 2 | (c[i + 16] & 3) << 4 | (c[i + 24] & 3) << 6);
+            if (bits == 3) {
+                uint32_t hi = 0;
+                for (int j = 0; j < 32; j++) hi |= (uint32_t)((c[j] >> 2) & 1) << j;
+                out[0] = (uint8_t)hi; out[1] = (uint8_t)(hi >> 8);
+                out[2] = (uint8_t)(hi >> 16); out[3] = (uint8_t)(hi >> 24);
+                out += 4;
+            }
+        }
+    }
+}
+
+KVT_INLINE void unpack_codes(const uint8_t *in, size_t D, int bits, uint8_t *c) {
+    for (size_t b = 0; b < D; b += 32, c += 32) {
+        if (bits == 4) {
+            for (int i = 0; i < 16; i++) { c[i] = in[i] & 15; c[i + 16] = in[i] >> 4; }
+            in += 16;
+        } else {
+            for (int i = 0; i < 8; i++) {
+                uint8_t v = in[i];
+                c[i] = v & 3; c[i + 8] = (v >> 2) & 3; c[i + 16] = (v >> 4) & 3; c[i + 24] = v >> 6;
+            }
+            in += 8;
+            if (bits == 3) {
+                uint32_t hi = (uint32_t)in[0] | (uint32_t)in[1] << 8 | (uint32_t)in[2] << 16 | (uint32_t)in[3] << 24;
+                for (int j = 0; j < 32; j++) c[j] |= (uint8_t)(((hi >> j) & 1) << 2);
+                in += 4;
+            }
+        }
+    }
+}
+
+/* Encode one vector x[D] (finite): writes [alpha][codes] and returns alpha's fp16 bits. */
+KVT_INLINE uint16_t tq_encode_vec(const kvt_tq_tables *tb, const float *x, size_t D, int bits, uint8_t *out) {
+    float y[256];
+    uint8_t code[256];
+    for (size_t i = 0; i < D; i++) y[i] = tb->sign[i] * x[i];
+    fwht(y, D);
+    float ss = 0.0f;
+    for (size_t i = 0; i < D; i++) ss += y[i] * y[i];
+    float rms = kvt_sqrtf(ss / (float)D);
+    uint16_t ab;
+    const float *lev = tb->lev[bits - 2], *bnd = tb->bnd[bits - 2], *lev2 = tb->lev2[bits - 2];
+    int nb = (1 << bits) - 1;
+    if (rms == 0.0f) {
+        for (size_t i = 0; i < D; i++) code[i] = (uint8_t)(1 << (bits - 1));
+        ab = 0;
+    } else {
+        float num = 0.0f, den = 0.0f;
+        for (size_t i = 0; i < D; i++) {
+            float z = y[i] / rms;
+            int c = 0;
+            for (int k = 0; k < nb; k++) c += bnd[k] <= z;
+            code[i] = (uint8_t)c;
+            num += y[i] * lev[c];
+            den += lev2[c];
+        }
+        ab = kvt_f2h(num / den);
+    }
+    kvt_put_le16(out, ab);
+    pack_codes(code, D, bits, out + 2);
+    return ab;
+}
+
+/* Decode one vector: returns 0, or 1 for a non-finite alpha. */
+KVT_INLINE int tq_decode_vec(const kvt_tq_tables *tb, const uint8_t *in, size_t D, int bits, float *x) {
+    uint16_t ab = kvt_le16(in);
+    if (kvt_h_nonfinite(ab)) return 1;
+    float a = kvt_h2f(ab);
+    uint8_t code[256];
+    unpack_codes(in + 2, D, bits, code);
+    const float *lev = tb->lev[bits - 2];
+    for (size_t i = 0; i < D; i++) x[i] = a * lev[code[i]];
+    fwht(x, D);
+    float invD = 1.0f / (float)D; /* exact power of two: x*invD == x/D */
+    for (size_t i = 0; i < D; i++) x[i] = tb->sign[i] * x[i] * invD;
+    return 0;
+}
+
+KVT_INLINE size_t nonfinite_f32(const float *x, size_t n) {
+    size_t c = 0;
+    for (size_t i = 0; i < n; i++) c += (kvt_fbits(x[i]) & 0x7F800000u) == 0x7F800000u;
+    return c;
+}
+
+/* Exact scalar failure count (shared by all paths). dtype 0 = float32 input. */
+static size_t tq_fail(const void *src, size_t vectors, size_t D, int bits, int dtype) {
+    const kvt_tq_tables *tb = kvt_tq_get_tables();
+    size_t fails = 0;
+    float x[256];
+    uint8_t tmp[2 + 128];
+    for (size_t v = 0; v < vectors; v++) {
+        for (size_t i = 0; i < D; i++)
+            x[i] = dtype == 0 ? kvt_ldf((const float *)src + v * D + i)
+                              : kvt_widen(kvt_ld16((const uint16_t *)src + v * D + i), dtype);
+        size_t bad = nonfinite_f32(x, D);
+        if (bad == 0) bad = kvt_h_nonfinite(tq_encode_vec(tb, x, D, bits, tmp));
+        fails += bad;
+    }
+    return fails;
+}
+
+/* Generic part encoder/decoder, inlined into each target's wrapper. */
+KVT_INLINE size_t tq_encode_part(const kvt_impl *I, const void *src, size_t vectors, size_t D, int bits,
+                                 int dtype, uint8_t *dst) {
+    const kvt_tq_tables *tb = kvt_tq_get_tables();
+    size_t vs = 2 + D * (size_t)bits / 8;
+    float x[256];
+    for (size_t v = 0; v < vectors; v++, dst += vs) {
+        const float *xp = x;
+        if (dtype == KVT_F16) I->f16_to_f32((const uint16_t *)src + v * D, D, x);
+        else if (dtype == KVT_BF16) I->bf16_to_f32((const uint16_t *)src + v * D, D, x);
+        else memcpy(x, (const float *)src + v * D, D * sizeof(float));
+        if (nonfinite_f32(xp, D) || kvt_h_nonfinite(tq_encode_vec(tb, xp, D, bits, dst))) {
+            size_t f = tq_fail(src, vectors, D, bits, dtype);
+            return f ? f : 1;
+        }
+    }
+    return 0;
+}
+
+KVT_INLINE int tq_decode_part(const kvt_impl *I, const uint8_t *src, size_t vectors, size_t D, int bits,
+                              int dtype, void *dst) {
+    const kvt_tq_tables *tb = kvt_tq_get_tables();
+    size_t vs = 2 + D * (size_t)bits / 8;
+    float x[256];
+    for (size_t v = 0; v < vectors; v++, src += vs) {
+        if (tq_decode_vec(tb, src, D, bits, x)) return 1;
+        if (dtype == KVT_F16) I->f32_to_f16(x, D, (uint16_t *)dst + v * D);
+        else if (dtype == KVT_BF16) I->f32_to_bf16(x, D, (uint16_t *)dst + v * D);
+        else memcpy((float *)dst + v * D, x, D * sizeof(float));
+    }
+    return 0;
+}
+
+size_t kvt_tq_encode_scalar(const void *src, size_t vectors, size_t D, int bits, int dtype, uint8_t *dst) {
+    return tq_encode_part(&kvt_impl_scalar, src, vectors, D, bits, dtype, dst);
+}
+int kvt_tq_decode_scalar(const uint8_t *src, size_t vectors, size_t D, int bits, int dtype, void *dst) {
+    return tq_decode_part(&kvt_impl_scalar, src, vectors, D, bits, dtype, dst);
+}
+
+#if defined(__x86_64__)
+KVT_AVX2_TARGET size_t kvt_tq_encode_avx2(const void *src, size_t vectors, size_t D, int bits, int dtype,
+                                          uint8_t *dst) {
+    return tq_encode_part(&kvt_impl_avx2, src, vectors, D, bits, dtype, dst);
+}
+KVT_AVX2_TARGET int kvt_tq_decode_avx2(const uint8_t *src, size_t vectors, size_t D, int bits, int dtype,
+                                       void *dst) {
+    return tq_decode_part(&kvt_impl_avx2, src, vectors, D, bits, dtype, dst);
+}
+KVT_AVX512_TARGET size_t kvt_tq_encode_avx512(const void *src, size_t vectors, size_t D, int bits, int dtype,
+                                              uint8_t *dst) {
+    return tq_encode_part(&kvt_impl_avx512, src, vectors, D, bits, dtype, dst);
+}
+KVT_AVX512_TARGET int kvt_tq_decode_avx512(const uint8_t *src, size_t vectors, size_t D, int bits, int dtype,
+                                           void *dst) {
+    return tq_decode_part(&kvt_impl_avx512, src, vectors, D, bits, dtype, dst);
+}
+#endif
