@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""End-to-end quality harness for KVTier KV codecs.
+
+For each codec: exact bits/element, K and V relative error and causal attention-output relative
+error on the captured fixture tensors (fixtures/kv/tinyllama-license), and the bits-per-byte
+change of the fixture model (fixtures/tinyllama) on held-out prose with every token's K and V
+round-tripped through the codec inside the forward pass.
+
+  python3 Benchmarks/quality/eval_codecs.py                       # numpy reference codecs
+  python3 Benchmarks/quality/eval_codecs.py fp16 tq4 --windows 4  # quicker
+  python3 Benchmarks/quality/eval_codecs.py --backend cli --kvtier .build/release/kvtier
+  ... --json                                                      # JSON instead of markdown
+
+Backends:
+  numpy  the reference implementations in codecs_ref.py (next to this file).
+  cli    `KVTIER codec roundtrip --codec NAME --keys K.npy --values V.npy --out-keys K2.npy
+         --out-values V2.npy --page-tokens 256 --json`, on float16 [T, H, D] .npy files; its JSON
+         must carry `bitsPerElement` and `encodedBytes`.
+
+Baselines: bits-per-byte is measured against the unmodified model (no hook, float32 K/V); the
+`fp16` row is therefore the cost of the float16 cache itself. Attention errors are against the
+float16 captured tensors (computed in float32).
+"""
+import argparse, json, math, os, shutil, subprocess, sys, tempfile, time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import codecs_ref  # noqa: E402
+
+DEFAULT_CODECS = ["fp16", "q8", "k4v4", "tq4", "tq3", codecs_ref.AGGRESSIVE_NAME]
+DEFAULT_FIXTURES = os.path.normpath(os.path.join(REPO, "..", "shared", "fixtures"))
+DEFAULT_TEXT = os.path.join(REPO, "Benchmarks", "data", "heldout-prose.txt")
+KV_SET = "tinyllama-license"
+WINDOW = 1024
+
+
+# ----------------------------------------------------------------------------- backends
+
+class NumpyBackend:
+    name = "numpy"
+
+    def __init__(self, codec, page_tokens):
+        if codec not in codecs_ref.CODECS:
+            raise SystemExit(f"unknown codec {codec!r} for the numpy backend; known: {', '.join(codecs_ref.CODECS)}")
+        self.codec, self.page_tokens = codec, page_tokens
+
+    def roundtrip(self, k, v):
+        return codecs_ref.roundtrip(self.codec, k, v, self.page_tokens)
+
+    def bits_per_element(self, T, H, D):
+        return codecs_ref.bits_per_element(self.codec, T, H, D, self.page_tokens)
+
+
+class CliBackend:
+    name = "cli"
+
+    def __init__(self, codec, page_tokens, kvtier):
+        self.codec, self.page_tokens, self.kvtier = codec, page_tokens, kvtier
+        self.tmp = tempfile.mkdtemp(prefix="kvtier-eval-")
+        self.last = {}
+
+    def close(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _run(self, k, v):
+        p = lambda n: os.path.join(self.tmp, n)
+        np.save(p("k.npy"), np.ascontiguousarray(k, dtype=np.float16))
+        np.save(p("v.npy"), np.ascontiguousarray(v, dtype=np.float16))
+        for n in ("k2.npy", "v2.npy"):
+            if os.path.exists(p(n)):
+                os.remove(p(n))
+        cmd = [self.kvtier, "codec", "roundtrip", "--codec", self.codec,
+               "--keys", p("k.npy"), "--values", p("v.npy"),
+               "--out-keys", p("k2.npy"), "--out-values", p("v2.npy"),
+               "--page-tokens", str(self.page_tokens), "--json"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"kvtier failed (exit {r.returncode}): {' '.join(cmd)}\n{r.stderr.strip()}\n{r.stdout.strip()}")
+        info = _last_json_object(r.stdout)
+        if info is None or "bitsPerElement" not in info or "encodedBytes" not in info:
+            raise SystemExit(f"kvtier printed no JSON with bitsPerElement and encodedBytes:\n{r.stdout}")
+        k2, v2 = np.load(p("k2.npy")), np.load(p("v2.npy"))
+        if k2.shape != k.shape or v2.shape != v.shape:
+            raise SystemExit(f"kvtier output shapes {k2.shape} {v2.shape} != input {k.shape} {v.shape}")
+        self.last = info
+        return k2.astype(np.float32), v2.astype(np.float32)
+
+    def roundtrip(self, k, v):
+        return self._run(k, v)
+
+    def bits_per_element(self, T, H, D):
+        # one full round trip of a T-token section of zeros-free random data gives the figure
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((T, H, D)).astype(np.float16)
+        self._run(x, x)
+        bpe = float(self.last["bitsPerElement"])
+        from_bytes = 8.0 * float(self.last["encodedBytes"]) / (2 * T * H * D)
+        if abs(bpe - from_bytes) > 1e-6:
+            print(f"warning: {self.codec}: bitsPerElement {bpe} but encodedBytes gives {from_bytes:.6f}", file=sys.stderr)
+        return bpe
+
+
+def _last_json_object(text):
+    text = text.strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    for i in range(len(text) - 1, -1, -1):  # last line / block that parses
+        if text[i] == "{":
+            try:
+                return json.loads(text[i:])
+            except ValueError:
+                continue
+    return None
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def load_kv(fixtures):
+    d = os.path.join(fixtures, "kv", KV_SET)
+    layers = []
+    L = 0
+    while os.path.exists(os.path.join(d, f"k_{L}.npy")):
+        layers.append(tuple(np.load(os.path.join(d, f"{n}_{L}.npy")).astype(np.float32) for n in "qkv"))
+        L += 1
+    return layers
+
+
+def causal_attention(q, k, v):
+    """q [T, Hq, D], k/v [T, Hkv, D] float32 -> [T, Hq, D]; GQA: query head h uses kv head h // (Hq/Hkv)."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    mask = np.triu(np.full((T, T), -np.inf, dtype=np.float32), 1)
+    o = np.empty_like(q)
+    for h in range(Hq):
+        g = h // (Hq // Hkv)
+        s = (q[:, h, :] @ k[:, g, :].T) / np.float32(np.sqrt(D)) + mask
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o[:, h, :] = s @ v[:, g, :]
+    return o
+
+
+def tensor_metrics(roundtrip, layers, refs=None):
+    """Relative Frobenius errors aggregated over all layers: K, V, attention output."""
+    ek = nk = ev = nv = eo = no = 0.0
+    per_layer = []
+    for i, (q, k, v) in enumerate(layers):
+        k2, v2 = roundtrip(k, v)
+        o = refs[i] if refs is not None else causal_attention(q, k, v)
+        o2 = causal_attention(q, k2, v2)
+        a, b = float(((k2 - k) ** 2).sum()), float((k ** 2).sum())
+        c, d = float(((v2 - v) ** 2).sum()), float((v ** 2).sum())
+        e, f = float(((o2 - o) ** 2).sum()), float((o ** 2).sum())
+        ek += a; nk += b; ev += c; nv += d; eo += e; no += f
+        per_layer.append(math.sqrt(e / f))
+    return {"k_rel_err": math.sqrt(ek / nk), "v_rel_err": math.sqrt(ev / nv),
+            "attn_rel_err": math.sqrt(eo / no), "attn_rel_err_per_layer": per_layer}
+
+
+def load_model(fixtures):
+    sys.path.insert(0, os.path.join(fixtures, "tinyllama"))
+    import tinyllama
+    return tinyllama, tinyllama.load(os.path.join(fixtures, "tinyllama"))
+
+
+def bpb(tinyllama, model, data, windows, roundtrip=None):
+    hook = None
+    if roundtrip is not None:
+        def hook(layer, k, v):
+            return roundtrip(k, v)
+    return float(tinyllama.bits_per_byte(model, data, window=WINDOW, kv_hook=hook, max_windows=windows))
+
+
+def available_windows(n_bytes):
+    return len(range(0, n_bytes - WINDOW - 1, WINDOW))
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("codecs", nargs="*", default=DEFAULT_CODECS, help=f"codec names (default: {' '.join(DEFAULT_CODECS)})")
+    ap.add_argument("--backend", choices=["numpy", "cli"], default="numpy")
+    ap.add_argument("--kvtier", help="path of the kvtier executable (--backend cli)")
+    ap.add_argument("--fixtures", default=DEFAULT_FIXTURES, help=f"fixtures folder (default {DEFAULT_FIXTURES})")
+    ap.add_argument("--text", default=DEFAULT_TEXT, help="held-out text (default Benchmarks/data/heldout-prose.txt)")
+    ap.add_argument("--windows", type=int, default=None, help="1024-byte windows of the text (default: all of it)")
+    ap.add_argument("--page-tokens", type=int, default=codecs_ref.PAGE_TOKENS)
+    ap.add_argument("--no-bpb", action="store_true", help="skip the model forward passes (tensor metrics only)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    args = ap.parse_args(argv)
+
+    kv_dir = os.path.join(args.fixtures, "kv", KV_SET)
+    model_dir = os.path.join(args.fixtures, "tinyllama")
+    missing = [p for p in (os.path.join(kv_dir, "k_0.npy"), os.path.join(model_dir, "tinyllama.py"),
+                           os.path.join(model_dir, "config.json")) if not os.path.exists(p)]
+    if missing:
+        sys.exit(f"eval_codecs: fixtures not found ({', '.join(missing)}).\n"
+                 f"Pass --fixtures DIR pointing at the shared fixtures (expected layout: DIR/kv/{KV_SET}/, DIR/tinyllama/).")
+    if args.backend == "cli":
+        if not args.kvtier:
+            sys.exit("eval_codecs: --backend cli needs --kvtier PATH")
+        if not (os.path.isfile(args.kvtier) and os.access(args.kvtier, os.X_OK)):
+            sys.exit(f"eval_codecs: {args.kvtier} is not an executable file")
+    if not args.no_bpb and not os.path.exists(args.text):
+        sys.exit(f"eval_codecs: held-out text not found: {args.text}")
+
+    layers = load_kv(args.fixtures)
+    refs = [causal_attention(q, k, v) for q, k, v in layers]
+    _, H, D = layers[0][1].shape
+
+    data = open(args.text, "rb").read() if not args.no_bpb else b""
+    nwin = available_windows(len(data)) if args.windows is None else min(args.windows, available_windows(len(data)))
+    base = None
+    if not args.no_bpb:
+        tinyllama, model = load_model(args.fixtures)
+        t0 = time.time()
+        base = bpb(tinyllama, model, data, nwin)
+        print(f"baseline (no hook): {base:.4f} bits/byte over {nwin} windows in {time.time() - t0:.1f}s", file=sys.stderr)
+
+    rows = []
+    for name in args.codecs:
+        be = NumpyBackend(name, args.page_tokens) if args.backend == "numpy" else CliBackend(name, args.page_tokens, args.kvtier)
+        try:
+            t0 = time.time()
+            row = {"codec": name, "bits_per_element": be.bits_per_element(args.page_tokens, H, D)}
+            row.update(tensor_metrics(be.roundtrip, layers, refs))
+            if base is not None:
+                b = bpb(tinyllama, model, data, nwin, be.roundtrip)
+                row.update({"bpb": b, "bpb_change_pct": 100.0 * (b - base) / base})
+            row["seconds"] = time.time() - t0
+        finally:
+            if hasattr(be, "close"):
+                be.close()
+        rows.append(row)
+        print(f"{name}: done in {row['seconds']:.1f}s", file=sys.stderr)
+
+    result = {"backend": args.backend, "fixtures": args.fixtures, "text": None if args.no_bpb else args.text,
+              "windows": nwin, "window_bytes": WINDOW, "page_tokens": args.page_tokens,
+              "baseline_bpb": base, "codecs": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(markdown(result))
+
+
+def markdown(result):
+    out = []
+    if result["baseline_bpb"] is not None:
+        out.append(f"Held-out text: {os.path.basename(result['text'])}, {result['windows']} windows of "
+                   f"{result['window_bytes']} bytes; baseline {result['baseline_bpb']:.4f} bits/byte (no hook). "
+                   f"Backend: {result['backend']}; pages of {result['page_tokens']} tokens.\n")
+    out.append("| codec | bits/element | bpb | bpb change | K rel. err | V rel. err | attn-out rel. err |")
+    out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in result["codecs"]:
+        b = f"{r['bpb']:.4f}" if "bpb" in r else "-"
+        c = f"{r['bpb_change_pct']:+.2f}%" if "bpb" in r else "-"
+        out.append(f"| {r['codec']} | {r['bits_per_element']:.4f} | {b} | {c} | {r['k_rel_err']:.4f} | "
+                   f"{r['v_rel_err']:.4f} | {r['attn_rel_err']:.4f} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
