@@ -136,14 +136,15 @@ size_t kvt_a2_k4v4_encode_keys(const uint16_t *, size_t, size_t, size_t, int, ui
 int kvt_a2_k4v4_decode_keys(const uint8_t *, size_t, size_t, size_t, int, uint16_t *);
 size_t kvt_a2_k4v4_encode_values(const uint16_t *, size_t, size_t, size_t, int, uint8_t *);
 int kvt_a2_k4v4_decode_values(const uint8_t *, size_t, size_t, size_t, int, uint16_t *);
-size_t kvt_tq_encode_avx2(const void *, size_t, size_t, int, int, uint8_t *);
-int kvt_tq_decode_avx2(const uint8_t *, size_t, size_t, int, int, void *);
+size_t kvt_tq_encode_avx2(const void *, size_t, size_t, int, int, const uint8_t *, size_t, uint8_t *);
+int kvt_tq_decode_avx2(const uint8_t *, size_t, size_t, int, int, const uint8_t *, size_t, void *);
+size_t kvt_tq_means_avx2(const uint16_t *, size_t, size_t, size_t, int, uint8_t *);
 
 const kvt_impl kvt_impl_avx2 = {
     b_f16_to_f32, b_f32_to_f16, b_bf16_to_f32, b_f32_to_bf16, b_count_nonfinite,
     b_shuffle2, b_unshuffle2,
     b_q8_encode, b_q8_decode,
     kvt_a2_k4v4_encode_keys, kvt_a2_k4v4_decode_keys, kvt_a2_k4v4_encode_values, kvt_a2_k4v4_decode_values,
-    kvt_tq_encode_avx2, kvt_tq_decode_avx2,
+    kvt_tq_encode_avx2, kvt_tq_decode_avx2, kvt_tq_means_avx2,
 };
 #endif

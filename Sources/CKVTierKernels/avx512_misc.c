@@ -135,14 +135,15 @@ size_t kvt_a512_k4v4_encode_keys(const uint16_t *, size_t, size_t, size_t, int, 
 int kvt_a512_k4v4_decode_keys(const uint8_t *, size_t, size_t, size_t, int, uint16_t *);
 size_t kvt_a512_k4v4_encode_values(const uint16_t *, size_t, size_t, size_t, int, uint8_t *);
 int kvt_a512_k4v4_decode_values(const uint8_t *, size_t, size_t, size_t, int, uint16_t *);
-size_t kvt_tq_encode_avx512(const void *, size_t, size_t, int, int, uint8_t *);
-int kvt_tq_decode_avx512(const uint8_t *, size_t, size_t, int, int, void *);
+size_t kvt_tq_encode_avx512(const void *, size_t, size_t, int, int, const uint8_t *, size_t, uint8_t *);
+int kvt_tq_decode_avx512(const uint8_t *, size_t, size_t, int, int, const uint8_t *, size_t, void *);
+size_t kvt_tq_means_avx512(const uint16_t *, size_t, size_t, size_t, int, uint8_t *);
 
 const kvt_impl kvt_impl_avx512 = {
     a_f16_to_f32, a_f32_to_f16, a_bf16_to_f32, a_f32_to_bf16, a_count_nonfinite,
     a_shuffle2, a_unshuffle2,
     a_q8_encode, a_q8_decode,
     kvt_a512_k4v4_encode_keys, kvt_a512_k4v4_decode_keys, kvt_a512_k4v4_encode_values, kvt_a512_k4v4_decode_values,
-    kvt_tq_encode_avx512, kvt_tq_decode_avx512,
+    kvt_tq_encode_avx512, kvt_tq_decode_avx512, kvt_tq_means_avx512,
 };
 #endif

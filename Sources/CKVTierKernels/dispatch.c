@@ -121,17 +121,43 @@ static int tq_ok(size_t D, int bits) {
 size_t kvt_tq_vector_size(size_t D, int bits) { return tq_ok(D, bits) ? 2 + D * (size_t)bits / 8 : 0; }
 size_t kvt_tq_encode(const uint16_t *src, size_t vectors, size_t D, int bits, int dtype, uint8_t *dst) {
     if (!dtype_ok(dtype) || !tq_ok(D, bits)) return SIZE_MAX;
-    return vectors ? impl()->tq_encode(src, vectors, D, bits, dtype, dst) : 0;
+    if (!vectors || !impl()->tq_encode(src, vectors, D, bits, dtype, NULL, 1, dst)) return 0;
+    size_t f = kvt_tq_fail(src, vectors, D, bits, dtype);
+    return f ? f : 1; /* a borderline alpha the exact recount rounds differently still fails */
 }
 int kvt_tq_decode(const uint8_t *src, size_t vectors, size_t D, int bits, int dtype, uint16_t *dst) {
     if (!dtype_ok(dtype) || !tq_ok(D, bits)) return -1;
-    return vectors ? impl()->tq_decode(src, vectors, D, bits, dtype, dst) : 0;
+    return vectors ? impl()->tq_decode(src, vectors, D, bits, dtype, NULL, 1, dst) : 0;
 }
 size_t kvt_tq_encode_f32(const float *src, size_t vectors, size_t D, int bits, uint8_t *dst) {
     if (!tq_ok(D, bits)) return SIZE_MAX;
-    return vectors ? impl()->tq_encode(src, vectors, D, bits, 0, dst) : 0;
+    if (!vectors || !impl()->tq_encode(src, vectors, D, bits, 0, NULL, 1, dst)) return 0;
+    size_t f = kvt_tq_fail(src, vectors, D, bits, 0);
+    return f ? f : 1;
 }
 int kvt_tq_decode_f32(const uint8_t *src, size_t vectors, size_t D, int bits, float *dst) {
     if (!tq_ok(D, bits)) return -1;
-    return vectors ? impl()->tq_decode(src, vectors, D, bits, 0, dst) : 0;
+    return vectors ? impl()->tq_decode(src, vectors, D, bits, 0, NULL, 1, dst) : 0;
+}
+
+/* ---- tqm: per-channel mean (fp16) + tq of the residuals ---- */
+size_t kvt_tqm_part_size(size_t T, size_t H, size_t D, int bits) {
+    return tq_ok(D, bits) ? H * D * 2 + T * H * (2 + D * (size_t)bits / 8) : 0;
+}
+size_t kvt_tqm_encode(const uint16_t *src, size_t T, size_t H, size_t D, int bits, int dtype, uint8_t *dst) {
+    if (!dtype_ok(dtype) || !tq_ok(D, bits)) return SIZE_MAX;
+    if (T * H == 0) return 0;
+    const kvt_impl *I = impl();
+    if (I->tq_means(src, T, H, D, dtype, dst) == 0 &&
+        I->tq_encode(src, T * H, D, bits, dtype, dst, H, dst + H * D * 2) == 0)
+        return 0;
+    size_t f = kvt_tqm_fail(src, T, H, D, bits, dtype);
+    return f ? f : 1;
+}
+int kvt_tqm_decode(const uint8_t *src, size_t T, size_t H, size_t D, int bits, int dtype, uint16_t *dst) {
+    if (!dtype_ok(dtype) || !tq_ok(D, bits)) return -1;
+    if (T * H == 0) return 0;
+    const kvt_impl *I = impl();
+    if (I->count_nonfinite((const uint16_t *)(const void *)src, H * D, KVT_NF_F16)) return 1;
+    return I->tq_decode(src + H * D * 2, T * H, D, bits, dtype, src, H, dst);
 }

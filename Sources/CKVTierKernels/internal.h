@@ -100,12 +100,21 @@ size_t kvt_fail_k4v4_values(const uint16_t *src, size_t T, size_t H, size_t D, i
 
 /* ---- tq tables ---- */
 typedef struct {
-    float sign[256];     /* +-1 */
-    float lev[3][16];    /* levels for bits 2,3,4 (index bits-2) */
-    float bnd[3][16];    /* decision boundaries (count 2^bits - 1) */
-    float lev2[3][16];   /* levels squared */
+    float sign[256];      /* +-1 */
+    uint32_t sbit[256];   /* 0x80000000 where sign is -1, else 0 (xor mask) */
+    float signd[4][256];  /* sign[i] / D for D = 32, 64, 128, 256 (index log2(D) - 5) */
+    float lev[3][16];     /* levels for bits 2,3,4 (index bits-2) */
+    float levr[3][16];    /* levels repeated: levr[b][k] = lev[b][k mod 2^bits] */
+    float bnd[3][16];     /* decision boundaries (count 2^bits - 1), padded with +Inf */
+    float lev2[3][16];    /* levels squared */
+    float pos[3][8];      /* positive boundaries bnd[b][n/2 + j] (n/2 - 1 of them), padded with +Inf */
+    float mag[3][8];      /* upper half of the levels: lev[b][n/2 + j] */
 } kvt_tq_tables;
 const kvt_tq_tables *kvt_tq_get_tables(void);
+
+/* Exact scalar failure counts (shared by every path; only run after a path saw a failure). */
+size_t kvt_tq_fail(const void *src, size_t vectors, size_t D, int bits, int dtype);
+size_t kvt_tqm_fail(const uint16_t *src, size_t T, size_t H, size_t D, int bits, int dtype);
 
 /* ---- per-level implementation table ---- */
 typedef struct {
@@ -122,9 +131,16 @@ typedef struct {
     int (*k4v4_decode_keys)(const uint8_t *, size_t, size_t, size_t, int, uint16_t *);
     size_t (*k4v4_encode_values)(const uint16_t *, size_t, size_t, size_t, int, uint8_t *);
     int (*k4v4_decode_values)(const uint8_t *, size_t, size_t, size_t, int, uint16_t *);
-    /* tq on one part; src_f32/dst_f32 variants have dtype 0 */
-    size_t (*tq_encode)(const void *, size_t, size_t, int, int, uint8_t *);
-    int (*tq_decode)(const uint8_t *, size_t, size_t, int, int, void *);
+    /* tq on `vectors` vectors of D (dtype 0 = float32 elements). `mean` is NULL, or H*D fp16
+     * (little-endian bytes, unaligned) subtracted from / added to vector v as head v % H (tqm).
+     * Encode returns 0, or non-zero as soon as a vector's alpha is not finite (the caller then
+     * counts failures exactly); decode returns 0 or 1 (non-finite alpha). */
+    size_t (*tq_encode)(const void *src, size_t vectors, size_t D, int bits, int dtype,
+                        const uint8_t *mean, size_t H, uint8_t *dst);
+    int (*tq_decode)(const uint8_t *src, size_t vectors, size_t D, int bits, int dtype,
+                     const uint8_t *mean, size_t H, void *dst);
+    /* tqm means: writes H*D fp16 f16((sum_t x[t][h][d]) / T) to dst; returns how many are not finite. */
+    size_t (*tq_means)(const uint16_t *src, size_t T, size_t H, size_t D, int dtype, uint8_t *dst);
 } kvt_impl;
 
 extern const kvt_impl kvt_impl_scalar;

@@ -254,13 +254,14 @@ static int s_k4v4_decode_keys(const uint8_t *src, size_t T, size_t H, size_t D, 
     return 0;
 }
 
-size_t kvt_tq_encode_scalar(const void *src, size_t vectors, size_t D, int bits, int dtype, uint8_t *dst);
-int kvt_tq_decode_scalar(const uint8_t *src, size_t vectors, size_t D, int bits, int dtype, void *dst);
+size_t kvt_tq_encode_scalar(const void *, size_t, size_t, int, int, const uint8_t *, size_t, uint8_t *);
+int kvt_tq_decode_scalar(const uint8_t *, size_t, size_t, int, int, const uint8_t *, size_t, void *);
+size_t kvt_tq_means_scalar(const uint16_t *, size_t, size_t, size_t, int, uint8_t *);
 
 const kvt_impl kvt_impl_scalar = {
     s_f16_to_f32, s_f32_to_f16, s_bf16_to_f32, s_f32_to_bf16, s_count_nonfinite,
     s_shuffle2, s_unshuffle2,
     s_q8_encode, s_q8_decode,
     s_k4v4_encode_keys, s_k4v4_decode_keys, s_k4v4_encode_values, s_k4v4_decode_values,
-    kvt_tq_encode_scalar, kvt_tq_decode_scalar,
+    kvt_tq_encode_scalar, kvt_tq_decode_scalar, kvt_tq_means_scalar,
 };

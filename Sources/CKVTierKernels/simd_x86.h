@@ -95,5 +95,38 @@ KVT_I256 uint16_t hmax_epu16_256(__m256i a) {
     return (uint16_t)~_mm_cvtsi128_si32(_mm_minpos_epu16(b));
 }
 
+/* tq FWHT pieces (spec stage order). In-register stages: partner lanes by permute, then
+ * fma(own, +-1, partner), which is exactly the rounded own + partner or partner - own.
+ * Stages len 1..32 of one 64-element chunk held in n8 <= 8 ymm: */
+KVT_I256 void fwht_chunk(__m256 *y, int n8) {
+    const __m256 p1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
+    const __m256 p2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
+    const __m256 p4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
+    for (int r = 0; r < n8; r++) {
+        __m256 v = y[r];
+        v = _mm256_fmadd_ps(v, p1, _mm256_permute_ps(v, 0xB1));
+        v = _mm256_fmadd_ps(v, p2, _mm256_permute_ps(v, 0x4E));
+        y[r] = _mm256_fmadd_ps(v, p4, _mm256_permute2f128_ps(v, v, 1));
+    }
+    for (int len = 1; len < n8; len <<= 1)
+        for (int r = 0; r < n8; r++)
+            if (!(r & len)) {
+                __m256 a = y[r], b = y[r + len];
+                y[r] = _mm256_add_ps(a, b);
+                y[r + len] = _mm256_sub_ps(a, b);
+            }
+}
+
+/* Stages len = 64 .. D/4 on buf (the last stage, len = D/2, is left to the caller). */
+KVT_I256 void fwht_mid(float *buf, int D) {
+    for (int len = 64; len < D / 2; len <<= 1)
+        for (int j0 = 0; j0 < D; j0 += 2 * len)
+            for (int j = j0; j < j0 + len; j += 8) {
+                __m256 a = _mm256_load_ps(buf + j), b = _mm256_load_ps(buf + j + len);
+                _mm256_store_ps(buf + j, _mm256_add_ps(a, b));
+                _mm256_store_ps(buf + j + len, _mm256_sub_ps(a, b));
+            }
+}
+
 #endif
 #endif

@@ -1,9 +1,6 @@
-/* tq.c - random-sign Hadamard rotation + Lloyd-Max codebook (tq2/tq3/tq4), all paths.
- *
- * The per-vector core is written once in plain C and instantiated for each
- * target (scalar, AVX2, AVX-512) so the compiler may vectorize it; the
- * element conversions use the level's bulk converters. tq is not on the hot
- * path of the daemon (k4v4 is), so this favours clarity.
+/* tq.c - random-sign Hadamard rotation + Lloyd-Max codebook (tq2/tq3/tq4, tqm): tables, the
+ * portable scalar path, and the exact failure counts shared by every path.
+ * The SIMD paths are avx2_tq.c and avx512_tq.c.
  */
 #include "internal.h"
 #include <math.h>
@@ -24,14 +21,24 @@ static kvt_tq_tables g_tables;
 static int g_tables_ready; /* written once under the lock below */
 
 static void build_tables(kvt_tq_tables *t) {
-    for (int i = 0; i < 256; i++) t->sign[i] = ((kSignMask[i >> 6] >> (i & 63)) & 1) ? -1.0f : 1.0f;
+    for (int i = 0; i < 256; i++) {
+        int neg = (kSignMask[i >> 6] >> (i & 63)) & 1;
+        t->sign[i] = neg ? -1.0f : 1.0f;
+        t->sbit[i] = neg ? 0x80000000u : 0u;
+        for (int k = 0; k < 4; k++) t->signd[k][i] = t->sign[i] / (float)(32 << k);
+    }
     const float *levs[3] = {kLev2, kLev3, kLev4};
     for (int b = 0; b < 3; b++) {
         int n = 4 << b;
         for (int k = 0; k < 16; k++) {
             t->lev[b][k] = k < n ? levs[b][k] : 0.0f;
+            t->levr[b][k] = levs[b][k % n];
             t->lev2[b][k] = t->lev[b][k] * t->lev[b][k];
             t->bnd[b][k] = k < n - 1 ? (levs[b][k] + levs[b][k + 1]) / 2.0f : INFINITY;
+        }
+        for (int j = 0; j < 8; j++) {
+            t->pos[b][j] = j < n / 2 - 1 ? t->bnd[b][n / 2 + j] : INFINITY;
+            t->mag[b][j] = j < n / 2 ? levs[b][n / 2 + j] : 0.0f;
         }
     }
 }
@@ -58,7 +65,7 @@ KVT_INLINE float kvt_sqrtf(float v) {
 }
 
 /* Unnormalized Walsh-Hadamard transform, stages len = 1, 2, ..., D/2. */
-KVT_INLINE void fwht(float *y, size_t D) {
+static void fwht(float *y, size_t D) {
     for (size_t len = 1; len < D; len <<= 1)
         for (size_t j0 = 0; j0 < D; j0 += 2 * len)
             for (size_t j = j0; j < j0 + len; j++) {
@@ -68,7 +75,7 @@ KVT_INLINE void fwht(float *y, size_t D) {
             }
 }
 
-KVT_INLINE void pack_codes(const uint8_t *c, size_t D, int bits, uint8_t *out) {
+static void pack_codes(const uint8_t *c, size_t D, int bits, uint8_t *out) {
     for (size_t b = 0; b < D; b += 32, c += 32) {
         if (bits == 4) {
             for (int i = 0; i < 16; i++) *out++ = (uint8_t)(c[i] | c[i + 16] << 4);
@@ -86,7 +93,7 @@ KVT_INLINE void pack_codes(const uint8_t *c, size_t D, int bits, uint8_t *out) {
     }
 }
 
-KVT_INLINE void unpack_codes(const uint8_t *in, size_t D, int bits, uint8_t *c) {
+static void unpack_codes(const uint8_t *in, size_t D, int bits, uint8_t *c) {
     for (size_t b = 0; b < D; b += 32, c += 32) {
         if (bits == 4) {
             for (int i = 0; i < 16; i++) { c[i] = in[i] & 15; c[i + 16] = in[i] >> 4; }
@@ -107,7 +114,7 @@ KVT_INLINE void unpack_codes(const uint8_t *in, size_t D, int bits, uint8_t *c) 
 }
 
 /* Encode one vector x[D] (finite): writes [alpha][codes] and returns alpha's fp16 bits. */
-KVT_INLINE uint16_t tq_encode_vec(const kvt_tq_tables *tb, const float *x, size_t D, int bits, uint8_t *out) {
+static uint16_t tq_encode_vec(const kvt_tq_tables *tb, const float *x, size_t D, int bits, uint8_t *out) {
     float y[256];
     uint8_t code[256];
     for (size_t i = 0; i < D; i++) y[i] = tb->sign[i] * x[i];
@@ -138,8 +145,9 @@ KVT_INLINE uint16_t tq_encode_vec(const kvt_tq_tables *tb, const float *x, size_
     return ab;
 }
 
-/* Decode one vector: returns 0, or 1 for a non-finite alpha. */
-KVT_INLINE int tq_decode_vec(const kvt_tq_tables *tb, const uint8_t *in, size_t D, int bits, float *x) {
+/* Decode one vector: returns 0, or 1 for a non-finite alpha. mean: NULL or D fp16 (tqm). */
+static int tq_decode_vec(const kvt_tq_tables *tb, const uint8_t *in, size_t D, int bits, const uint8_t *mean,
+                         float *x) {
     uint16_t ab = kvt_le16(in);
     if (kvt_h_nonfinite(ab)) return 1;
     float a = kvt_h2f(ab);
@@ -150,7 +158,18 @@ KVT_INLINE int tq_decode_vec(const kvt_tq_tables *tb, const uint8_t *in, size_t 
     fwht(x, D);
     float invD = 1.0f / (float)D; /* exact power of two: x*invD == x/D */
     for (size_t i = 0; i < D; i++) x[i] = tb->sign[i] * x[i] * invD;
+    if (mean)
+        for (size_t i = 0; i < D; i++) x[i] = x[i] + kvt_h2f(kvt_le16(mean + 2 * i));
     return 0;
+}
+
+/* Vector v of a part (dtype 0 = float32) widened, minus the fp16 mean when given. */
+static void load_vec(const void *src, size_t v, size_t D, int dtype, const uint8_t *mean, float *x) {
+    for (size_t i = 0; i < D; i++) {
+        float f = dtype == 0 ? kvt_ldf((const float *)src + v * D + i)
+                             : kvt_widen(kvt_ld16((const uint16_t *)src + v * D + i), dtype);
+        x[i] = mean ? f - kvt_h2f(kvt_le16(mean + 2 * i)) : f;
+    }
 }
 
 KVT_INLINE size_t nonfinite_f32(const float *x, size_t n) {
@@ -159,16 +178,14 @@ KVT_INLINE size_t nonfinite_f32(const float *x, size_t n) {
     return c;
 }
 
-/* Exact scalar failure count (shared by all paths). dtype 0 = float32 input. */
-static size_t tq_fail(const void *src, size_t vectors, size_t D, int bits, int dtype) {
+/* tq: non-finite elements of each vector, else 1 if its fp16 alpha is not finite. */
+size_t kvt_tq_fail(const void *src, size_t vectors, size_t D, int bits, int dtype) {
     const kvt_tq_tables *tb = kvt_tq_get_tables();
     size_t fails = 0;
     float x[256];
     uint8_t tmp[2 + 128];
     for (size_t v = 0; v < vectors; v++) {
-        for (size_t i = 0; i < D; i++)
-            x[i] = dtype == 0 ? kvt_ldf((const float *)src + v * D + i)
-                              : kvt_widen(kvt_ld16((const uint16_t *)src + v * D + i), dtype);
+        load_vec(src, v, D, dtype, NULL, x);
         size_t bad = nonfinite_f32(x, D);
         if (bad == 0) bad = kvt_h_nonfinite(tq_encode_vec(tb, x, D, bits, tmp));
         fails += bad;
@@ -176,61 +193,81 @@ static size_t tq_fail(const void *src, size_t vectors, size_t D, int bits, int d
     return fails;
 }
 
-/* Generic part encoder/decoder, inlined into each target's wrapper. */
-KVT_INLINE size_t tq_encode_part(const kvt_impl *I, const void *src, size_t vectors, size_t D, int bits,
-                                 int dtype, uint8_t *dst) {
+/* tqm: non-finite elements; + 1 per mean of an all-finite column that is not finite in fp16;
+ * + 1 per vector of a head whose D means are all finite whose fp16 alpha is not finite. */
+size_t kvt_tqm_fail(const uint16_t *src, size_t T, size_t H, size_t D, int bits, int dtype) {
     const kvt_tq_tables *tb = kvt_tq_get_tables();
-    size_t vs = 2 + D * (size_t)bits / 8;
+    size_t fails = 0, HD = H * D;
+    float acc[256], x[256];
+    uint8_t colbad[256], mean[512], tmp[2 + 128];
+    for (size_t h = 0; h < H; h++) {
+        for (size_t d = 0; d < D; d++) { acc[d] = 0.0f; colbad[d] = 0; }
+        for (size_t t = 0; t < T; t++)
+            for (size_t d = 0; d < D; d++) {
+                uint16_t b = kvt_ld16(src + t * HD + h * D + d);
+                if ((b & kvt_nf(dtype)) == kvt_nf(dtype)) { fails++; colbad[d] = 1; }
+                else acc[d] += kvt_widen(b, dtype);
+            }
+        int head_ok = 1;
+        for (size_t d = 0; d < D; d++) {
+            uint16_t m = kvt_f2h(acc[d] / (float)T);
+            kvt_put_le16(mean + 2 * d, m);
+            if (colbad[d]) head_ok = 0;
+            else if (kvt_h_nonfinite(m)) { fails++; head_ok = 0; }
+        }
+        if (!head_ok) continue;
+        for (size_t t = 0; t < T; t++) {
+            load_vec(src, t * H + h, D, dtype, mean, x);
+            fails += kvt_h_nonfinite(tq_encode_vec(tb, x, D, bits, tmp));
+        }
+    }
+    return fails;
+}
+
+/* ---------------- scalar path ---------------- */
+
+size_t kvt_tq_encode_scalar(const void *src, size_t vectors, size_t D, int bits, int dtype, const uint8_t *mean,
+                            size_t H, uint8_t *dst) {
+    const kvt_tq_tables *tb = kvt_tq_get_tables();
+    size_t vs = 2 + D * (size_t)bits / 8, h = 0;
     float x[256];
     for (size_t v = 0; v < vectors; v++, dst += vs) {
-        const float *xp = x;
-        if (dtype == KVT_F16) I->f16_to_f32((const uint16_t *)src + v * D, D, x);
-        else if (dtype == KVT_BF16) I->bf16_to_f32((const uint16_t *)src + v * D, D, x);
-        else memcpy(x, (const float *)src + v * D, D * sizeof(float));
-        if (nonfinite_f32(xp, D) || kvt_h_nonfinite(tq_encode_vec(tb, xp, D, bits, dst))) {
-            size_t f = tq_fail(src, vectors, D, bits, dtype);
-            return f ? f : 1;
+        load_vec(src, v, D, dtype, mean ? mean + 2 * h * D : NULL, x);
+        if (++h == H) h = 0;
+        if (kvt_h_nonfinite(tq_encode_vec(tb, x, D, bits, dst))) return 1; /* also catches non-finite x */
+    }
+    return 0;
+}
+
+int kvt_tq_decode_scalar(const uint8_t *src, size_t vectors, size_t D, int bits, int dtype, const uint8_t *mean,
+                         size_t H, void *dst) {
+    const kvt_tq_tables *tb = kvt_tq_get_tables();
+    size_t vs = 2 + D * (size_t)bits / 8, h = 0;
+    float x[256];
+    for (size_t v = 0; v < vectors; v++, src += vs) {
+        if (tq_decode_vec(tb, src, D, bits, mean ? mean + 2 * h * D : NULL, x)) return 1;
+        if (++h == H) h = 0;
+        for (size_t i = 0; i < D; i++) {
+            if (dtype == 0) kvt_stf((float *)dst + v * D + i, x[i]);
+            else kvt_st16((uint16_t *)dst + v * D + i, kvt_narrow(x[i], dtype));
         }
     }
     return 0;
 }
 
-KVT_INLINE int tq_decode_part(const kvt_impl *I, const uint8_t *src, size_t vectors, size_t D, int bits,
-                              int dtype, void *dst) {
-    const kvt_tq_tables *tb = kvt_tq_get_tables();
-    size_t vs = 2 + D * (size_t)bits / 8;
-    float x[256];
-    for (size_t v = 0; v < vectors; v++, src += vs) {
-        if (tq_decode_vec(tb, src, D, bits, x)) return 1;
-        if (dtype == KVT_F16) I->f32_to_f16(x, D, (uint16_t *)dst + v * D);
-        else if (dtype == KVT_BF16) I->f32_to_bf16(x, D, (uint16_t *)dst + v * D);
-        else memcpy((float *)dst + v * D, x, D * sizeof(float));
+size_t kvt_tq_means_scalar(const uint16_t *src, size_t T, size_t H, size_t D, int dtype, uint8_t *dst) {
+    size_t HD = H * D, bad = 0;
+    float acc[1024];
+    for (size_t c0 = 0; c0 < HD; c0 += 1024) {
+        size_t n = HD - c0 < 1024 ? HD - c0 : 1024;
+        for (size_t i = 0; i < n; i++) acc[i] = 0.0f;
+        for (size_t t = 0; t < T; t++)
+            for (size_t i = 0; i < n; i++) acc[i] += kvt_widen(kvt_ld16(src + t * HD + c0 + i), dtype);
+        for (size_t i = 0; i < n; i++) {
+            uint16_t m = kvt_f2h(acc[i] / (float)T);
+            kvt_put_le16(dst + 2 * (c0 + i), m);
+            bad += kvt_h_nonfinite(m);
+        }
     }
-    return 0;
+    return bad;
 }
-
-size_t kvt_tq_encode_scalar(const void *src, size_t vectors, size_t D, int bits, int dtype, uint8_t *dst) {
-    return tq_encode_part(&kvt_impl_scalar, src, vectors, D, bits, dtype, dst);
-}
-int kvt_tq_decode_scalar(const uint8_t *src, size_t vectors, size_t D, int bits, int dtype, void *dst) {
-    return tq_decode_part(&kvt_impl_scalar, src, vectors, D, bits, dtype, dst);
-}
-
-#if defined(__x86_64__)
-KVT_AVX2_TARGET size_t kvt_tq_encode_avx2(const void *src, size_t vectors, size_t D, int bits, int dtype,
-                                          uint8_t *dst) {
-    return tq_encode_part(&kvt_impl_avx2, src, vectors, D, bits, dtype, dst);
-}
-KVT_AVX2_TARGET int kvt_tq_decode_avx2(const uint8_t *src, size_t vectors, size_t D, int bits, int dtype,
-                                       void *dst) {
-    return tq_decode_part(&kvt_impl_avx2, src, vectors, D, bits, dtype, dst);
-}
-KVT_AVX512_TARGET size_t kvt_tq_encode_avx512(const void *src, size_t vectors, size_t D, int bits, int dtype,
-                                              uint8_t *dst) {
-    return tq_encode_part(&kvt_impl_avx512, src, vectors, D, bits, dtype, dst);
-}
-KVT_AVX512_TARGET int kvt_tq_decode_avx512(const uint8_t *src, size_t vectors, size_t D, int bits, int dtype,
-                                           void *dst) {
-    return tq_decode_part(&kvt_impl_avx512, src, vectors, D, bits, dtype, dst);
-}
-#endif

@@ -11,6 +11,9 @@ public enum Quantizer: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     case tq4 = 4
     /// As `tq4` with a 3-bit codebook.
     case tq3 = 5
+    /// The aggressive codec: each page's per-channel mean (fp16) is subtracted from keys and
+    /// values, then the residual is coded as `tq3`. 3.1875 bits/element at 128 × 256.
+    case tq3m = 6
 
     public var name: String {
         switch self {
@@ -19,6 +22,7 @@ public enum Quantizer: UInt8, Sendable, CaseIterable, CustomStringConvertible {
         case .k4v4: "k4v4"
         case .tq4: "tq4"
         case .tq3: "tq3"
+        case .tq3m: "tq3m"
         }
     }
 
@@ -40,6 +44,7 @@ public enum Quantizer: UInt8, Sendable, CaseIterable, CustomStringConvertible {
         case .k4v4: "KIVI 4-bit: keys per channel over 32 tokens, values per token over 32 channels"
         case .tq4: "random-sign Hadamard rotation, 4-bit Lloyd-Max codebook, fp16 scale per vector"
         case .tq3: "random-sign Hadamard rotation, 3-bit Lloyd-Max codebook, fp16 scale per vector"
+        case .tq3m: "per-page channel means removed, then tq3 (aggressive, near-4-bit quality)"
         }
     }
 
@@ -48,7 +53,7 @@ public enum Quantizer: UInt8, Sendable, CaseIterable, CustomStringConvertible {
         switch self {
         case .fp16, .q8: "any"
         case .k4v4: "multiple of 32"
-        case .tq4, .tq3: "power of 2, 32-256"
+        case .tq4, .tq3, .tq3m: "power of 2, 32-256"
         }
     }
 
@@ -61,7 +66,7 @@ public enum Quantizer: UInt8, Sendable, CaseIterable, CustomStringConvertible {
             return
         case .k4v4:
             guard d % 32 == 0 else { throw .unsupportedShape(shape, "k4v4 needs headDim divisible by 32") }
-        case .tq4, .tq3:
+        case .tq4, .tq3, .tq3m:
             guard d >= 32, d <= 256, d & (d - 1) == 0 else {
                 throw .unsupportedShape(shape, "\(name) needs headDim a power of two from 32 to 256")
             }
@@ -83,6 +88,9 @@ public enum Quantizer: UInt8, Sendable, CaseIterable, CustomStringConvertible {
             return (t * h * (2 + d / 2), t * h * (2 + d / 2))
         case .tq3:
             return (t * h * (2 + d * 3 / 8), t * h * (2 + d * 3 / 8))
+        case .tq3m:
+            let part = h * d * 2 + t * h * (2 + d * 3 / 8)
+            return (part, part)
         }
     }
 

@@ -31,6 +31,9 @@ enum QuantizerKernels {
             let bits = Int32(quantizer == .tq4 ? 4 : 3)
             badKeys = kvt_tq_encode(k, t * h, d, bits, dtype, keysOut)
             badValues = kvt_tq_encode(v, t * h, d, bits, dtype, valuesOut)
+        case .tq3m:
+            badKeys = kvt_tqm_encode(k, t, h, d, 3, dtype, keysOut)
+            badValues = kvt_tqm_encode(v, t, h, d, 3, dtype, valuesOut)
         }
         // A negative count is SIZE_MAX: arguments `Quantizer.check` should have refused.
         precondition(badKeys >= 0 && badValues >= 0, "kernel refused a shape that passed Quantizer.check")
@@ -62,6 +65,8 @@ enum QuantizerKernels {
         case .tq4, .tq3:
             let bits = Int32(quantizer == .tq4 ? 4 : 3)
             statuses = (kvt_tq_decode(keysIn, t * h, d, bits, dtype, k), kvt_tq_decode(valuesIn, t * h, d, bits, dtype, v))
+        case .tq3m:
+            statuses = (kvt_tqm_decode(keysIn, t, h, d, 3, dtype, k), kvt_tqm_decode(valuesIn, t, h, d, 3, dtype, v))
         }
         precondition(statuses.0 >= 0 && statuses.1 >= 0, "kernel refused a shape that passed Quantizer.check")
         if statuses.0 != 0 || statuses.1 != 0 {

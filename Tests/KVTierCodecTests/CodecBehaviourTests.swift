@@ -32,6 +32,7 @@ import Testing
         #expect(Quantizer.k4v4.bitsPerElement(page) == 5.0)
         #expect(Quantizer.tq4.bitsPerElement(page) == 4.125)
         #expect(Quantizer.tq3.bitsPerElement(page) == 3.125)
+        #expect(Quantizer.tq3m.bitsPerElement(page) == 3.1875)
     }
 }
 
@@ -41,7 +42,7 @@ import Testing
     /// Reconstruction error bounds on KV-like data: loose enough for every correct
     /// implementation, tight enough that a broken quantizer fails.
     @Test(arguments: [
-        (Quantizer.q8, 0.02, 0.01), (.k4v4, 0.06, 0.12), (.tq4, 0.11, 0.11), (.tq3, 0.2, 0.2),
+        (Quantizer.q8, 0.02, 0.01), (.k4v4, 0.06, 0.12), (.tq4, 0.11, 0.11), (.tq3, 0.2, 0.2), (.tq3m, 0.16, 0.2),
     ])
     func lossyErrorIsBounded(quantizer: Quantizer, keyBound: Double, valueBound: Double) throws {
         let seed: UInt64 = 0xC0DEC
@@ -104,7 +105,7 @@ import Testing
 @Suite struct CodecInputValidationTests {
     static let shape = SectionShape(tokens: 40, kvHeads: 2, headDim: 64)
 
-    @Test(arguments: [Quantizer.q8, .k4v4, .tq4, .tq3])
+    @Test(arguments: [Quantizer.q8, .k4v4, .tq4, .tq3, .tq3m])
     func nonFiniteInputIsRefusedWithACount(quantizer: Quantizer) throws {
         for type in ElementType.allCases {
             let shape = SectionShape(tokens: 40, kvHeads: 2, headDim: 64, elementType: type)
@@ -183,7 +184,7 @@ import Testing
 
     @Test func nonFiniteScaleIsReportedAsCorruption() throws {
         let (keys, values) = kvSection(Self.shape, seed: 21)
-        for quantizer in [Quantizer.q8, .k4v4, .tq4, .tq3] {
+        for quantizer in [Quantizer.q8, .k4v4, .tq4, .tq3, .tq3m] {
             let section = SectionCodec(Codec(quantizer))
             var encoded = try section.encode(keys: keys, values: values, shape: Self.shape)
             // The first fp16 of every layout is a scale or a minimum of the keys.

@@ -80,6 +80,32 @@ import Testing
         }
     }
 
+    @Test(arguments: [32, 64, 128, 256])
+    func tq3mMatchesReference(headDim: Int) throws {
+        for elementType in ElementType.allCases {
+            let shape = SectionShape(tokens: 45, kvHeads: 3, headDim: headDim, elementType: elementType)
+            let seed = UInt64(headDim * 101)
+            let (keys, values) = kvSection(shape, seed: seed)
+            let (t, h, d) = (shape.tokens, shape.kvHeads, shape.headDim)
+            let expected = ScalarReference.tq3mEncode(floats(keys, elementType), t: t, h: h, d: d)
+                + ScalarReference.tq3mEncode(floats(values, elementType), t: t, h: h, d: d)
+            let half = expected.count / 2
+            let reference = ScalarReference.tq3mDecode(Array(expected[..<half]), t: t, h: h, d: d)
+                + ScalarReference.tq3mDecode(Array(expected[half...]), t: t, h: h, d: d)
+            try forEachKernelLevel { level in
+                let codec = SectionCodec(Codec(.tq3m))
+                let encoded = try codec.encode(keys: keys, values: values, shape: shape)
+                #expect(encoded.count == expected.count)
+                let differing = zip(encoded, expected).filter { $0 != $1 }.count
+                #expect(Double(differing) <= 0.002 * Double(expected.count),
+                        "tq3m level \(level) \(elementType): \(differing) of \(expected.count) bytes differ, seed \(seed)")
+                let decoded = try codec.decode(expected, shape: shape)
+                let got = floats(decoded.keys, elementType) + floats(decoded.values, elementType)
+                #expect(relativeError(reference, got) < 4e-3, "tq3m decode at level \(level) \(elementType)")
+            }
+        }
+    }
+
     @Test func shuffleIsAByteTranspose() {
         var random = TestRandom(seed: 0x5AFF1E)
         for count in [0, 1, 7, 63, 64, 65, 1000, 4099] {

@@ -243,4 +243,29 @@ enum ScalarReference {
         }
         return out
     }
+
+    // MARK: tq3m
+
+    static func tq3mEncode(_ x: [Float], t: Int, h: Int, d: Int) -> [UInt8] {
+        var out: [UInt8] = []
+        var means = [Float](repeating: 0, count: h * d)
+        for c in 0..<h * d {
+            var sum: Float = 0
+            for tok in 0..<t { sum += x[tok * h * d + c] }
+            put16(&out, f16(sum / Float(t)))
+            means[c] = f16Value(sum / Float(t))
+        }
+        for v in 0..<t * h {
+            let head = v % h
+            let centred = (0..<d).map { x[v * d + $0] - means[head * d + $0] }
+            out += tqEncode(centred, vectors: 1, d: d, bits: 3)
+        }
+        return out
+    }
+
+    static func tq3mDecode(_ bytes: [UInt8], t: Int, h: Int, d: Int) -> [Float] {
+        let means = (0..<h * d).map { fromF16(get16(bytes, 2 * $0)) }
+        let residual = tqDecode(Array(bytes[(2 * h * d)...]), vectors: t * h, d: d, bits: 3)
+        return residual.enumerated().map { i, r in r + means[(i / d) % h * d + i % d] }
+    }
 }

@@ -4,7 +4,7 @@
  * Byte layouts follow docs/codec-layouts.md bit for bit. Every kernel has a
  * portable scalar path and, on x86_64, AVX2 (+FMA, F16C) and AVX-512
  * (F/BW/VL/DQ/VBMI) paths chosen at run time. All paths produce identical
- * bytes for q8 and k4v4 (encode output and decode output); tq may differ in
+ * bytes for q8 and k4v4 (encode output and decode output); tq and tqm may differ in
  * the last bit of a scale and, rarely, in a code next to a boundary, as the
  * spec allows.
  *
@@ -107,6 +107,19 @@ int kvt_tq_decode(const uint8_t *src, size_t vectors, size_t D, int bits, int dt
 size_t kvt_tq_encode_f32(const float *src, size_t vectors, size_t D, int bits, uint8_t *dst);
 /** Same as kvt_tq_decode but writes float32 (no final rounding to a 16-bit type). */
 int kvt_tq_decode_f32(const uint8_t *src, size_t vectors, size_t D, int bits, float *dst);
+
+/* ---- tqm: per-channel mean + tq of the residuals (layout: docs/codec-layouts.md) ----
+ * A part is [mean: H*D fp16, index h*D + d][for each (t, h) in order: tq block of x - mean[h]].
+ * Same D and bits as tq. Failures: non-finite elements, + 1 per mean (of an all-finite column)
+ * that overflows fp16, + 1 per vector (of a head whose means are all finite) whose fp16 alpha is
+ * not finite. No heap; the source is read twice (means, then the vectors). */
+
+/** Bytes of one tqm part: H*D*2 + T*H*(2 + D*bits/8); 0 if D or bits is not allowed. */
+size_t kvt_tqm_part_size(size_t T, size_t H, size_t D, int bits);
+/** Encode one part [T,H,D] into kvt_tqm_part_size bytes. Returns failures (0 = ok) or SIZE_MAX. */
+size_t kvt_tqm_encode(const uint16_t *src, size_t T, size_t H, size_t D, int bits, int dtype, uint8_t *dst);
+/** Decode one tqm part into T*H*D elements of dtype. Returns 0, 1 (non-finite mean or alpha) or -1. */
+int kvt_tqm_decode(const uint8_t *src, size_t T, size_t H, size_t D, int bits, int dtype, uint16_t *dst);
 
 #ifdef __cplusplus
 }
