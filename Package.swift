@@ -11,6 +11,9 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
     ],
     targets: [
         // System libraries (Debian: liblz4-dev, libzstd-dev, liburing-dev).
@@ -24,19 +27,68 @@ let package = Package(
             cSettings: [.unsafeFlags(["-O3", "-ffp-contract=off"])]
         ),
 
-        .target(name: "KVTierCore"),
+        .target(name: "KVTierCore", dependencies: ["CKVTierKernels"]),
         .target(name: "KVTierCodec", dependencies: ["KVTierCore", "CKVTierKernels", "CLZ4", "CZstd"]),
-        .target(name: "KVTierTools", dependencies: ["KVTierCore", "KVTierCodec", "CKVTierKernels"]),
+        .target(
+            name: "KVTierTools",
+            dependencies: [
+                "KVTierCore", "KVTierCodec", "KVTierStore", "KVTierIO", "CKVTierKernels",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Tiers, index, page files (format and recovery), behind the `Storage` protocol.
+        .target(
+            name: "KVTierStore",
+            dependencies: ["KVTierCore", "KVTierCodec", .product(name: "Logging", package: "swift-log")]
+        ),
+        // liburing behind plain C functions: <liburing.h> cannot be imported beside Glibc and
+        // swift-system (see Sources/CKVTierURingShim/include/kvtier_uring.h).
+        .target(
+            name: "CKVTierURingShim",
+            dependencies: ["CURing"],
+            linkerSettings: [.linkedLibrary("uring")]
+        ),
+        // Linux block reads for the disk tier: io_uring with a pread thread-pool fallback.
+        .target(
+            name: "KVTierIO",
+            dependencies: [
+                "KVTierStore",
+                "CKVTierURingShim",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .executableTarget(
             name: "kvtier",
             dependencies: [
-                "KVTierCore", "KVTierCodec", "KVTierTools",
+                "KVTierCore", "KVTierCodec", "KVTierStore", "KVTierIO", "KVTierTools",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
 
         .testTarget(name: "KVTierCoreTests", dependencies: ["KVTierCore"]),
         .testTarget(name: "KVTierCodecTests", dependencies: ["KVTierCodec", "KVTierCore", "CKVTierKernels"]),
         .testTarget(name: "KVTierToolsTests", dependencies: ["KVTierTools", "KVTierCodec", "KVTierCore"]),
+        .testTarget(
+            name: "KVTierDiskTests",
+            dependencies: [
+                "KVTierStore", "KVTierIO", "KVTierTools", "KVTierCodec", "KVTierCore",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "KVTierStoreTests",
+            dependencies: ["KVTierStore", "KVTierCodec", "KVTierCore", .product(name: "Logging", package: "swift-log")]
+        ),
+        .testTarget(
+            name: "KVTierIOTests",
+            dependencies: [
+                "KVTierIO",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
     ]
 )

@@ -1,0 +1,314 @@
+import Dispatch
+import KVTierCodec
+import KVTierCore
+import Logging
+import Synchronization
+
+/// A record waiting for the writer: built there, so sequence numbers follow file order.
+struct PendingWrite: @unchecked Sendable {
+    // Invariant: created by one task, then owned by the writer queue alone.
+    enum Body {
+        case page(modelID: UInt64, codec: Codec, shape: PageShape, sections: [[UInt8]])
+        /// Deletes whatever record of the address is live when the writer reaches it.
+        case tombstone
+        /// A verified record copied by compaction: re-sequenced and re-checksummed on write.
+        /// A page copy names its `original` sequence and is skipped if that is no longer live
+        /// (rewritten or deleted since); a tombstone copy (`original` nil) is always written.
+        case copy([UInt8], original: UInt64?)
+    }
+
+    var address: PageAddress
+    var body: Body
+    var createdMicros: UInt64
+    var completion: (Result<StoredPage?, DiskTierError>) -> Void
+}
+
+extension DiskTier {
+    /// Encodes `data` (`shape.layers` sections of keys then values, 16-bit elements) with `codec`
+    /// and stores it. Returns once the page is durable (its group fdatasync'ed).
+    @discardableResult
+    public func write(
+        _ address: PageAddress, modelID: UInt64, codec: Codec, shape: PageShape, data: PageBuffer
+    ) async throws(DiskTierError) -> StoredPage {
+        guard data.count >= shape.rawBytes else {
+            throw .invalidPage("page data holds \(data.count) bytes, shape \(shape) needs \(shape.rawBytes)")
+        }
+        guard shape.layers >= 1, shape.layers <= Limits.maxLayers else { throw .invalidPage("layers must be 1...\(Limits.maxLayers)") }
+        let encoder = SectionCodec(codec)
+        let sectionShape = shape.section
+        let part = sectionShape.bytesPerPart
+        var sections: [[UInt8]] = []
+        sections.reserveCapacity(shape.layers)
+        var scratch = [UInt8](repeating: 0, count: encoder.maxEncodedSize(sectionShape))
+        for layer in 0..<shape.layers {
+            let base = layer * 2 * part
+            let outcome = scratch.withUnsafeMutableBytes { out in
+                Result { () throws(CodecError) -> Int in
+                    try encoder.encode(
+                        keys: UnsafeRawBufferPointer(rebasing: data.readOnly[base..<base + part]),
+                        values: UnsafeRawBufferPointer(rebasing: data.readOnly[base + part..<base + 2 * part]),
+                        shape: sectionShape, into: out)
+                }
+            }
+            switch outcome {
+            case .success(let written): sections.append(Array(scratch[0..<written]))
+            case .failure(let error): throw .codec(error)
+            }
+        }
+        let stored = try await enqueue(address, .page(modelID: modelID, codec: codec, shape: shape, sections: sections))
+        guard let stored else { throw .invalidPage("writer returned no location") }
+        return stored
+    }
+
+    /// Deletes a page (a tombstone makes the deletion survive restarts). Returns whether it was stored.
+    @discardableResult
+    public func delete(_ address: PageAddress) async throws(DiskTierError) -> Bool {
+        guard contains(address) else { return false }
+        _ = try await enqueue(address, .tombstone)
+        return true
+    }
+
+    /// Waits for everything queued so far to be durable, then stops accepting writes.
+    public func close() async {
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            writer.async {
+                self.flush()
+                self.state.withLock { $0.closed = true }
+                done.resume()
+            }
+        }
+    }
+
+    func enqueue(_ address: PageAddress, _ body: PendingWrite.Body) async throws(DiskTierError) -> StoredPage? {
+        let result: Result<StoredPage?, DiskTierError> = await withCheckedContinuation { continuation in
+            let item = PendingWrite(address: address, body: body, createdMicros: WallClock.micros()) { continuation.resume(returning: $0) }
+            let (closed, schedule) = state.withLock { s -> (Bool, Bool) in
+                if s.closed { return (true, false) }
+                s.pending.append(item)
+                defer { s.flushScheduled = true }
+                return (false, !s.flushScheduled)
+            }
+            if closed { item.completion(.failure(.closed)) }
+            if schedule { writer.async { self.flush() } }
+        }
+        return try result.get()
+    }
+
+    // MARK: the writer (runs on `writer` only)
+
+    /// Takes everything pending as one group: append, one fdatasync, then acknowledge.
+    func flush() {
+        dispatchPrecondition(condition: .onQueue(writer))
+        while true {
+            let group = state.withLock { s -> [PendingWrite] in
+                let take = Array(s.pending.prefix(configuration.maxGroupRecords))
+                s.pending.removeFirst(take.count)
+                if take.isEmpty { s.flushScheduled = false }
+                return take
+            }
+            if group.isEmpty { break }
+            commitGroup(group)
+        }
+        maintain()
+    }
+
+    func commitGroup(_ group: [PendingWrite]) {
+        if let (error, retryAt) = state.withLock({ $0.suspended }), WallClock.micros() < retryAt {
+            let wait = retryAt - WallClock.micros()
+            for item in group { item.completion(.failure(.writesSuspended(error, retryInMicros: wait))) }
+            return
+        }
+        do throws(DiskTierError) {
+            try rotateIfFull()
+            let segment = state.withLock { $0.segments[$0.activeSegment]! }
+            let start = segment.appendOffset
+            var offset = start
+            var staged: [(PendingWrite, RecordHeader, Int)] = []
+            var skipped: [PendingWrite] = []
+            var groupSequences: [PageAddress: UInt64] = [:]
+            for item in group {
+                guard let (bytes, header) = buildRecord(item, groupSequences) else {
+                    skipped.append(item)
+                    continue
+                }
+                groupSequences[header.address] = header.kind == .page ? header.sequence : 0
+                do {
+                    try segment.file.write(bytes, at: offset)
+                } catch {
+                    throw rollBack(segment, to: start, error)
+                }
+                staged.append((item, header, offset))
+                offset += bytes.count
+            }
+            do { try segment.file.sync() } catch { throw rollBack(segment, to: start, error) }
+            let results = apply(staged, in: segment, end: offset)
+            for (item, result) in zip(staged.map(\.0), results) { item.completion(.success(result)) }
+            for item in skipped { item.completion(.success(nil)) }
+        } catch {
+            state.withLock { $0.stats.writeFailures += group.count }
+            for item in group { item.completion(.failure(error)) }
+        }
+    }
+
+    /// The record for `item`, or nil when it has become pointless: a tombstone or a compaction
+    /// copy whose page is no longer live. `inGroup` holds the sequences this group has written so
+    /// far (0: deleted).
+    private func buildRecord(_ item: PendingWrite, _ inGroup: [PageAddress: UInt64]) -> ([UInt8], RecordHeader)? {
+        let (sequence, live) = state.withLock { s -> (UInt64, UInt64?) in
+            let live = inGroup[item.address].map { $0 == 0 ? nil : $0 } ?? s.index[item.address]?.sequence
+            return (s.nextSequence, live)
+        }
+        let bytes: [UInt8]
+        switch item.body {
+        case .page(let modelID, let codec, let shape, let sections):
+            bytes = PageRecord.build(sequence: sequence, address: item.address, modelID: modelID, codec: codec,
+                                     shape: shape, sections: sections, createdMicros: item.createdMicros)
+        case .tombstone:
+            guard let live else { return nil }
+            bytes = PageRecord.tombstone(sequence: sequence, address: item.address, deletes: live, createdMicros: item.createdMicros)
+        case .copy(let record, let original):
+            if let original, live != original { return nil }
+            bytes = PageRecord.resequenced(record, sequence: sequence)
+        }
+        state.withLock { $0.nextSequence = sequence + 1 }
+        let header = bytes.withUnsafeBytes { try! RecordHeader(decoding: $0) }  // we just built it
+        return (bytes, header)
+    }
+
+    /// Undo a failed group: cut the segment back to where the group began and pause writes.
+    private func rollBack(_ segment: Segment, to offset: Int, _ error: StorageError) -> DiskTierError {
+        try? segment.file.truncate(to: offset)
+        try? segment.file.sync()
+        let retryAt = WallClock.micros() + configuration.retryAfterFailureMicros
+        state.withLock { $0.suspended = (error, retryAt) }
+        logger.error("disk write failed; writes paused", metadata: [
+            "segment": "\(segment.id)", "error": "\(error)", "retryMs": "\(configuration.retryAfterFailureMicros / 1000)",
+        ])
+        return .storage(error)
+    }
+
+    /// Publishes a synced group: index, segment accounting, statistics.
+    private func apply(_ staged: [(PendingWrite, RecordHeader, Int)], in segment: Segment, end: Int) -> [StoredPage?] {
+        state.withLock { s in
+            if s.suspended != nil {
+                s.suspended = nil
+                logger.info("disk writes resumed", metadata: ["segment": "\(segment.id)"])
+            }
+            segment.appendOffset = end
+            s.stats.groupCommits += 1
+            return staged.map { (item, header, offset) -> StoredPage? in
+                segment.entries.append(IndexEntry(header, offset: offset))
+                s.stats.writes += 1
+                switch header.kind {
+                case .page:
+                    let old = s.index[header.address]
+                    if let old { s.segments[old.segment]?.liveBytes -= Block.roundUp(old.recordBytes) }
+                    // A compaction copy keeps the page's access history (and so its heat).
+                    let copied: Bool = if case .copy = item.body { true } else { false }
+                    let location = Location(
+                        segment: segment.id, offset: offset, recordBytes: header.recordBytes, sequence: header.sequence,
+                        modelID: header.modelID, codecTag: header.codecTag, shape: header.shape,
+                        createdMicros: header.createdMicros,
+                        lastAccessMicros: copied ? (old?.lastAccessMicros ?? header.createdMicros) : header.createdMicros)
+                    s.index[header.address] = location
+                    segment.liveBytes += header.paddedBytes
+                    return DiskTier.describe(header.address, location)
+                case .tombstone:
+                    if let old = s.index[header.address], old.sequence == header.deletesSequence {
+                        s.segments[old.segment]?.liveBytes -= Block.roundUp(old.recordBytes)
+                        s.index[header.address] = nil
+                    }
+                    return nil
+                }
+            }
+        }
+    }
+
+    // MARK: segments and the manifest
+
+    /// Seals the active segment once it has reached its size and starts a new one.
+    func rotateIfFull() throws(DiskTierError) {
+        let segment = state.withLock { $0.segments[$0.activeSegment]! }
+        guard segment.appendOffset >= configuration.segmentBytes, !segment.entries.isEmpty else { return }
+        let index = IndexBlock.encode(segment.entries)
+        do {
+            try segment.file.write(index, at: segment.appendOffset)
+            try segment.file.sync()
+        } catch {
+            throw rollBack(segment, to: segment.appendOffset, error)
+        }
+        state.withLock { s in
+            segment.state = .sealed
+            segment.indexOffset = segment.appendOffset
+            segment.indexBytes = IndexBlock.length(entries: segment.entries.count)
+        }
+        try startSegment()
+    }
+
+    /// Creates, syncs and registers a new active segment (the manifest names it before any
+    /// record goes in).
+    func startSegment() throws(DiskTierError) {
+        let (id, storeID) = state.withLock { s -> (UInt64, PageKey) in
+            defer { s.manifest.nextSegmentID += 1 }
+            return (s.manifest.nextSegmentID, s.manifest.storeID)
+        }
+        let path = "\(configuration.directory)/\(SegmentHeader.fileName(id))"
+        let previous = state.withLock { $0.activeSegment }
+        do {
+            let file = try storage.open(path, .readWriteCreate)
+            try file.truncate(to: 0)
+            let header = SegmentHeader(segmentID: id, storeID: storeID, createdMicros: WallClock.micros()).encoded()
+            try file.write(header, at: 0)
+            try file.sync()
+            try storage.syncDirectory(configuration.directory)
+            state.withLock { s in
+                s.segments[id] = Segment(id: id, file: file, state: .active, entries: [], appendOffset: Block.size)
+                s.activeSegment = id
+            }
+            try writeManifest()
+        } catch {
+            let retryAt = WallClock.micros() + configuration.retryAfterFailureMicros
+            state.withLock { s in
+                s.suspended = (error, retryAt)
+                // The new segment never counted: writes must not go to a file the manifest lacks.
+                s.segments[id] = nil
+                s.activeSegment = previous
+            }
+            try? storage.remove(path)
+            logger.error("cannot start a new segment; writes paused", metadata: ["path": "\(path)", "error": "\(error)"])
+            throw .storage(error)
+        }
+    }
+
+    /// Rewrites MANIFEST from the in-memory segment table: temp file, sync, rename, sync dir.
+    func writeManifest() throws(StorageError) {
+        let bytes = state.withLock { s -> [UInt8] in
+            s.manifest.epoch += 1
+            s.manifest.segments = s.segments.values.sorted { $0.id < $1.id }.map { seg in
+                Manifest.Segment(id: seg.id, state: seg.state, indexOffset: seg.indexOffset, indexBytes: seg.indexBytes,
+                                 sealedBytes: seg.state == .sealed ? seg.appendOffset : 0)
+            } + s.manifest.segments.filter { $0.state == .quarantined }
+            return s.manifest.encoded()
+        }
+        let temporary = "\(configuration.directory)/\(Manifest.fileName).tmp"
+        let file = try storage.open(temporary, .readWriteCreate)
+        defer { file.close() }
+        try file.truncate(to: 0)
+        try file.write(bytes, at: 0)
+        try file.sync()
+        try storage.rename(temporary, "\(configuration.directory)/\(Manifest.fileName)")
+        try storage.syncDirectory(configuration.directory)
+    }
+}
+
+extension PageRecord {
+    /// `record` with a new sequence number and checksum (compaction copies).
+    static func resequenced(_ record: [UInt8], sequence: UInt64) -> [UInt8] {
+        var copy = record
+        withUnsafeBytes(of: sequence.littleEndian) { for i in 0..<8 { copy[16 + i] = $0[i] } }
+        let recordBytes = Int(UInt32(copy[8]) | UInt32(copy[9]) << 8 | UInt32(copy[10]) << 16 | UInt32(copy[11]) << 24)
+        let crc = copy.withUnsafeBytes { checksum(UnsafeRawBufferPointer(rebasing: $0[0..<recordBytes])) }
+        withUnsafeBytes(of: crc.littleEndian) { for i in 0..<4 { copy[RecordHeader.checksumOffset + i] = $0[i] } }
+        return copy
+    }
+}

@@ -1,0 +1,239 @@
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
+import Dispatch
+import KVTierCodec
+import KVTierCore
+import Logging
+import Synchronization
+
+/// The cold tier: pages in append-only, checksummed segment files (docs/format.md).
+///
+/// One writer (a serial dispatch queue, so blocking `fdatasync` never stalls the Swift
+/// concurrency pool) appends puts in groups and syncs each group once; a put returns only when
+/// its group is durable. Reads go through `Storage.read` (io_uring on Linux), verify the record
+/// checksum, and decode on the caller's task, so batches decode on every core while later reads
+/// are still in flight. Damage is a miss plus a counter and a log line, never bytes.
+public final class DiskTier: Sendable {
+    struct Location: Equatable {
+        var segment: UInt64
+        var offset: Int
+        var recordBytes: Int
+        var sequence: UInt64
+        var modelID: UInt64
+        var codecTag: UInt32
+        var shape: PageShape
+        var createdMicros: UInt64
+        var lastAccessMicros: UInt64
+    }
+
+    final class Segment: @unchecked Sendable {
+        // Invariant: mutated only under DiskTier.state's lock; `file` is safe to share.
+        let id: UInt64
+        let file: any StorageFile
+        var state: Manifest.SegmentState
+        /// Every record appended, live or not: the index block written at seal time.
+        var entries: [IndexEntry]
+        var appendOffset: Int
+        var liveBytes = 0
+        var checksumFailures = 0
+        var indexOffset = 0
+        var indexBytes = 0
+
+        init(id: UInt64, file: any StorageFile, state: Manifest.SegmentState, entries: [IndexEntry], appendOffset: Int) {
+            self.id = id
+            self.file = file
+            self.state = state
+            self.entries = entries
+            self.appendOffset = appendOffset
+        }
+
+        var fileBytes: Int { appendOffset + (state == .sealed ? Block.roundUp(indexBytes) : 0) }
+    }
+
+    struct State {
+        var index: [PageAddress: Location] = [:]
+        var segments: [UInt64: Segment] = [:]
+        var activeSegment: UInt64 = 0
+        var manifest: Manifest
+        var nextSequence: UInt64 = 1
+        var pending: [PendingWrite] = []
+        var flushScheduled = false
+        var suspended: (error: StorageError, retryAtMicros: UInt64)?
+        var stats = DiskTierStats()
+        var closed = false
+        var maintenanceScheduled = false
+    }
+
+    let storage: any Storage
+    let configuration: DiskTierConfiguration
+    let logger: Logger
+    let state: Mutex<State>
+    let writer = DispatchQueue(label: "kvtier.disk.writer")
+    /// What start-up recovery found.
+    public let recovery: RecoveryReport
+
+    /// Opens (or creates) the store under `configuration.directory`, running recovery first.
+    public init(storage: any Storage, configuration: DiskTierConfiguration = DiskTierConfiguration(), logger: Logger) throws(DiskTierError) {
+        self.storage = storage
+        self.configuration = configuration
+        self.logger = logger
+        let recovered = try Recovery(storage: storage, configuration: configuration, logger: logger).run()
+        self.recovery = recovered.report
+        self.state = Mutex(recovered.state)
+        // Register what recovery sealed or rebuilt, and make sure a segment takes new writes.
+        let prepared: Result<Void, DiskTierError> = writer.sync { Result { () throws(DiskTierError) in try prepareWrites() } }
+        try prepared.get()
+        logger.info("disk tier recovered", metadata: [
+            "pages": "\(recovered.report.pages)", "segments": "\(recovered.report.segments)",
+            "truncatedBytes": "\(recovered.report.truncatedBytes)", "damagedRecords": "\(recovered.report.damagedRecords)",
+            "manifestRebuilt": "\(recovered.report.manifestRebuilt)", "elapsedMs": "\(recovered.report.elapsedMicros / 1000)",
+        ])
+    }
+
+    private func prepareWrites() throws(DiskTierError) {
+        if state.withLock({ $0.activeSegment == 0 }) { return try startSegment() }
+        do { try writeManifest() } catch { throw .storage(error) }
+    }
+
+    // MARK: queries
+
+    public func contains(_ address: PageAddress) -> Bool { state.withLock { $0.index[address] != nil } }
+
+    public func page(_ address: PageAddress) -> StoredPage? {
+        state.withLock { s in s.index[address].map { Self.describe(address, $0) } }
+    }
+
+    /// Every page on disk, in no particular order.
+    public func pages() -> [StoredPage] {
+        state.withLock { s in s.index.map { Self.describe($0.key, $0.value) } }
+    }
+
+    public var stats: DiskTierStats {
+        state.withLock { s in
+            var stats = s.stats
+            stats.pages = s.index.count
+            stats.liveBytes = s.segments.values.reduce(0) { $0 + $1.liveBytes }
+            stats.fileBytes = s.segments.values.filter { $0.state != .quarantined }.reduce(0) { $0 + $1.fileBytes }
+            stats.segments = s.segments.values.filter { $0.state != .quarantined }.count
+            stats.quarantinedSegments = s.manifest.segments.filter { $0.state == .quarantined }.count
+            stats.writesSuspended = s.suspended != nil
+            return stats
+        }
+    }
+
+    public var readPath: String { storage.readPath }
+
+    static func describe(_ address: PageAddress, _ l: Location) -> StoredPage {
+        StoredPage(address: address, modelID: l.modelID, codec: (try? Codec(tag: l.codecTag)) ?? Codec(.fp16),
+                   shape: l.shape, sequence: l.sequence, segment: l.segment, offset: l.offset, recordBytes: l.recordBytes,
+                   createdMicros: l.createdMicros, lastAccessMicros: l.lastAccessMicros)
+    }
+
+    // MARK: reads
+
+    /// Reads, verifies and decodes one page.
+    public func read(_ address: PageAddress) async -> Result<DiskPage, DiskMiss> {
+        for _ in 0..<2 {
+            guard let (location, file) = lookUp(address) else { return .failure(.notStored) }
+            let buffer = PageBuffer(byteCount: Block.roundUp(location.recordBytes))
+            let result = await storage.read([BlockRead(file: file, offset: location.offset, destination: buffer.bytes)])[0]
+            switch result {
+            case .failure(let error):
+                // A segment compacted away mid-read shows up as a closed or missing file.
+                if relocated(address, from: location) { continue }
+                count { $0.readMisses += 1 }
+                logger.warning("disk read failed", metadata: ["page": "\(address)", "error": "\(error)"])
+                return .failure(.readFailed(error))
+            case .success(let got):
+                switch decode(address, location, buffer, got) {
+                case .success(let page): return .success(page)
+                case .failure(let miss):
+                    if relocated(address, from: location) { continue }
+                    checksumFailed(address, location, miss)
+                    return .failure(miss)
+                }
+            }
+        }
+        count { $0.readMisses += 1 }
+        return .failure(.notStored)
+    }
+
+    /// Reads many pages with up to `configuration.readConcurrency` reads in flight; pages decode as
+    /// their reads complete, on whichever core is free. Results are in request order.
+    public func read(_ addresses: [PageAddress]) async -> [Result<DiskPage, DiskMiss>] {
+        await withTaskGroup(of: (Int, Result<DiskPage, DiskMiss>).self) { group in
+            var results = [Result<DiskPage, DiskMiss>](repeating: .failure(.notStored), count: addresses.count)
+            var next = 0
+            func launch() {
+                let i = next
+                next += 1
+                group.addTask { (i, await self.read(addresses[i])) }
+            }
+            while next < min(addresses.count, max(1, configuration.readConcurrency)) { launch() }
+            while let (i, result) = await group.next() {
+                results[i] = result
+                if next < addresses.count { launch() }
+            }
+            return results
+        }
+    }
+
+    private func lookUp(_ address: PageAddress) -> (Location, any StorageFile)? {
+        state.withLock { s in
+            guard var location = s.index[address], let segment = s.segments[location.segment] else { return nil }
+            location.lastAccessMicros = WallClock.micros()
+            s.index[address] = location
+            s.stats.reads += 1
+            return (location, segment.file)
+        }
+    }
+
+    private func relocated(_ address: PageAddress, from location: Location) -> Bool {
+        state.withLock { s in
+            guard let now = s.index[address] else { return false }
+            return now.segment != location.segment || now.offset != location.offset
+        }
+    }
+
+    private func decode(_ address: PageAddress, _ location: Location, _ buffer: PageBuffer, _ got: Int) -> Result<DiskPage, DiskMiss> {
+        guard got >= location.recordBytes else { return .failure(.damaged("record is cut short at \(got) of \(location.recordBytes) bytes")) }
+        let record = UnsafeRawBufferPointer(rebasing: buffer.readOnly[0..<location.recordBytes])
+        do {
+            let header = try PageRecord.verify(record)
+            guard header.kind == .page, header.address == address, header.sequence == location.sequence else {
+                return .failure(.damaged("record at offset \(location.offset) is not the indexed page"))
+            }
+            let codec = try Codec(tag: header.codecTag)
+            let sections = try PageRecord.sections(of: record, header)
+            let output = PageBuffer(byteCount: header.shape.rawBytes)
+            let sectionShape = header.shape.section
+            let part = sectionShape.bytesPerPart
+            let decoder = SectionCodec(codec)
+            for (layer, section) in sections.enumerated() {
+                let base = layer * 2 * part
+                try decoder.decode(
+                    section, shape: sectionShape,
+                    keys: UnsafeMutableRawBufferPointer(rebasing: output.bytes[base..<base + part]),
+                    values: UnsafeMutableRawBufferPointer(rebasing: output.bytes[base + part..<base + 2 * part]))
+            }
+            var described = Self.describe(address, location)
+            described.lastAccessMicros = WallClock.micros()
+            return .success(DiskPage(page: described, data: output))
+        } catch let error as FormatError {
+            return .failure(.damaged("\(error)"))
+        } catch {
+            return .failure(.damaged("\(error)"))
+        }
+    }
+
+    func count(_ update: (inout DiskTierStats) -> Void) { state.withLock { update(&$0.stats) } }
+}
+
+enum WallClock {
+    static func micros() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000 + UInt64(ts.tv_nsec) / 1000
+    }
+}

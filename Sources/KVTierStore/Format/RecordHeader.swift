@@ -1,0 +1,150 @@
+import KVTierCodec
+import KVTierCore
+
+/// The shape of a page: what a record stores besides its key.
+public struct PageShape: Hashable, Sendable, CustomStringConvertible {
+    public var tokens: Int
+    public var layers: Int
+    public var kvHeads: Int
+    public var headDim: Int
+    public var elementType: ElementType
+
+    public init(tokens: Int, layers: Int, kvHeads: Int, headDim: Int, elementType: ElementType = .float16) {
+        self.tokens = tokens
+        self.layers = layers
+        self.kvHeads = kvHeads
+        self.headDim = headDim
+        self.elementType = elementType
+    }
+
+    /// The shape of one layer's section.
+    public var section: SectionShape {
+        SectionShape(tokens: tokens, kvHeads: kvHeads, headDim: headDim, elementType: elementType)
+    }
+
+    /// Bytes of the whole page as 16-bit elements: layers × (keys + values).
+    public var rawBytes: Int { layers * section.rawBytes }
+
+    public var description: String { "\(layers)×[\(tokens), \(kvHeads), \(headDim)] \(elementType)" }
+}
+
+/// The 96-byte header of a record (docs/format.md, "Records").
+public struct RecordHeader: Equatable, Sendable {
+    public enum Kind: UInt16, Sendable {
+        case page = 1
+        case tombstone = 2
+    }
+
+    public static let magic: UInt32 = 0x5250_564B  // "KVPR"
+    public static let version: UInt16 = 1
+    public static let size = 96
+    public static let checksumOffset = 12
+
+    public var kind: Kind
+    /// Header + section table + sections, without block padding.
+    public var recordBytes: Int
+    public var checksum: UInt32
+    public var sequence: UInt64
+    public var address: PageAddress
+    public var modelID: UInt64
+    public var codecTag: UInt32
+    public var shape: PageShape
+    public var payloadBytes: Int
+    public var createdMicros: UInt64
+    /// For a tombstone: the sequence of the page record it deletes.
+    public var deletesSequence: UInt64
+
+    public init(kind: Kind, recordBytes: Int, checksum: UInt32 = 0, sequence: UInt64, address: PageAddress,
+                modelID: UInt64, codecTag: UInt32, shape: PageShape, payloadBytes: Int, createdMicros: UInt64,
+                deletesSequence: UInt64 = 0) {
+        self.kind = kind
+        self.recordBytes = recordBytes
+        self.checksum = checksum
+        self.sequence = sequence
+        self.address = address
+        self.modelID = modelID
+        self.codecTag = codecTag
+        self.shape = shape
+        self.payloadBytes = payloadBytes
+        self.createdMicros = createdMicros
+        self.deletesSequence = deletesSequence
+    }
+
+    /// Bytes on disk including padding to the next block.
+    public var paddedBytes: Int { Block.roundUp(recordBytes) }
+
+    public func encode(into writer: inout ByteWriter) {
+        writer.u32(Self.magic)
+        writer.u16(Self.version)
+        writer.u16(kind.rawValue)
+        writer.u32(UInt32(recordBytes))
+        writer.u32(checksum)
+        writer.u64(sequence)
+        writer.key(address.key)
+        writer.u64(modelID)
+        writer.u32(address.tenant.rawValue)
+        writer.u32(codecTag)
+        writer.u32(UInt32(shape.tokens))
+        writer.u16(UInt16(shape.layers))
+        writer.u16(UInt16(shape.kvHeads))
+        writer.u16(UInt16(shape.headDim))
+        writer.u8(kind == .page ? shape.elementType.rawValue : 0)
+        writer.u8(0)
+        writer.u32(UInt32(payloadBytes))
+        writer.u64(createdMicros)
+        writer.u64(deletesSequence)
+        writer.zeros(8)
+    }
+
+    /// Parses and checks the header's own fields; the checksum over the record is checked by
+    /// `RecordCodec.verify` once the whole record is in memory.
+    public init(decoding bytes: UnsafeRawBufferPointer) throws(FormatError) {
+        guard bytes.count >= Self.size else { throw .truncated("record header") }
+        var r = ByteReader(bytes)
+        do {
+            guard try r.u32() == Self.magic else { throw FormatError.badMagic("record") }
+            let version = try r.u16()
+            guard version == Self.version else { throw FormatError.unsupportedVersion("record", UInt32(version)) }
+            guard let kind = Kind(rawValue: try r.u16()) else { throw FormatError.inconsistent("unknown record kind") }
+            self.kind = kind
+            recordBytes = Int(try r.u32())
+            checksum = try r.u32()
+            sequence = try r.u64()
+            let key = try r.key()
+            modelID = try r.u64()
+            address = PageAddress(tenant: TenantID(try r.u32()), key: key)
+            codecTag = try r.u32()
+            let tokens = Int(try r.u32())
+            let layers = Int(try r.u16())
+            let kvHeads = Int(try r.u16())
+            let headDim = Int(try r.u16())
+            let elementRaw = try r.u8()
+            _ = try r.u8()
+            payloadBytes = Int(try r.u32())
+            createdMicros = try r.u64()
+            deletesSequence = try r.u64()
+            switch kind {
+            case .page:
+                guard let elementType = ElementType(rawValue: elementRaw) else {
+                    throw FormatError.inconsistent("unknown element type \(elementRaw)")
+                }
+                guard tokens >= 1, tokens <= Limits.maxPageTokens, layers >= 1, layers <= Limits.maxLayers,
+                      kvHeads >= 1, kvHeads <= Limits.maxKVHeads, headDim >= 1, headDim <= Limits.maxHeadDim
+                else { throw FormatError.inconsistent("page shape \(layers)×[\(tokens), \(kvHeads), \(headDim)] is out of range") }
+                shape = PageShape(tokens: tokens, layers: layers, kvHeads: kvHeads, headDim: headDim, elementType: elementType)
+                guard recordBytes == Self.size + 4 * layers + payloadBytes else {
+                    throw FormatError.inconsistent("record length \(recordBytes) does not match \(layers) layers and \(payloadBytes) payload bytes")
+                }
+            case .tombstone:
+                shape = PageShape(tokens: 0, layers: 0, kvHeads: 0, headDim: 0)
+                guard recordBytes == Self.size, payloadBytes == 0 else {
+                    throw FormatError.inconsistent("tombstone with a payload")
+                }
+            }
+        } catch let error as FormatError {
+            throw error
+        } catch {
+            throw .truncated("record header")
+        }
+    }
+}
