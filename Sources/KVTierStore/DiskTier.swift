@@ -136,7 +136,7 @@ public final class DiskTier: Sendable {
     public func read(_ address: PageAddress) async -> Result<DiskPage, DiskMiss> {
         for _ in 0..<2 {
             guard let (location, file) = lookUp(address) else { return .failure(.notStored) }
-            let buffer = PageBuffer(byteCount: Block.roundUp(location.recordBytes))
+            let buffer = PageBuffer(overwrittenByteCount: Block.roundUp(location.recordBytes))
             let result = await storage.read([BlockRead(file: file, offset: location.offset, destination: buffer.bytes)])[0]
             switch result {
             case .failure(let error):
@@ -206,7 +206,7 @@ public final class DiskTier: Sendable {
             }
             let codec = try Codec(tag: header.codecTag)
             let sections = try PageRecord.sections(of: record, header)
-            let output = PageBuffer(byteCount: header.shape.rawBytes)
+            let output = PageBuffer(overwrittenByteCount: header.shape.rawBytes)
             let sectionShape = header.shape.section
             let part = sectionShape.bytesPerPart
             let decoder = SectionCodec(codec)

@@ -6,9 +6,16 @@ public final class PageBuffer: @unchecked Sendable {
 
     public static let alignment = 4096
 
+    /// Zero-filled memory.
     public init(byteCount: Int) {
         bytes = .allocate(byteCount: max(byteCount, 1), alignment: Self.alignment)
         bytes.initializeMemory(as: UInt8.self, repeating: 0)
+    }
+
+    /// Memory the caller will overwrite completely before reading it (read destinations, decode
+    /// outputs): skips the zero fill, which costs as much as a copy on large pages.
+    public init(overwrittenByteCount byteCount: Int) {
+        bytes = .allocate(byteCount: max(byteCount, 1), alignment: Self.alignment)
     }
 
     deinit { bytes.deallocate() }

@@ -33,7 +33,7 @@ public final class SimulatedStorage: Storage {
         var names: [String: Inode] = [:]
         var durableNames: [String: Inode] = [:]
         var directories: Set<String> = [""]
-        var random: SplitMixRandom
+        var random: SplitMix64
         var faults: Faults
         var generation = 0
         var crashes = 0
@@ -44,7 +44,7 @@ public final class SimulatedStorage: Storage {
 
     public init(seed: UInt64, faults: Faults = Faults()) {
         self.seed = seed
-        state = Mutex(State(random: SplitMixRandom(seed: seed), faults: faults))
+        state = Mutex(State(random: SplitMix64(seed: seed), faults: faults))
     }
 
     public var faults: Faults {
@@ -266,20 +266,4 @@ final class SimulatedFile: StorageFile, @unchecked Sendable {
     func truncate(to size: Int) throws(StorageError) { try storage.truncate(inode, path, generation, to: size) }
     func size() throws(StorageError) -> Int { storage.size(inode) }
     func close() {}
-}
-
-/// SplitMix64, the seeded source of every simulated fault.
-public struct SplitMixRandom: Sendable {
-    public var state: UInt64
-    public init(seed: UInt64) { state = seed }
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    public mutating func chance(_ p: Double) -> Bool {
-        p > 0 && Double(next() >> 11) / Double(1 << 53) < p
-    }
 }

@@ -80,7 +80,7 @@ import Testing
     }
 
     @Test func incompressibleSectionsAreStoredRaw() throws {
-        var random = TestRandom(seed: 11)
+        var random = SplitMix64(seed: 11)
         let shape = SectionShape(tokens: 64, kvHeads: 1, headDim: 64)
         // Uniformly random bit patterns (fp16 keeps any pattern, NaNs included).
         let noise = (0..<shape.elementsPerPart).map { _ in UInt16(truncatingIfNeeded: random.next()) }
@@ -159,7 +159,7 @@ import Testing
     /// either throws or returns a section of the right size. Seeded and reproducible.
     @Test func corruptBytesNeverCrash() throws {
         let seed: UInt64 = 0xBADB17
-        var random = TestRandom(seed: seed)
+        var random = SplitMix64(seed: seed)
         let (keys, values) = kvSection(Self.shape, seed: seed)
         var thrown = 0, decoded = 0
         for codec in Codec.all {

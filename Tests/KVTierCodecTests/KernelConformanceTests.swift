@@ -107,7 +107,7 @@ import Testing
     }
 
     @Test func shuffleIsAByteTranspose() {
-        var random = TestRandom(seed: 0x5AFF1E)
+        var random = SplitMix64(seed: 0x5AFF1E)
         for count in [0, 1, 7, 63, 64, 65, 1000, 4099] {
             let source = (0..<2 * count).map { _ in UInt8(truncatingIfNeeded: random.next()) }
             let expected = stride(from: 0, to: 2 * count, by: 2).map { source[$0] } + stride(from: 1, to: 2 * count, by: 2).map { source[$0] }

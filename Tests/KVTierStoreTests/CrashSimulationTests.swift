@@ -10,7 +10,7 @@ import Testing
     @Test(arguments: 0..<48)
     func acknowledgedPagesSurvivePowerLoss(round: Int) async throws {
         let seed = UInt64(0xC4A5_0000 + round)
-        var random = SplitMixRandom(seed: seed)
+        var random = SplitMix64(seed: seed)
         let storage = SimulatedStorage(seed: seed, faults: .init(ioErrorRate: round % 3 == 0 ? 0.02 : 0))
         var acknowledged = Set<UInt64>()
         var deleted = Set<UInt64>()
@@ -43,4 +43,3 @@ import Testing
     }
 }
 
-extension SplitMixRandom: RandomNumberGenerator {}

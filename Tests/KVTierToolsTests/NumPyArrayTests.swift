@@ -1,3 +1,4 @@
+import KVTierCore
 import KVTierTools
 import Testing
 
