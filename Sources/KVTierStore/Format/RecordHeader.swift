@@ -119,7 +119,9 @@ public struct RecordHeader: Equatable, Sendable {
             let kvHeads = Int(try r.u16())
             let headDim = Int(try r.u16())
             let elementRaw = try r.u8()
-            _ = try r.u8()
+            // No flags are defined in version 1; a set bit means a newer writer's feature.
+            let flags = try r.u8()
+            guard flags == 0 else { throw FormatError.unsupportedVersion("record flags", UInt32(flags)) }
             payloadBytes = Int(try r.u32())
             createdMicros = try r.u64()
             deletesSequence = try r.u64()
