@@ -1,0 +1,56 @@
+import CKVTierKernels
+
+/// Page keys as a hash chain: `key(n) = BLAKE2b-128(key(n-1) ‖ modelID ‖ tokens of page n)`, with
+/// 16 zero bytes standing for the key before the first page, the model id as 8 little-endian
+/// bytes and each token id as 4 little-endian bytes. Equal prefixes give equal keys in every
+/// process; Python derives the same keys with `hashlib.blake2b(data, digest_size=16)`.
+public enum PageKeyChain {
+    /// The key of the page after `parent` (nil for the first page) holding `tokens`.
+    public static func key(parent: PageKey?, modelID: UInt64, tokens: some Collection<UInt32>) -> PageKey {
+        var state = kvt_blake2b_state()
+        kvt_blake2b_init(&state, 16)
+        var prefix = ByteWriter(capacity: 24)
+        if let parent { prefix.raw(parent.digestBytes) } else { prefix.zeros(16) }
+        prefix.u64(modelID)
+        prefix.bytes.withUnsafeBytes { kvt_blake2b_update(&state, $0.baseAddress, $0.count) }
+        var words = ContiguousArray<UInt32>()
+        words.reserveCapacity(tokens.count)
+        for token in tokens { words.append(token.littleEndian) }
+        words.withUnsafeBytes { kvt_blake2b_update(&state, $0.baseAddress, $0.count) }
+        var digest = [UInt8](repeating: 0, count: 16)
+        digest.withUnsafeMutableBufferPointer { kvt_blake2b_final(&state, $0.baseAddress) }
+        return PageKey(digestBytes: digest)
+    }
+
+    /// The keys of every page of `tokens` cut into pages of `pageTokens` (the last may be short).
+    public static func keys(modelID: UInt64, tokens: [UInt32], pageTokens: Int) -> [PageKey] {
+        precondition(pageTokens > 0)
+        var keys: [PageKey] = []
+        var parent: PageKey? = nil
+        for start in stride(from: 0, to: tokens.count, by: pageTokens) {
+            let key = key(parent: parent, modelID: modelID, tokens: tokens[start..<min(start + pageTokens, tokens.count)])
+            keys.append(key)
+            parent = key
+        }
+        return keys
+    }
+}
+
+extension PageKey {
+    /// The key from 16 digest bytes: `high` holds bytes 0-7 and `low` bytes 8-15, most
+    /// significant first, so `description` is the digest's hex.
+    public init(digestBytes bytes: [UInt8]) {
+        precondition(bytes.count == 16)
+        var high: UInt64 = 0, low: UInt64 = 0
+        for i in 0..<8 {
+            high = high << 8 | UInt64(bytes[i])
+            low = low << 8 | UInt64(bytes[8 + i])
+        }
+        self.init(high: high, low: low)
+    }
+
+    /// The 16 digest bytes of this key.
+    public var digestBytes: [UInt8] {
+        (0..<8).map { UInt8(truncatingIfNeeded: high >> (56 - 8 * $0)) } + (0..<8).map { UInt8(truncatingIfNeeded: low >> (56 - 8 * $0)) }
+    }
+}

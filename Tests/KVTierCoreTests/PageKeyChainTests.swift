@@ -1,0 +1,33 @@
+import KVTierCore
+import Testing
+
+@Suite struct PageKeyChainTests {
+    /// Reference digests from Python: hashlib.blake2b(data, digest_size=16).hexdigest().
+    @Test func matchesPythonHashlib() {
+        // First page: 16 zero bytes, model id 7 (LE), tokens 1, 2, 3 (u32 LE).
+        let first = PageKeyChain.key(parent: nil, modelID: 7, tokens: [1, 2, 3] as [UInt32])
+        #expect(first.description == "ab5ae5c5304a47e1c3ee926b0d7cdcdd")
+        let second = PageKeyChain.key(parent: first, modelID: 7, tokens: [4] as [UInt32])
+        #expect(second.description == "25c2e1258911a39fc2dfea8ca4baafdd")
+    }
+
+    @Test func equalPrefixesGiveEqualKeysAndAnyDifferenceChangesThem() {
+        let tokens = (0..<1000).map { UInt32($0 * 31 % 256) }
+        let a = PageKeyChain.keys(modelID: 1, tokens: tokens, pageTokens: 256)
+        let b = PageKeyChain.keys(modelID: 1, tokens: Array(tokens.prefix(600)), pageTokens: 256)
+        #expect(a.count == 4 && b.count == 3)
+        #expect(Array(a.prefix(2)) == Array(b.prefix(2)))
+        #expect(a[2] != b[2], "a partial page has its own key")
+        var changed = tokens
+        changed[10] ^= 1
+        let c = PageKeyChain.keys(modelID: 1, tokens: changed, pageTokens: 256)
+        #expect(Set(c).isDisjoint(with: a), "a change in page 0 must change every later key")
+        #expect(PageKeyChain.keys(modelID: 2, tokens: tokens, pageTokens: 256)[0] != a[0], "the model is part of the key")
+    }
+
+    @Test func digestBytesRoundTrip() {
+        let key = PageKey(high: 0x0102_0304_0506_0708, low: 0x090A_0B0C_0D0E_0F10)
+        #expect(PageKey(digestBytes: key.digestBytes) == key)
+        #expect(key.digestBytes.first == 1 && key.digestBytes.last == 0x10)
+    }
+}
