@@ -62,7 +62,8 @@ extension DiskTier {
     /// After each flush: keep within the disk budget, then compact sparse segments.
     func maintain(force: Bool = false) {
         dispatchPrecondition(condition: .onQueue(writer))
-        if state.withLock({ $0.suspended != nil }) { return }
+        // Runs even while writes are paused: compacting a segment with nothing live left needs
+        // no new writes, and is how deletions free space on a full disk.
         enforceBudget()
         var attempts = 0
         while let victim = compactionCandidate(force: force), attempts < 64 {
@@ -120,16 +121,17 @@ extension DiskTier {
     private func compactSegment(_ id: UInt64) -> Bool {
         let plan = state.withLock { s -> (Segment, [IndexEntry])? in
             guard let segment = s.segments[id] else { return nil }
-            var stillReferenced = Set<PageAddressSequence>()
+            // A tombstone must outlive every older record of its page, wherever that record is.
+            var oldestRecord: [PageAddress: UInt64] = [:]
             for other in s.segments.values where other.id != id {
                 for e in other.entries where e.header.kind == .page {
-                    stillReferenced.insert(PageAddressSequence(address: e.header.address, sequence: e.header.sequence))
+                    oldestRecord[e.header.address] = min(oldestRecord[e.header.address] ?? .max, e.header.sequence)
                 }
             }
             let keep = segment.entries.filter { e in
                 switch e.header.kind {
                 case .page: s.index[e.header.address]?.sequence == e.header.sequence
-                case .tombstone: stillReferenced.contains(PageAddressSequence(address: e.header.address, sequence: e.header.deletesSequence))
+                case .tombstone: (oldestRecord[e.header.address] ?? .max) <= e.header.deletesSequence
                 }
             }
             return (segment, keep)
@@ -162,9 +164,19 @@ extension DiskTier {
             s.stats.compactions += 1
         }
         do {
-            try writeManifest()
-            try storage.remove("\(configuration.directory)/\(SegmentHeader.fileName(id))")
-            try storage.syncDirectory(configuration.directory)
+            do {
+                try writeManifest()
+            } catch {
+                // On a full disk even the small manifest may not fit: the dropped segment holds
+                // nothing live, so delete it first to make room, then record that.
+                try storage.remove("\(configuration.directory)/\(SegmentHeader.fileName(id))")
+                try storage.syncDirectory(configuration.directory)
+                try writeManifest()
+            }
+            if storage.exists("\(configuration.directory)/\(SegmentHeader.fileName(id))") {
+                try storage.remove("\(configuration.directory)/\(SegmentHeader.fileName(id))")
+                try storage.syncDirectory(configuration.directory)
+            }
         } catch {
             logger.error("could not remove a compacted segment", metadata: ["segment": "\(id)", "error": "\(error)"])
         }
@@ -192,7 +204,3 @@ extension DiskTier {
     }
 }
 
-struct PageAddressSequence: Hashable {
-    var address: PageAddress
-    var sequence: UInt64
-}

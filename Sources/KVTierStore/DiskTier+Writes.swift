@@ -119,7 +119,8 @@ extension DiskTier {
             return
         }
         do throws(DiskTierError) {
-            try rotateIfFull()
+            if state.withLock({ $0.activeSegment == 0 }) { try startSegment() }
+            try rotateIfFull(onlyTombstones: group.allSatisfy { if case .tombstone = $0.body { true } else { false } })
             let segment = state.withLock { $0.segments[$0.activeSegment]! }
             let start = segment.appendOffset
             var offset = start
@@ -214,7 +215,7 @@ extension DiskTier {
                     segment.liveBytes += header.paddedBytes
                     return DiskTier.describe(header.address, location)
                 case .tombstone:
-                    if let old = s.index[header.address], old.sequence == header.deletesSequence {
+                    if let old = s.index[header.address], old.sequence <= header.deletesSequence {
                         s.segments[old.segment]?.liveBytes -= Block.roundUp(old.recordBytes)
                         s.index[header.address] = nil
                     }
@@ -226,10 +227,13 @@ extension DiskTier {
 
     // MARK: segments and the manifest
 
-    /// Seals the active segment once it has reached its size and starts a new one.
-    func rotateIfFull() throws(DiskTierError) {
+    /// Seals the active segment once it has reached its size and starts a new one. Deletions
+    /// may run up to twice the size first, so that freeing space never needs a new segment (and
+    /// so works on a full disk).
+    func rotateIfFull(onlyTombstones: Bool = false) throws(DiskTierError) {
         let segment = state.withLock { $0.segments[$0.activeSegment]! }
-        guard segment.appendOffset >= configuration.segmentBytes, !segment.entries.isEmpty else { return }
+        let limit = onlyTombstones ? 2 * configuration.segmentBytes : configuration.segmentBytes
+        guard segment.appendOffset >= limit, !segment.entries.isEmpty else { return }
         let index = IndexBlock.encode(segment.entries)
         do {
             try segment.file.write(index, at: segment.appendOffset)

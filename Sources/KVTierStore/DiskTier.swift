@@ -70,6 +70,7 @@ public final class DiskTier: Sendable {
     let logger: Logger
     let state: Mutex<State>
     let writer = DispatchQueue(label: "kvtier.disk.writer")
+    let readBuffers: PageBufferPool
     /// What start-up recovery found.
     public let recovery: RecoveryReport
 
@@ -78,12 +79,17 @@ public final class DiskTier: Sendable {
         self.storage = storage
         self.configuration = configuration
         self.logger = logger
+        self.readBuffers = PageBufferPool(limitBytes: configuration.readBufferPoolBytes)
         let recovered = try Recovery(storage: storage, configuration: configuration, logger: logger).run()
         self.recovery = recovered.report
         self.state = Mutex(recovered.state)
         // Register what recovery sealed or rebuilt, and make sure a segment takes new writes.
+        // A full or failing disk must not keep the store from serving reads: writes stay paused
+        // (and retry later) instead.
         let prepared: Result<Void, DiskTierError> = writer.sync { Result { () throws(DiskTierError) in try prepareWrites() } }
-        try prepared.get()
+        if case .failure(let error) = prepared {
+            logger.error("disk tier opened read-only until writes succeed", metadata: ["error": "\(error)"])
+        }
         logger.info("disk tier recovered", metadata: [
             "pages": "\(recovered.report.pages)", "segments": "\(recovered.report.segments)",
             "truncatedBytes": "\(recovered.report.truncatedBytes)", "damagedRecords": "\(recovered.report.damagedRecords)",
@@ -93,7 +99,12 @@ public final class DiskTier: Sendable {
 
     private func prepareWrites() throws(DiskTierError) {
         if state.withLock({ $0.activeSegment == 0 }) { return try startSegment() }
-        do { try writeManifest() } catch { throw .storage(error) }
+        do {
+            try writeManifest()
+        } catch {
+            state.withLock { $0.suspended = (error, WallClock.micros() + configuration.retryAfterFailureMicros) }
+            throw .storage(error)
+        }
     }
 
     // MARK: queries
@@ -132,12 +143,16 @@ public final class DiskTier: Sendable {
 
     // MARK: reads
 
-    /// Reads, verifies and decodes one page.
-    public func read(_ address: PageAddress) async -> Result<DiskPage, DiskMiss> {
+    /// Reads, verifies and decodes one page, into `destination` when it is given and large enough
+    /// (`shape.rawBytes`; pass reused or shared memory there to avoid page faults), else into a
+    /// new buffer.
+    public func read(_ address: PageAddress, into destination: PageBuffer? = nil) async -> Result<DiskPage, DiskMiss> {
         for _ in 0..<2 {
             guard let (location, file) = lookUp(address) else { return .failure(.notStored) }
-            let buffer = PageBuffer(overwrittenByteCount: Block.roundUp(location.recordBytes))
-            let result = await storage.read([BlockRead(file: file, offset: location.offset, destination: buffer.bytes)])[0]
+            let buffer = readBuffers.take(Block.roundUp(location.recordBytes))
+            defer { readBuffers.give(buffer) }
+            let span = UnsafeMutableRawBufferPointer(rebasing: buffer.bytes[0..<Block.roundUp(location.recordBytes)])
+            let result = await storage.read([BlockRead(file: file, offset: location.offset, destination: span)])[0]
             switch result {
             case .failure(let error):
                 // A segment compacted away mid-read shows up as a closed or missing file.
@@ -146,7 +161,7 @@ public final class DiskTier: Sendable {
                 logger.warning("disk read failed", metadata: ["page": "\(address)", "error": "\(error)"])
                 return .failure(.readFailed(error))
             case .success(let got):
-                switch decode(address, location, buffer, got) {
+                switch decode(address, location, buffer, got, into: destination) {
                 case .success(let page): return .success(page)
                 case .failure(let miss):
                     if relocated(address, from: location) { continue }
@@ -161,14 +176,16 @@ public final class DiskTier: Sendable {
 
     /// Reads many pages with up to `configuration.readConcurrency` reads in flight; pages decode as
     /// their reads complete, on whichever core is free. Results are in request order.
-    public func read(_ addresses: [PageAddress]) async -> [Result<DiskPage, DiskMiss>] {
-        await withTaskGroup(of: (Int, Result<DiskPage, DiskMiss>).self) { group in
+    /// `destinations`, when given, holds one buffer per address (see `read(_:into:)`).
+    public func read(_ addresses: [PageAddress], into destinations: [PageBuffer]? = nil) async -> [Result<DiskPage, DiskMiss>] {
+        precondition(destinations == nil || destinations!.count == addresses.count, "one destination per address")
+        return await withTaskGroup(of: (Int, Result<DiskPage, DiskMiss>).self) { group in
             var results = [Result<DiskPage, DiskMiss>](repeating: .failure(.notStored), count: addresses.count)
             var next = 0
             func launch() {
                 let i = next
                 next += 1
-                group.addTask { (i, await self.read(addresses[i])) }
+                group.addTask { (i, await self.read(addresses[i], into: destinations?[i])) }
             }
             while next < min(addresses.count, max(1, configuration.readConcurrency)) { launch() }
             while let (i, result) = await group.next() {
@@ -196,7 +213,9 @@ public final class DiskTier: Sendable {
         }
     }
 
-    private func decode(_ address: PageAddress, _ location: Location, _ buffer: PageBuffer, _ got: Int) -> Result<DiskPage, DiskMiss> {
+    private func decode(
+        _ address: PageAddress, _ location: Location, _ buffer: PageBuffer, _ got: Int, into destination: PageBuffer?
+    ) -> Result<DiskPage, DiskMiss> {
         guard got >= location.recordBytes else { return .failure(.damaged("record is cut short at \(got) of \(location.recordBytes) bytes")) }
         let record = UnsafeRawBufferPointer(rebasing: buffer.readOnly[0..<location.recordBytes])
         do {
@@ -206,7 +225,8 @@ public final class DiskTier: Sendable {
             }
             let codec = try Codec(tag: header.codecTag)
             let sections = try PageRecord.sections(of: record, header)
-            let output = PageBuffer(overwrittenByteCount: header.shape.rawBytes)
+            let output = destination.flatMap { $0.count >= header.shape.rawBytes ? $0 : nil }
+                ?? PageBuffer(overwrittenByteCount: header.shape.rawBytes)
             let sectionShape = header.shape.section
             let part = sectionShape.bytesPerPart
             let decoder = SectionCodec(codec)

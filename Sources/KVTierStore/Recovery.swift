@@ -89,15 +89,19 @@ struct Recovery {
                 segment.indexOffset = described.indexOffset
                 segment.indexBytes = described.indexBytes
             } else if !isActive {
-                try seal(segment)
+                // Without room for an index block the segment stays unindexed: the next start
+                // scans it again, which is slower but loses nothing.
+                do { try seal(segment) } catch {
+                    logger.warning("could not index a recovered segment", metadata: ["segment": "\(described.id)", "error": "\(error)"])
+                }
             }
             state.segments[described.id] = segment
             if isActive { state.activeSegment = described.id }
             entries += records.map { ($0, described.id) }
         }
 
-        // Apply in write order: later page records replace earlier ones, tombstones delete the
-        // exact record they name.
+        // Apply in write order: later page records replace earlier ones; a tombstone deletes the
+        // record it names and any older one.
         entries.sort { $0.entry.header.sequence < $1.entry.header.sequence }
         state.index.reserveCapacity(entries.count)
         for (entry, segmentID) in entries {
@@ -110,7 +114,9 @@ struct Recovery {
                     modelID: h.modelID, codecTag: h.codecTag, shape: h.shape, createdMicros: h.createdMicros,
                     lastAccessMicros: h.createdMicros)
             case .tombstone:
-                if state.index[h.address]?.sequence == h.deletesSequence { state.index[h.address] = nil }
+                // Deletes the page's record if it is the one named or older (an older record can
+                // outlive a compacted newer one).
+                if let live = state.index[h.address], live.sequence <= h.deletesSequence { state.index[h.address] = nil }
             }
         }
         for location in state.index.values { state.segments[location.segment]?.liveBytes += Block.roundUp(location.recordBytes) }

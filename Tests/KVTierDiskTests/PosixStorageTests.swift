@@ -7,7 +7,9 @@ import Testing
 
 @Suite struct PosixStorageSmokeTests {
     @Test func aDiskTierOnRealFilesRoundTrips() async throws {
-        let directory = "/tmp/kvtier-posix-\(UInt64.random(in: 0...UInt64.max))"
+        let temporary = try TemporaryDirectory("kvtier-posix")
+        defer { temporary.remove() }
+        let directory = temporary.path
         var logger = Logger(label: "test")
         logger.logLevel = .critical
         let selection = try BlockReaders.make(logger: logger)
