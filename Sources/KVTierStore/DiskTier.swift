@@ -179,18 +179,29 @@ public final class DiskTier: Sendable {
     /// `destinations`, when given, holds one buffer per address (see `read(_:into:)`).
     public func read(_ addresses: [PageAddress], into destinations: [PageBuffer]? = nil) async -> [Result<DiskPage, DiskMiss>] {
         precondition(destinations == nil || destinations!.count == addresses.count, "one destination per address")
+        let sizes = state.withLock { s in addresses.map { s.index[$0].map { Block.roundUp($0.recordBytes) } ?? 0 } }
         return await withTaskGroup(of: (Int, Result<DiskPage, DiskMiss>).self) { group in
             var results = [Result<DiskPage, DiskMiss>](repeating: .failure(.notStored), count: addresses.count)
             var next = 0
+            var inFlight = 0
+            var inFlightBytes = 0
             func launch() {
                 let i = next
                 next += 1
+                inFlight += 1
+                inFlightBytes += sizes[i]
                 group.addTask { (i, await self.read(addresses[i], into: destinations?[i])) }
             }
-            while next < min(addresses.count, max(1, configuration.readConcurrency)) { launch() }
+            func canLaunch() -> Bool {
+                next < addresses.count && inFlight < max(1, configuration.readConcurrency)
+                    && (inFlight == 0 || inFlightBytes + sizes[next] <= configuration.readInFlightBytes)
+            }
+            while canLaunch() { launch() }
             while let (i, result) = await group.next() {
                 results[i] = result
-                if next < addresses.count { launch() }
+                inFlight -= 1
+                inFlightBytes -= sizes[i]
+                while canLaunch() { launch() }
             }
             return results
         }

@@ -21,6 +21,8 @@ public struct DiskTierConfiguration: Sendable {
     public var retryAfterFailureMicros: UInt64 = 500_000
     /// Page reads in flight at once for `read(_:)` batches.
     public var readConcurrency = 32
+    /// Most record bytes in flight at once for `read(_:)` batches (at least one page always is).
+    public var readInFlightBytes = 256 << 20
     /// Most bytes of read buffers kept for reuse between reads.
     public var readBufferPoolBytes = 512 << 20
 
