@@ -70,7 +70,13 @@ let package = Package(
 
         .testTarget(name: "KVTierCoreTests", dependencies: ["KVTierCore"]),
         .testTarget(name: "KVTierCodecTests", dependencies: ["KVTierCodec", "KVTierCore", "CKVTierKernels"]),
-        .testTarget(name: "KVTierToolsTests", dependencies: ["KVTierTools", "KVTierCodec", "KVTierCore"]),
+        .testTarget(
+            name: "KVTierToolsTests",
+            dependencies: [
+                "KVTierTools", "KVTierCodec", "KVTierCore", "KVTierStore", "KVTierIO",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .testTarget(
             name: "KVTierDiskTests",
             dependencies: [
@@ -80,7 +86,7 @@ let package = Package(
         ),
         .testTarget(
             name: "KVTierStoreTests",
-            dependencies: ["KVTierStore", "KVTierCodec", "KVTierCore", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["KVTierStore", "KVTierTools", "KVTierCodec", "KVTierCore", .product(name: "Logging", package: "swift-log")]
         ),
         .testTarget(
             name: "KVTierIOTests",

@@ -4,6 +4,7 @@ import KVTierCodec
 import KVTierCore
 import KVTierIO
 import KVTierStore
+import KVTierTools
 import Logging
 import Synchronization
 
@@ -28,7 +29,7 @@ struct DebugCommand: AsyncParsableCommand {
                 ack file with one write(2), strictly after the disk tier returned: a line in the file \
                 means the store promised durability. 'deleting N' is appended before a delete starts \
                 (after it, page N may be gone even without a 'del N'). Page N's shape and bytes follow from N alone \
-                (CrashPage), so a checker needs nothing but the ack file.
+                (CrashTestPage), so a checker needs nothing but the ack file.
                 """
         )
 
@@ -70,7 +71,7 @@ struct DebugCommand: AsyncParsableCommand {
             let tier = try DiskTier(storage: storage, configuration: configuration, logger: logger)
             let ack = try AckLog(path: ackFile)
 
-            let recovered = tier.pages().compactMap { CrashPage(address: $0.address)?.number }
+            let recovered = tier.pages().compactMap { CrashTestPage(address: $0.address)?.number }
             let start = firstPage ?? (max(recovered.max() ?? 0, ack.highestNumber ?? 0) + 1)
             standardError("crash-writer: \(tier.recovery); \(recovered.count) crash pages live; seed \(seed); first page \(start); reads via \(tier.readPath)")
 
@@ -129,15 +130,15 @@ struct DebugCommand: AsyncParsableCommand {
                     case .stop:
                         return
                     case .put(let number):
-                        let page = CrashPage(number: number)
-                        try await tier.write(page.address, modelID: CrashPage.modelID, codec: codec, shape: page.shape, data: page.data)
+                        let page = CrashTestPage(number: number)
+                        try await tier.write(page.address, modelID: CrashTestPage.modelID, codec: codec, shape: page.shape, data: page.data)
                         ack.append("put \(number)\n")
                         shared.state.withLock { _ = $0.live.insert(number) }
                     case .delete(let number):
                         // Logged before the delete starts: a tombstone can be durable before its
                         // acknowledgement, and a checker must then accept the page as gone.
                         ack.append("deleting \(number)\n")
-                        if try await tier.delete(CrashPage(number: number).address) {
+                        if try await tier.delete(CrashTestPage(number: number).address) {
                             ack.append("del \(number)\n")
                         } else {
                             standardError("crash-writer: page \(number) was live but delete found nothing")
@@ -157,56 +158,6 @@ struct DebugCommand: AsyncParsableCommand {
                 }
             }
         }
-    }
-}
-
-/// A page of the crash test: address, shape and bytes follow from its number alone.
-///
-/// Tests/KVTierDiskTests/CrashPage.swift holds the same definition (the test target cannot import
-/// an executable); the two must stay identical or every check fails.
-struct CrashPage {
-    static let tenant = TenantID(0xC4A5)
-    static let keyHigh: UInt64 = 0xC4A5_C4A5
-    static let modelID: UInt64 = 0xC4A5
-
-    let number: UInt64
-
-    init(number: UInt64) { self.number = number }
-
-    init?(address: PageAddress) {
-        guard address.tenant == Self.tenant, address.key.high == Self.keyHigh else { return nil }
-        number = address.key.low
-    }
-
-    var address: PageAddress { PageAddress(tenant: Self.tenant, key: PageKey(high: Self.keyHigh, low: number)) }
-
-    /// 1–4 layers of 16–512 tokens × 1 head × 32: 4 KiB to 256 KiB raw, so records cross block
-    /// boundaries and a 1 MiB segment holds a handful to a few hundred.
-    var shape: PageShape {
-        let h = Self.mix(number)
-        return PageShape(tokens: 16 + Int(h % 497), layers: 1 + Int((h >> 16) % 4), kvHeads: 1, headDim: 32)
-    }
-
-    /// Finite float16 values (no NaN or infinity) that vary with the number.
-    var data: PageBuffer {
-        let buffer = PageBuffer(byteCount: shape.rawBytes)
-        var state = number &* 0x9E37_79B9_7F4A_7C15 | 1
-        let elements = buffer.bytes.bindMemory(to: UInt16.self)
-        for i in 0..<elements.count {
-            state ^= state << 13
-            state ^= state >> 7
-            state ^= state << 17
-            // Exponents 0x0C..0x13 (|x| roughly 1e-4 ... 16).
-            elements[i] = UInt16(truncatingIfNeeded: state) & 0x83FF | UInt16(0x3000 + (state >> 32) % 8 * 0x400)
-        }
-        return buffer
-    }
-
-    static func mix(_ value: UInt64) -> UInt64 {
-        var z = value &+ 0x9E37_79B9_7F4A_7C15
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
 

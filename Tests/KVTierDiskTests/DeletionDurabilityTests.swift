@@ -1,6 +1,7 @@
 import KVTierCodec
 import KVTierCore
 import KVTierStore
+import KVTierTools
 import Testing
 
 /// A deletion must survive compaction and restarts even when an older record of the same page is
@@ -27,16 +28,16 @@ import Testing
         defer { reader.close() }
 
         // Small versions of P (one block or two), so A stays well above the compaction threshold.
-        let small = (UInt64(100_000)...).lazy.map(CrashPage.init(number:)).filter { $0.shape.rawBytes <= 8 << 10 }
+        let small = (UInt64(100_000)...).lazy.map(CrashTestPage.init(number:)).filter { $0.shape.rawBytes <= 8 << 10 }
         let versions = Array(small.prefix(2))
         let p = PageAddress(tenant: TenantID(77), key: PageKey(high: 77, low: 77))
         var nextFiller: UInt64 = 0
         /// Writes fillers until the active segment changes; returns them.
-        func fillSegment(after address: PageAddress) async throws -> [CrashPage] {
+        func fillSegment(after address: PageAddress) async throws -> [CrashTestPage] {
             let segment = try #require(tier.page(address)?.segment)
-            var fillers: [CrashPage] = []
+            var fillers: [CrashTestPage] = []
             while true {
-                let filler = CrashPage(number: nextFiller)
+                let filler = CrashTestPage(number: nextFiller)
                 nextFiller += 1
                 let stored = try await tier.write(filler)
                 if stored.segment != segment { return fillers }  // this one opened the next segment

@@ -1,6 +1,7 @@
 @preconcurrency import Glibc
 import KVTierCore
 import KVTierStore
+import KVTierTools
 import Testing
 
 /// The disk tier on real files (ext4 or whatever /tmp is): both read paths agree, bit rot is a
@@ -13,7 +14,7 @@ import Testing
         return configuration
     }
 
-    static let pages = (0..<40).map { CrashPage(number: UInt64(5000 + $0)) }
+    static let pages = (0..<40).map { CrashTestPage(number: UInt64(5000 + $0)) }
 
     /// Writes `pages` into a fresh store and closes it; returns its directory.
     static func populatedStore() async throws -> TemporaryDirectory {
@@ -71,7 +72,7 @@ import Testing
 
         // Rot one byte in the payload of a page in a sealed segment and one in the header of a
         // page in another segment, with plain buffered writes behind the tier's back.
-        let byNumber = Dictionary(uniqueKeysWithValues: tier.pages().map { (CrashPage(address: $0.address)!.number, $0) })
+        let byNumber = Dictionary(uniqueKeysWithValues: tier.pages().map { (CrashTestPage(address: $0.address)!.number, $0) })
         let first = Self.pages[3]
         let firstStored = try #require(byNumber[first.number])
         let second = try #require(Self.pages.first { byNumber[$0.number]!.segment != firstStored.segment })

@@ -2,6 +2,7 @@
 import KVTierCore
 import KVTierIO
 import KVTierStore
+import KVTierTools
 import Testing
 
 /// SIGKILL a real writer process over and over and check the store it leaves against what it
@@ -70,20 +71,20 @@ import Testing
             #expect(report.pages == listed.count, "\(context): report says \(report.pages) pages, index holds \(listed.count)")
 
             // DATA LOSS check: every acknowledged, undeleted page must be there, bit-exact.
-            let mustExist = acks.state.filter { $0.value == .acknowledged }.keys.sorted().map(CrashPage.init(number:))
+            let mustExist = acks.state.filter { $0.value == .acknowledged }.keys.sorted().map(CrashTestPage.init(number:))
             for (page, check) in zip(mustExist, await tier.check(mustExist)) where check != .exact {
                 Issue.record("DATA LOSS — \(context): acknowledged page \(page.number) reads as \(check)")
                 failed = true
             }
             // RESURRECTION check: an acknowledged delete is final.
-            for (number, state) in acks.state where state == .deleted && tier.contains(CrashPage(number: number).address) {
+            for (number, state) in acks.state where state == .deleted && tier.contains(CrashTestPage(number: number).address) {
                 Issue.record("DELETED PAGE BACK — \(context): page \(number) was deleted (acknowledged) but is listed")
                 failed = true
             }
             // WRONG BYTES check: whatever is listed (acknowledged or not) reads back exactly.
-            var pages: [CrashPage] = []
+            var pages: [CrashTestPage] = []
             for stored in listed {
-                guard let page = CrashPage(address: stored.address) else {
+                guard let page = CrashTestPage(address: stored.address) else {
                     Issue.record("\(context): a page the writer never wrote is listed: \(stored.address)")
                     failed = true
                     continue
@@ -116,7 +117,7 @@ import Testing
         }
     }
 
-    /// The writer and this test must agree on `CrashPage`: a clean run of the writer is read back.
+    /// The writer and this test must agree on `CrashTestPage`: a clean run of the writer is read back.
     @Test func crashPageMatchesTheWriter() async throws {
         let binary = try Self.binaryOrCancel()
         let directory = try TemporaryDirectory("kvtier-crashpage")
@@ -131,11 +132,11 @@ import Testing
         #expect(acks.puts == 6)
         let (tier, reader) = try openTier(root: directory.path, choice: .pread)
         defer { reader.close() }
-        let live = acks.state.filter { $0.value == .acknowledged }.keys.sorted().map(CrashPage.init(number:))
+        let live = acks.state.filter { $0.value == .acknowledged }.keys.sorted().map(CrashTestPage.init(number:))
         #expect(!live.isEmpty)
         #expect(live.allSatisfy { (1000..<1006).contains($0.number) })
         for (page, check) in zip(live, await tier.check(live)) {
-            #expect(check == .exact, "page \(page.number) written by the kvtier binary reads as \(check): CrashPage definitions differ?")
+            #expect(check == .exact, "page \(page.number) written by the kvtier binary reads as \(check): CrashTestPage definitions differ?")
         }
         await tier.close()
     }

@@ -2,6 +2,7 @@
 import KVTierCore
 import KVTierIO
 import KVTierStore
+import KVTierTools
 import SystemPackage
 import Testing
 
@@ -20,11 +21,11 @@ import Testing
         defer { reader.close() }
 
         // 1. Fill it.
-        var acknowledged: [CrashPage] = []
+        var acknowledged: [CrashTestPage] = []
         var firstFailure: DiskTierError?
         var next: UInt64 = 0
         while firstFailure == nil, next < 400 {
-            let page = CrashPage(number: next)
+            let page = CrashTestPage(number: next)
             next += 1
             do { try await tier.write(page); acknowledged.append(page) } catch { firstFailure = error }
         }
@@ -34,7 +35,7 @@ import Testing
         // More writes keep failing cleanly (some small one may still squeeze in).
         var failuresWhileFull = 1
         for _ in 0..<10 {
-            let page = CrashPage(number: next)
+            let page = CrashTestPage(number: next)
             next += 1
             do {
                 try await tier.write(page)
@@ -64,7 +65,7 @@ import Testing
         // Today every delete fails here: the active segment is at its size limit, so each group
         // first seals it and starts a new segment, which needs room the disk does not have
         // (docs/testing.md, "Known limitations"). A failed delete must leave the page readable.
-        var deleted: [CrashPage] = []
+        var deleted: [CrashTestPage] = []
         var deleteFailures = 0
         var firstDeleteFailure: DiskTierError?
         for page in acknowledged.enumerated().filter({ $0.offset % 2 == 0 }).map(\.element) {
@@ -77,7 +78,7 @@ import Testing
         }
         await tier.compact()
         acknowledged.removeAll { page in deleted.contains { $0.number == page.number } }
-        let afterCompaction = CrashPage(number: next)
+        let afterCompaction = CrashTestPage(number: next)
         next += 1
         let roomAfterCompaction: Bool
         do {
@@ -113,7 +114,7 @@ import Testing
         try mount.remount(sizeMiB: 16)
         var writtenAfterGrowth = 0
         for _ in 0..<20 {
-            let page = CrashPage(number: next)
+            let page = CrashTestPage(number: next)
             next += 1
             do {
                 try await tier.write(page)
@@ -139,7 +140,7 @@ import Testing
         }
         for page in deleted { #expect(!tier.contains(page.address), "after restart: deleted page \(page.number) is back") }
         // Pages whose write failed may not come back wrong either (a rolled-back group is cut off).
-        let listed = tier.pages().compactMap { CrashPage(address: $0.address) }
+        let listed = tier.pages().compactMap { CrashTestPage(address: $0.address) }
         #expect(listed.count == tier.pages().count, "after restart: pages the test never wrote are listed")
         for (page, check) in zip(listed, await tier.check(listed)) {
             #expect(check == .exact, "after restart: listed page \(page.number) reads as \(check)")

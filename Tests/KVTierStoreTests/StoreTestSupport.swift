@@ -1,6 +1,7 @@
 import KVTierCodec
 import KVTierCore
 import KVTierStore
+import KVTierTools
 import Logging
 
 let quietLogger: Logger = {
@@ -18,20 +19,8 @@ struct TestPage {
 
     var address: PageAddress { PageAddress(tenant: Self.tenant, key: PageKey(high: 0xABCD, low: number)) }
 
-    /// Finite float16 values (no NaN/Inf) that vary with the page number.
-    var data: PageBuffer {
-        let buffer = PageBuffer(byteCount: Self.shape.rawBytes)
-        var state = number &* 0x9E37_79B9_7F4A_7C15 | 1
-        let elements = buffer.bytes.bindMemory(to: UInt16.self)
-        for i in 0..<elements.count {
-            state ^= state << 13
-            state ^= state >> 7
-            state ^= state << 17
-            // Exponents 0x0C..0x13 (|x| roughly 1e-4 ... 16): always finite.
-            elements[i] = UInt16(truncatingIfNeeded: state) & 0x83FF | UInt16(0x3000 + (state >> 32) % 8 * 0x400)
-        }
-        return buffer
-    }
+    /// Finite float16 values that vary with the page number.
+    var data: PageBuffer { TestPattern.finiteFloat16(bytes: Self.shape.rawBytes, seed: number) }
 }
 
 func write(_ tier: DiskTier, _ page: TestPage, codec: Codec = Codec(.fp16, .zstd(level: 1))) async throws {
