@@ -49,6 +49,8 @@ let package = Package(
             dependencies: ["CURing"],
             linkerSettings: [.linkedLibrary("uring")]
         ),
+        // Wire frames of the kvtierd protocol (docs/protocol.md): pure encode/decode, no I/O.
+        .target(name: "KVTierProtocol", dependencies: ["KVTierCore"]),
         // Linux block reads for the disk tier: io_uring with a pread thread-pool fallback.
         .target(
             name: "KVTierIO",
@@ -68,7 +70,7 @@ let package = Package(
             ]
         ),
 
-        .testTarget(name: "KVTierCoreTests", dependencies: ["KVTierCore"]),
+        .testTarget(name: "KVTierCoreTests", dependencies: ["KVTierCore", "CKVTierKernels"]),
         .testTarget(name: "KVTierCodecTests", dependencies: ["KVTierCodec", "KVTierCore", "CKVTierKernels"]),
         .testTarget(
             name: "KVTierToolsTests",
@@ -77,6 +79,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        .testTarget(name: "KVTierProtocolTests", dependencies: ["KVTierProtocol", "KVTierCore"]),
         .testTarget(
             name: "KVTierDiskTests",
             dependencies: [

@@ -31,6 +31,12 @@ public struct ByteReader {
         public var offset: Int
         public var wanted: Int
         public var available: Int
+        public init(offset: Int, wanted: Int, available: Int) {
+            self.offset = offset
+            self.wanted = wanted
+            self.available = available
+        }
+
         public var description: String { "needed \(wanted) bytes at offset \(offset) but only \(available) remain" }
     }
 

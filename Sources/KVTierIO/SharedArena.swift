@@ -1,0 +1,250 @@
+@preconcurrency import Glibc
+import KVTierStore
+import SystemPackage
+
+/// A tenant's shared-memory arena (docs/protocol.md, "Shared memory"): a memfd, sized once and
+/// mapped shared read-write. The daemon creates it with `init(name:capacity:)` and passes
+/// `descriptor` to the tenant's clients, which map it with `map(descriptor:capacity:)`.
+///
+/// The file is sparse: memory is committed page by page when first touched (by any process),
+/// and `release` gives it back. Which extents belong to whom is `ExtentAllocator`'s business; the
+/// arena only checks that extents lie inside it.
+///
+/// Seals: the daemon's memfd is sealed against shrinking and growing (then the seals are sealed),
+/// so a client holding the descriptor cannot truncate it and make the daemon's next access to
+/// the arena fault with SIGBUS. `map` insists on that seal for the same reason in the client.
+// Invariant for @unchecked Sendable: the value is non-copyable, so the mapping and descriptor
+// have one owner; `base`, `capacity` and the descriptor never change while it lives, and the
+// memory they reach is shared with other processes by design (extent ownership is the caller's).
+public struct SharedArena: ~Copyable, @unchecked Sendable {
+    /// The extent type of `ExtentAllocator`, re-exported so users of KVTierIO need not import
+    /// KVTierStore to name one.
+    public typealias Extent = KVTierStore.Extent
+
+    /// Alignment of the capacity and of extents handed to `release`: the protocol's page size.
+    public static var alignment: Int { ExtentAllocator.granuleBytes }
+
+    private let base: UnsafeMutableRawPointer
+    private let fileDescriptor: Int32
+    /// The system page size, which `release` rounds to (larger than 4096 on some arm64 kernels).
+    private let systemPageBytes: Int
+    /// Bytes mapped, a multiple of `alignment`.
+    public let capacity: Int
+
+    /// The memfd, to pass to clients with SCM_RIGHTS. Valid while this value lives; not to be
+    /// closed by the caller.
+    public var descriptor: Int32 { fileDescriptor }
+
+    /// Creates a memfd named `name` (visible in /proc/PID/fd as `memfd:NAME`; use
+    /// `kvtier-arena-<tenant>`), sizes it to `capacity` without committing memory, seals its size
+    /// and maps it.
+    /// - Throws: `Errno.invalidArgument` when `capacity` is not a positive multiple of
+    ///   `alignment`, or when `name` holds a NUL or is longer than the kernel allows (249 bytes);
+    ///   otherwise the failing call's error (`memfd_create`, `ftruncate`, `fcntl`, `mmap`).
+    public init(name: String, capacity: Int) throws(Errno) {
+        guard Self.isValidCapacity(capacity), !name.utf8.contains(0) else { throw .invalidArgument }
+        let descriptor = try ArenaSystem.createMemoryFile(name: name)
+        do throws(Errno) {
+            try ArenaSystem.truncate(descriptor, to: capacity)
+            try ArenaSystem.addSeals(descriptor, ArenaSystem.sealShrink | ArenaSystem.sealGrow | ArenaSystem.sealSeal)
+            self.base = try ArenaSystem.mapShared(descriptor, bytes: capacity)
+        } catch {
+            ArenaSystem.close(descriptor)
+            throw error
+        }
+        self.fileDescriptor = descriptor
+        self.capacity = capacity
+        self.systemPageBytes = ArenaSystem.pageBytes()
+    }
+
+    private init(base: UnsafeMutableRawPointer, descriptor: Int32, capacity: Int) {
+        self.base = base
+        self.fileDescriptor = descriptor
+        self.capacity = capacity
+        self.systemPageBytes = ArenaSystem.pageBytes()
+    }
+
+    /// Maps an arena received from the daemon. `descriptor` stays the caller's: the arena keeps
+    /// its own duplicate (close-on-exec) and closes that.
+    ///
+    /// Never trusts the peer: the descriptor must be a regular file (a memfd) at least `capacity`
+    /// bytes long, and sealed against shrinking so it cannot be cut short under the mapping.
+    /// - Throws: `Errno.invalidArgument` when `capacity` is not a positive multiple of
+    ///   `alignment`, the descriptor is not a regular file, or it is shorter than `capacity`;
+    ///   `Errno.notPermitted` when it is not sealed against shrinking; otherwise the
+    ///   failing call's error (`EBADF` for a closed descriptor).
+    public static func map(descriptor: Int32, capacity: Int) throws(Errno) -> SharedArena {
+        guard isValidCapacity(capacity) else { throw .invalidArgument }
+        let status = try ArenaSystem.status(descriptor)
+        guard status.st_mode & S_IFMT == S_IFREG, Int(status.st_size) >= capacity else { throw .invalidArgument }
+        let seals: Int32
+        do throws(Errno) {
+            seals = try ArenaSystem.seals(descriptor)
+        } catch where error == .invalidArgument {
+            throw .notPermitted  // A file that cannot be sealed (not a memfd).
+        }
+        guard seals & ArenaSystem.sealShrink != 0 else { throw .notPermitted }
+        let owned = try ArenaSystem.duplicate(descriptor)
+        do throws(Errno) {
+            let base = try ArenaSystem.mapShared(owned, bytes: capacity)
+            return SharedArena(base: base, descriptor: owned, capacity: capacity)
+        } catch {
+            ArenaSystem.close(owned)
+            throw error
+        }
+    }
+
+    private static func isValidCapacity(_ capacity: Int) -> Bool {
+        capacity > 0 && capacity % alignment == 0
+    }
+
+    /// Whether `extent` lies inside the arena and is aligned: check every extent a peer names
+    /// with this before handing it to `withBytes` or `release`.
+    public func contains(_ extent: Extent) -> Bool {
+        extent.offset >= 0 && extent.length >= 0 && extent.offset <= capacity
+            && extent.length <= capacity - extent.offset
+            && extent.offset % Self.alignment == 0 && extent.length % Self.alignment == 0
+    }
+
+    /// Lends the bytes of `extent`. Other processes that map the arena may read and write them
+    /// concurrently; who may touch which extent is the caller's protocol.
+    /// - Precondition: `extent` lies inside the arena (a bug of ours otherwise; peer-supplied
+    ///   extents are checked with `contains` first).
+    public func withBytes<R, E: Error>(
+        _ extent: Extent,
+        _ body: (UnsafeMutableRawBufferPointer) throws(E) -> R
+    ) throws(E) -> R {
+        precondition(
+            extent.offset >= 0 && extent.length >= 0 && extent.offset <= capacity
+                && extent.length <= capacity - extent.offset,
+            "extent outside the arena"
+        )
+        return try body(UnsafeMutableRawBufferPointer(start: base + extent.offset, count: extent.length))
+    }
+
+    /// Gives the memory of `extent` back to the kernel; it reads as zeros afterwards, in every
+    /// mapping. Uses `madvise(MADV_REMOVE)`, which punches a hole in the memfd like
+    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)` (MADV_DONTNEED would only drop this process's page
+    /// table entries and free nothing). Where the system page is larger than `alignment`, the
+    /// partial pages at either end are zeroed instead, which frees nothing.
+    ///
+    /// Touching the extent again commits memory again, reads included: a read fault on a hole of
+    /// a shared memfd mapping allocates a zeroed page.
+    /// - Precondition: `contains(extent)`.
+    public func release(_ extent: Extent) throws(Errno) {
+        precondition(contains(extent), "extent outside the arena or not aligned")
+        let page = systemPageBytes
+        let first = (extent.offset + page - 1) / page * page
+        let last = extent.end / page * page
+        guard first < last else {
+            memset(base + extent.offset, 0, extent.length)
+            return
+        }
+        memset(base + extent.offset, 0, first - extent.offset)
+        memset(base + last, 0, extent.end - last)
+        try ArenaSystem.removePages(base + first, bytes: last - first)
+    }
+
+    /// Memory committed to the arena, in bytes: `st_blocks` × 512 of the memfd, which shmem keeps
+    /// as pages allocated × page size. Counts pages touched by any process mapping it.
+    public func residentBytes() throws(Errno) -> Int {
+        Int(try ArenaSystem.status(fileDescriptor).st_blocks) * 512
+    }
+
+    /// Unmaps and closes, reporting the error that `deinit` would swallow.
+    public consuming func close() throws(Errno) {
+        let base = self.base
+        let descriptor = self.fileDescriptor
+        let capacity = self.capacity
+        discard self
+        ArenaSystem.unmap(base, bytes: capacity)
+        try ArenaSystem.closeReportingErrors(descriptor)
+    }
+
+    deinit {
+        ArenaSystem.unmap(base, bytes: capacity)
+        ArenaSystem.close(fileDescriptor)
+    }
+}
+
+/// The system calls of `SharedArena`, each wrapped once: errors become `Errno`, EINTR is retried.
+/// memfd_create, its flags and the seal commands sit behind _GNU_SOURCE, which Swift's Glibc
+/// module does not define, so their Linux ABI values are spelled out here.
+enum ArenaSystem {
+    static let memfdCloseOnExec: UInt32 = 0x1  // MFD_CLOEXEC
+    static let memfdAllowSealing: UInt32 = 0x2  // MFD_ALLOW_SEALING
+    static let addSealsCommand: Int32 = 1024 + 9  // F_ADD_SEALS
+    static let getSealsCommand: Int32 = 1024 + 10  // F_GET_SEALS
+    static let sealSeal: Int32 = 0x1  // F_SEAL_SEAL
+    static let sealShrink: Int32 = 0x2  // F_SEAL_SHRINK
+    static let sealGrow: Int32 = 0x4  // F_SEAL_GROW
+
+    private typealias MemfdCreate = @convention(c) (UnsafePointer<CChar>, UInt32) -> Int32
+
+    /// memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING), looked up in libc at run time
+    /// (glibc 2.27+); ENOSYS where libc lacks it.
+    static func createMemoryFile(name: String) throws(Errno) -> Int32 {
+        guard let symbol = dlsym(nil, "memfd_create") else { throw .noFunction }
+        let create = unsafeBitCast(symbol, to: MemfdCreate.self)
+        return try retryingInterrupts { name.withCString { create($0, memfdCloseOnExec | memfdAllowSealing) } }
+    }
+
+    static func truncate(_ descriptor: Int32, to bytes: Int) throws(Errno) {
+        _ = try retryingInterrupts { ftruncate(descriptor, off_t(bytes)) }
+    }
+
+    static func addSeals(_ descriptor: Int32, _ seals: Int32) throws(Errno) {
+        _ = try retryingInterrupts { fcntl(descriptor, addSealsCommand, seals) }
+    }
+
+    static func seals(_ descriptor: Int32) throws(Errno) -> Int32 {
+        try retryingInterrupts { fcntl(descriptor, getSealsCommand) }
+    }
+
+    /// A close-on-exec duplicate of `descriptor`.
+    static func duplicate(_ descriptor: Int32) throws(Errno) -> Int32 {
+        try retryingInterrupts { fcntl(descriptor, F_DUPFD_CLOEXEC, 0) }
+    }
+
+    static func status(_ descriptor: Int32) throws(Errno) -> stat {
+        var status = stat()
+        _ = try retryingInterrupts { fstat(descriptor, &status) }
+        return status
+    }
+
+    static func mapShared(_ descriptor: Int32, bytes: Int) throws(Errno) -> UnsafeMutableRawPointer {
+        let address = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, descriptor, 0)
+        guard let address, address != MAP_FAILED else { throw Errno(rawValue: errno) }
+        return address
+    }
+
+    /// Unmaps a mapping this process made; failure would mean a wrong address, a bug.
+    static func unmap(_ address: UnsafeMutableRawPointer, bytes: Int) {
+        let status = munmap(address, bytes)
+        assert(status == 0, "munmap of an arena failed")
+    }
+
+    /// madvise(MADV_REMOVE): frees the pages of a shared mapping and the file behind them.
+    static func removePages(_ address: UnsafeMutableRawPointer, bytes: Int) throws(Errno) {
+        _ = try retryingInterrupts { madvise(address, bytes, MADV_REMOVE) }
+    }
+
+    /// close, not retried on EINTR: Linux releases the descriptor even then.
+    static func closeReportingErrors(_ descriptor: Int32) throws(Errno) {
+        if Glibc.close(descriptor) != 0 && errno != EINTR { throw Errno(rawValue: errno) }
+    }
+
+    static func close(_ descriptor: Int32) {
+        _ = Glibc.close(descriptor)
+    }
+
+    static func pageBytes() -> Int { Int(getpagesize()) }
+
+    private static func retryingInterrupts(_ call: () -> Int32) throws(Errno) -> Int32 {
+        while true {
+            let result = call()
+            if result != -1 { return result }
+            if errno != EINTR { throw Errno(rawValue: errno) }
+        }
+    }
+}
