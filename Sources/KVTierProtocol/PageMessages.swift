@@ -1,0 +1,194 @@
+import KVTierCore
+
+/// `LOOKUP` request: `u64 modelID`, `tokens`.
+public struct Lookup: WireBody {
+    public var modelID: UInt64
+    public var tokens: [UInt32]
+
+    public init(modelID: UInt64, tokens: [UInt32]) {
+        self.modelID = modelID
+        self.tokens = tokens
+    }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        writer.u64(modelID)
+        try writer.wireTokens(tokens, field: "tokens")
+    }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "LOOKUP request")
+        modelID = try reader.u64()
+        tokens = try reader.tokens("tokens")
+        try reader.finish()
+    }
+}
+
+/// `LOOKUP` reply: `u32 cachedTokens`, `u32 ramTokens`, `u32 diskTokens`, `u64 estimatedLoadMicros`.
+public struct LookupReply: WireBody {
+    /// The longest cached prefix, at token granularity.
+    public var cachedTokens: UInt32
+    public var ramTokens: UInt32
+    public var diskTokens: UInt32
+    public var estimatedLoadMicros: UInt64
+
+    public init(cachedTokens: UInt32, ramTokens: UInt32, diskTokens: UInt32, estimatedLoadMicros: UInt64) {
+        self.cachedTokens = cachedTokens
+        self.ramTokens = ramTokens
+        self.diskTokens = diskTokens
+        self.estimatedLoadMicros = estimatedLoadMicros
+    }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        writer.u32(cachedTokens)
+        writer.u32(ramTokens)
+        writer.u32(diskTokens)
+        writer.u64(estimatedLoadMicros)
+    }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "LOOKUP reply")
+        cachedTokens = try reader.u32()
+        ramTokens = try reader.u32()
+        diskTokens = try reader.u32()
+        estimatedLoadMicros = try reader.u64()
+        try reader.finish()
+    }
+}
+
+/// `PUT` request: `u64 modelID`, `string session`, `u8 flags` (bit 0 durable, bit 1 inline),
+/// `tokens`, `u32 dataStart`, then `extents` or `bytes`. Whether `dataStart` and the data fit
+/// the cached prefix and the model's shape is the daemon's `invalidArgument`.
+public struct Put: WireBody {
+    public var modelID: UInt64
+    /// Empty: no session.
+    public var session: String
+    /// Reply only once the pages are on disk.
+    public var durable: Bool
+    public var tokens: [UInt32]
+    public var dataStart: UInt32
+    public var data: PageData
+
+    static let durableFlag: UInt8 = 1 << 0
+    static let inlineFlag: UInt8 = 1 << 1
+
+    public init(modelID: UInt64, session: String = "", durable: Bool = false, tokens: [UInt32], dataStart: UInt32, data: PageData) {
+        self.modelID = modelID
+        self.session = session
+        self.durable = durable
+        self.tokens = tokens
+        self.dataStart = dataStart
+        self.data = data
+    }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        writer.u64(modelID)
+        try writer.wireString(session, field: "session")
+        writer.u8((durable ? Self.durableFlag : 0) | (data.isInline ? Self.inlineFlag : 0))
+        try writer.wireTokens(tokens, field: "tokens")
+        writer.u32(dataStart)
+        try data.encode(into: &writer, field: "data")
+    }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "PUT request")
+        modelID = try reader.u64()
+        session = try reader.string("session")
+        let flags = try reader.flags("flags", known: Self.durableFlag | Self.inlineFlag)
+        durable = flags & Self.durableFlag != 0
+        tokens = try reader.tokens("tokens")
+        dataStart = try reader.u32()
+        data = try PageData.decode(from: &reader, inline: flags & Self.inlineFlag != 0, field: "data")
+        try reader.finish()
+    }
+}
+
+/// `PUT` reply: `u32 cachedTokens` (after the put), `u32 newPages`.
+public struct PutReply: WireBody {
+    public var cachedTokens: UInt32
+    public var newPages: UInt32
+
+    public init(cachedTokens: UInt32, newPages: UInt32) {
+        self.cachedTokens = cachedTokens
+        self.newPages = newPages
+    }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        writer.u32(cachedTokens)
+        writer.u32(newPages)
+    }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "PUT reply")
+        cachedTokens = try reader.u32()
+        newPages = try reader.u32()
+        try reader.finish()
+    }
+}
+
+/// `GET` request: `u64 modelID`, `tokens`, `u32 maxTokens` (0: all cached), `u8 flags` (bit 1
+/// inline; bit 0 is undefined and rejected).
+public struct Get: WireBody {
+    public var modelID: UInt64
+    public var tokens: [UInt32]
+    public var maxTokens: UInt32
+    /// Ask for the pages inline in the reply instead of as arena extents.
+    public var inline: Bool
+
+    static let inlineFlag: UInt8 = 1 << 1
+
+    public init(modelID: UInt64, tokens: [UInt32], maxTokens: UInt32 = 0, inline: Bool = false) {
+        self.modelID = modelID
+        self.tokens = tokens
+        self.maxTokens = maxTokens
+        self.inline = inline
+    }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        writer.u64(modelID)
+        try writer.wireTokens(tokens, field: "tokens")
+        writer.u32(maxTokens)
+        writer.u8(inline ? Self.inlineFlag : 0)
+    }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "GET request")
+        modelID = try reader.u64()
+        tokens = try reader.tokens("tokens")
+        maxTokens = try reader.u32()
+        inline = try reader.flags("flags", known: Self.inlineFlag) != 0
+        try reader.finish()
+    }
+}
+
+/// `GET` reply: `u32 tokens` (served), `u64 leaseID`, then `extents` (one per page) or `bytes`.
+/// The body does not say which: the reader passes the `inline` flag of its request.
+public struct GetReply: Sendable, Equatable {
+    public var tokens: UInt32
+    public var leaseID: UInt64
+    public var data: PageData
+
+    public init(tokens: UInt32, leaseID: UInt64, data: PageData) {
+        self.tokens = tokens
+        self.leaseID = leaseID
+        self.data = data
+    }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        writer.u32(tokens)
+        writer.u64(leaseID)
+        try data.encode(into: &writer, field: "pages")
+    }
+
+    /// `inline`: the `inline` flag of the `GET` this answers.
+    public init(decoding body: UnsafeRawBufferPointer, inline: Bool) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "GET reply")
+        tokens = try reader.u32()
+        leaseID = try reader.u64()
+        data = try PageData.decode(from: &reader, inline: inline, field: "pages")
+        try reader.finish()
+    }
+
+    public init(decoding body: [UInt8], inline: Bool) throws(ProtocolError) {
+        self = try withRawBytes(body) { (raw) throws(ProtocolError) -> GetReply in try GetReply(decoding: raw, inline: inline) }
+    }
+}

@@ -1,0 +1,41 @@
+/// Every limit of the wire protocol (docs/protocol.md, "Limits") in one place. A frame or body
+/// beyond one is rejected with `ProtocolError.tooLarge` naming the limit, before anything of the
+/// announced size is allocated.
+public enum ProtocolLimits {
+    /// 2 MiB: the largest body of every frame except inline-data frames; large enough that a
+    /// list of `maxTokensPerRequest` tokens always fits, so that limit is the binding one.
+    public static let maxControlBody = 2 << 20
+    /// 64 MiB: the largest body of a `PUT` request or a `GET` reply (the frames that may carry
+    /// inline page bytes).
+    public static let maxInlineBody = 64 << 20
+    /// 262 144: the most token ids in one token list (and the most per-page entries of an
+    /// `ATTENTION` request, since a page holds at least one token).
+    public static let maxTokensPerRequest = 262_144
+    /// 1024: the most UTF-8 bytes in one string.
+    public static let maxStringBytes = 1024
+    /// 4096: the most extents in one extent list, and the most sizes in one `ALLOC` request.
+    public static let maxExtents = 4096
+    /// 10 s: the longest a frame may take from its first byte to its last. The decoder is pure
+    /// and keeps no clock; the server times `FrameDecoder.isMidFrame`.
+    public static let frameTimeout: Duration = .seconds(10)
+    /// 4096: extents' offsets and lengths are multiples of this (the arena's page size).
+    public static let extentAlignment: UInt64 = 4096
+    /// 16: the bytes of every frame header.
+    public static let frameHeaderBytes = 16
+}
+
+/// The protocol versions this build speaks.
+public enum ProtocolVersion {
+    /// The version of docs/protocol.md this module implements.
+    public static let current: UInt16 = 1
+    /// The oldest version this build still speaks.
+    public static let oldestSupported: UInt16 = 1
+
+    /// The highest version both sides speak, given the client's `HELLO` range; nil when there is
+    /// none (reply `unsupportedVersion`).
+    public static func negotiate(minVersion: UInt16, maxVersion: UInt16) -> UInt16? {
+        let high = min(maxVersion, current)
+        let low = max(minVersion, oldestSupported)
+        return low <= high ? high : nil
+    }
+}

@@ -1,0 +1,191 @@
+import KVTierCore
+
+/// The request of `SESSION_INFO`, `SESSION_DELETE` and `SESSION_TOKENS`: `string name`.
+public struct SessionName: WireBody {
+    public var name: String
+
+    public init(_ name: String) { self.name = name }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        try writer.wireString(name, field: "name")
+    }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "session request")
+        name = try reader.string("name")
+        try reader.finish()
+    }
+}
+
+/// `SESSION_PIN` request: `string name`, `u8 pinned` (0 or 1). The reply is empty.
+public struct SessionPin: WireBody {
+    public var name: String
+    public var pinned: Bool
+
+    public init(name: String, pinned: Bool) {
+        self.name = name
+        self.pinned = pinned
+    }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        try writer.wireString(name, field: "name")
+        writer.bool(pinned)
+    }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "SESSION_PIN request")
+        name = try reader.string("name")
+        pinned = try reader.bool("pinned")
+        try reader.finish()
+    }
+}
+
+/// `SESSION_TTL` request: `string name`, `u32 seconds` (0: none). The reply is empty.
+public struct SessionTTL: WireBody {
+    public var name: String
+    public var seconds: UInt32
+
+    public init(name: String, seconds: UInt32) {
+        self.name = name
+        self.seconds = seconds
+    }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        try writer.wireString(name, field: "name")
+        writer.u32(seconds)
+    }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "SESSION_TTL request")
+        name = try reader.string("name")
+        seconds = try reader.u32()
+        try reader.finish()
+    }
+}
+
+/// `SESSION_FORK` request: `string from`, `string to`. The reply is the fork's `SessionInfo`.
+public struct SessionFork: WireBody {
+    public var from: String
+    public var to: String
+
+    public init(from: String, to: String) {
+        self.from = from
+        self.to = to
+    }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        try writer.wireString(from, field: "from")
+        try writer.wireString(to, field: "to")
+    }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "SESSION_FORK request")
+        from = try reader.string("from")
+        to = try reader.string("to")
+        try reader.finish()
+    }
+}
+
+/// `sessionInfo`: `string name`, `u64 modelID`, `u32 tokens`, `u8 pinned`, `u32 ttlSeconds`,
+/// `u64 lastUsedMicros`, `u32 ramTokens`, `u32 diskTokens`. The reply of `SESSION_INFO` and
+/// `SESSION_FORK`, and the entries of `SESSION_LIST`.
+public struct SessionInfo: WireBody {
+    public var name: String
+    public var modelID: UInt64
+    public var tokens: UInt32
+    public var pinned: Bool
+    public var ttlSeconds: UInt32
+    public var lastUsedMicros: UInt64
+    public var ramTokens: UInt32
+    public var diskTokens: UInt32
+
+    /// The fewest bytes one entry takes (an empty name).
+    static let minimumBytes = 2 + 8 + 4 + 1 + 4 + 8 + 4 + 4
+
+    public init(name: String, modelID: UInt64, tokens: UInt32, pinned: Bool, ttlSeconds: UInt32,
+                lastUsedMicros: UInt64, ramTokens: UInt32, diskTokens: UInt32) {
+        self.name = name
+        self.modelID = modelID
+        self.tokens = tokens
+        self.pinned = pinned
+        self.ttlSeconds = ttlSeconds
+        self.lastUsedMicros = lastUsedMicros
+        self.ramTokens = ramTokens
+        self.diskTokens = diskTokens
+    }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        try writer.wireString(name, field: "name")
+        writer.u64(modelID)
+        writer.u32(tokens)
+        writer.bool(pinned)
+        writer.u32(ttlSeconds)
+        writer.u64(lastUsedMicros)
+        writer.u32(ramTokens)
+        writer.u32(diskTokens)
+    }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "sessionInfo")
+        try self.init(from: &reader)
+        try reader.finish()
+    }
+
+    init(from reader: inout BodyReader) throws(ProtocolError) {
+        name = try reader.string("name")
+        modelID = try reader.u64()
+        tokens = try reader.u32()
+        pinned = try reader.bool("pinned")
+        ttlSeconds = try reader.u32()
+        lastUsedMicros = try reader.u64()
+        ramTokens = try reader.u32()
+        diskTokens = try reader.u32()
+    }
+}
+
+/// `SESSION_LIST` reply: `u32 count`, `count × sessionInfo`. No limit of its own: the count is
+/// bounded by `maxControlBody` (an entry takes at least 35 bytes).
+public struct SessionListReply: WireBody {
+    public var sessions: [SessionInfo]
+
+    public init(sessions: [SessionInfo]) { self.sessions = sessions }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        writer.u32(UInt32(clamping: sessions.count))
+        for session in sessions { try session.encode(into: &writer) }
+    }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "SESSION_LIST reply")
+        let count = try reader.count("sessions", limit: ProtocolLimits.maxControlBody / SessionInfo.minimumBytes,
+                                     elementBytes: SessionInfo.minimumBytes)
+        var sessions: [SessionInfo] = []
+        sessions.reserveCapacity(count)
+        for _ in 0..<count { sessions.append(try SessionInfo(from: &reader)) }
+        self.sessions = sessions
+        try reader.finish()
+    }
+}
+
+/// `SESSION_TOKENS` reply: `u64 modelID`, `tokens`.
+public struct SessionTokensReply: WireBody {
+    public var modelID: UInt64
+    public var tokens: [UInt32]
+
+    public init(modelID: UInt64, tokens: [UInt32]) {
+        self.modelID = modelID
+        self.tokens = tokens
+    }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        writer.u64(modelID)
+        try writer.wireTokens(tokens, field: "tokens")
+    }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "SESSION_TOKENS reply")
+        modelID = try reader.u64()
+        tokens = try reader.tokens("tokens")
+        try reader.finish()
+    }
+}
