@@ -1,0 +1,50 @@
+import KVTierCore
+
+/// A model as the store knows it: the shape of its KV cache. `id` is the protocol's fingerprint
+/// (KVTierProtocol.ModelFingerprint), computed by whoever registers the model.
+public struct ModelSpec: Hashable, Sendable {
+    public var id: UInt64
+    public var name: String
+    public var layers: Int
+    public var kvHeads: Int
+    public var headDim: Int
+    public var elementType: ElementType
+    public var pageTokens: Int
+
+    public init(id: UInt64, name: String, layers: Int, kvHeads: Int, headDim: Int, elementType: ElementType, pageTokens: Int) {
+        self.id = id
+        self.name = name
+        self.layers = layers
+        self.kvHeads = kvHeads
+        self.headDim = headDim
+        self.elementType = elementType
+        self.pageTokens = pageTokens
+    }
+
+    /// The shape of a page holding `tokens` tokens.
+    public func pageShape(tokens: Int) -> PageShape {
+        PageShape(tokens: tokens, layers: layers, kvHeads: kvHeads, headDim: headDim, elementType: elementType)
+    }
+
+    /// Bytes of one token's keys and values over all layers.
+    public var bytesPerToken: Int { layers * 2 * kvHeads * headDim * elementType.byteWidth }
+}
+
+/// Why the tiered store refused a request; each maps to a wire error code.
+public enum StoreError: Error, Equatable, CustomStringConvertible {
+    case unknownModel(UInt64)
+    case invalidArgument(String)
+    case notFound(String)
+    case overBudget(String)
+    case unavailable(String)
+
+    public var description: String {
+        switch self {
+        case .unknownModel(let id): "model 0x\(String(id, radix: 16)) is not registered: send REGISTER_MODEL first"
+        case .invalidArgument(let why): why
+        case .notFound(let what): "\(what) not found"
+        case .overBudget(let why): why
+        case .unavailable(let why): why
+        }
+    }
+}

@@ -1,0 +1,29 @@
+import CKVTierKernels
+import KVTierCore
+
+extension PageKeyChain {
+    /// The longest `k` in `1...tokens.count` whose partial-page key `key(parent, modelID,
+    /// tokens[..<k])` satisfies `exists`, with that key. One pass: the hash state after each
+    /// token is copied and finalized, so this costs one compression per candidate length.
+    public static func longestStoredPrefix(
+        parent: PageKey?, modelID: UInt64, tokens: ArraySlice<UInt32>, exists: (PageKey) -> Bool
+    ) -> (key: PageKey, count: Int)? {
+        var state = kvt_blake2b_state()
+        kvt_blake2b_init(&state, 16)
+        var prefix = ByteWriter(capacity: 24)
+        if let parent { prefix.raw(parent.digestBytes) } else { prefix.zeros(16) }
+        prefix.u64(modelID)
+        prefix.bytes.withUnsafeBytes { kvt_blake2b_update(&state, $0.baseAddress, $0.count) }
+        var best: (PageKey, Int)?
+        var digest = [UInt8](repeating: 0, count: 16)
+        for (i, token) in tokens.enumerated() {
+            var word = token.littleEndian
+            withUnsafeBytes(of: &word) { kvt_blake2b_update(&state, $0.baseAddress, 4) }
+            var snapshot = state
+            digest.withUnsafeMutableBufferPointer { kvt_blake2b_final(&snapshot, $0.baseAddress) }
+            let key = PageKey(digestBytes: digest)
+            if exists(key) { best = (key, i + 1) }
+        }
+        return best
+    }
+}

@@ -1,0 +1,208 @@
+import KVTierCodec
+import KVTierCore
+import Synchronization
+
+extension TieredStore {
+    /// Data for a `put`: an extent of the tenant's memory obtained with `allocate` (adopted
+    /// without a copy when it holds a whole page), or bytes sent inline.
+    public enum PutChunk: Sendable {
+        case extent(Extent)
+        case bytes(PageBuffer)
+    }
+
+    public struct PutResult: Sendable, Equatable {
+        public var cachedTokens: Int
+        public var newPages: Int
+    }
+
+    public struct ServedPage: Sendable, Equatable {
+        public var extent: Extent
+        /// Tokens the page holds (its layout); the reply's `tokens` says how many are served.
+        public var tokens: Int
+    }
+
+    public struct GetResult: Sendable, Equatable {
+        public var tokens: Int
+        public var leaseID: UInt64
+        public var pages: [ServedPage]
+    }
+
+    // MARK: allocate / release
+
+    /// Staging extents for a put, owned by a lease of `owner` (a connection) until consumed by
+    /// `put` or released.
+    public func allocate(_ tenant: TenantID, owner: UInt64, sizes: [Int]) throws(StoreError) -> (leaseID: UInt64, extents: [Extent]) {
+        let memory = try memory(for: tenant)
+        var extents: [Extent] = []
+        for size in sizes {
+            guard size > 0, let extent = memory.allocate(size) else {
+                for e in extents { memory.free(e) }
+                throw .overBudget("the tenant's shared memory has no free extent of \(size) bytes")
+            }
+            extents.append(extent)
+        }
+        let id = state.withLock { s -> UInt64 in
+            let id = s.nextLease
+            s.nextLease += 1
+            s.leases[id] = Lease(tenant: tenant, owner: owner, pages: [], staging: extents)
+            return id
+        }
+        return (id, extents)
+    }
+
+    /// Ends a lease: its pages may be evicted again, unused staging extents are freed.
+    public func release(_ tenant: TenantID, leaseID: UInt64) throws(StoreError) {
+        let lease = state.withLock { s -> Lease? in
+            guard let lease = s.leases[leaseID], lease.tenant == tenant else { return nil }
+            s.leases[leaseID] = nil
+            for address in lease.pages { s.resident[address]?.leases -= 1 }
+            return lease
+        }
+        guard let lease else { throw .notFound("lease \(leaseID)") }
+        if !lease.staging.isEmpty, let memory = try? memory(for: tenant) {
+            for extent in lease.staging { memory.free(extent) }
+        }
+    }
+
+    /// Releases every lease `owner` holds (its connection closed).
+    public func releaseAll(owner: UInt64) {
+        let ids = state.withLock { s in s.leases.filter { $0.value.owner == owner }.map { ($0.key, $0.value.tenant) } }
+        for (id, tenant) in ids { try? release(tenant, leaseID: id) }
+    }
+
+    // MARK: put
+
+    /// Stores the KV of `tokens[dataStart...]` (tokens before `dataStart` must be cached) and
+    /// returns the cached length after the put. `chunks` follow docs/protocol.md: the first runs
+    /// from `dataStart` to the end of its page, then whole pages, then the rest.
+    public func put(
+        _ tenant: TenantID, owner: UInt64, modelID: UInt64, tokens: [UInt32], dataStart: Int, chunks: [PutChunk], durable: Bool
+    ) async throws(StoreError) -> PutResult {
+        let model = try model(modelID)
+        let size = model.pageTokens
+        guard !tokens.isEmpty, dataStart >= 0, dataStart <= tokens.count else {
+            throw .invalidArgument("dataStart \(dataStart) is outside the \(tokens.count) tokens")
+        }
+        let located = locate(tenant, model, tokens)
+        let cached = located.last?.tokens.upperBound ?? 0
+        guard dataStart <= cached else {
+            throw .invalidArgument("data starts at token \(dataStart) but only \(cached) tokens are cached: send data from \(cached) or earlier")
+        }
+        let firstPage = dataStart / size
+        let pageCount = tokens.count == dataStart ? 0 : (tokens.count - 1) / size - firstPage + 1
+        guard chunks.count == pageCount else {
+            throw .invalidArgument("\(chunks.count) data chunks for tokens \(dataStart)..<\(tokens.count); pages of \(size) tokens need \(pageCount)")
+        }
+        let memory = try memory(for: tenant)
+        try claimStaging(tenant, owner: owner, chunks, memory)
+
+        var parent: PageKey? = firstPage == 0 ? nil : located[firstPage - 1].address.key
+        var newPages: [(PageAddress, Resident)] = []
+        var dropped: [PageAddress] = []
+        var deduplicated = 0
+        defer { for case .extent(let e) in chunks where !newPages.contains(where: { $0.1.extent == e }) { memory.free(e) } }
+        for (index, chunk) in chunks.enumerated() {
+            let pageStart = (firstPage + index) * size
+            let pageEnd = min(pageStart + size, tokens.count)
+            let chunkStart = max(pageStart, dataStart)
+            let key = PageKeyChain.key(parent: parent, modelID: model.id, tokens: tokens[pageStart..<pageEnd])
+            let address = PageAddress(tenant: tenant, key: key)
+            parent = key
+            if tier(of: address) != nil {
+                deduplicated += 1
+                continue
+            }
+            let chunkBytes = (pageEnd - chunkStart) * model.bytesPerToken
+            let source: PageBuffer
+            switch chunk {
+            case .extent(let e):
+                guard e.length >= chunkBytes else { throw .invalidArgument("extent \(e) holds \(e.length) bytes, chunk needs \(chunkBytes)") }
+                source = memory.buffer(e)
+            case .bytes(let b):
+                guard b.count == chunkBytes else { throw .invalidArgument("inline chunk \(index) holds \(b.count) bytes, needs \(chunkBytes)") }
+                source = b
+            }
+            let extent: Extent
+            if chunkStart == pageStart, case .extent(let e) = chunk {
+                extent = e  // a whole page written by the client: adopt it
+            } else {
+                guard let fresh = memory.allocate((pageEnd - pageStart) * model.bytesPerToken) else {
+                    throw .overBudget("the tenant's shared memory is full")
+                }
+                extent = fresh
+                // Rows before `chunkStart` come from the stored partial page being completed.
+                if chunkStart > pageStart {
+                    guard let stored = located.first(where: { $0.tokens.lowerBound == pageStart }),
+                          let buffer = await residentBuffer(stored.address, model, memory) else {
+                        memory.free(fresh)
+                        throw .notFound("the cached partial page at token \(pageStart)")
+                    }
+                    if stored.tokens.upperBound < pageEnd { dropped.append(stored.address) }
+                    Self.merge(model: model, head: buffer.buffer, headStored: buffer.tokens, headUsed: chunkStart - pageStart,
+                               tail: source, tailTokens: pageEnd - chunkStart, into: memory.buffer(fresh))
+                } else {
+                    memory.buffer(fresh).bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: source.readOnly[0..<chunkBytes]))
+                }
+            }
+            let now = Self.now()
+            newPages.append((address, Resident(extent: extent, modelID: model.id, tokens: pageEnd - pageStart,
+                                               lastAccessMicros: now, residentSinceMicros: now, onDisk: false)))
+        }
+        state.withLock { s in
+            for (address, page) in newPages {
+                s.resident[address] = page
+                s.ramBytes += page.extent.length
+            }
+            s.counters.puts += 1
+            s.counters.pagesStored += newPages.count
+            s.counters.pagesDeduplicated += deduplicated
+        }
+        // A completed partial page is superseded by the longer one: keep no duplicate.
+        for address in dropped { await drop(address) }
+        if durable {
+            for (address, _) in newPages { try await persist(address) }
+        }
+        await makeRoom()
+        return PutResult(cachedTokens: max(cached, tokens.count), newPages: newPages.count)
+    }
+
+    /// Takes the staging extents a put names out of the owner's leases; refuses any other.
+    private func claimStaging(_ tenant: TenantID, owner: UInt64, _ chunks: [PutChunk], _ memory: any PageMemory) throws(StoreError) {
+        let named = chunks.compactMap { if case .extent(let e) = $0 { e } else { nil } }
+        guard !named.isEmpty else { return }
+        let missing = state.withLock { s -> Extent? in
+            for extent in named where !s.leases.values.contains(where: { $0.tenant == tenant && $0.owner == owner && $0.staging.contains(extent) }) {
+                return extent
+            }
+            for extent in named {
+                for (id, lease) in s.leases where lease.tenant == tenant && lease.owner == owner {
+                    s.leases[id]?.staging.removeAll { $0 == extent }
+                }
+            }
+            return nil
+        }
+        if let missing { throw .invalidArgument("extent \(missing) is not a staging extent of this connection: get it from ALLOC") }
+    }
+
+    /// Copies `headUsed` rows of a stored page (which holds `headStored` rows) and then
+    /// `tailTokens` rows of a chunk into a page of `headUsed + tailTokens` rows, layer by layer.
+    static func merge(model: ModelSpec, head: PageBuffer, headStored: Int, headUsed: Int,
+                      tail: PageBuffer, tailTokens: Int, into out: PageBuffer) {
+        let row = model.kvHeads * model.headDim * model.elementType.byteWidth
+        let total = headUsed + tailTokens
+        var at = 0
+        for layer in 0..<model.layers {
+            for part in 0..<2 {
+                let headBase = (layer * 2 + part) * headStored * row
+                let tailBase = (layer * 2 + part) * tailTokens * row
+                UnsafeMutableRawBufferPointer(rebasing: out.bytes[at..<at + headUsed * row])
+                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: head.readOnly[headBase..<headBase + headUsed * row]))
+                at += headUsed * row
+                UnsafeMutableRawBufferPointer(rebasing: out.bytes[at..<at + tailTokens * row])
+                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: tail.readOnly[tailBase..<tailBase + tailTokens * row]))
+                at += tailTokens * row
+            }
+        }
+        precondition(at == total * row * 2 * model.layers)
+    }
+}

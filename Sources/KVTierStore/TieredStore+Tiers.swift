@@ -1,0 +1,212 @@
+import KVTierCodec
+import KVTierCore
+import Synchronization
+
+extension TieredStore {
+    // MARK: get
+
+    /// Leases the pages of the longest cached prefix of `tokens` (up to `maxTokens`, 0 for all),
+    /// promoting disk pages into the tenant's memory first. A page that fails to load ends the
+    /// prefix there: the client gets fewer tokens, never wrong ones.
+    public func get(_ tenant: TenantID, owner: UInt64, modelID: UInt64, tokens: [UInt32], maxTokens: Int) async throws(StoreError) -> GetResult {
+        let model = try model(modelID)
+        let memory = try memory(for: tenant)
+        var located = locate(tenant, model, tokens)
+        if maxTokens > 0 {
+            located = located.filter { $0.tokens.lowerBound < maxTokens }
+        }
+        var served: [ServedPage] = []
+        var addresses: [PageAddress] = []
+        var servedTokens = 0
+        for page in located {
+            guard let extent = await pin(page.address, model, memory) else { break }
+            served.append(ServedPage(extent: extent.extent, tokens: extent.tokens))
+            addresses.append(page.address)
+            servedTokens = maxTokens > 0 ? min(page.tokens.upperBound, maxTokens) : page.tokens.upperBound
+        }
+        let id = state.withLock { s -> UInt64 in
+            let id = s.nextLease
+            s.nextLease += 1
+            s.leases[id] = Lease(tenant: tenant, owner: owner, pages: addresses, staging: [])
+            s.counters.gets += 1
+            return id
+        }
+        await makeRoom()
+        return GetResult(tokens: servedTokens, leaseID: id, pages: served)
+    }
+
+    /// Takes a lease on a page in RAM, promoting it from disk if needed.
+    private func pin(_ address: PageAddress, _ model: ModelSpec, _ memory: any PageMemory) async -> (extent: Extent, tokens: Int)? {
+        if let hit = state.withLock({ s -> (Extent, Int)? in
+            guard var page = s.resident[address] else { return nil }
+            page.leases += 1
+            page.uses += 1
+            page.lastAccessMicros = Self.now()
+            s.resident[address] = page
+            return (page.extent, page.tokens)
+        }) { return hit }
+        guard let disk, let stored = disk.page(address) else { return nil }
+        guard let extent = memory.allocate(stored.shape.rawBytes) else { return nil }
+        switch await disk.read(address, into: memory.buffer(extent)) {
+        case .failure:
+            memory.free(extent)
+            return nil
+        case .success(let page):
+            let now = Self.now()
+            let (kept, duplicate) = state.withLock { s -> ((Extent, Int), Bool) in
+                if var existing = s.resident[address] {  // promoted concurrently
+                    existing.leases += 1
+                    s.resident[address] = existing
+                    return ((existing.extent, existing.tokens), true)
+                }
+                s.resident[address] = Resident(extent: extent, modelID: model.id, tokens: page.page.shape.tokens, leases: 1,
+                                               lastAccessMicros: now, residentSinceMicros: now, onDisk: true)
+                s.ramBytes += extent.length
+                s.counters.promotions += 1
+                return ((extent, page.page.shape.tokens), false)
+            }
+            if duplicate { memory.free(extent) }
+            return kept
+        }
+    }
+
+    /// A page's bytes wherever it is: its RAM extent, or a decoded copy from disk.
+    func residentBuffer(_ address: PageAddress, _ model: ModelSpec, _ memory: any PageMemory) async -> (buffer: PageBuffer, tokens: Int)? {
+        if let page = state.withLock({ $0.resident[address] }) { return (memory.buffer(page.extent), page.tokens) }
+        guard let disk, case .success(let page) = await disk.read(address) else { return nil }
+        return (page.data, page.page.shape.tokens)
+    }
+
+    // MARK: disk
+
+    /// Writes a RAM page to disk (if it is not there yet) and waits until it is durable.
+    func persist(_ address: PageAddress) async throws(StoreError) {
+        guard let disk else { throw .unavailable("no disk tier is configured: durable puts need one") }
+        guard let page = state.withLock({ $0.resident[address] }), !page.onDisk,
+              let model = state.withLock({ $0.models[page.modelID] }),
+              let memory = state.withLock({ $0.memories[address.tenant] }) else { return }
+        let shape = model.pageShape(tokens: page.tokens)
+        var codec = configuration.diskCodec
+        if (try? codec.quantizer.check(shape.section)) == nil { codec = Codec(.fp16, codec.lossless) }
+        do {
+            try await disk.write(address, modelID: page.modelID, codec: codec, shape: shape, data: memory.buffer(page.extent))
+        } catch let error {
+            if case .codec(.nonFiniteInput) = error {
+                // Quantizers refuse NaN/Inf; such pages keep every bit as fp16.
+                do {
+                    try await disk.write(address, modelID: page.modelID, codec: Codec(.fp16, codec.lossless), shape: shape, data: memory.buffer(page.extent))
+                } catch {
+                    state.withLock { $0.counters.diskWriteFailures += 1 }
+                    throw .unavailable("\(error)")
+                }
+            } else {
+                state.withLock { $0.counters.diskWriteFailures += 1 }
+                throw .unavailable("\(error)")
+            }
+        }
+        state.withLock { $0.resident[address]?.onDisk = true }
+    }
+
+    /// Removes a page from both tiers (a superseded partial page).
+    func drop(_ address: PageAddress) async {
+        let freed = state.withLock { s -> Extent? in
+            guard let page = s.resident[address], page.leases == 0 else { return nil }
+            s.resident[address] = nil
+            s.ramBytes -= page.extent.length
+            return page.extent
+        }
+        if let freed, let memory = state.withLock({ $0.memories[address.tenant] }) { memory.free(freed) }
+        _ = try? await disk?.delete(address)
+    }
+
+    // MARK: eviction
+
+    /// A page's heat: uses plus reported attention, halving every `heatHalfLifeMicros` since
+    /// its last access.
+    func heat(_ page: Resident, now: UInt64) -> Double {
+        let age = Double(now &- min(now, page.lastAccessMicros)) / Double(configuration.heatHalfLifeMicros)
+        return (page.uses + page.attention) * Double.pow2(-age)
+    }
+
+    /// Moves the coldest unleased pages to disk until RAM is within budget. Pages younger than
+    /// the minimum residence go last, so a page just promoted is not evicted at once.
+    public func makeRoom() async {
+        while true {
+            let victim = state.withLock { s -> (PageAddress, Resident)? in
+                guard s.ramBytes > configuration.ramBudgetBytes else { return nil }
+                let now = Self.now()
+                let candidates = s.resident.filter { $0.value.leases == 0 }
+                let settled = candidates.filter { now &- $0.value.residentSinceMicros >= configuration.minResidenceMicros }
+                let pool = settled.isEmpty ? candidates : settled
+                return pool.min { heat($0.value, now: now) < heat($1.value, now: now) }.map { ($0.key, $0.value) }
+            }
+            guard let (address, page) = victim else { return }
+            if !page.onDisk {
+                do { try await persist(address) } catch {
+                    logger.warning("cannot evict a page to disk; RAM stays over budget", metadata: ["page": "\(address)", "error": "\(error)"])
+                    return
+                }
+            }
+            let freed = state.withLock { s -> Extent? in
+                guard let current = s.resident[address], current.leases == 0 else { return nil }
+                s.resident[address] = nil
+                s.ramBytes -= current.extent.length
+                s.counters.evictions += 1
+                return current.extent
+            }
+            if let freed, let memory = state.withLock({ $0.memories[address.tenant] }) { memory.free(freed) }
+        }
+    }
+
+    // MARK: attention and status
+
+    /// Adds the attention mass a client measured per page of `tokens` to those pages' heat.
+    public func reportAttention(_ tenant: TenantID, modelID: UInt64, tokens: [UInt32], masses: [Float]) throws(StoreError) {
+        let model = try model(modelID)
+        let pages = locate(tenant, model, tokens)
+        state.withLock { s in
+            for (page, mass) in zip(pages, masses) where mass.isFinite && mass > 0 {
+                s.resident[page.address]?.attention += Double(mass)
+            }
+        }
+    }
+
+    /// Counters and gauges, named as in `kvtier status`.
+    public func status() -> [(name: String, value: UInt64)] {
+        state.withLock { s in
+            let c = s.counters
+            return [
+                ("ram_pages", UInt64(s.resident.count)), ("ram_bytes", UInt64(s.ramBytes)),
+                ("ram_budget_bytes", UInt64(configuration.ramBudgetBytes)), ("leases", UInt64(s.leases.count)),
+                ("models", UInt64(s.models.count)), ("tenants", UInt64(s.memories.count)),
+                ("lookups", UInt64(c.lookups)), ("lookup_hits_ram", UInt64(c.hitsRAM)), ("lookup_hits_disk", UInt64(c.hitsDisk)),
+                ("lookup_misses", UInt64(c.misses)), ("puts", UInt64(c.puts)), ("pages_stored", UInt64(c.pagesStored)),
+                ("pages_deduplicated", UInt64(c.pagesDeduplicated)), ("gets", UInt64(c.gets)),
+                ("promotions", UInt64(c.promotions)), ("evictions", UInt64(c.evictions)),
+                ("disk_write_failures", UInt64(c.diskWriteFailures)),
+            ] + (disk.map { d -> [(String, UInt64)] in
+                let stats = d.stats
+                return [("disk_pages", UInt64(stats.pages)), ("disk_live_bytes", UInt64(stats.liveBytes)),
+                        ("disk_file_bytes", UInt64(stats.fileBytes)), ("disk_checksum_failures", UInt64(stats.checksumFailures))]
+            } ?? [])
+        }
+    }
+}
+
+extension Double {
+    static func pow2(_ x: Double) -> Double { x < -1000 ? 0 : Double(sign: .plus, exponent: 0, significand: 1) * exp2Approx(x) }
+
+    /// 2^x without Foundation: integer part by exponent, fraction by a short series.
+    private static func exp2Approx(_ x: Double) -> Double {
+        let whole = x.rounded(.down)
+        let fraction = x - whole
+        // e^(f ln2), f in [0, 1): the series converges fast.
+        let y = fraction * 0.6931471805599453
+        var term = 1.0, sum = 1.0
+        for n in 1...12 {
+            term *= y / Double(n)
+            sum += term
+        }
+        return Double(sign: .plus, exponent: Int(whole), significand: sum)
+    }
+}

@@ -1,0 +1,203 @@
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
+import KVTierCodec
+import KVTierCore
+import Logging
+import Synchronization
+
+/// The daemon's store: a RAM tier of pages in each tenant's shared memory, over the disk tier.
+///
+/// Pages are addressed by tenant and hash-chain key (`PageKeyChain`), so equal prefixes map to
+/// the same pages in every process and are stored once. A page lives in RAM, on disk, or both;
+/// over the RAM budget the coldest pages without a lease move to disk. `get` promotes disk pages
+/// into RAM and leases them to the client until `release`.
+public final class TieredStore: Sendable {
+    public struct Configuration: Sendable {
+        /// Most bytes of pages held in RAM, over all tenants.
+        public var ramBudgetBytes = 1 << 30
+        /// Virtual size of each tenant's arena (memory is committed only as pages are written).
+        public var arenaBytes = 64 << 30
+        /// Codec of pages written to disk.
+        public var diskCodec = Codec(.k4v4)
+        /// A page promoted to RAM or written there stays at least this long before eviction.
+        public var minResidenceMicros: UInt64 = 2_000_000
+        /// Half-life of a page's heat.
+        public var heatHalfLifeMicros: UInt64 = 60_000_000
+        public init() {}
+    }
+
+    struct Resident {
+        var extent: Extent
+        var modelID: UInt64
+        var tokens: Int
+        var leases = 0
+        var uses = 1.0
+        var attention = 0.0
+        var lastAccessMicros: UInt64
+        var residentSinceMicros: UInt64
+        var onDisk: Bool
+    }
+
+    struct Lease {
+        var tenant: TenantID
+        /// The connection holding it; its leases end when it closes.
+        var owner: UInt64
+        var pages: [PageAddress]
+        var staging: [Extent]
+    }
+
+    struct State {
+        var models: [UInt64: ModelSpec] = [:]
+        var resident: [PageAddress: Resident] = [:]
+        var memories: [TenantID: any PageMemory] = [:]
+        var leases: [UInt64: Lease] = [:]
+        var nextLease: UInt64 = 1
+        var ramBytes = 0
+        var counters = Counters()
+    }
+
+    struct Counters {
+        var lookups = 0, hitsRAM = 0, hitsDisk = 0, misses = 0
+        var puts = 0, pagesStored = 0, pagesDeduplicated = 0
+        var gets = 0, promotions = 0, evictions = 0, diskWriteFailures = 0
+    }
+
+    let configuration: Configuration
+    let disk: DiskTier?
+    let makeMemory: @Sendable (TenantID) throws -> any PageMemory
+    let logger: Logger
+    let state = Mutex(State())
+
+    /// `makeMemory` creates a tenant's memory the first time the tenant stores or reads a page.
+    public init(configuration: Configuration, disk: DiskTier?, logger: Logger,
+                makeMemory: @escaping @Sendable (TenantID) throws -> any PageMemory) {
+        self.configuration = configuration
+        self.disk = disk
+        self.logger = logger
+        self.makeMemory = makeMemory
+    }
+
+    // MARK: models
+
+    /// Registers a model (idempotent) and returns it.
+    @discardableResult
+    public func register(_ model: ModelSpec) throws(StoreError) -> ModelSpec {
+        guard model.layers >= 1, model.layers <= Limits.maxLayers, model.kvHeads >= 1, model.kvHeads <= Limits.maxKVHeads,
+              model.headDim >= 1, model.headDim <= Limits.maxHeadDim, model.pageTokens >= 1, model.pageTokens <= Limits.maxPageTokens
+        else { throw .invalidArgument("model shape out of range: \(model.layers) layers, \(model.kvHeads) KV heads, head dim \(model.headDim), \(model.pageTokens) tokens per page") }
+        state.withLock { $0.models[model.id] = model }
+        return model
+    }
+
+    func model(_ id: UInt64) throws(StoreError) -> ModelSpec {
+        guard let model = state.withLock({ $0.models[id] }) else { throw .unknownModel(id) }
+        return model
+    }
+
+    /// The tenant's page memory (its shared arena), created on first use.
+    public func memory(for tenant: TenantID) throws(StoreError) -> any PageMemory {
+        if let memory = state.withLock({ $0.memories[tenant] }) { return memory }
+        let created: any PageMemory
+        do { created = try makeMemory(tenant) } catch {
+            throw .unavailable("cannot create shared memory for tenant \(tenant): \(error)")
+        }
+        return state.withLock { s in
+            if let existing = s.memories[tenant] { return existing }
+            s.memories[tenant] = created
+            return created
+        }
+    }
+
+    // MARK: lookup
+
+    public enum Tier: Sendable, Equatable { case ram, disk }
+
+    /// One page of a cached prefix.
+    public struct PageRef: Sendable, Equatable {
+        public var address: PageAddress
+        /// Tokens of the request this page covers.
+        public var tokens: Range<Int>
+        public var tier: Tier
+    }
+
+    public struct LookupResult: Sendable, Equatable {
+        public var cachedTokens: Int
+        public var ramTokens: Int
+        public var diskTokens: Int
+        public var estimatedLoadMicros: UInt64
+        public var pages: [PageRef]
+    }
+
+    /// Restore bandwidth assumed for load estimates until measured: disk pages at 2 GB/s of
+    /// fp16, RAM pages at 20 GB/s.
+    static let estimatedDiskBytesPerMicro = 2_000.0
+    static let estimatedRAMBytesPerMicro = 20_000.0
+
+    /// The longest cached prefix of `tokens`: whole pages along the hash chain, then the longest
+    /// stored partial page (a sequence's last page, kept at its exact length).
+    public func lookup(_ tenant: TenantID, modelID: UInt64, tokens: [UInt32]) throws(StoreError) -> LookupResult {
+        let model = try model(modelID)
+        let pages = locate(tenant, model, tokens)
+        var result = LookupResult(cachedTokens: pages.last?.tokens.upperBound ?? 0, ramTokens: 0, diskTokens: 0,
+                                  estimatedLoadMicros: 0, pages: pages)
+        var micros = 0.0
+        for page in pages {
+            let bytes = Double(page.tokens.count * model.bytesPerToken)
+            switch page.tier {
+            case .ram:
+                result.ramTokens += page.tokens.count
+                micros += bytes / Self.estimatedRAMBytesPerMicro
+            case .disk:
+                result.diskTokens += page.tokens.count
+                micros += bytes / Self.estimatedDiskBytesPerMicro
+            }
+        }
+        result.estimatedLoadMicros = UInt64(micros.rounded(.up))
+        state.withLock { s in
+            s.counters.lookups += 1
+            if pages.isEmpty { s.counters.misses += 1 } else if result.diskTokens > 0 { s.counters.hitsDisk += 1 } else { s.counters.hitsRAM += 1 }
+        }
+        return result
+    }
+
+    func tier(of address: PageAddress) -> Tier? {
+        if state.withLock({ $0.resident[address] != nil }) { return .ram }
+        if disk?.contains(address) == true { return .disk }
+        return nil
+    }
+
+    func locate(_ tenant: TenantID, _ model: ModelSpec, _ tokens: [UInt32]) -> [PageRef] {
+        var pages: [PageRef] = []
+        var parent: PageKey? = nil
+        var start = 0
+        let size = model.pageTokens
+        while start < tokens.count {
+            if start + size <= tokens.count {
+                let key = PageKeyChain.key(parent: parent, modelID: model.id, tokens: tokens[start..<start + size])
+                let address = PageAddress(tenant: tenant, key: key)
+                if let tier = tier(of: address) {
+                    pages.append(PageRef(address: address, tokens: start..<start + size, tier: tier))
+                    parent = key
+                    start += size
+                    continue
+                }
+            }
+            // No whole page: the longest stored partial page of what is left.
+            let rest = tokens[start..<min(tokens.count, start + size - 1)]
+            if let (key, count) = PageKeyChain.longestStoredPrefix(
+                parent: parent, modelID: model.id, tokens: rest, exists: { tier(of: PageAddress(tenant: tenant, key: $0)) != nil }) {
+                let address = PageAddress(tenant: tenant, key: key)
+                pages.append(PageRef(address: address, tokens: start..<start + count, tier: tier(of: address) ?? .disk))
+            }
+            break
+        }
+        return pages
+    }
+
+    static func now() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000 + UInt64(ts.tv_nsec) / 1000
+    }
+}
