@@ -7,6 +7,7 @@ let package = Package(
     platforms: [.macOS(.v14)],
     products: [
         .library(name: "KVTierCodec", targets: ["KVTierCodec"]),
+        .library(name: "KVTierClient", targets: ["KVTierClient"]),
         .executable(name: "kvtier", targets: ["kvtier"]),
     ],
     dependencies: [
@@ -51,6 +52,11 @@ let package = Package(
         ),
         // Wire frames of the kvtierd protocol (docs/protocol.md): pure encode/decode, no I/O.
         .target(name: "KVTierProtocol", dependencies: ["KVTierCore"]),
+        // Swift client of kvtierd: one connection, shared-memory or inline page transfer.
+        .target(
+            name: "KVTierClient",
+            dependencies: ["KVTierProtocol", "KVTierCore", "KVTierIO", .product(name: "SystemPackage", package: "swift-system")]
+        ),
         // Linux block reads for the disk tier: io_uring with a pread thread-pool fallback.
         .target(
             name: "KVTierIO",
@@ -58,6 +64,31 @@ let package = Package(
                 "KVTierStore",
                 "CKVTierURingShim",
                 .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // kvtierd's transport: listener, peer credentials, connections, HELLO; requests go to a handler.
+        .target(
+            name: "KVTierServer",
+            dependencies: [
+                "KVTierProtocol", "KVTierCore", "KVTierIO",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        // kvtierd's wiring: configuration, the store behind the server's request handler.
+        .target(
+            name: "KVTierDaemon",
+            dependencies: [
+                "KVTierServer", "KVTierStore", "KVTierIO", "KVTierProtocol", "KVTierCodec", "KVTierCore",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "kvtierd",
+            dependencies: [
+                "KVTierDaemon", "KVTierCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -80,6 +111,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "KVTierProtocolTests", dependencies: ["KVTierProtocol", "KVTierCore"]),
+        .testTarget(name: "KVTierClientTests", dependencies: ["KVTierClient", "KVTierProtocol", "KVTierCore"]),
         .testTarget(
             name: "KVTierDiskTests",
             dependencies: [
@@ -96,6 +128,13 @@ let package = Package(
             dependencies: [
                 "KVTierIO",
                 .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "KVTierServerTests",
+            dependencies: [
+                "KVTierServer", "KVTierProtocol", "KVTierIO", "KVTierCore",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

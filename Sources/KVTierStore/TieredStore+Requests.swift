@@ -100,7 +100,16 @@ extension TieredStore {
         var newPages: [(PageAddress, Resident)] = []
         var dropped: [PageAddress] = []
         var deduplicated = 0
-        defer { for case .extent(let e) in chunks where !newPages.contains(where: { $0.1.extent == e }) { memory.free(e) } }
+        // Claimed staging extents belong to this put now: whatever is not stored is freed, and
+        // on failure everything prepared is.
+        var stored = false
+        defer {
+            for case .extent(let e) in chunks where !(stored && newPages.contains(where: { $0.1.extent == e })) { memory.free(e) }
+            if !stored {
+                let adopted = Set(chunks.compactMap { if case .extent(let e) = $0 { e } else { nil } })
+                for (_, page) in newPages where !adopted.contains(page.extent) { memory.free(page.extent) }
+            }
+        }
         for (index, chunk) in chunks.enumerated() {
             let pageStart = (firstPage + index) * size
             let pageEnd = min(pageStart + size, tokens.count)
@@ -148,15 +157,28 @@ extension TieredStore {
             newPages.append((address, Resident(extent: extent, modelID: model.id, tokens: pageEnd - pageStart,
                                                lastAccessMicros: now, residentSinceMicros: now, onDisk: false)))
         }
-        state.withLock { s in
+        stored = true
+        let raced = state.withLock { s -> [Extent] in
+            var raced: [Extent] = []
             for (address, page) in newPages {
+                // Another put stored the same page meanwhile: keep one copy.
+                if s.resident[address] != nil {
+                    raced.append(page.extent)
+                    continue
+                }
                 s.resident[address] = page
                 s.ramBytes += page.extent.length
             }
             s.counters.puts += 1
-            s.counters.pagesStored += newPages.count
-            s.counters.pagesDeduplicated += deduplicated
+            s.counters.pagesStored += newPages.count - raced.count
+            s.counters.pagesDeduplicated += deduplicated + raced.count
+            return raced
         }
+        // Raced staging extents are freed by the `defer` above (they are no longer stored);
+        // fresh copies are freed here.
+        let staged = Set(chunks.compactMap { if case .extent(let e) = $0 { e } else { nil } })
+        for extent in raced where !staged.contains(extent) { memory.free(extent) }
+        newPages.removeAll { raced.contains($0.1.extent) }
         // A completed partial page is superseded by the longer one: keep no duplicate.
         for address in dropped { await drop(address) }
         if durable {
@@ -177,6 +199,8 @@ extension TieredStore {
             for extent in named {
                 for (id, lease) in s.leases where lease.tenant == tenant && lease.owner == owner {
                     s.leases[id]?.staging.removeAll { $0 == extent }
+                    // An ALLOC lease whose extents are all consumed is over.
+                    if let left = s.leases[id], left.staging.isEmpty, left.pages.isEmpty { s.leases[id] = nil }
                 }
             }
             return nil

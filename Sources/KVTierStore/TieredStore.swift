@@ -90,7 +90,7 @@ public final class TieredStore: Sendable {
         return model
     }
 
-    func model(_ id: UInt64) throws(StoreError) -> ModelSpec {
+    public func model(_ id: UInt64) throws(StoreError) -> ModelSpec {
         guard let model = state.withLock({ $0.models[id] }) else { throw .unknownModel(id) }
         return model
     }

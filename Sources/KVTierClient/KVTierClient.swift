@@ -1,0 +1,215 @@
+@preconcurrency import Glibc
+import KVTierCore
+import KVTierIO
+import KVTierProtocol
+
+/// The tenant's arena as this process maps it, shared by the client and the closures it lends
+/// pages to (so the mapping outlives a `close` that races them).
+// Invariant for @unchecked Sendable: `arena` is immutable and itself Sendable; `base` is its
+// mapping, which lives exactly as long as this object (SharedArena unmaps in its deinit).
+final class MappedArena: @unchecked Sendable {
+    let arena: SharedArena
+    /// The first byte of the mapping: `withBytes` lends one extent per closure, but a `GET`
+    /// lends many pages at once. Valid while this object lives.
+    let base: UnsafeMutableRawPointer
+
+    init(_ arena: consuming SharedArena) {
+        base = arena.withBytes(SharedArena.Extent(offset: 0, length: arena.capacity)) { $0.baseAddress! }
+        self.arena = arena
+    }
+
+    /// The bytes of an extent a peer named, or nil when it is not inside the arena and aligned.
+    func bytes(offset: UInt64, length: UInt64) -> UnsafeMutableRawBufferPointer? {
+        guard offset <= UInt64(Int.max), length <= UInt64(Int.max) else { return nil }
+        let extent = SharedArena.Extent(offset: Int(offset), length: Int(length))
+        guard arena.contains(extent) else { return nil }
+        return UnsafeMutableRawBufferPointer(start: base + extent.offset, count: extent.length)
+    }
+}
+
+/// A connection to kvtierd (docs/protocol.md). One request is in flight at a time: calls from
+/// several tasks are answered one after another, in the order they reach the connection.
+///
+/// Page bytes travel through the tenant's shared arena when the daemon offers one and the
+/// client maps it; otherwise inline on the socket, which gives the same bytes more slowly.
+public final class KVTierClient: Sendable {
+    let transport: Transport
+    let arena: MappedArena?
+    /// The protocol version agreed in `HELLO`.
+    public let protocolVersion: UInt16
+    /// The tenant the daemon placed this connection in.
+    public let tenant: TenantID
+    /// The daemon's limits, from `HELLO`.
+    public let maxInlineBody: Int
+    public let maxTokensPerRequest: Int
+    /// Why page bytes travel inline although shared memory was asked for (nil when they travel
+    /// through the arena, or when `mapSharedMemory` was false).
+    public let sharedMemoryUnavailableReason: String?
+
+    /// Whether page bytes travel through the shared arena.
+    public var usesSharedMemory: Bool { arena != nil }
+
+    private init(transport: Transport, hello: HelloReply, arena: MappedArena?, unavailableReason: String?) {
+        self.transport = transport
+        self.arena = arena
+        protocolVersion = hello.version
+        tenant = hello.tenant
+        maxInlineBody = min(Int(hello.maxInlineBody), ProtocolLimits.maxInlineBody)
+        maxTokensPerRequest = min(Int(hello.maxTokensPerRequest), ProtocolLimits.maxTokensPerRequest)
+        sharedMemoryUnavailableReason = unavailableReason
+    }
+
+    /// Connects, says `HELLO` and maps the tenant's arena.
+    /// - Parameters:
+    ///   - socketPath: nil for the daemon's default, `KVTierPaths.defaultSocketPath()`.
+    ///   - mapSharedMemory: false to move page bytes inline even when shared memory is offered.
+    ///   - replyTimeoutSeconds: how long to wait for any one reply before giving the connection
+    ///     up (0: forever).
+    public static func connect(
+        socketPath: String? = nil, clientName: String = "swift-kvtier-client", mapSharedMemory: Bool = true,
+        replyTimeoutSeconds: Int = 120
+    ) async throws -> KVTierClient {
+        let path = socketPath ?? KVTierPaths.defaultSocketPath()
+        let transport = try await Transport.connect(path: path, replyTimeoutSeconds: replyTimeoutSeconds)
+        do {
+            let hello = Hello(capabilities: mapSharedMemory ? .sharedMemory : [], clientName: clientName)
+            let exchange = try await transport.exchange(.hello(hello))
+            guard case .hello(let reply) = exchange.reply else {
+                Transport.closeAll(exchange.descriptors)
+                throw KVTierClientError.protocolViolation("HELLO was answered with \(exchange.reply.opcode)")
+            }
+            guard reply.version >= ProtocolVersion.oldestSupported, reply.version <= ProtocolVersion.current else {
+                Transport.closeAll(exchange.descriptors)
+                throw KVTierClientError.protocolViolation("kvtierd chose protocol version \(reply.version), outside the offered "
+                                                          + "\(ProtocolVersion.oldestSupported)...\(ProtocolVersion.current)")
+            }
+            let (arena, reason) = mapArena(reply, descriptors: exchange.descriptors, wanted: mapSharedMemory)
+            return KVTierClient(transport: transport, hello: reply, arena: arena, unavailableReason: reason)
+        } catch {
+            await transport.close()
+            throw error
+        }
+    }
+
+    /// Maps the arena a `HELLO` reply offered, closing the received descriptor either way.
+    private static func mapArena(_ reply: HelloReply, descriptors: [Int32], wanted: Bool) -> (MappedArena?, String?) {
+        defer { Transport.closeAll(descriptors) }
+        guard wanted else { return (nil, nil) }
+        guard reply.capabilities.contains(.sharedMemory) else { return (nil, "kvtierd offers no shared memory") }
+        guard descriptors.count == 1 else { return (nil, "the HELLO reply carried \(descriptors.count) descriptors, not one") }
+        guard reply.arenaBytes > 0, reply.arenaBytes <= UInt64(Int.max) else { return (nil, "the arena is \(reply.arenaBytes) bytes") }
+        do {
+            return (MappedArena(try SharedArena.map(descriptor: descriptors[0], capacity: Int(reply.arenaBytes))), nil)
+        } catch {
+            return (nil, "cannot map the arena (\(reply.arenaBytes) bytes): \(error) (errno \(error.rawValue))")
+        }
+    }
+
+    /// Closes the connection; the daemon releases its leases. Calls after this fail.
+    public func close() async {
+        await transport.close()
+    }
+
+    // MARK: simple calls
+
+    public func ping() async throws {
+        _ = try await call(.ping, expecting: "PING") { if case .ping = $0 { () } else { nil } }
+    }
+
+    /// Registers a model (idempotent) and returns its id and page size in force.
+    public func registerModel(_ spec: ModelSpecification) async throws -> RegisteredModel {
+        func field(_ value: Int, _ name: String) throws -> UInt16 {
+            guard let narrow = UInt16(exactly: value) else { throw KVTierClientError.invalidArgument("\(name) \(value) does not fit 16 bits") }
+            return narrow
+        }
+        let request = RegisterModel(name: spec.name, layers: try field(spec.layers, "layers"), kvHeads: try field(spec.kvHeads, "kvHeads"),
+                                    headDim: try field(spec.headDim, "headDim"), elementType: spec.elementType,
+                                    pageTokens: try field(spec.pageTokens, "pageTokens"), ropeTheta: spec.ropeTheta)
+        let reply = try await call(.registerModel(request), expecting: "REGISTER_MODEL") { if case .registerModel(let r) = $0 { r } else { nil } }
+        guard reply.pageTokens > 0, spec.pageTokens == 0 || Int(reply.pageTokens) == spec.pageTokens else {
+            throw KVTierClientError.protocolViolation("REGISTER_MODEL put \(reply.pageTokens) tokens per page in force; asked for \(spec.pageTokens)")
+        }
+        return RegisteredModel(modelID: reply.modelID, specification: spec, pageTokens: Int(reply.pageTokens))
+    }
+
+    /// The longest cached prefix of `tokens`.
+    public func lookup(_ model: RegisteredModel, tokens: [UInt32]) async throws -> LookupResult {
+        let reply = try await call(.lookup(Lookup(modelID: model.modelID, tokens: tokens)), expecting: "LOOKUP") {
+            if case .lookup(let r) = $0 { r } else { nil }
+        }
+        guard reply.cachedTokens <= tokens.count, UInt64(reply.ramTokens) + UInt64(reply.diskTokens) == UInt64(reply.cachedTokens) else {
+            throw KVTierClientError.protocolViolation("LOOKUP of \(tokens.count) tokens says \(reply.cachedTokens) cached "
+                                                      + "(\(reply.ramTokens) in RAM, \(reply.diskTokens) on disk)")
+        }
+        return LookupResult(cachedTokens: Int(reply.cachedTokens), ramTokens: Int(reply.ramTokens),
+                            diskTokens: Int(reply.diskTokens), estimatedLoadMicros: reply.estimatedLoadMicros)
+    }
+
+    /// Ends a lease from `GET` or `ALLOC`.
+    public func release(leaseID: UInt64) async throws {
+        _ = try await call(.release(Release(leaseID: leaseID)), expecting: "RELEASE") { if case .release = $0 { () } else { nil } }
+    }
+
+    /// The daemon's counters and gauges.
+    public func status() async throws -> [String: UInt64] {
+        let reply = try await call(.status, expecting: "STATUS") { if case .status(let r) = $0 { r } else { nil } }
+        return Dictionary(reply.counters.map { ($0.name, $0.value) }, uniquingKeysWith: { _, last in last })
+    }
+
+    // MARK: sessions and attention
+
+    public func sessionList() async throws -> [KVTierSessionInfo] {
+        try await call(.sessionList, expecting: "SESSION_LIST") { if case .sessionList(let r) = $0 { r.sessions } else { nil } }
+    }
+
+    public func sessionInfo(_ name: String) async throws -> KVTierSessionInfo {
+        try await call(.sessionInfo(SessionName(name)), expecting: "SESSION_INFO") { if case .sessionInfo(let r) = $0 { r } else { nil } }
+    }
+
+    public func sessionPin(_ name: String, pinned: Bool = true) async throws {
+        _ = try await call(.sessionPin(SessionPin(name: name, pinned: pinned)), expecting: "SESSION_PIN") {
+            if case .sessionPin = $0 { () } else { nil }
+        }
+    }
+
+    /// Sets a session's time to live; 0 for none.
+    public func sessionTTL(_ name: String, seconds: UInt32) async throws {
+        _ = try await call(.sessionTTL(SessionTTL(name: name, seconds: seconds)), expecting: "SESSION_TTL") {
+            if case .sessionTTL = $0 { () } else { nil }
+        }
+    }
+
+    public func sessionFork(_ from: String, to: String) async throws -> KVTierSessionInfo {
+        try await call(.sessionFork(SessionFork(from: from, to: to)), expecting: "SESSION_FORK") {
+            if case .sessionFork(let r) = $0 { r } else { nil }
+        }
+    }
+
+    public func sessionDelete(_ name: String) async throws {
+        _ = try await call(.sessionDelete(SessionName(name)), expecting: "SESSION_DELETE") { if case .sessionDelete = $0 { () } else { nil } }
+    }
+
+    /// A session's model and tokens.
+    public func sessionTokens(_ name: String) async throws -> (modelID: UInt64, tokens: [UInt32]) {
+        let reply = try await call(.sessionTokens(SessionName(name)), expecting: "SESSION_TOKENS") {
+            if case .sessionTokens(let r) = $0 { r } else { nil }
+        }
+        return (reply.modelID, reply.tokens)
+    }
+
+    /// Reports the attention mass each page of `tokens` received in a step (feeds the heat score).
+    public func reportAttention(_ model: RegisteredModel, tokens: [UInt32], pageMass: [Float]) async throws {
+        let request = Attention(modelID: model.modelID, tokens: tokens, pageMass: pageMass)
+        _ = try await call(.attention(request), expecting: "ATTENTION") { if case .attention = $0 { () } else { nil } }
+    }
+
+    /// One exchange whose reply must be the one `extract` accepts.
+    func call<T>(_ request: Request, getInline: Bool = false, expecting name: String, _ extract: (Reply) -> T?) async throws -> T {
+        let exchange = try await transport.exchange(request, getInline: getInline)
+        Transport.closeAll(exchange.descriptors)
+        guard let value = extract(exchange.reply) else {
+            throw KVTierClientError.protocolViolation("\(name) was answered with opcode 0x\(String(exchange.reply.opcode, radix: 16))")
+        }
+        return value
+    }
+}

@@ -1,0 +1,90 @@
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
+import Dispatch
+import KVTierCore
+import KVTierIO
+import KVTierServer
+import KVTierStore
+import Logging
+
+/// kvtierd assembled: the disk tier on the state directory, the tiered store with one shared
+/// arena per tenant, and the Unix-socket server in front. `run` returns after SIGTERM or SIGINT:
+/// stop accepting, finish in-flight requests, sync the disk tier, exit.
+public final class Daemon: Sendable {
+    public let configuration: DaemonConfiguration.Resolved
+    let logger: Logger
+
+    public init(configuration: DaemonConfiguration.Resolved, logger: Logger) {
+        self.configuration = configuration
+        self.logger = logger
+    }
+
+    public func run() async throws {
+        let c = configuration
+        let selection = try BlockReaders.make(queueDepth: c.ioQueueDepth, logger: logger)
+        defer { selection.reader.close() }
+        let storage = PosixStorage(root: c.stateDir, reader: selection.reader, logger: logger)
+        try storage.makeDirectory("")
+        var diskConfiguration = DiskTierConfiguration()
+        diskConfiguration.budgetBytes = c.diskBudgetBytes
+        let disk = try DiskTier(storage: storage, configuration: diskConfiguration, logger: logger)
+
+        var storeConfiguration = TieredStore.Configuration()
+        storeConfiguration.ramBudgetBytes = c.ramBudgetBytes
+        storeConfiguration.arenaBytes = c.arenaBytes
+        storeConfiguration.diskCodec = c.diskCodec
+        let arenaBytes = c.arenaBytes
+        let logger = self.logger
+        let store = TieredStore(configuration: storeConfiguration, disk: disk, logger: logger) { tenant in
+            try ArenaPageMemory(name: "kvtier-arena-\(tenant)", capacity: arenaBytes, logger: logger)
+        }
+
+        let socketDirectory = String(c.socket[..<(c.socket.lastIndex(of: "/") ?? c.socket.startIndex)])
+        if !socketDirectory.isEmpty { try? PosixStorage(root: "/", reader: selection.reader, logger: logger).makeDirectory(socketDirectory) }
+        let listener = try UnixListener(path: c.socket)
+        let server = KVServer(
+            listener: listener, handler: StoreRequestHandler(store: store, defaultPageTokens: c.pageTokens),
+            arenaProvider: { tenant in
+                let memory = try store.memory(for: tenant)
+                guard let descriptor = memory.shareableDescriptor else { return nil }
+                return (descriptor, memory.capacity)
+            },
+            logger: logger)
+
+        let signals = SignalWatcher(signals: [SIGTERM, SIGINT]) { signal in
+            logger.info("stopping on signal", metadata: ["signal": "\(signal)"])
+            server.shutdown()
+        }
+        defer { signals.cancel() }
+        logger.info("kvtierd ready", metadata: [
+            "socket": "\(c.socket)", "stateDir": "\(c.stateDir)", "ramBudget": "\(ByteCount(c.ramBudgetBytes))",
+            "diskCodec": "\(c.diskCodec)", "diskPages": "\(disk.stats.pages)", "ioPath": "\(storage.readPath)",
+        ])
+        try await server.run()
+        await disk.close()
+        logger.info("kvtierd stopped")
+    }
+}
+
+/// Turns signals into a callback on a dispatch queue (the signals are ignored by the process
+/// default handler while watched).
+final class SignalWatcher: @unchecked Sendable {
+    // Invariant: `sources` is written only in init and cancel, both on the creating thread.
+    private var sources: [DispatchSourceSignal] = []
+
+    init(signals: [Int32], handler: @escaping @Sendable (Int32) -> Void) {
+        for number in signals {
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+            source.setEventHandler { handler(number) }
+            source.resume()
+            sources.append(source)
+        }
+    }
+
+    func cancel() {
+        for source in sources { source.cancel() }
+        sources.removeAll()
+    }
+}

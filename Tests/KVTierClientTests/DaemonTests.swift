@@ -1,0 +1,201 @@
+import KVTierClient
+import KVTierCore
+import KVTierProtocol
+import Testing
+
+/// The client against a real kvtierd (skipped when none is built). The model is tiny: fp16,
+/// 2 layers, 2 KV heads, head dim 32, 16-token pages, so a 40-token put is 2.5 pages.
+@Suite(.serialized, .enabled(if: DaemonProcess.binary != nil, DaemonProcess.skipReason))
+struct DaemonTests {
+    static let spec = ModelSpecification(name: "client-test", layers: 2, kvHeads: 2, headDim: 32, elementType: .float16,
+                                         pageTokens: 16, ropeTheta: 10_000)
+
+    /// Random KV for `tokens` tokens, `[layers, tokens, kvHeads, headDim]` each.
+    static func randomKV(tokens: Int, _ random: inout SplitMix64) -> (keys: [UInt16], values: [UInt16]) {
+        let count = spec.shape.elements(tokens: tokens)
+        return ((0..<count).map { _ in UInt16.random(in: 0...0x7BFF, using: &random) },
+                (0..<count).map { _ in UInt16.random(in: 0...0x7BFF, using: &random) })
+    }
+
+    static func randomTokens(_ count: Int, _ random: inout SplitMix64) -> [UInt32] {
+        (0..<count).map { _ in UInt32.random(in: 0..<128_000, using: &random) }
+    }
+
+    @Test func helloMapsTheArenaAndRegisters() async throws {
+        let daemon = try await DaemonProcess.start()
+        defer { daemon.stop() }
+        let client = try await KVTierClient.connect(socketPath: daemon.socketPath, clientName: "client-tests")
+        #expect(client.usesSharedMemory, "shared memory: \(client.sharedMemoryUnavailableReason ?? "offered")")
+        #expect(client.protocolVersion == ProtocolVersion.current)
+        try await client.ping()
+        let model = try await client.registerModel(Self.spec)
+        #expect(model.pageTokens == 16)
+        let request = RegisterModel(name: "client-test", layers: 2, kvHeads: 2, headDim: 32, elementType: .float16, pageTokens: 16, ropeTheta: 10_000)
+        #expect(model.modelID == (try request.modelID(pageTokensInForce: 16)))
+        #expect(try await client.registerModel(Self.spec) == model, "registration is idempotent")
+        let lookup = try await client.lookup(model, tokens: [1, 2, 3])
+        #expect(lookup.cachedTokens == 0)
+        await client.close()
+        await #expect(throws: KVTierClientError.self) { try await client.ping() }
+    }
+
+    /// Turn 1 stores 40 tokens; turn 2 extends to 70. Turn 2's keys and values for the cached
+    /// 40 tokens are garbage: if the client sent any of them (say from the page start at 32),
+    /// the GET would return garbage for tokens 32..<40.
+    @Test(arguments: [true, false])
+    func putLookupGetAndExtend(sharedMemory: Bool) async throws {
+        let seed = testSeed("DaemonTests.putLookupGetAndExtend(sharedMemory: \(sharedMemory))")
+        var random = SplitMix64(seed: seed)
+        let daemon = try await DaemonProcess.start()
+        defer { daemon.stop() }
+        let client = try await KVTierClient.connect(socketPath: daemon.socketPath, mapSharedMemory: sharedMemory)
+        #expect(client.usesSharedMemory == sharedMemory)
+        let model = try await client.registerModel(Self.spec)
+
+        let tokens = Self.randomTokens(70, &random)
+        let turn1 = Self.randomKV(tokens: 40, &random)
+        #expect(try await client.put(model, tokens: Array(tokens[0..<40]), keys: turn1.keys, values: turn1.values) == 40)
+        let lookup = try await client.lookup(model, tokens: tokens)
+        #expect(lookup.cachedTokens == 40 && lookup.ramTokens == 40 && lookup.diskTokens == 0)
+        let got1 = try await client.get(model, tokens: Array(tokens[0..<40]))
+        #expect(got1.tokens == 40)
+        #expect(got1.keys == turn1.keys && got1.values == turn1.values, "seed \(seed)")
+
+        var turn2 = Self.randomKV(tokens: 70, &random)  // tokens 0..<40 differ from turn 1's
+        #expect(try await client.put(model, tokens: tokens, keys: turn2.keys, values: turn2.values) == 70)
+        // What the daemon should hold: turn 1 for tokens 0..<40, turn 2 for 40..<70.
+        let row = Self.spec.shape.rowElements
+        for layer in 0..<2 {
+            for token in 0..<40 {
+                let to = (layer * 70 + token) * row, from = (layer * 40 + token) * row
+                turn2.keys.replaceSubrange(to..<to + row, with: turn1.keys[from..<from + row])
+                turn2.values.replaceSubrange(to..<to + row, with: turn1.values[from..<from + row])
+            }
+        }
+        let got2 = try await client.get(model, tokens: tokens)
+        #expect(got2.tokens == 70)
+        #expect(got2.keys == turn2.keys && got2.values == turn2.values, "turn 2 must send only tokens 40..<70 (seed \(seed))")
+
+        // A GET cut inside a page serves a prefix of that page.
+        let cut = try await client.get(model, tokens: tokens, maxTokens: 20)
+        #expect(cut.tokens == 20)
+        #expect(cut.keys == prefix(turn2.keys, shape: Self.spec.shape, tokens: 70, served: 20))
+        #expect(cut.values == prefix(turn2.values, shape: Self.spec.shape, tokens: 70, served: 20))
+
+        let pages = try await client.withLeasedPages(model, tokens: tokens) { leased in
+            leased.pages.map { ($0.holdsTokens, $0.servedTokens, $0.arenaOffset != nil) }
+        }
+        #expect(pages.map(\.0) == [16, 16, 16, 16, 6])
+        #expect(pages.map(\.1) == [0..<16, 16..<32, 32..<48, 48..<64, 64..<70])
+        #expect(pages.allSatisfy { $0.2 == sharedMemory })
+        await client.close()
+    }
+
+    /// Bytes put through shared memory come back inline, and the reverse.
+    @Test func inlineAndSharedMemoryAgree() async throws {
+        let seed = testSeed("DaemonTests.inlineAndSharedMemoryAgree")
+        var random = SplitMix64(seed: seed)
+        let daemon = try await DaemonProcess.start()
+        defer { daemon.stop() }
+        let shared = try await KVTierClient.connect(socketPath: daemon.socketPath)
+        let inline = try await KVTierClient.connect(socketPath: daemon.socketPath, mapSharedMemory: false)
+        #expect(shared.usesSharedMemory && !inline.usesSharedMemory)
+        let model = try await shared.registerModel(Self.spec)
+        #expect(try await inline.registerModel(Self.spec) == model)
+        for (writer, reader) in [(shared, inline), (inline, shared)] {
+            let tokens = Self.randomTokens(53, &random)
+            let kv = Self.randomKV(tokens: 53, &random)
+            #expect(try await writer.put(model, tokens: tokens, keys: kv.keys, values: kv.values) == 53)
+            let got = try await reader.get(model, tokens: tokens)
+            #expect(got.tokens == 53 && got.keys == kv.keys && got.values == kv.values, "seed \(seed)")
+        }
+        await shared.close()
+        await inline.close()
+    }
+
+    /// A client that believes in the wrong shape (one layer, where the daemon registered two)
+    /// sends chunks too short for the model: the daemon refuses with a message.
+    @Test(arguments: [true, false])
+    func shapeMismatchIsAServerError(sharedMemory: Bool) async throws {
+        let daemon = try await DaemonProcess.start()
+        defer { daemon.stop() }
+        let client = try await KVTierClient.connect(socketPath: daemon.socketPath, mapSharedMemory: sharedMemory)
+        var wrong = try await client.registerModel(Self.spec)
+        wrong.specification.layers = 1
+        let elements = wrong.shape.elements(tokens: 16)
+        do {
+            try await client.put(wrong, tokens: Array(0..<16), keys: [UInt16](repeating: 1, count: elements),
+                                 values: [UInt16](repeating: 2, count: elements))
+            Issue.record("a put with the wrong shape was accepted")
+        } catch let error as KVTierClientError {
+            guard case .server(let code, let message) = error else {
+                Issue.record("expected a server error, got \(error)")
+                return
+            }
+            #expect(code == .invalidArgument)
+            #expect(!message.isEmpty)
+            print("shape mismatch (\(sharedMemory ? "shared memory" : "inline")): \(message)")
+        }
+        // The connection survives the error.
+        try await client.ping()
+        await client.close()
+    }
+
+    /// 2600 tokens of an 8-layer model are 85 MiB: inline, that takes two PUTs (each under
+    /// `maxInlineBody`, the second extending the first); through shared memory, one.
+    @Test func largeInlinePutIsSplit() async throws {
+        let seed = testSeed("DaemonTests.largeInlinePutIsSplit")
+        var random = SplitMix64(seed: seed)
+        let daemon = try await DaemonProcess.start(ramBudget: "512MiB")
+        defer { daemon.stop() }
+        let inline = try await KVTierClient.connect(socketPath: daemon.socketPath, mapSharedMemory: false)
+        let shared = try await KVTierClient.connect(socketPath: daemon.socketPath)
+        let spec = ModelSpecification(name: "client-test-large", layers: 8, kvHeads: 8, headDim: 128, elementType: .bfloat16,
+                                      pageTokens: 16, ropeTheta: 500_000)
+        let model = try await inline.registerModel(spec)
+        let tokens = Self.randomTokens(2600, &random)
+        let count = spec.shape.elements(tokens: tokens.count)
+        let mix = UInt32(truncatingIfNeeded: random.next())
+        let keys = (0..<count).map { UInt16(truncatingIfNeeded: (UInt32(truncatingIfNeeded: $0) &* 2_654_435_761 ^ mix) >> 9) }
+        let values = keys.map { $0 ^ 0x5A5A }
+        #expect(PageLayout.pageBytes(tokens: tokens.count, shape: spec.shape) > inline.maxInlineBody)
+
+        let putsBefore = try await inline.status()["puts"] ?? 0
+        #expect(try await inline.put(model, tokens: tokens, keys: keys, values: values) == tokens.count)
+        let putsAfter = try await inline.status()["puts"] ?? 0
+        #expect(putsAfter - putsBefore == 2, "85 MiB inline must take two PUTs")
+
+        let got = try await shared.get(model, tokens: tokens)
+        #expect(got.tokens == tokens.count)
+        #expect(got.keys == keys && got.values == values, "seed \(seed)")
+        await inline.close()
+        await shared.close()
+    }
+
+    @Test func clientSideChecks() async throws {
+        let daemon = try await DaemonProcess.start()
+        defer { daemon.stop() }
+        let client = try await KVTierClient.connect(socketPath: daemon.socketPath)
+        let model = try await client.registerModel(Self.spec)
+        await #expect(throws: KVTierClientError.self) {
+            try await client.put(model, tokens: [1, 2], keys: [1, 2, 3], values: [4, 5, 6])
+        }
+        await #expect(throws: KVTierClientError.self) {
+            _ = try await KVTierClient.connect(socketPath: daemon.directory + "/missing.sock")
+        }
+        let status = try await client.status()
+        #expect(status["puts"] != nil, "STATUS counters: \(status.keys.sorted())")
+        // Sessions may not be served yet: whatever the answer, an error is the daemon's, with a
+        // message, and the connection stays usable.
+        do {
+            let sessions = try await client.sessionList()
+            #expect(sessions.isEmpty)
+        } catch let error as KVTierClientError {
+            #expect(error.wireError != nil, "\(error)")
+            print("SESSION_LIST: \(error)")
+        }
+        await #expect(throws: KVTierClientError.self) { try await client.release(leaseID: 987_654_321) }
+        try await client.ping()
+        await client.close()
+    }
+}

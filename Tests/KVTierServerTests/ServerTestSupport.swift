@@ -1,0 +1,247 @@
+@preconcurrency import Glibc
+import KVTierCore
+import KVTierProtocol
+import Logging
+import Synchronization
+import SystemPackage
+import Testing
+@testable import KVTierServer
+
+struct TestFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+let quietLogger = Logger(label: "kvtier.server.tests") { _ in SwiftLogNoOpLogHandler() }
+
+/// A fresh directory under /tmp (world-traversable, so a client of another uid can reach the
+/// socket), removed by `remove()`.
+struct TemporaryDirectory {
+    let path: String
+
+    init() throws {
+        var template = Array("/tmp/kvtier-server-XXXXXX".utf8CString)
+        guard let created = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
+            throw TestFailure("mkdtemp failed: errno \(errno)")
+        }
+        path = String(cString: created)
+        chmod(path, 0o755)
+    }
+
+    func remove() {
+        var stack = [path]
+        var directories: [String] = []
+        while let directory = stack.popLast() {
+            directories.append(directory)
+            guard let handle = opendir(directory) else { continue }
+            while let entry = readdir(handle) {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                if name == "." || name == ".." { continue }
+                let child = directory + "/" + name
+                if entry.pointee.d_type == UInt8(DT_DIR) { stack.append(child) } else { unlink(child) }
+            }
+            closedir(handle)
+        }
+        for directory in directories.reversed() { rmdir(directory) }
+    }
+}
+
+/// Records what the server tells the handler.
+final class HandlerLog: Sendable {
+    let contexts = Mutex<[ConnectionContext]>([])
+    let closed = Mutex<[ConnectionContext]>([])
+}
+
+/// The handler of these tests: `STATUS` answered with the server's own counters, `RELEASE`
+/// after `releaseDelay` (a request that takes a while), everything else `invalidArgument`.
+struct CountersHandler: RequestHandler {
+    let counters: ServerCounters
+    let log = HandlerLog()
+    var releaseDelay: Duration = .zero
+
+    func handle(_ request: Request, context: ConnectionContext) async -> Reply {
+        log.contexts.withLock { $0.append(context) }
+        switch request {
+        case .status:
+            return .status(StatusReply(counters: counters.snapshot()))
+        case .release:
+            try? await Task.sleep(for: releaseDelay)
+            return .release
+        default:
+            return .failure(.invalidArgument, "the test handler answers STATUS and RELEASE only", to: request)
+        }
+    }
+
+    func connectionClosed(_ context: ConnectionContext) async {
+        log.closed.withLock { $0.append(context) }
+    }
+}
+
+/// A running server on a socket in a temporary directory.
+final class TestServer: Sendable {
+    let directory: TemporaryDirectory
+    let path: String
+    let server: KVServer
+    let handler: CountersHandler
+    let running: Task<Void, any Error>
+
+    init(configuration: ServerConfiguration = ServerConfiguration(), releaseDelay: Duration = .zero,
+         tenantForUID: @escaping @Sendable (UInt32) -> TenantID = { TenantID($0) },
+         arenaProvider: KVServer.ArenaProvider? = nil) throws {
+        directory = try TemporaryDirectory()
+        path = directory.path + "/kvtierd.sock"
+        let counters = ServerCounters()
+        var handler = CountersHandler(counters: counters)
+        handler.releaseDelay = releaseDelay
+        self.handler = handler
+        let listener = try UnixListener(path: path)
+        let server = KVServer(listener: listener, handler: handler, configuration: configuration, counters: counters,
+                              tenantForUID: tenantForUID, arenaProvider: arenaProvider, logger: quietLogger)
+        self.server = server
+        running = Task { try await server.run() }
+    }
+
+    func stop() async throws {
+        server.shutdown()
+        try await running.value
+        directory.remove()
+    }
+
+    /// Waits (up to 5 s) until `condition` holds; the server's threads work asynchronously.
+    func eventually(_ condition: () -> Bool) async -> Bool {
+        let deadline = ContinuousClock.now + .seconds(30)
+        while !condition() {
+            if ContinuousClock.now > deadline { return false }
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+        return true
+    }
+}
+
+/// Runs blocking `body` on a thread of its own: a test that blocked a thread of the cooperative
+/// pool (two on a two-core machine) could starve the server's run() and handler tasks.
+func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        do {
+            try ServerThread.start(name: "test-client") { continuation.resume(with: Result { try body() }) }
+        } catch {
+            continuation.resume(throwing: error)
+        }
+    }
+}
+
+/// A protocol client over a raw socket, for tests; its waits run off the cooperative pool.
+// Invariant for @unchecked Sendable: each test uses its client from one task, one awaited
+// operation at a time, so the decoder is never touched by two threads at once.
+final class TestClient: @unchecked Sendable {
+    let descriptor: Int32
+    private var decoder = FrameDecoder()
+    private var nextRequestID: UInt32 = 1
+
+    init(path: String) throws {
+        descriptor = try SocketSystem.makeSocket()
+        do { try SocketSystem.connect(descriptor, path: path) } catch {
+            SocketSystem.close(descriptor)
+            throw error
+        }
+    }
+
+    deinit { SocketSystem.close(descriptor) }
+
+    func send(_ bytes: [UInt8]) throws {
+        var offset = 0
+        while offset < bytes.count {
+            offset += try bytes.withUnsafeBytes { raw throws(Errno) in
+                try SocketSystem.send(descriptor, UnsafeRawBufferPointer(rebasing: raw[offset...]))
+            }
+        }
+    }
+
+    /// Sends `request`, returns its reply and any descriptors that came with it.
+    @discardableResult
+    func call(_ request: Request, requestID: UInt32? = nil) async throws -> (reply: Reply, requestID: UInt32, descriptors: [Int32]) {
+        let id = requestID ?? nextRequestID
+        nextRequestID &+= 1
+        try send(try request.encodeFrame(requestID: id))
+        let (frame, descriptors) = try await readFrame()
+        return (try Reply.decode(frame), frame.header.requestID, descriptors)
+    }
+
+    func hello(capabilities: Capabilities = []) async throws -> HelloReply {
+        let (reply, _, descriptors) = try await call(.hello(Hello(capabilities: capabilities, clientName: "kvtier-server-tests")))
+        for descriptor in descriptors { SocketSystem.close(descriptor) }
+        guard case .hello(let hello) = reply else { throw TestFailure("HELLO answered with \(reply)") }
+        return hello
+    }
+
+    /// The next frame, waiting at most `timeout`.
+    func readFrame(timeout: Duration = .seconds(30)) async throws -> (Frame, [Int32]) {
+        try await onThread { try self.readFrameBlocking(timeout: timeout) }
+    }
+
+    /// Whether the server closes the connection within `timeout` (end of stream or reset),
+    /// discarding whatever else arrives.
+    func isClosedByServer(timeout: Duration = .seconds(30)) async -> Bool {
+        (try? await onThread { self.isClosedByServerBlocking(timeout: timeout) }) ?? false
+    }
+
+    private func readFrameBlocking(timeout: Duration) throws -> (Frame, [Int32]) {
+        var descriptors: [Int32] = []
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            if let frame = try decoder.nextFrame() { return (frame, descriptors) }
+            let (count, received) = try receive(until: deadline)
+            descriptors += received
+            guard count > 0 else { throw TestFailure("connection closed before a whole frame came") }
+        }
+    }
+
+    private func isClosedByServerBlocking(timeout: Duration) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            do {
+                let (count, descriptors) = try receive(until: deadline)
+                for descriptor in descriptors { SocketSystem.close(descriptor) }
+                if count == 0 { return true }
+            } catch let error as Errno where error == .connectionReset {
+                return true
+            } catch {
+                return false
+            }
+        }
+    }
+
+    func shutdownSending() { SocketSystem.shutdown(descriptor, how: Int32(SHUT_WR)) }
+
+    private func receive(until deadline: ContinuousClock.Instant) throws -> (Int, [Int32]) {
+        let remaining = deadline - ContinuousClock.now
+        guard remaining > .zero else { throw TestFailure("timed out waiting for the server") }
+        var fds = [pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)]
+        guard try SocketSystem.poll(&fds, timeoutMillis: Connection.millisecondsRoundedUp(remaining)) > 0 else {
+            return try receive(until: deadline)
+        }
+        var buffer = [UInt8](repeating: 0, count: 64 << 10)
+        let (count, descriptors) = try buffer.withUnsafeMutableBytes { raw throws(Errno) in
+            try SocketSystem.receiveMessage(descriptor, into: raw)
+        }
+        decoder.append(Array(buffer[..<count]))
+        return (count, descriptors)
+    }
+}
+
+/// A header as raw bytes, for frames the encoder would refuse to build.
+func rawHeader(bodyBytes: UInt32, opcode: UInt16, flags: UInt16, requestID: UInt32, status: UInt32 = 0) -> [UInt8] {
+    var writer = ByteWriter(capacity: 16)
+    writer.u32(bodyBytes)
+    writer.u16(opcode)
+    writer.u16(flags)
+    writer.u32(requestID)
+    writer.u32(status)
+    return writer.bytes
+}
+
+/// The error a reply carries, or nil for a success.
+func wireError(of reply: Reply) -> WireError? {
+    if case .error(_, let error) = reply { return error.error }
+    return nil
+}

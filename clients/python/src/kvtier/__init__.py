@@ -1,0 +1,31 @@
+"""Python client for kvtierd, the KVTier KV-cache offload daemon.
+
+    import kvtier
+    model = kvtier.ModelSpec("llama-3.1-8b", layers=32, kv_heads=8, head_dim=128, dtype="bfloat16")
+    with kvtier.Client() as kv:
+        cached = kv.lookup(model, tokens)
+        kv.put(model, tokens, keys, values)
+        keys, values = kv.get(model, tokens)
+"""
+
+from ._wire import Extent, SessionInfo
+from .client import Client, LookupResult, PutResult
+from .errors import KVTierConnectionError, KVTierError, ProtocolViolation
+from .model import ModelSpec
+from .paths import default_socket_path, default_state_dir
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Extent",
+    "KVTierConnectionError",
+    "KVTierError",
+    "LookupResult",
+    "ModelSpec",
+    "ProtocolViolation",
+    "PutResult",
+    "SessionInfo",
+    "default_socket_path",
+    "default_state_dir",
+]

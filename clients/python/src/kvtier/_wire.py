@@ -1,0 +1,321 @@
+"""Encoding and decoding of kvtierd wire protocol v1 (docs/protocol.md).
+
+Pure functions over bytes; no sockets here. Every decoder checks lengths exactly
+(trailing bytes are an error) and raises ``ProtocolViolation`` on anything that does
+not parse, since a reply that does not parse means the stream cannot be trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+from .errors import ProtocolViolation
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("<IHHII")
+HEADER_BYTES = HEADER.size  # 16
+
+FLAG_REPLY = 1 << 0
+FLAG_FDS = 1 << 1
+
+CAP_SHARED_MEMORY = 1 << 0
+
+PUT_DURABLE = 1 << 0
+PUT_INLINE = 1 << 1
+GET_INLINE = 1 << 1
+
+# Fixed v1 limits (ProtocolLimits); the first three are replaced by the HELLO reply's values.
+MAX_CONTROL_BODY = 2 << 20
+MAX_INLINE_BODY = 64 << 20
+MAX_TOKENS_PER_REQUEST = 262_144
+MAX_STRING_BYTES = 1024
+MAX_EXTENTS = 4096
+ARENA_ALIGNMENT = 4096
+
+EXTENT = struct.Struct("<QQI")  # offset, bytes, tokens
+
+
+class Op:
+    HELLO = 0x0001
+    PING = 0x0002
+    REGISTER_MODEL = 0x0010
+    LOOKUP = 0x0020
+    PUT = 0x0021
+    GET = 0x0022
+    RELEASE = 0x0023
+    ALLOC = 0x0024
+    SESSION_LIST = 0x0030
+    SESSION_INFO = 0x0031
+    SESSION_PIN = 0x0032
+    SESSION_TTL = 0x0033
+    SESSION_FORK = 0x0034
+    SESSION_DELETE = 0x0035
+    SESSION_TOKENS = 0x0036
+    ATTENTION = 0x0040
+    STATUS = 0x0050
+
+
+# Opcodes whose frames may carry inline data (bounded by maxInlineBody, not maxControlBody).
+INLINE_REQUESTS = frozenset({Op.PUT})
+INLINE_REPLIES = frozenset({Op.GET})
+
+ELEMENT_TYPES = {"float16": 1, "bfloat16": 2}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def u8(v: int) -> bytes:
+    return struct.pack("<B", v)
+
+
+def u16(v: int) -> bytes:
+    return struct.pack("<H", v)
+
+
+def u32(v: int) -> bytes:
+    return struct.pack("<I", v)
+
+
+def u64(v: int) -> bytes:
+    return struct.pack("<Q", v)
+
+
+def string(text: str, field: str = "string") -> bytes:
+    raw = text.encode("utf-8")
+    if len(raw) > MAX_STRING_BYTES:
+        raise ValueError(f"{field} is {len(raw)} bytes of UTF-8; the protocol allows {MAX_STRING_BYTES}")
+    return u16(len(raw)) + raw
+
+
+def token_array(tokens) -> np.ndarray:
+    """Tokens as a little-endian u32 array, checking every id fits in 32 bits."""
+    if isinstance(tokens, np.ndarray):
+        arr = tokens
+        if arr.ndim != 1:
+            raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"tokens must be integers, got dtype {arr.dtype}")
+    else:
+        arr = np.asarray(list(tokens) if not isinstance(tokens, (list, tuple)) else tokens)
+        if arr.size == 0:
+            arr = arr.astype(np.int64)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise TypeError("tokens must be a sequence of integers")
+    if arr.size and arr.dtype != np.dtype("<u4"):
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 0xFFFFFFFF:
+            raise ValueError(f"token ids must be in 0...{0xFFFFFFFF}; got {lo if lo < 0 else hi}")
+    return np.ascontiguousarray(arr, dtype="<u4")
+
+
+def tokens_field(tokens: np.ndarray) -> bytes:
+    return u32(len(tokens)) + tokens.tobytes()
+
+
+def extents_field(extents: Sequence["Extent"]) -> bytes:
+    return u32(len(extents)) + b"".join(EXTENT.pack(e.offset, e.bytes, e.tokens) for e in extents)
+
+
+def frame(opcode: int, request_id: int, body: bytes = b"") -> bytes:
+    return HEADER.pack(len(body), opcode, 0, request_id, 0) + body
+
+
+# ---------------------------------------------------------------- reading
+
+
+class Reader:
+    """A cursor over a reply body; every read is bounds-checked."""
+
+    def __init__(self, body, context: str):
+        self.view = memoryview(body)
+        self.at = 0
+        self.context = context
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.at + n > len(self.view):
+            raise ProtocolViolation(f"{self.context}: body ends at byte {len(self.view)}, needed {self.at + n}")
+        out = self.view[self.at:self.at + n]
+        self.at += n
+        return out
+
+    def unpack(self, fmt: str):
+        s = struct.Struct("<" + fmt)
+        return s.unpack(self.take(s.size))
+
+    def u8(self) -> int:
+        return self.unpack("B")[0]
+
+    def u16(self) -> int:
+        return self.unpack("H")[0]
+
+    def u32(self) -> int:
+        return self.unpack("I")[0]
+
+    def u64(self) -> int:
+        return self.unpack("Q")[0]
+
+    def boolean(self, field: str) -> bool:
+        v = self.u8()
+        if v > 1:
+            raise ProtocolViolation(f"{self.context}: {field} is {v}, not a boolean")
+        return v == 1
+
+    def string(self, field: str) -> str:
+        n = self.u16()
+        if n > MAX_STRING_BYTES:
+            raise ProtocolViolation(f"{self.context}: {field} is {n} bytes, over {MAX_STRING_BYTES}")
+        raw = bytes(self.take(n))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProtocolViolation(f"{self.context}: {field} is not UTF-8 ({e})") from None
+
+    def count(self, field: str, limit: int, element_bytes: int) -> int:
+        n = self.u32()
+        if n > limit:
+            raise ProtocolViolation(f"{self.context}: {n} {field}, over the limit {limit}")
+        if n * element_bytes > len(self.view) - self.at:
+            raise ProtocolViolation(f"{self.context}: {n} {field} do not fit in the body")
+        return n
+
+    def tokens(self) -> np.ndarray:
+        n = self.count("tokens", MAX_TOKENS_PER_REQUEST, 4)
+        return np.frombuffer(bytes(self.take(4 * n)), dtype="<u4")
+
+    def extents(self) -> List["Extent"]:
+        n = self.count("extents", MAX_EXTENTS, EXTENT.size)
+        return [Extent(*EXTENT.unpack(self.take(EXTENT.size))) for _ in range(n)]
+
+    def remaining(self) -> int:
+        return len(self.view) - self.at
+
+    def finish(self) -> None:
+        if self.at != len(self.view):
+            raise ProtocolViolation(f"{self.context}: {len(self.view) - self.at} trailing bytes")
+
+
+# ---------------------------------------------------------------- bodies
+
+
+@dataclass(frozen=True)
+class Extent:
+    offset: int
+    bytes: int
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class HelloReply:
+    version: int
+    tenant: int
+    capabilities: int
+    max_control_body: int
+    max_inline_body: int
+    max_tokens_per_request: int
+    arena_bytes: int
+
+
+def hello_request(shared_memory: bool, client_name: str) -> bytes:
+    caps = CAP_SHARED_MEMORY if shared_memory else 0
+    return u16(PROTOCOL_VERSION) + u16(PROTOCOL_VERSION) + u32(caps) + string(client_name[:MAX_STRING_BYTES], "clientName")
+
+
+def hello_reply(body) -> HelloReply:
+    r = Reader(body, "HELLO reply")
+    out = HelloReply(r.u16(), r.u32(), r.u32(), r.u32(), r.u32(), r.u32(), r.u64())
+    r.finish()
+    if out.version != PROTOCOL_VERSION:
+        raise ProtocolViolation(f"HELLO reply: version {out.version}, but this client asked for {PROTOCOL_VERSION} only")
+    return out
+
+
+def register_body(name: str, layers: int, kv_heads: int, head_dim: int, element_type: int, page_tokens: int, rope_theta: float) -> bytes:
+    return (string(name, "model name") + struct.pack("<HHHBBH", layers, kv_heads, head_dim, element_type, 0, page_tokens)
+            + struct.pack("<f", rope_theta))
+
+
+def model_id(register_request_body: bytes, page_tokens_in_force: int) -> int:
+    """The model id the daemon derives from a REGISTER_MODEL body (docs/protocol.md)."""
+    body = bytearray(register_request_body)
+    # pageTokens sits 6 bytes before the end (u16 pageTokens, f32 ropeTheta).
+    body[-6:-4] = u16(page_tokens_in_force)
+    digest = hashlib.blake2b(b"kvtier-model-v1\x00" + bytes(body), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """One named session of this tenant (``sessionInfo`` on the wire)."""
+
+    name: str
+    model_id: int
+    tokens: int
+    pinned: bool
+    ttl_seconds: int
+    last_used_micros: int
+    ram_tokens: int
+    disk_tokens: int
+
+
+SESSION_INFO_MIN_BYTES = 2 + 8 + 4 + 1 + 4 + 8 + 4 + 4
+
+
+def read_session_info(r: Reader) -> SessionInfo:
+    name = r.string("name")
+    model, tokens = r.u64(), r.u32()
+    pinned = r.boolean("pinned")
+    ttl, last, ram, disk = r.u32(), r.u64(), r.u32(), r.u32()
+    return SessionInfo(name, model, tokens, pinned, ttl, last, ram, disk)
+
+
+def session_list_reply(body) -> List[SessionInfo]:
+    r = Reader(body, "SESSION_LIST reply")
+    n = r.count("sessions", MAX_CONTROL_BODY // SESSION_INFO_MIN_BYTES, SESSION_INFO_MIN_BYTES)
+    out = [read_session_info(r) for _ in range(n)]
+    r.finish()
+    return out
+
+
+def session_info_reply(body, context: str) -> SessionInfo:
+    r = Reader(body, context)
+    out = read_session_info(r)
+    r.finish()
+    return out
+
+
+def status_reply(body) -> dict:
+    r = Reader(body, "STATUS reply")
+    n = r.count("counters", MAX_CONTROL_BODY // 10, 10)
+    out = {}
+    for _ in range(n):
+        name = r.string("counter name")
+        out[name] = r.u64()
+    r.finish()
+    return out
+
+
+def error_message(body) -> str:
+    """The ``string message`` of an error reply; tolerant, since it only explains an error."""
+    raw = bytes(body)
+    if len(raw) >= 2:
+        n = struct.unpack_from("<H", raw)[0]
+        if 2 + n == len(raw):
+            return raw[2:].decode("utf-8", errors="replace")
+    return raw.decode("utf-8", errors="replace")
+
+
+def empty_reply(body, context: str) -> None:
+    if len(body):
+        raise ProtocolViolation(f"{context}: expected an empty body, got {len(body)} bytes")
+
+
+def get_reply_head(body, inline: bool) -> Tuple[int, int, Reader]:
+    r = Reader(body, "GET reply")
+    served, lease = r.u32(), r.u64()
+    return served, lease, r

@@ -1,0 +1,719 @@
+"""The kvtierd client: one Unix-socket connection, bulk bytes through the tenant's shared arena."""
+
+from __future__ import annotations
+
+import array
+import mmap
+import os
+import socket
+import struct
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _wire
+from ._wire import Extent, Op, SessionInfo
+from .errors import CLOSING_CODES, KVTierConnectionError, KVTierError, ProtocolViolation
+from .model import ModelSpec
+from .paths import default_socket_path
+
+ModelRef = Union[ModelSpec, int]
+
+# Staging bytes per shared-memory PUT: bigger puts go as several PUTs, each at most this much
+# arena memory between ALLOC and PUT (and at most maxExtents pages).
+SHM_BATCH_BYTES = 512 << 20
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """How much of a token sequence is cached, and where."""
+
+    cached_tokens: int
+    ram_tokens: int
+    disk_tokens: int
+    estimated_load_micros: int
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What a ``put_detail`` did: tokens cached after it, pages it added, tokens it sent."""
+
+    cached_tokens: int
+    new_pages: int
+    sent_tokens: int
+    requests: int
+
+
+@dataclass(frozen=True)
+class _Registered:
+    model_id: int
+    page_tokens: int
+
+
+def _chunks(start: int, end: int, page: int) -> List[Tuple[int, int]]:
+    """Token ranges of PUT data chunks: to the end of `start`'s page, whole pages, the rest."""
+    out = []
+    a = start
+    while a < end:
+        b = min((a // page + 1) * page, end)
+        out.append((a, b))
+        a = b
+    return out
+
+
+class Client:
+    """A connection to kvtierd.
+
+    ``Client(socket_path=None, *, shared_memory=True, timeout=60.0, client_name=None)``:
+    connects to ``socket_path`` (default: the daemon's default, see ``default_socket_path``),
+    says HELLO and, with ``shared_memory``, maps the tenant's arena so page bytes never cross
+    the socket. Without an arena (refused, or ``shared_memory=False``) data travels inline.
+    ``timeout`` bounds every socket wait in seconds (None: wait forever).
+
+    A Client may be shared by threads (calls are serialized) but not across ``fork``.
+    """
+
+    def __init__(self, socket_path: Optional[str] = None, *, shared_memory: bool = True,
+                 timeout: Optional[float] = 60.0, client_name: Optional[str] = None):
+        self.socket_path = socket_path or default_socket_path()
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+        self._next_id = 0
+        self._broken: Optional[str] = None
+        self._mm: Optional[mmap.mmap] = None
+        self._models: Dict[ModelSpec, _Registered] = {}
+        self._by_id: Dict[int, Tuple[ModelSpec, _Registered]] = {}
+        self.max_control_body = _wire.MAX_CONTROL_BODY
+        self.max_inline_body = _wire.MAX_INLINE_BODY
+        self.max_tokens_per_request = _wire.MAX_TOKENS_PER_REQUEST
+        self.arena_bytes = 0
+        self.tenant: Optional[int] = None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as e:
+            sock.close()
+            raise KVTierConnectionError(f"cannot connect to kvtierd at {self.socket_path}: {e.strerror or e}; "
+                                        "is the daemon running (kvtierd --socket PATH)?") from e
+        self._sock: Optional[socket.socket] = sock
+        try:
+            self._hello(shared_memory, client_name or f"kvtier-python pid {os.getpid()} {os.path.basename(sys.argv[0] or 'python')}")
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        """Closes the connection (the daemon releases its leases) and unmaps the arena."""
+        with self._lock:
+            sock, self._sock = getattr(self, "_sock", None), None
+            if sock is not None:
+                sock.close()
+            mm, self._mm = getattr(self, "_mm", None), None
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:
+                    pass  # an array still views the arena; it is unmapped when the last one goes
+            if getattr(self, "_broken", None) is None:
+                self._broken = "the client was closed"
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether page bytes travel through the mapped arena (else inline on the socket)."""
+        return self._mm is not None
+
+    # ------------------------------------------------------------ transport
+
+    def _fail(self, why: str) -> KVTierConnectionError:
+        self._broken = why
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        return KVTierConnectionError(why)
+
+    def _check_usable(self) -> socket.socket:
+        if os.getpid() != self._pid:
+            raise KVTierConnectionError(f"this Client was opened in process {self._pid}; open a new one after fork")
+        if self._sock is None:
+            raise KVTierConnectionError(f"not connected to kvtierd at {self.socket_path}: {self._broken}")
+        return self._sock
+
+    def _send(self, sock: socket.socket, parts: Sequence) -> None:
+        if len(parts) > 1 and sum(len(p) for p in parts[1:]) <= 65536:
+            parts = [b"".join(parts)]  # one send for small frames
+        try:
+            for part in parts:
+                sock.sendall(part)
+        except socket.timeout:
+            raise self._fail(f"kvtierd at {self.socket_path} stopped reading (send timed out)") from None
+        except OSError as e:
+            raise self._fail(f"lost the connection to kvtierd at {self.socket_path} while sending: {e.strerror or e}") from None
+
+    def _recv_into(self, sock: socket.socket, view: memoryview, what: str) -> None:
+        got = 0
+        while got < len(view):
+            try:
+                n = sock.recv_into(view[got:])
+            except socket.timeout:
+                raise self._fail(f"kvtierd at {self.socket_path} did not answer in time ({what})") from None
+            except OSError as e:
+                raise self._fail(f"lost the connection to kvtierd at {self.socket_path}: {e.strerror or e}") from None
+            if n == 0:
+                raise self._fail(f"kvtierd at {self.socket_path} closed the connection ({what}, {got} of {len(view)} bytes read)")
+            got += n
+
+    def _recv_header(self, sock: socket.socket, want_fds: bool) -> Tuple[bytes, List[int]]:
+        if not want_fds:
+            buf = bytearray(_wire.HEADER_BYTES)
+            self._recv_into(sock, memoryview(buf), "reply header")
+            return bytes(buf), []
+        fds: List[int] = []
+        try:
+            flags = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+            data, ancdata, msg_flags, _ = sock.recvmsg(_wire.HEADER_BYTES, socket.CMSG_SPACE(4 * array.array("i").itemsize), flags)
+        except socket.timeout:
+            raise self._fail(f"kvtierd at {self.socket_path} did not answer HELLO in time") from None
+        except OSError as e:
+            raise self._fail(f"lost the connection to kvtierd at {self.socket_path}: {e.strerror or e}") from None
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", payload[:len(payload) - len(payload) % 4]))
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise self._fail(f"kvtierd at {self.socket_path} closed the connection before answering HELLO")
+        if len(data) < _wire.HEADER_BYTES:
+            rest = bytearray(_wire.HEADER_BYTES - len(data))
+            try:
+                self._recv_into(sock, memoryview(rest), "reply header")
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            data = bytes(data) + bytes(rest)
+        return data, fds
+
+    def _call(self, opcode: int, body_parts: Sequence = (b"",), *, want_fds: bool = False) -> Tuple[bytearray, List[int]]:
+        """Sends one request, returns the reply body (and descriptors, for HELLO). Raises
+        KVTierError for an error reply, KVTierConnectionError/ProtocolViolation when the
+        connection can no longer be used."""
+        with self._lock:
+            sock = self._check_usable()
+            body_len = sum(len(p) for p in body_parts)
+            limit = self.max_inline_body if opcode in _wire.INLINE_REQUESTS else self.max_control_body
+            if body_len > limit:
+                raise KVTierError("tooLarge", f"request body of {body_len} bytes is over the daemon's limit of {limit}")
+            self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
+            rid = self._next_id
+            self._send(sock, [_wire.HEADER.pack(body_len, opcode, 0, rid, 0), *body_parts])
+            head, fds = self._recv_header(sock, want_fds)
+            try:
+                length, op, flags, reply_id, status = _wire.HEADER.unpack(head)
+                problem = None
+                if not flags & _wire.FLAG_REPLY:
+                    problem = "a frame without the reply flag"
+                elif flags & ~(_wire.FLAG_REPLY | _wire.FLAG_FDS):
+                    problem = f"unknown reply flags 0x{flags:04x}"
+                elif reply_id != rid and not (status and reply_id == 0):
+                    problem = f"a reply to request {reply_id} while request {rid} was outstanding"
+                elif op != opcode and not status:
+                    problem = f"a reply with opcode 0x{op:04x} to a request with 0x{opcode:04x}"
+                elif bool(flags & _wire.FLAG_FDS) != bool(fds) and (fds or not want_fds):
+                    problem = "descriptors that do not match the reply's flags"
+                reply_limit = self.max_inline_body if opcode in _wire.INLINE_REPLIES and not status else self.max_control_body
+                if problem is None and length > reply_limit:
+                    problem = f"a {length}-byte reply body, over the limit of {reply_limit}"
+                if problem is not None:
+                    raise ProtocolViolation(f"kvtierd sent {problem}; closing the connection")
+                body = bytearray(length)
+                if length:
+                    self._recv_into(sock, memoryview(body), "reply body")
+            except ProtocolViolation as e:
+                for fd in fds:
+                    os.close(fd)
+                self._fail(e.message)
+                raise
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            if status:
+                for fd in fds:
+                    os.close(fd)
+                err = KVTierError.from_status(status, _wire.error_message(body), opcode)
+                if err.code in CLOSING_CODES or reply_id == 0:
+                    self._fail(f"kvtierd closed the connection after an error: {err}")
+                raise err
+            return body, fds
+
+    def _hello(self, shared_memory: bool, client_name: str) -> None:
+        body, fds = self._call(Op.HELLO, [_wire.hello_request(shared_memory, client_name)], want_fds=True)
+        try:
+            reply = _wire.hello_reply(body)
+        except ProtocolViolation as e:
+            for fd in fds:
+                os.close(fd)
+            raise self._fail(e.message) from None
+        self.tenant = reply.tenant
+        # Trust the daemon's limits, but never beyond what version 1 allows.
+        self.max_control_body = min(reply.max_control_body, _wire.MAX_CONTROL_BODY) or _wire.MAX_CONTROL_BODY
+        self.max_inline_body = min(reply.max_inline_body, _wire.MAX_INLINE_BODY) or _wire.MAX_INLINE_BODY
+        self.max_tokens_per_request = min(reply.max_tokens_per_request, _wire.MAX_TOKENS_PER_REQUEST) or _wire.MAX_TOKENS_PER_REQUEST
+        arena_fd = fds[0] if fds else None
+        for fd in fds[1:]:
+            os.close(fd)
+        if arena_fd is None:
+            return
+        try:
+            if shared_memory and reply.capabilities & _wire.CAP_SHARED_MEMORY and 0 < reply.arena_bytes <= sys.maxsize:
+                try:
+                    self._mm = mmap.mmap(arena_fd, reply.arena_bytes, flags=mmap.MAP_SHARED,
+                                         prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                    self.arena_bytes = reply.arena_bytes
+                except (OSError, ValueError, OverflowError):
+                    self._mm = None  # go on inline
+        finally:
+            os.close(arena_fd)  # mmap keeps its own duplicate
+
+    # ------------------------------------------------------------ models
+
+    def register(self, model: ModelSpec) -> int:
+        """Registers ``model`` (idempotent; cached per client) and returns its model id."""
+        return self._registered(model).model_id
+
+    def _registered(self, model: ModelSpec) -> _Registered:
+        if not isinstance(model, ModelSpec):
+            raise TypeError(f"expected a kvtier.ModelSpec, got {type(model).__name__}")
+        found = self._models.get(model)
+        if found is not None:
+            return found
+        body, _ = self._call(Op.REGISTER_MODEL, [model.register_body()])
+        r = _wire.Reader(body, "REGISTER_MODEL reply")
+        mid, page_tokens = r.u64(), r.u16()
+        r.finish()
+        if page_tokens == 0 or (model.page_tokens and page_tokens != model.page_tokens):
+            raise self._protocol(f"REGISTER_MODEL reply: page tokens {page_tokens} for a request of {model.page_tokens}")
+        reg = _Registered(mid, page_tokens)
+        self._models[model] = reg
+        self._by_id[mid] = (model, reg)
+        return reg
+
+    def _model_id(self, model: ModelRef) -> int:
+        if isinstance(model, ModelSpec):
+            return self._registered(model).model_id
+        if isinstance(model, (int, np.integer)) and not isinstance(model, bool) and 0 <= model <= 0xFFFFFFFFFFFFFFFF:
+            return int(model)
+        raise TypeError("model must be a kvtier.ModelSpec or a model id (int)")
+
+    def _spec(self, model: ModelRef) -> Tuple[ModelSpec, _Registered]:
+        if isinstance(model, ModelSpec):
+            return model, self._registered(model)
+        mid = self._model_id(model)
+        if mid not in self._by_id:
+            raise ValueError(f"model 0x{mid:x} was not registered by this client: pass its kvtier.ModelSpec")
+        return self._by_id[mid]
+
+    def _protocol(self, why: str) -> ProtocolViolation:
+        self._fail(why)
+        return ProtocolViolation(why)
+
+    # ------------------------------------------------------------ lookup
+
+    def _tokens(self, tokens, *, truncate: bool) -> np.ndarray:
+        arr = _wire.token_array(tokens)
+        if len(arr) > self.max_tokens_per_request:
+            if not truncate:
+                raise ValueError(f"{len(arr)} tokens in one request; kvtierd takes at most {self.max_tokens_per_request}")
+            # A cached prefix is never longer than one put can make it: looking at the first
+            # maxTokensPerRequest tokens gives the same answer.
+            arr = arr[: self.max_tokens_per_request]
+        return arr
+
+    def lookup_detail(self, model: ModelRef, tokens) -> LookupResult:
+        """The longest cached prefix of ``tokens``, split over RAM and disk, with a load estimate."""
+        mid = self._model_id(model)
+        toks = self._tokens(tokens, truncate=True)
+        body, _ = self._call(Op.LOOKUP, [_wire.u64(mid), _wire.tokens_field(toks)])
+        r = _wire.Reader(body, "LOOKUP reply")
+        out = LookupResult(r.u32(), r.u32(), r.u32(), r.u64())
+        r.finish()
+        if out.cached_tokens > len(toks) or out.ram_tokens + out.disk_tokens != out.cached_tokens:
+            raise self._protocol(f"LOOKUP reply: {out} for {len(toks)} tokens")
+        return out
+
+    def lookup(self, model: ModelRef, tokens) -> int:
+        """How many leading tokens of ``tokens`` have cached KV."""
+        return self.lookup_detail(model, tokens).cached_tokens
+
+    # ------------------------------------------------------------ alloc / release
+
+    def alloc(self, sizes: Sequence[int]) -> Tuple[int, List[Extent]]:
+        """Low level: staging extents in the arena (``ALLOC``); returns ``(lease_id, extents)``.
+        ``put`` does this itself."""
+        if not self.shared_memory:
+            raise KVTierError("invalidArgument", "this connection has no shared memory; ALLOC needs an arena")
+        sizes = [int(s) for s in sizes]
+        if not 0 < len(sizes) <= _wire.MAX_EXTENTS or min(sizes) <= 0:
+            raise ValueError(f"ALLOC takes 1...{_wire.MAX_EXTENTS} positive sizes")
+        body, _ = self._call(Op.ALLOC, [_wire.u32(len(sizes)), struct.pack(f"<{len(sizes)}Q", *sizes)])
+        r = _wire.Reader(body, "ALLOC reply")
+        lease = r.u64()
+        extents = r.extents()
+        r.finish()
+        if len(extents) != len(sizes):
+            raise self._protocol(f"ALLOC reply: {len(extents)} extents for {len(sizes)} sizes")
+        for e, want in zip(extents, sizes):
+            self._check_extent(e, want, "ALLOC reply")
+        return lease, extents
+
+    def _check_extent(self, e: Extent, need: int, context: str) -> None:
+        if (e.offset % _wire.ARENA_ALIGNMENT or e.bytes < need or e.offset + e.bytes > self.arena_bytes):
+            raise self._protocol(f"{context}: extent at {e.offset} of {e.bytes} bytes does not hold {need} bytes "
+                                 f"inside the {self.arena_bytes}-byte arena")
+
+    def release(self, lease_id: int) -> None:
+        """Low level: ends a lease (``RELEASE``). ``get`` and ``put`` release their own."""
+        body, _ = self._call(Op.RELEASE, [_wire.u64(lease_id)])
+        _wire.empty_reply(body, "RELEASE reply")
+
+    def _release_quietly(self, lease_id: int) -> None:
+        try:
+            self.release(lease_id)
+        except KVTierConnectionError:
+            pass  # closing the connection released it
+        except KVTierError as e:
+            if e.code != "notFound":
+                raise
+
+    # ------------------------------------------------------------ put
+
+    @staticmethod
+    def _as_bits(name: str, arr, spec: ModelSpec, n: int) -> np.ndarray:
+        arr = np.asarray(arr)
+        want = (spec.layers, n, spec.kv_heads, spec.head_dim)
+        if arr.shape != want:
+            raise ValueError(f"{name} has shape {arr.shape}; model {spec.name!r} needs [layers, tokens, kv_heads, head_dim] = {list(want)}")
+        dt = arr.dtype
+        if spec.dtype == "float16":
+            ok = dt == np.float16
+        else:
+            ok = dt in (np.dtype(np.uint16), np.dtype(np.int16)) or dt.name == "bfloat16"
+        if not ok:
+            kinds = "float16" if spec.dtype == "float16" else "uint16 bit patterns (or ml_dtypes.bfloat16)"
+            raise TypeError(f"{name} has dtype {dt}; a {spec.dtype} model takes {kinds}; convert first")
+        return arr.view(np.uint16)
+
+    def put(self, model: ModelSpec, tokens, keys, values, session: Optional[str] = None, durable: bool = False) -> int:
+        """Stores the KV of ``tokens`` and returns how many tokens are cached after it.
+
+        ``keys``/``values``: ``[layers, len(tokens), kv_heads, head_dim]``. Only tokens past the
+        already cached prefix are sent. ``durable``: return only once the new pages are on disk.
+        """
+        return self.put_detail(model, tokens, keys, values, session=session, durable=durable).cached_tokens
+
+    def put_detail(self, model: ModelSpec, tokens, keys, values, session: Optional[str] = None,
+                   durable: bool = False) -> PutResult:
+        """``put``, returning what was done (pages added, tokens sent, requests made)."""
+        spec, reg = self._spec(model)
+        toks = self._tokens(tokens, truncate=False)
+        n = len(toks)
+        if n == 0:
+            raise ValueError("put needs at least one token")
+        k16 = self._as_bits("keys", keys, spec, n)
+        v16 = self._as_bits("values", values, spec, n)
+        session_field = _wire.string(session or "", "session")
+        flags = _wire.PUT_DURABLE if durable else 0
+        # The cached prefix can shrink between LOOKUP and PUT (a concurrent put completing a
+        # partial page supersedes it): the daemon then refuses the put and we start again.
+        for attempt in range(3):
+            cached = self.lookup(reg.model_id, toks)
+            if cached >= n:
+                return PutResult(cached, 0, 0, 0)
+            try:
+                if self.shared_memory:
+                    return self._put_shared(spec, reg, toks, k16, v16, cached, session_field, flags)
+                return self._put_inline(spec, reg, toks, k16, v16, cached, session_field, flags)
+            except KVTierError as e:
+                if e.code != "invalidArgument" or attempt == 2 or "cached" not in e.message:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _put_request(self, mid: int, session_field: bytes, flags: int, toks: np.ndarray, start: int) -> bytes:
+        return _wire.u64(mid) + session_field + _wire.u8(flags) + _wire.tokens_field(toks) + _wire.u32(start)
+
+    def _put_reply(self, body) -> Tuple[int, int]:
+        r = _wire.Reader(body, "PUT reply")
+        cached, new_pages = r.u32(), r.u32()
+        r.finish()
+        return cached, new_pages
+
+    @staticmethod
+    def _write_chunk(dest: np.ndarray, k16: np.ndarray, v16: np.ndarray, a: int, b: int) -> None:
+        # dest: [layers, 2, b - a, kv_heads, head_dim] in the page layout.
+        np.copyto(dest[:, 0], k16[:, a:b])
+        np.copyto(dest[:, 1], v16[:, a:b])
+
+    def _put_shared(self, spec, reg, toks, k16, v16, start, session_field, flags) -> PutResult:
+        bpt = spec.bytes_per_token
+        chunks = _chunks(start, len(toks), reg.page_tokens)
+        # Batches of whole chunks: at most maxExtents and about SHM_BATCH_BYTES each.
+        batches: List[List[Tuple[int, int]]] = [[]]
+        size = 0
+        for c in chunks:
+            cb = (c[1] - c[0]) * bpt
+            if batches[-1] and (len(batches[-1]) >= _wire.MAX_EXTENTS or size + cb > SHM_BATCH_BYTES):
+                batches.append([])
+                size = 0
+            batches[-1].append(c)
+            size += cb
+        cached, new_pages, requests = start, 0, 0
+        shape_tail = (spec.kv_heads, spec.head_dim)
+        for batch in batches:
+            lease, extents = self.alloc([(b - a) * bpt for a, b in batch])
+            try:
+                for (a, b), e in zip(batch, extents):
+                    count = spec.layers * 2 * (b - a) * spec.kv_heads * spec.head_dim
+                    dest = np.frombuffer(self._mm, dtype=np.uint16, count=count, offset=e.offset)
+                    self._write_chunk(dest.reshape(spec.layers, 2, b - a, *shape_tail), k16, v16, a, b)
+                    del dest
+                wire_extents = [Extent(e.offset, e.bytes, b - a) for (a, b), e in zip(batch, extents)]
+                end = batch[-1][1]
+                head = self._put_request(reg.model_id, session_field, flags, toks[:end], batch[0][0])
+                body, _ = self._call(Op.PUT, [head, _wire.extents_field(wire_extents)])
+                cached, added = self._put_reply(body)
+                new_pages += added
+                requests += 1
+            finally:
+                # PUT took the extents over; the lease itself stays open until released.
+                if self._sock is not None:
+                    self._release_quietly(lease)
+        return PutResult(cached, new_pages, len(toks) - start, requests)
+
+    def _put_inline(self, spec, reg, toks, k16, v16, start, session_field, flags) -> PutResult:
+        bpt, page = spec.bytes_per_token, reg.page_tokens
+        n = len(toks)
+        overhead = len(self._put_request(reg.model_id, session_field, flags, toks, 0)) + 8
+        budget = self.max_inline_body - overhead
+        if budget < bpt:
+            raise KVTierError("tooLarge", f"one token of {spec.name!r} is {bpt} bytes; inline PUTs hold {budget}")
+        cached, new_pages, requests = start, 0, 0
+        s = start
+        while s < n:
+            e = min(n, s + budget // bpt)
+            if e < n and (e // page) * page > s:
+                e = (e // page) * page  # cut at a page boundary where one is in reach
+            head = self._put_request(reg.model_id, session_field, flags | _wire.PUT_INLINE, toks[:e], s)
+            data = bytearray((e - s) * bpt)
+            at = 0
+            for a, b in _chunks(s, e, page):
+                count = spec.layers * 2 * (b - a) * spec.kv_heads * spec.head_dim
+                dest = np.frombuffer(data, dtype=np.uint16, count=count, offset=at)
+                self._write_chunk(dest.reshape(spec.layers, 2, b - a, spec.kv_heads, spec.head_dim), k16, v16, a, b)
+                del dest
+                at += count * 2
+            body, _ = self._call(Op.PUT, [head, _wire.u64(len(data)), data])
+            del data
+            cached, added = self._put_reply(body)
+            new_pages += added
+            requests += 1
+            s = e
+        return PutResult(cached, new_pages, n - start, requests)
+
+    # ------------------------------------------------------------ get
+
+    def get(self, model: ModelSpec, tokens, max_tokens: int = 0,
+            out: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """The KV of the longest cached prefix of ``tokens`` (at most ``max_tokens``; 0: all).
+
+        Returns ``(keys, values)``, each ``[layers, served, kv_heads, head_dim]`` (float16, or
+        uint16 bit patterns for bfloat16); ``served`` may be 0. Without shared memory a reply is
+        capped at the daemon's inline limit (64 MiB), so fewer tokens may come back.
+
+        ``out=(keys, values)``: arrays ``[layers, T, kv_heads, head_dim]`` to fill instead of
+        allocating (T at least ``len(tokens)``, or ``max_tokens``); the result is then
+        ``out[i][:, :served]``. Reusing buffers avoids first-touch page faults on every call.
+        """
+        spec, reg = self._spec(model)
+        toks = self._tokens(tokens, truncate=True)
+        max_tokens = int(max_tokens)
+        if not 0 <= max_tokens <= 0xFFFFFFFF:
+            raise ValueError("max_tokens must be in 0...2**32-1")
+        if out is not None:
+            most = min(len(toks), max_tokens) if max_tokens else len(toks)
+            if len(out) != 2:
+                raise ValueError("out must be a pair (keys, values)")
+            bits = []
+            for name, arr in zip(("out keys", "out values"), out):
+                if not isinstance(arr, np.ndarray) or arr.ndim != 4 or arr.shape[1] < most or not arr.flags.writeable:
+                    raise ValueError(f"{name} must be a writable array [layers, >= {most}, kv_heads, head_dim]")
+                bits.append(self._as_bits(name, arr, spec, arr.shape[1]))
+            served_keys, served_values = (self._get_shared if self.shared_memory else self._get_inline)(
+                spec, reg, toks, max_tokens, tuple(bits))
+            served = served_keys.shape[1]
+            return out[0][:, :served], out[1][:, :served]
+        if self.shared_memory:
+            return self._get_shared(spec, reg, toks, max_tokens, None)
+        return self._get_inline(spec, reg, toks, max_tokens, None)
+
+    @staticmethod
+    def _output(spec: ModelSpec, served: int, out) -> Tuple[np.ndarray, np.ndarray]:
+        if out is not None:
+            return out[0][:, :served], out[1][:, :served]
+        shape = (spec.layers, served, spec.kv_heads, spec.head_dim)
+        return np.empty(shape, dtype=np.uint16), np.empty(shape, dtype=np.uint16)
+
+    @staticmethod
+    def _result(spec: ModelSpec, keys: np.ndarray, values: np.ndarray, out):
+        if out is not None:
+            return keys, values
+        return keys.view(spec.numpy_dtype), values.view(spec.numpy_dtype)
+
+    def _get_shared(self, spec, reg, toks, max_tokens, out):
+        page, bpt = reg.page_tokens, spec.bytes_per_token
+        body, _ = self._call(Op.GET, [_wire.u64(reg.model_id), _wire.tokens_field(toks), _wire.u32(max_tokens), _wire.u8(0)])
+        served, lease, r = _wire.get_reply_head(body, inline=False)
+        try:
+            extents = r.extents()
+            r.finish()
+            limit = min(len(toks), max_tokens) if max_tokens else len(toks)
+            if served > limit:
+                raise self._protocol(f"GET reply: {served} tokens served for a request of {limit}")
+            for i, e in enumerate(extents):
+                if not 1 <= e.tokens <= page or (i < len(extents) - 1 and e.tokens != page):
+                    raise self._protocol(f"GET reply: page {i} holds {e.tokens} tokens (pages hold {page})")
+                self._check_extent(e, e.tokens * bpt, "GET reply")
+            held = (len(extents) - 1) * page + extents[-1].tokens if extents else 0
+            if served > held or (extents and served <= (len(extents) - 1) * page):
+                raise self._protocol(f"GET reply: {served} tokens served from {len(extents)} pages holding {held}")
+            keys, values = self._output(spec, served, out)
+            for i, e in enumerate(extents):
+                a = i * page
+                s = min(e.tokens, served - a)
+                count = spec.layers * 2 * e.tokens * spec.kv_heads * spec.head_dim
+                src = np.frombuffer(self._mm, dtype=np.uint16, count=count, offset=e.offset)
+                src = src.reshape(spec.layers, 2, e.tokens, spec.kv_heads, spec.head_dim)
+                keys[:, a:a + s] = src[:, 0, :s]
+                values[:, a:a + s] = src[:, 1, :s]
+                del src
+        finally:
+            if self._sock is not None:
+                self._release_quietly(lease)
+        return self._result(spec, keys, values, out)
+
+    def _get_inline(self, spec, reg, toks, max_tokens, out):
+        page, bpt = reg.page_tokens, spec.bytes_per_token
+        # The reply holds whole pages: cap what we ask for so it fits the inline limit.
+        cap = ((self.max_inline_body - 20) // (page * bpt)) * page
+        if cap == 0:
+            raise KVTierError("tooLarge", f"one page of {spec.name!r} is {page * bpt} bytes, over the inline limit; use shared memory")
+        if len(toks) > cap and (max_tokens == 0 or max_tokens > cap):
+            max_tokens = cap
+        body, _ = self._call(Op.GET, [_wire.u64(reg.model_id), _wire.tokens_field(toks), _wire.u32(max_tokens), _wire.u8(_wire.GET_INLINE)])
+        served, lease, r = _wire.get_reply_head(body, inline=True)
+        length = r.u64()
+        if length != r.remaining():
+            raise self._protocol(f"GET reply: inline data of {length} bytes in a body with {r.remaining()} left")
+        limit = min(len(toks), max_tokens) if max_tokens else len(toks)
+        pages = -(-served // page)
+        held, rem = divmod(length, bpt)
+        last = held - (pages - 1) * page if pages else 0
+        if served > limit or rem or (pages == 0 and length) or (pages and not (served - (pages - 1) * page <= last <= page)):
+            raise self._protocol(f"GET reply: {served} tokens served in {length} inline bytes (pages of {page} tokens, {bpt} bytes a token)")
+        keys, values = self._output(spec, served, out)
+        at = r.at
+        for i in range(pages):
+            t = page if i < pages - 1 else last
+            a = i * page
+            s = min(t, served - a)
+            count = spec.layers * 2 * t * spec.kv_heads * spec.head_dim
+            src = np.frombuffer(body, dtype=np.uint16, count=count, offset=at).reshape(spec.layers, 2, t, spec.kv_heads, spec.head_dim)
+            keys[:, a:a + s] = src[:, 0, :s]
+            values[:, a:a + s] = src[:, 1, :s]
+            del src
+            at += count * 2
+        if lease:
+            self._release_quietly(lease)
+        return self._result(spec, keys, values, out)
+
+    # ------------------------------------------------------------ attention, status
+
+    def report_attention(self, model: ModelRef, tokens, page_mass: Iterable[float]) -> None:
+        """Reports the attention mass a step put on each page of ``tokens`` (feeds eviction heat)."""
+        mid = self._model_id(model)
+        toks = self._tokens(tokens, truncate=False)
+        mass = np.ascontiguousarray(np.asarray(list(page_mass) if not isinstance(page_mass, np.ndarray) else page_mass, dtype="<f4").ravel())
+        if len(mass) > _wire.MAX_TOKENS_PER_REQUEST:
+            raise ValueError(f"{len(mass)} page masses; the protocol allows {_wire.MAX_TOKENS_PER_REQUEST}")
+        body, _ = self._call(Op.ATTENTION, [_wire.u64(mid), _wire.tokens_field(toks), _wire.u32(len(mass)), mass.tobytes()])
+        _wire.empty_reply(body, "ATTENTION reply")
+
+    def status(self) -> Dict[str, int]:
+        """The daemon's counters and gauges (``ram_pages``, ``leases``, ``puts``, ...)."""
+        body, _ = self._call(Op.STATUS)
+        return _wire.status_reply(body)
+
+    def ping(self) -> None:
+        """A round trip; raises if the daemon is gone."""
+        body, _ = self._call(Op.PING)
+        _wire.empty_reply(body, "PING reply")
+
+    # ------------------------------------------------------------ sessions
+
+    def list_sessions(self) -> List[SessionInfo]:
+        body, _ = self._call(Op.SESSION_LIST)
+        return _wire.session_list_reply(body)
+
+    def session_info(self, name: str) -> SessionInfo:
+        body, _ = self._call(Op.SESSION_INFO, [_wire.string(name, "session name")])
+        return _wire.session_info_reply(body, "SESSION_INFO reply")
+
+    def pin(self, name: str) -> None:
+        body, _ = self._call(Op.SESSION_PIN, [_wire.string(name, "session name"), _wire.u8(1)])
+        _wire.empty_reply(body, "SESSION_PIN reply")
+
+    def unpin(self, name: str) -> None:
+        body, _ = self._call(Op.SESSION_PIN, [_wire.string(name, "session name"), _wire.u8(0)])
+        _wire.empty_reply(body, "SESSION_PIN reply")
+
+    def set_ttl(self, name: str, seconds: int) -> None:
+        """Session time to live in seconds (0: none)."""
+        body, _ = self._call(Op.SESSION_TTL, [_wire.string(name, "session name"), _wire.u32(int(seconds))])
+        _wire.empty_reply(body, "SESSION_TTL reply")
+
+    def fork(self, source: str, target: str) -> SessionInfo:
+        body, _ = self._call(Op.SESSION_FORK, [_wire.string(source, "session name"), _wire.string(target, "session name")])
+        return _wire.session_info_reply(body, "SESSION_FORK reply")
+
+    def delete_session(self, name: str) -> None:
+        body, _ = self._call(Op.SESSION_DELETE, [_wire.string(name, "session name")])
+        _wire.empty_reply(body, "SESSION_DELETE reply")
+
+    def session_tokens(self, name: str) -> Tuple[int, np.ndarray]:
+        """``(model_id, tokens)`` of a session."""
+        body, _ = self._call(Op.SESSION_TOKENS, [_wire.string(name, "session name")])
+        r = _wire.Reader(body, "SESSION_TOKENS reply")
+        mid, toks = r.u64(), r.tokens()
+        r.finish()
+        return mid, toks

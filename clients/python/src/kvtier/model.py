@@ -1,0 +1,66 @@
+"""Model shapes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _wire
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The KV shape of a model: what the daemon fingerprints into a model id.
+
+    ``dtype`` is ``"float16"`` or ``"bfloat16"``; ``page_tokens`` 0 takes the daemon's default
+    (256). Arrays passed to ``put`` are ``[layers, tokens, kv_heads, head_dim]`` of float16 for a
+    float16 model and of uint16 bit patterns (or an ``ml_dtypes.bfloat16`` array) for bfloat16.
+    """
+
+    name: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str = "float16"
+    page_tokens: int = 0
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("ModelSpec.name must be a non-empty string")
+        if len(self.name.encode("utf-8")) > _wire.MAX_STRING_BYTES:
+            raise ValueError(f"ModelSpec.name is over {_wire.MAX_STRING_BYTES} bytes of UTF-8")
+        for field in ("layers", "kv_heads", "head_dim"):
+            v = getattr(self, field)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 1 <= v <= 0xFFFF:
+                raise ValueError(f"ModelSpec.{field} must be an integer in 1...65535, got {v!r}")
+        if not isinstance(self.page_tokens, (int, np.integer)) or not 0 <= self.page_tokens <= 0xFFFF:
+            raise ValueError(f"ModelSpec.page_tokens must be an integer in 0...65535, got {self.page_tokens!r}")
+        if self.dtype not in _wire.ELEMENT_TYPES:
+            raise ValueError(f"ModelSpec.dtype must be one of {sorted(_wire.ELEMENT_TYPES)}, got {self.dtype!r}")
+        if not math.isfinite(float(self.rope_theta)):
+            raise ValueError("ModelSpec.rope_theta must be finite")
+
+    @property
+    def element_type(self) -> int:
+        return _wire.ELEMENT_TYPES[self.dtype]
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """The dtype of arrays ``get`` returns: float16, or uint16 bit patterns for bfloat16."""
+        return np.dtype(np.float16) if self.dtype == "float16" else np.dtype(np.uint16)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim * 2
+
+    def register_body(self) -> bytes:
+        return _wire.register_body(self.name, int(self.layers), int(self.kv_heads), int(self.head_dim), self.element_type,
+                                   int(self.page_tokens), float(self.rope_theta))
+
+    def model_id(self, page_tokens_in_force: int = 0) -> int:
+        """The id the daemon assigns this model (``page_tokens`` 0 resolves to 256, the daemon default)."""
+        pt = page_tokens_in_force or self.page_tokens or 256
+        return _wire.model_id(self.register_body(), pt)
