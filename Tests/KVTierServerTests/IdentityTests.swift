@@ -44,7 +44,7 @@ struct IdentityTests {
         let script = """
             import socket, struct, sys
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(5)
+            s.settimeout(60)
             s.connect(sys.argv[1])
             s.sendall(bytes.fromhex(sys.argv[2]))
             data = b""
