@@ -53,7 +53,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             throw Invalid(key: "--config", value: path, allowed: "a readable JSON file (\(error))")
         }
         do { return try JSONDecoder().decode(DaemonConfiguration.self, from: data) } catch {
-            throw Invalid(key: "--config", value: path, allowed: "JSON with the keys of docs/configuration.md (\(error))")
+            throw Invalid(key: "--config", value: path, allowed: "a JSON object with the keys listed in kvtierd --help (\(error))")
         }
     }
 
