@@ -33,7 +33,7 @@ let package = Package(
         .target(
             name: "KVTierTools",
             dependencies: [
-                "KVTierCore", "KVTierCodec", "KVTierStore", "KVTierIO", "CKVTierKernels",
+                "KVTierCore", "KVTierCodec", "KVTierStore", "KVTierIO", "CKVTierKernels", "KVTierClient",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -128,17 +128,33 @@ extension TieredStore {
         return (page.uses + page.attention) * Double.pow2(-age)
     }
 
-    /// Moves the coldest unleased pages to disk until RAM is within budget. Pages younger than
-    /// the minimum residence go last, so a page just promoted is not evicted at once.
+    /// Moves the coldest unleased pages to disk until RAM is within budget (`evictionPolicy`).
+    /// By heat, pages younger than the minimum residence go last, so a page just promoted is
+    /// not evicted at once; by LRU, the least recently accessed page goes first.
     public func makeRoom() async {
         while true {
             let victim = state.withLock { s -> (PageAddress, Resident)? in
                 guard s.ramBytes > configuration.ramBudgetBytes else { return nil }
                 let now = Self.now()
-                let candidates = s.resident.filter { $0.value.leases == 0 }
-                let settled = candidates.filter { now &- $0.value.residentSinceMicros >= configuration.minResidenceMicros }
-                let pool = settled.isEmpty ? candidates : settled
-                return pool.min { heat($0.value, now: now) < heat($1.value, now: now) }.map { ($0.key, $0.value) }
+                // One pass, no copies: the coldest unleased page, preferring settled ones.
+                var coldest: (address: PageAddress, page: Resident, score: Double)?
+                var coldestSettled: (address: PageAddress, page: Resident, score: Double)?
+                for (address, page) in s.resident where page.leases == 0 {
+                    switch configuration.evictionPolicy {
+                    case .lru:
+                        if coldest == nil || page.lastAccessMicros < coldest!.page.lastAccessMicros {
+                            coldest = (address, page, 0)
+                        }
+                    case .heat:
+                        let score = heat(page, now: now)
+                        if coldest == nil || score < coldest!.score { coldest = (address, page, score) }
+                        if now &- page.residentSinceMicros >= configuration.minResidenceMicros,
+                           coldestSettled == nil || score < coldestSettled!.score {
+                            coldestSettled = (address, page, score)
+                        }
+                    }
+                }
+                return (coldestSettled ?? coldest).map { ($0.address, $0.page) }
             }
             guard let (address, page) = victim else { return }
             if !page.onDisk {

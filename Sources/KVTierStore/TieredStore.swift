@@ -24,7 +24,18 @@ public final class TieredStore: Sendable {
         public var minResidenceMicros: UInt64 = 2_000_000
         /// Half-life of a page's heat.
         public var heatHalfLifeMicros: UInt64 = 60_000_000
+        /// How `makeRoom` picks the page to move to disk.
+        public var evictionPolicy = EvictionPolicy.heat
         public init() {}
+    }
+
+    /// Eviction order of the RAM tier.
+    public enum EvictionPolicy: String, Sendable, CaseIterable {
+        /// Coldest first: uses plus attention, halving every `heatHalfLifeMicros` since the last
+        /// access; pages younger than `minResidenceMicros` go last.
+        case heat
+        /// Least recently used first (last access only: no uses, attention or minimum residence).
+        case lru
     }
 
     struct Resident {

@@ -99,7 +99,7 @@ struct DiskBenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmark the disk tier on this machine's disk.",
-        subcommands: [Disk.self, Recovery.self]
+        subcommands: [Disk.self, Recovery.self, TraceBenchCommand.self, ServeBenchCommand.self, ServeWorkerCommand.self]
     )
 
     struct Disk: AsyncParsableCommand {
