@@ -133,44 +133,60 @@ extension TieredStore {
     /// not evicted at once; by LRU, the least recently accessed page goes first.
     public func makeRoom() async {
         while true {
-            let victim = state.withLock { s -> (PageAddress, Resident)? in
-                guard s.ramBytes > configuration.ramBudgetBytes else { return nil }
-                let now = Self.now()
-                // One pass, no copies: the coldest unleased page, preferring settled ones.
-                var coldest: (address: PageAddress, page: Resident, score: Double)?
-                var coldestSettled: (address: PageAddress, page: Resident, score: Double)?
-                for (address, page) in s.resident where page.leases == 0 {
-                    switch configuration.evictionPolicy {
-                    case .lru:
-                        if coldest == nil || page.lastAccessMicros < coldest!.page.lastAccessMicros {
-                            coldest = (address, page, 0)
-                        }
-                    case .heat:
-                        let score = heat(page, now: now)
-                        if coldest == nil || score < coldest!.score { coldest = (address, page, score) }
-                        if now &- page.residentSinceMicros >= configuration.minResidenceMicros,
-                           coldestSettled == nil || score < coldestSettled!.score {
-                            coldestSettled = (address, page, score)
-                        }
+            let victims = chooseVictims()
+            guard !victims.isEmpty else { return }
+            var evicted = 0
+            for (address, page) in victims {
+                if !page.onDisk {
+                    do { try await persist(address) } catch {
+                        logger.warning("cannot evict a page to disk; RAM stays over budget", metadata: ["page": "\(address)", "error": "\(error)"])
+                        return
                     }
                 }
-                return (coldestSettled ?? coldest).map { ($0.address, $0.page) }
-            }
-            guard let (address, page) = victim else { return }
-            if !page.onDisk {
-                do { try await persist(address) } catch {
-                    logger.warning("cannot evict a page to disk; RAM stays over budget", metadata: ["page": "\(address)", "error": "\(error)"])
-                    return
+                let freed = state.withLock { s -> Extent? in
+                    guard let current = s.resident[address], current.leases == 0 else { return nil }
+                    s.resident[address] = nil
+                    s.ramBytes -= current.extent.length
+                    s.counters.evictions += 1
+                    return current.extent
+                }
+                if let freed, let memory = state.withLock({ $0.memories[address.tenant] }) {
+                    memory.free(freed)
+                    evicted += 1
                 }
             }
-            let freed = state.withLock { s -> Extent? in
-                guard let current = s.resident[address], current.leases == 0 else { return nil }
-                s.resident[address] = nil
-                s.ramBytes -= current.extent.length
-                s.counters.evictions += 1
-                return current.extent
+            // Every chosen page was leased meanwhile: nothing more can go now.
+            if evicted == 0 { return }
+        }
+    }
+
+    /// The pages to evict to get back under budget, coldest first, chosen in one pass over the
+    /// resident pages (not one pass per page). Heat prefers pages past their minimum residence;
+    /// LRU orders by last access alone.
+    private func chooseVictims() -> [(PageAddress, Resident)] {
+        state.withLock { s in
+            let excess = s.ramBytes - configuration.ramBudgetBytes
+            guard excess > 0 else { return [] }
+            let now = Self.now()
+            var candidates: [(address: PageAddress, page: Resident, young: Bool, score: Double)] = []
+            candidates.reserveCapacity(s.resident.count)
+            for (address, page) in s.resident where page.leases == 0 {
+                switch configuration.evictionPolicy {
+                case .lru:
+                    candidates.append((address, page, false, Double(page.lastAccessMicros)))
+                case .heat:
+                    let young = now &- page.residentSinceMicros < configuration.minResidenceMicros
+                    candidates.append((address, page, young, heat(page, now: now)))
+                }
             }
-            if let freed, let memory = state.withLock({ $0.memories[address.tenant] }) { memory.free(freed) }
+            candidates.sort { ($0.young ? 1 : 0, $0.score) < ($1.young ? 1 : 0, $1.score) }
+            var chosen: [(PageAddress, Resident)] = []
+            var freed = 0
+            for candidate in candidates where freed < excess {
+                chosen.append((candidate.address, candidate.page))
+                freed += candidate.page.extent.length
+            }
+            return chosen
         }
     }
 
