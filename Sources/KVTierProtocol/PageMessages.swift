@@ -11,15 +11,27 @@ public struct Lookup: WireBody {
     }
 
     public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        try ModelTokens.encode(modelID, tokens, into: &writer)
+    }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        (modelID, tokens) = try ModelTokens.decode(body, context: "LOOKUP request")
+    }
+}
+
+/// The `u64 modelID`, `tokens` body that `LOOKUP` and the `SESSION_TOKENS` reply share.
+enum ModelTokens {
+    static func encode(_ modelID: UInt64, _ tokens: [UInt32], into writer: inout ByteWriter) throws(ProtocolError) {
         writer.u64(modelID)
         try writer.wireTokens(tokens, field: "tokens")
     }
 
-    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
-        var reader = BodyReader(body, context: "LOOKUP request")
-        modelID = try reader.u64()
-        tokens = try reader.tokens("tokens")
+    static func decode(_ body: UnsafeRawBufferPointer, context: String) throws(ProtocolError) -> (UInt64, [UInt32]) {
+        var reader = BodyReader(body, context: context)
+        let modelID = try reader.u64()
+        let tokens = try reader.tokens("tokens")
         try reader.finish()
+        return (modelID, tokens)
     }
 }
 

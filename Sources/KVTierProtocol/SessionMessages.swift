@@ -178,14 +178,10 @@ public struct SessionTokensReply: WireBody {
     }
 
     public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
-        writer.u64(modelID)
-        try writer.wireTokens(tokens, field: "tokens")
+        try ModelTokens.encode(modelID, tokens, into: &writer)
     }
 
     public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
-        var reader = BodyReader(body, context: "SESSION_TOKENS reply")
-        modelID = try reader.u64()
-        tokens = try reader.tokens("tokens")
-        try reader.finish()
+        (modelID, tokens) = try ModelTokens.decode(body, context: "SESSION_TOKENS reply")
     }
 }

@@ -88,7 +88,7 @@ extension DiskTier {
             return chosen
         }
         guard !victims.isEmpty else { return }
-        let now = WallClock.micros()
+        let now = Clocks.wallMicros()
         let tombstones = victims.map { address in
             PendingWrite(address: address, body: .tombstone, createdMicros: now) { _ in }
         }

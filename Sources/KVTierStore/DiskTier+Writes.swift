@@ -81,7 +81,7 @@ extension DiskTier {
 
     func enqueue(_ address: PageAddress, _ body: PendingWrite.Body) async throws(DiskTierError) -> StoredPage? {
         let result: Result<StoredPage?, DiskTierError> = await withCheckedContinuation { continuation in
-            let item = PendingWrite(address: address, body: body, createdMicros: WallClock.micros()) { continuation.resume(returning: $0) }
+            let item = PendingWrite(address: address, body: body, createdMicros: Clocks.wallMicros()) { continuation.resume(returning: $0) }
             let (closed, schedule) = state.withLock { s -> (Bool, Bool) in
                 if s.closed { return (true, false) }
                 s.pending.append(item)
@@ -113,8 +113,8 @@ extension DiskTier {
     }
 
     func commitGroup(_ group: [PendingWrite]) {
-        if let (error, retryAt) = state.withLock({ $0.suspended }), WallClock.micros() < retryAt {
-            let wait = retryAt - WallClock.micros()
+        if let (error, retryAt) = state.withLock({ $0.suspended }), Clocks.wallMicros() < retryAt {
+            let wait = retryAt - Clocks.wallMicros()
             for item in group { item.completion(.failure(.writesSuspended(error, retryInMicros: wait))) }
             return
         }
@@ -180,7 +180,7 @@ extension DiskTier {
     private func rollBack(_ segment: Segment, to offset: Int, _ error: StorageError) -> DiskTierError {
         try? segment.file.truncate(to: offset)
         try? segment.file.sync()
-        let retryAt = WallClock.micros() + configuration.retryAfterFailureMicros
+        let retryAt = Clocks.wallMicros() + configuration.retryAfterFailureMicros
         state.withLock { $0.suspended = (error, retryAt) }
         logger.error("disk write failed; writes paused", metadata: [
             "segment": "\(segment.id)", "error": "\(error)", "retryMs": "\(configuration.retryAfterFailureMicros / 1000)",
@@ -261,7 +261,7 @@ extension DiskTier {
         do {
             let file = try storage.open(path, .readWriteCreate)
             try file.truncate(to: 0)
-            let header = SegmentHeader(segmentID: id, storeID: storeID, createdMicros: WallClock.micros()).encoded()
+            let header = SegmentHeader(segmentID: id, storeID: storeID, createdMicros: Clocks.wallMicros()).encoded()
             try file.write(header, at: 0)
             try file.sync()
             try storage.syncDirectory(configuration.directory)
@@ -271,7 +271,7 @@ extension DiskTier {
             }
             try writeManifest()
         } catch {
-            let retryAt = WallClock.micros() + configuration.retryAfterFailureMicros
+            let retryAt = Clocks.wallMicros() + configuration.retryAfterFailureMicros
             state.withLock { s in
                 s.suspended = (error, retryAt)
                 // The new segment never counted: writes must not go to a file the manifest lacks.

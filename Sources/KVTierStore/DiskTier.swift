@@ -102,7 +102,7 @@ public final class DiskTier: Sendable {
         do {
             try writeManifest()
         } catch {
-            state.withLock { $0.suspended = (error, WallClock.micros() + configuration.retryAfterFailureMicros) }
+            state.withLock { $0.suspended = (error, Clocks.wallMicros() + configuration.retryAfterFailureMicros) }
             throw .storage(error)
         }
     }
@@ -210,7 +210,7 @@ public final class DiskTier: Sendable {
     private func lookUp(_ address: PageAddress) -> (Location, any StorageFile)? {
         state.withLock { s in
             guard var location = s.index[address], let segment = s.segments[location.segment] else { return nil }
-            location.lastAccessMicros = WallClock.micros()
+            location.lastAccessMicros = Clocks.wallMicros()
             s.index[address] = location
             s.stats.reads += 1
             return (location, segment.file)
@@ -249,7 +249,7 @@ public final class DiskTier: Sendable {
                     values: UnsafeMutableRawBufferPointer(rebasing: output.bytes[base + part..<base + 2 * part]))
             }
             var described = Self.describe(address, location)
-            described.lastAccessMicros = WallClock.micros()
+            described.lastAccessMicros = Clocks.wallMicros()
             return .success(DiskPage(page: described, data: output))
         } catch let error as FormatError {
             return .failure(.damaged("\(error)"))
@@ -259,12 +259,4 @@ public final class DiskTier: Sendable {
     }
 
     func count(_ update: (inout DiskTierStats) -> Void) { state.withLock { update(&$0.stats) } }
-}
-
-enum WallClock {
-    static func micros() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000 + UInt64(ts.tv_nsec) / 1000
-    }
 }

@@ -12,7 +12,7 @@ struct Recovery {
     var directory: String { configuration.directory }
 
     func run() throws(DiskTierError) -> (state: DiskTier.State, report: RecoveryReport) {
-        let started = WallClock.micros()
+        let started = Clocks.wallMicros()
         var report = RecoveryReport()
         do {
             try storage.makeDirectory(directory)
@@ -123,7 +123,7 @@ struct Recovery {
 
         report.pages = state.index.count
         report.segments = state.segments.count
-        report.elapsedMicros = WallClock.micros() - started
+        report.elapsedMicros = Clocks.wallMicros() - started
         return (state, report)
     }
 

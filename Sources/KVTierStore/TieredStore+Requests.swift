@@ -153,7 +153,7 @@ extension TieredStore {
                     memory.buffer(fresh).bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: source.readOnly[0..<chunkBytes]))
                 }
             }
-            let now = Self.now()
+            let now = Clocks.monotonicMicros()
             newPages.append((address, Resident(extent: extent, modelID: model.id, tokens: pageEnd - pageStart,
                                                lastAccessMicros: now, residentSinceMicros: now, onDisk: false)))
         }

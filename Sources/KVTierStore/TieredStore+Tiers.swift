@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
 import KVTierCodec
 import KVTierCore
 import Synchronization
@@ -41,7 +44,7 @@ extension TieredStore {
             guard var page = s.resident[address] else { return nil }
             page.leases += 1
             page.uses += 1
-            page.lastAccessMicros = Self.now()
+            page.lastAccessMicros = Clocks.monotonicMicros()
             s.resident[address] = page
             return (page.extent, page.tokens)
         }) { return hit }
@@ -52,7 +55,7 @@ extension TieredStore {
             memory.free(extent)
             return nil
         case .success(let page):
-            let now = Self.now()
+            let now = Clocks.monotonicMicros()
             let (kept, duplicate) = state.withLock { s -> ((Extent, Int), Bool) in
                 if var existing = s.resident[address] {  // promoted concurrently
                     existing.leases += 1
@@ -125,7 +128,7 @@ extension TieredStore {
     /// its last access.
     func heat(_ page: Resident, now: UInt64) -> Double {
         let age = Double(now &- min(now, page.lastAccessMicros)) / Double(configuration.heatHalfLifeMicros)
-        return (page.uses + page.attention) * Double.pow2(-age)
+        return (page.uses + page.attention) * exp2(-age)
     }
 
     /// Moves the coldest unleased pages to disk until RAM is within budget (`evictionPolicy`).
@@ -167,7 +170,7 @@ extension TieredStore {
         state.withLock { s in
             let excess = s.ramBytes - configuration.ramBudgetBytes
             guard excess > 0 else { return [] }
-            let now = Self.now()
+            let now = Clocks.monotonicMicros()
             var candidates: [(address: PageAddress, page: Resident, young: Bool, score: Double)] = []
             candidates.reserveCapacity(s.resident.count)
             for (address, page) in s.resident where page.leases == 0 {
@@ -222,23 +225,5 @@ extension TieredStore {
                         ("disk_file_bytes", UInt64(stats.fileBytes)), ("disk_checksum_failures", UInt64(stats.checksumFailures))]
             } ?? [])
         }
-    }
-}
-
-extension Double {
-    static func pow2(_ x: Double) -> Double { x < -1000 ? 0 : Double(sign: .plus, exponent: 0, significand: 1) * exp2Approx(x) }
-
-    /// 2^x without Foundation: integer part by exponent, fraction by a short series.
-    private static func exp2Approx(_ x: Double) -> Double {
-        let whole = x.rounded(.down)
-        let fraction = x - whole
-        // e^(f ln2), f in [0, 1): the series converges fast.
-        let y = fraction * 0.6931471805599453
-        var term = 1.0, sum = 1.0
-        for n in 1...12 {
-            term *= y / Double(n)
-            sum += term
-        }
-        return Double(sign: .plus, exponent: Int(whole), significand: sum)
     }
 }

@@ -140,7 +140,7 @@ public struct DiskBenchmark: Sendable {
         let modelID: UInt64 = 0x11A3_A008_B000_0001
 
         // Writes, a few in flight so encoding overlaps the writer's appends and syncs.
-        let writeStart = Stopwatch.nanoseconds()
+        let writeStart = Clocks.monotonicNanoseconds()
         var recordBytes = 0
         try await withThrowingTaskGroup(of: Int.self) { group in
             var next = 0
@@ -179,7 +179,7 @@ public struct DiskBenchmark: Sendable {
         var rawBytes = 0
         for round in 0..<max(1, rounds) {
             try dropCache(root, segmentFiles)
-            let restoreStart = Stopwatch.nanoseconds()
+            let restoreStart = Clocks.monotonicNanoseconds()
             let restored = await tier.read(addresses, into: destinations)
             restoreRounds.append(seconds(since: restoreStart))
             if round == 0 {
@@ -264,7 +264,7 @@ public struct DiskBenchmark: Sendable {
     func rawRead(_ storage: PosixStorage, _ paths: [String]) async throws -> (bytes: Int, seconds: Double) {
         let buffer = PageBuffer(byteCount: Self.rawReadBytesPerRequest)
         var bytes = 0
-        let start = Stopwatch.nanoseconds()
+        let start = Clocks.monotonicNanoseconds()
         for path in paths {
             let file = try storage.open(path, .read)
             let size = try file.size()
@@ -293,9 +293,9 @@ public struct DiskBenchmark: Sendable {
                 let address = addresses[next % addresses.count]
                 next += 1
                 group.addTask {
-                    let start = Stopwatch.nanoseconds()
+                    let start = Clocks.monotonicNanoseconds()
                     let result = await tier.read(address, into: slots[slot])
-                    let micros = (Stopwatch.nanoseconds() - start) / 1000
+                    let micros = (Clocks.monotonicNanoseconds() - start) / 1000
                     if case .success = result { return (micros, true, slot) }
                     return (micros, false, slot)
                 }
@@ -318,5 +318,5 @@ public struct DiskBenchmark: Sendable {
         return sorted.count % 2 == 1 ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
     }
 
-    func seconds(since start: UInt64) -> Double { Double(Stopwatch.nanoseconds() - start) / 1e9 }
+    func seconds(since start: UInt64) -> Double { Double(Clocks.monotonicNanoseconds() - start) / 1e9 }
 }

@@ -52,7 +52,7 @@ public struct DiskInspector {
 
     /// Reads the whole store once. `progress` is called after each segment file.
     public func inspect(progress: (DiskInspectionProgress) -> Void = { _ in }) throws(StorageError) -> DiskInspection {
-        let started = Stopwatch.nanoseconds()
+        let started = Clocks.monotonicNanoseconds()
         var report = DiskVerifyReport(directory: displayName)
         let names = try storage.list(directory)
         var inStore: [UInt64: String] = [:]
@@ -167,7 +167,7 @@ public struct DiskInspector {
         }
         report.pages = pages.count
         report.total()
-        report.elapsedSeconds = Double(Stopwatch.nanoseconds() - started) / 1e9
+        report.elapsedSeconds = Double(Clocks.monotonicNanoseconds() - started) / 1e9
         return DiskInspection(report: report, pages: pages.map { DiskPageEntry($0.header, segment: $0.segment, offset: $0.offset) })
     }
 

@@ -69,22 +69,22 @@ public struct DiskRecoveryBenchmark: Sendable {
         let directory = configuration.directory
         try storage.makeDirectory(directory)
 
-        let generateStart = Stopwatch.nanoseconds()
+        let generateStart = Clocks.monotonicNanoseconds()
         let (segments, perSegment, indexBytes) = try generate(storage, directory, runID)
-        let generateSeconds = Double(Stopwatch.nanoseconds() - generateStart) / 1e9
+        let generateSeconds = Double(Clocks.monotonicNanoseconds() - generateStart) / 1e9
 
         let files = try storage.list(directory).filter { $0.hasPrefix("seg-") || $0 == Manifest.fileName }.map { "\(root)/\(directory)/\($0)" }
         for path in files { try SegmentFile(forReadingAt: .init(path), preferDirect: false).dropCachedPages() }
-        let coldStart = Stopwatch.nanoseconds()
+        let coldStart = Clocks.monotonicNanoseconds()
         var tier: DiskTier? = try DiskTier(storage: storage, configuration: configuration, logger: logger)
-        let coldSeconds = Double(Stopwatch.nanoseconds() - coldStart) / 1e9
+        let coldSeconds = Double(Clocks.monotonicNanoseconds() - coldStart) / 1e9
         let recovery = tier!.recovery
         await tier!.close()
         tier = nil
 
-        let warmStart = Stopwatch.nanoseconds()
+        let warmStart = Clocks.monotonicNanoseconds()
         tier = try DiskTier(storage: storage, configuration: configuration, logger: logger)
-        let warmSeconds = Double(Stopwatch.nanoseconds() - warmStart) / 1e9
+        let warmSeconds = Double(Clocks.monotonicNanoseconds() - warmStart) / 1e9
         await tier!.close()
         tier = nil
 
@@ -102,7 +102,7 @@ public struct DiskRecoveryBenchmark: Sendable {
         let segments = (pages + perSegment - 1) / perSegment
         var keys = SplitMix64(seed: runID)
         let storeID = PageKey(high: keys.next(), low: keys.next())
-        let now = UInt64(Stopwatch.nanoseconds() / 1000)
+        let now = UInt64(Clocks.monotonicNanoseconds() / 1000)
         let codec = Codec(.fp16)
         let payload = Self.tinyShape.rawBytes
         let recordBytes = RecordHeader.size + 4 * Self.tinyShape.layers + payload

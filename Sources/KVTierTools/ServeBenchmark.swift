@@ -289,8 +289,8 @@ public struct ServeBenchmark: Sendable {
     // MARK: servers
 
     private func waitForDaemon(_ daemon: ServeChild, socket: String, log: String) async throws {
-        let deadline = Stopwatch.nanoseconds() + 20_000_000_000
-        while Stopwatch.nanoseconds() < deadline {
+        let deadline = Clocks.monotonicNanoseconds() + 20_000_000_000
+        while Clocks.monotonicNanoseconds() < deadline {
             guard daemon.isRunning else { throw ToolError("kvtierd exited before listening:\n\(Self.tail(log))") }
             if access(socket, F_OK) == 0, let client = try? await KVTierClient.connect(socketPath: socket, replyTimeoutSeconds: 10) {
                 let answered = (try? await client.ping()) != nil
@@ -304,8 +304,8 @@ public struct ServeBenchmark: Sendable {
 
     /// Waits until redis answers PING; returns its version.
     private func waitForRedis(_ process: ServeChild, socket: String, log: String) throws -> String? {
-        let deadline = Stopwatch.nanoseconds() + 20_000_000_000
-        while Stopwatch.nanoseconds() < deadline {
+        let deadline = Clocks.monotonicNanoseconds() + 20_000_000_000
+        while Clocks.monotonicNanoseconds() < deadline {
             guard process.isRunning else { throw ToolError("redis-server exited before listening:\n\(Self.tail(log))") }
             if access(socket, F_OK) == 0, let connection = try? RESPConnection(path: socket),
                (try? connection.command(["PING"])) == .simple("PONG") {

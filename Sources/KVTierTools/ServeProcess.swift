@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 @preconcurrency import Glibc
 #endif
+import KVTierCore
 import Synchronization
 
 /// A child process of `kvtier bench serve` (the daemon, redis-server, a worker), started with
@@ -97,7 +98,7 @@ final class ServeChild {
     /// The next line of the child's stdout, waiting at most `timeoutSeconds`; nil at EOF.
     func receiveLine(timeoutSeconds: Double) throws -> String? {
         guard output >= 0 else { throw ToolError("\(name) has no output pipe") }
-        let deadline = Stopwatch.nanoseconds() + UInt64(timeoutSeconds * 1e9)
+        let deadline = Clocks.monotonicNanoseconds() + UInt64(timeoutSeconds * 1e9)
         var chunk = [UInt8](repeating: 0, count: 1 << 16)
         while true {
             if let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
@@ -105,7 +106,7 @@ final class ServeChild {
                 pending.removeSubrange(...newline)
                 return line
             }
-            let now = Stopwatch.nanoseconds()
+            let now = Clocks.monotonicNanoseconds()
             guard now < deadline else { throw ToolError("\(name) did not answer within \(Int(timeoutSeconds)) s") }
             var waiting = pollfd(fd: output, events: Int16(POLLIN), revents: 0)
             let ready = poll(&waiting, 1, Int32(min(1000, (deadline - now) / 1_000_000 + 1)))
@@ -128,9 +129,9 @@ final class ServeChild {
 
     /// Waits up to `timeoutSeconds` for the child to exit by itself; its wait status, or nil.
     func waitForExit(timeoutSeconds: Double) -> Int32? {
-        let deadline = Stopwatch.nanoseconds() + UInt64(timeoutSeconds * 1e9)
+        let deadline = Clocks.monotonicNanoseconds() + UInt64(timeoutSeconds * 1e9)
         while isRunning {
-            if Stopwatch.nanoseconds() >= deadline { return nil }
+            if Clocks.monotonicNanoseconds() >= deadline { return nil }
             usleep(10_000)
         }
         return reaped

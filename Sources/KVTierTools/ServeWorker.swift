@@ -104,13 +104,13 @@ public enum ServeWorker {
     /// Runs `operation(i)` for i = 0, 1, … until `seconds` pass or it returns nil.
     private static func phase(_ name: String, _ options: Options, _ operation: (Int) async throws -> Int?) async throws -> ServePhaseResult {
         var histogram = makeHistogram()
-        let start = Stopwatch.nanoseconds()
+        let start = Clocks.monotonicNanoseconds()
         let end = start + UInt64(options.seconds * 1e9)
         var operations = 0
         var now = start
         while now < end {
             guard try await operation(operations) != nil else { break }
-            let after = Stopwatch.nanoseconds()
+            let after = Clocks.monotonicNanoseconds()
             _ = histogram.record(max(1, after - now))
             now = after
             operations += 1

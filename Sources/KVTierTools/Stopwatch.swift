@@ -1,24 +1,13 @@
-#if canImport(Glibc)
-@preconcurrency import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
-
-/// Monotonic time in nanoseconds, for benchmarks.
+import KVTierCore
+/// Best-of-N timing for benchmarks (monotonic clock: `Clocks`).
 public enum Stopwatch {
-    public static func nanoseconds() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-    }
-
     /// Runs `body` `repetitions` times and returns the fastest run in seconds.
     public static func best(repetitions: Int, _ body: () throws -> Void) rethrows -> Double {
         var fastest = Double.infinity
         for _ in 0..<max(1, repetitions) {
-            let start = nanoseconds()
+            let start = Clocks.monotonicNanoseconds()
             try body()
-            fastest = min(fastest, Double(nanoseconds() - start) / 1e9)
+            fastest = min(fastest, Double(Clocks.monotonicNanoseconds() - start) / 1e9)
         }
         return fastest
     }

@@ -249,7 +249,7 @@ public struct TraceReplay: Sendable {
         let size = options.blockTokens
         var result = Result(policy: policy)
         let before = Self.counters(store, disk)
-        let started = Stopwatch.nanoseconds()
+        let started = Clocks.monotonicNanoseconds()
         var patterns: [Int: PageBuffer] = [:]
         func pattern(_ tokens: Int) -> PageBuffer {
             if let p = patterns[tokens] { return p }
@@ -299,7 +299,7 @@ public struct TraceReplay: Sendable {
                                         chunks: chunks(from: 0), durable: false)
             }
         }
-        result.seconds = Double(Stopwatch.nanoseconds() - started) / 1e9
+        result.seconds = Double(Clocks.monotonicNanoseconds() - started) / 1e9
         let after = Self.counters(store, disk)
         func delta(_ name: String) -> Int { Int((after[name] ?? 0) &- (before[name] ?? 0)) }
         result.promotions = delta("promotions")

@@ -190,11 +190,11 @@ private func commandLogger() -> Logger {
 /// when standard error is a terminal and the work has taken more than a second.
 private func withProgress<T>(_ verb: String, _ body: ((DiskInspectionProgress) -> Void) throws -> T) rethrows -> T {
     guard isatty(STDERR_FILENO) == 1 else { return try body { _ in } }
-    let started = Stopwatch.nanoseconds()
+    let started = Clocks.monotonicNanoseconds()
     var shown = false
     defer { if shown { fputs("\r\u{1B}[K", stderr) } }
     return try body { p in
-        guard Stopwatch.nanoseconds() - started > 1_000_000_000 || shown else { return }
+        guard Clocks.monotonicNanoseconds() - started > 1_000_000_000 || shown else { return }
         shown = true
         fputs("\r\(verb) segment \(p.segmentsDone)/\(p.segments), \(ByteCount(p.bytesDone)) of \(ByteCount(p.bytes))\u{1B}[K", stderr)
     }
