@@ -8,7 +8,8 @@ import Synchronization
 struct PendingWrite: @unchecked Sendable {
     // Invariant: created by one task, then owned by the writer queue alone.
     enum Body {
-        case page(modelID: UInt64, codec: Codec, shape: PageShape, sections: [[UInt8]])
+        /// A page record encoded by the caller, sequenced and checksummed by the writer.
+        case page([UInt8])
         /// Deletes whatever record of the address is live when the writer reaches it.
         case tombstone
         /// A verified record copied by compaction: re-sequenced and re-checksummed on write.
@@ -34,28 +35,14 @@ extension DiskTier {
             throw .invalidPage("page data holds \(data.count) bytes, shape \(shape) needs \(shape.rawBytes)")
         }
         guard shape.layers >= 1, shape.layers <= Limits.maxLayers else { throw .invalidPage("layers must be 1...\(Limits.maxLayers)") }
-        let encoder = SectionCodec(codec)
-        let sectionShape = shape.section
-        let part = sectionShape.bytesPerPart
-        var sections: [[UInt8]] = []
-        sections.reserveCapacity(shape.layers)
-        var scratch = [UInt8](repeating: 0, count: encoder.maxEncodedSize(sectionShape))
-        for layer in 0..<shape.layers {
-            let base = layer * 2 * part
-            let outcome = scratch.withUnsafeMutableBytes { out in
-                Result { () throws(CodecError) -> Int in
-                    try encoder.encode(
-                        keys: UnsafeRawBufferPointer(rebasing: data.readOnly[base..<base + part]),
-                        values: UnsafeRawBufferPointer(rebasing: data.readOnly[base + part..<base + 2 * part]),
-                        shape: sectionShape, into: out)
-                }
-            }
-            switch outcome {
-            case .success(let written): sections.append(Array(scratch[0..<written]))
-            case .failure(let error): throw .codec(error)
-            }
+        let record: [UInt8]
+        do {
+            record = try PageRecord.encode(address: address, modelID: modelID, codec: codec, shape: shape,
+                                           data: data.readOnly, createdMicros: Clocks.wallMicros())
+        } catch {
+            throw .codec(error)
         }
-        let stored = try await enqueue(address, .page(modelID: modelID, codec: codec, shape: shape, sections: sections))
+        let stored = try await enqueue(address, .page(record))
         guard let stored else { throw .invalidPage("writer returned no location") }
         return stored
     }
@@ -161,9 +148,8 @@ extension DiskTier {
         }
         let bytes: [UInt8]
         switch item.body {
-        case .page(let modelID, let codec, let shape, let sections):
-            bytes = PageRecord.build(sequence: sequence, address: item.address, modelID: modelID, codec: codec,
-                                     shape: shape, sections: sections, createdMicros: item.createdMicros)
+        case .page(let record):
+            bytes = PageRecord.resequenced(record, sequence: sequence)
         case .tombstone:
             guard let live else { return nil }
             bytes = PageRecord.tombstone(sequence: sequence, address: item.address, deletes: live, createdMicros: item.createdMicros)

@@ -3,23 +3,51 @@ import KVTierCore
 
 /// Builds and checks whole records: header, section table, sections, checksum.
 public enum PageRecord {
-    /// A page record, padded to whole blocks, ready to append. `sections` are the encoded layers
-    /// in order.
-    public static func build(
-        sequence: UInt64, address: PageAddress, modelID: UInt64, codec: Codec, shape: PageShape,
-        sections: [[UInt8]], createdMicros: UInt64
-    ) -> [UInt8] {
-        precondition(sections.count == shape.layers, "one section per layer")
-        let payload = sections.reduce(0) { $0 + $1.count }
-        let header = RecordHeader(
-            kind: .page, recordBytes: RecordHeader.size + 4 * shape.layers + payload, sequence: sequence,
-            address: address, modelID: modelID, codecTag: codec.tag, shape: shape, payloadBytes: payload,
-            createdMicros: createdMicros)
-        var writer = ByteWriter(capacity: header.paddedBytes)
-        header.encode(into: &writer)
-        for section in sections { writer.u32(UInt32(section.count)) }
-        for section in sections { writer.raw(section) }
-        return sealed(writer, header)
+    /// A page record, padded to whole blocks, with every layer of `data` (`shape.layers`
+    /// sections of keys then values) encoded straight into it: one buffer, no per-section copies.
+    /// Sequence and checksum are left zero for the writer (`resequenced`), which knows the order.
+    public static func encode(
+        address: PageAddress, modelID: UInt64, codec: Codec, shape: PageShape, data: UnsafeRawBufferPointer,
+        createdMicros: UInt64
+    ) throws(CodecError) -> [UInt8] {
+        let encoder = SectionCodec(codec)
+        let section = shape.section
+        let part = section.bytesPerPart
+        precondition(data.count >= shape.rawBytes, "page data shorter than its shape")
+        let tableStart = RecordHeader.size
+        let payloadStart = tableStart + 4 * shape.layers
+        let capacity = Block.roundUp(payloadStart + shape.layers * encoder.maxEncodedSize(section))
+        var failure: CodecError?
+        let record = [UInt8](unsafeUninitializedCapacity: capacity) { buffer, count in
+            let out = UnsafeMutableRawBufferPointer(buffer)
+            var at = payloadStart
+            for layer in 0..<shape.layers {
+                let base = layer * 2 * part
+                do throws(CodecError) {
+                    let written = try encoder.encode(
+                        keys: UnsafeRawBufferPointer(rebasing: data[base..<base + part]),
+                        values: UnsafeRawBufferPointer(rebasing: data[base + part..<base + 2 * part]),
+                        shape: section, into: UnsafeMutableRawBufferPointer(rebasing: out[at...]))
+                    out.storeBytes(of: UInt32(written).littleEndian, toByteOffset: tableStart + 4 * layer, as: UInt32.self)
+                    at += written
+                } catch {
+                    failure = error
+                    count = 0
+                    return
+                }
+            }
+            let header = RecordHeader(
+                kind: .page, recordBytes: at, sequence: 0, address: address, modelID: modelID, codecTag: codec.tag,
+                shape: shape, payloadBytes: at - payloadStart, createdMicros: createdMicros)
+            var writer = ByteWriter(capacity: RecordHeader.size)
+            header.encode(into: &writer)
+            writer.bytes.withUnsafeBytes { out.copyMemory(from: $0) }
+            let padded = Block.roundUp(at)
+            UnsafeMutableRawBufferPointer(rebasing: out[at..<padded]).initializeMemory(as: UInt8.self, repeating: 0)
+            count = padded
+        }
+        if let failure { throw failure }
+        return record
     }
 
     /// A tombstone deleting the page record of `address` with sequence `deletes`.
