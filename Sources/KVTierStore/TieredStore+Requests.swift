@@ -58,7 +58,7 @@ extension TieredStore {
             for address in lease.pages { s.resident[address]?.leases -= 1 }
             return lease
         }
-        guard let lease else { throw .notFound("lease \(leaseID)") }
+        guard let lease else { throw .notFound("lease \(leaseID) of this tenant (already released, or its connection closed): release each lease once") }
         if !lease.staging.isEmpty, let memory = try? memory(for: tenant) {
             for extent in lease.staging { memory.free(extent) }
         }
@@ -144,7 +144,7 @@ extension TieredStore {
                     guard let stored = located.first(where: { $0.tokens.lowerBound == pageStart }),
                           let buffer = await residentBuffer(stored.address, model, memory) else {
                         memory.free(fresh)
-                        throw .notFound("the cached partial page at token \(pageStart)")
+                        throw .notFound("the cached partial page at token \(pageStart) (evicted or replaced since LOOKUP): look up again and put from the cached length")
                     }
                     if stored.tokens.upperBound < pageEnd { dropped.append(stored.address) }
                     Self.merge(model: model, head: buffer.buffer, headStored: buffer.tokens, headUsed: chunkStart - pageStart,
