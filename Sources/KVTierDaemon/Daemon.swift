@@ -29,6 +29,7 @@ public final class Daemon: Sendable {
         var diskConfiguration = DiskTierConfiguration()
         diskConfiguration.budgetBytes = c.diskBudgetBytes
         let disk = try DiskTier(storage: storage, configuration: diskConfiguration, logger: logger)
+        let catalog = try SessionCatalog(storage: storage, logger: logger)
 
         var storeConfiguration = TieredStore.Configuration()
         storeConfiguration.ramBudgetBytes = c.ramBudgetBytes
@@ -36,7 +37,7 @@ public final class Daemon: Sendable {
         storeConfiguration.diskCodec = c.diskCodec
         let arenaBytes = c.arenaBytes
         let logger = self.logger
-        let store = TieredStore(configuration: storeConfiguration, disk: disk, logger: logger) { tenant in
+        let store = TieredStore(configuration: storeConfiguration, disk: disk, catalog: catalog, logger: logger) { tenant in
             try ArenaPageMemory(name: "kvtier-arena-\(tenant)", capacity: arenaBytes, logger: logger)
         }
 
@@ -59,9 +60,17 @@ public final class Daemon: Sendable {
         defer { signals.cancel() }
         logger.info("kvtierd ready", metadata: [
             "socket": "\(c.socket)", "stateDir": "\(c.stateDir)", "ramBudget": "\(ByteCount(c.ramBudgetBytes))",
-            "diskCodec": "\(c.diskCodec)", "diskPages": "\(disk.stats.pages)", "ioPath": "\(storage.readPath)",
+            "diskCodec": "\(c.diskCodec)", "diskPages": "\(disk.stats.pages)", "sessions": "\(catalog.count)", "ioPath": "\(storage.readPath)",
         ])
+        // Sessions past their TTL are forgotten within a few seconds.
+        let expiry = Task.detached {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .seconds(5))
+                store.expireSessions()
+            }
+        }
         try await server.run()
+        expiry.cancel()
         await disk.close()
         logger.info("kvtierd stopped")
     }

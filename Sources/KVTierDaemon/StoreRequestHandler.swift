@@ -52,12 +52,10 @@ public struct StoreRequestHandler: RequestHandler {
             return .lookup(LookupReply(cachedTokens: UInt32(found.cachedTokens), ramTokens: UInt32(found.ramTokens),
                                        diskTokens: UInt32(found.diskTokens), estimatedLoadMicros: found.estimatedLoadMicros))
         case .put(let r):
-            guard r.session.isEmpty else {
-                throw .invalidArgument("named sessions are not supported by this kvtierd yet: put without a session")
-            }
             let chunks = try chunks(of: r)
             let result = try await store.put(tenant, owner: context.connectionID, modelID: r.modelID, tokens: r.tokens,
-                                             dataStart: Int(r.dataStart), chunks: chunks, durable: r.durable)
+                                             dataStart: Int(r.dataStart), chunks: chunks, durable: r.durable,
+                                             session: r.session.isEmpty ? nil : r.session)
             return .put(PutReply(cachedTokens: UInt32(result.cachedTokens), newPages: UInt32(result.newPages)))
         case .get(let r):
             guard r.inline || context.sharedMemory else {
@@ -98,9 +96,41 @@ public struct StoreRequestHandler: RequestHandler {
             return .attention
         case .status:
             return .status(StatusReply(counters: store.status().map { StatusCounter(name: $0.name, value: $0.value) }))
-        case .sessionList, .sessionInfo, .sessionPin, .sessionTTL, .sessionFork, .sessionDelete, .sessionTokens:
-            throw .invalidArgument("named sessions are not supported by this kvtierd yet")
+        case .sessionList:
+            // Most recently used first, as many as fit one control frame.
+            var room = ProtocolLimits.maxControlBody - 4
+            var infos: [SessionInfo] = []
+            for detail in store.sessions(tenant) {
+                let info = Self.info(detail)
+                room -= SessionInfo.minimumBytes + info.name.utf8.count
+                guard room >= 0 else { break }
+                infos.append(info)
+            }
+            return .sessionList(SessionListReply(sessions: infos))
+        case .sessionInfo(let r):
+            return .sessionInfo(Self.info(try store.sessionDetail(tenant, name: r.name)))
+        case .sessionPin(let r):
+            _ = try store.setSessionPinned(tenant, name: r.name, pinned: r.pinned)
+            return .sessionPin
+        case .sessionTTL(let r):
+            try store.setSessionTTL(tenant, name: r.name, seconds: r.seconds)
+            return .sessionTTL
+        case .sessionFork(let r):
+            return .sessionFork(Self.info(try store.forkSession(tenant, from: r.from, to: r.to)))
+        case .sessionDelete(let r):
+            try store.deleteSession(tenant, name: r.name)
+            return .sessionDelete
+        case .sessionTokens(let r):
+            // The client is resuming the session: its disk pages start loading now.
+            let resumed = try store.resumeSession(tenant, name: r.name)
+            return .sessionTokens(SessionTokensReply(modelID: resumed.session.modelID, tokens: resumed.session.tokens))
         }
+    }
+
+    static func info(_ detail: TieredStore.SessionDetail) -> SessionInfo {
+        let s = detail.session
+        return SessionInfo(name: s.name, modelID: s.modelID, tokens: UInt32(s.tokens.count), pinned: s.pinned, ttlSeconds: s.ttlSeconds,
+                           lastUsedMicros: s.lastUsedMicros, ramTokens: UInt32(detail.ramTokens), diskTokens: UInt32(detail.diskTokens))
     }
 
     /// The store's chunks for a put: arena extents as named, or inline bytes cut at page

@@ -100,7 +100,7 @@ public struct SessionInfo: WireBody {
     public var diskTokens: UInt32
 
     /// The fewest bytes one entry takes (an empty name).
-    static let minimumBytes = 2 + 8 + 4 + 1 + 4 + 8 + 4 + 4
+    public static let minimumBytes = 2 + 8 + 4 + 1 + 4 + 8 + 4 + 4
 
     public init(name: String, modelID: UInt64, tokens: UInt32, pinned: Bool, ttlSeconds: UInt32,
                 lastUsedMicros: UInt64, ramTokens: UInt32, diskTokens: UInt32) {

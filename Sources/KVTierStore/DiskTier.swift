@@ -73,6 +73,10 @@ public final class DiskTier: Sendable {
     let readBuffers: PageBufferPool
     /// What start-up recovery found.
     public let recovery: RecoveryReport
+    /// How strongly sessions hold a page (set by the tiered store): the disk budget deletes
+    /// pages no session holds first, and never a pinned session's. Called under the state
+    /// lock, so it must not call back into the disk tier.
+    let holds = Mutex<(@Sendable (PageAddress) -> SessionCatalog.Hold)?>(nil)
 
     /// Opens (or creates) the store under `configuration.directory`, running recovery first.
     public init(storage: any Storage, configuration: DiskTierConfiguration = DiskTierConfiguration(), logger: Logger) throws(DiskTierError) {

@@ -75,14 +75,20 @@ extension TieredStore {
     /// Stores the KV of `tokens[dataStart...]` (tokens before `dataStart` must be cached) and
     /// returns the cached length after the put. `chunks` follow docs/protocol.md: the first runs
     /// from `dataStart` to the end of its page, then whole pages, then the rest.
+    ///
+    /// With a `session` name the put also sets that session of the tenant to `tokens` (creating
+    /// it), and is durable: every page of `tokens` is on disk and the session in the catalog
+    /// before it returns.
     public func put(
-        _ tenant: TenantID, owner: UInt64, modelID: UInt64, tokens: [UInt32], dataStart: Int, chunks: [PutChunk], durable: Bool
+        _ tenant: TenantID, owner: UInt64, modelID: UInt64, tokens: [UInt32], dataStart: Int, chunks: [PutChunk], durable: Bool,
+        session: String? = nil
     ) async throws(StoreError) -> PutResult {
         let model = try model(modelID)
         let size = model.pageTokens
         guard !tokens.isEmpty, dataStart >= 0, dataStart <= tokens.count else {
             throw .invalidArgument("dataStart \(dataStart) is outside the \(tokens.count) tokens")
         }
+        if let session { try Session.validate(name: session) }
         let located = locate(tenant, model, tokens)
         let cached = located.last?.tokens.upperBound ?? 0
         guard dataStart <= cached else {
@@ -179,11 +185,20 @@ extension TieredStore {
         let staged = Set(chunks.compactMap { if case .extent(let e) = $0 { e } else { nil } })
         for extent in raced where !staged.contains(extent) { memory.free(extent) }
         newPages.removeAll { raced.contains($0.1.extent) }
-        // A completed partial page is superseded by the longer one: keep no duplicate.
-        for address in dropped { await drop(address) }
-        if durable {
+        if let session {
+            // Every page of the session, stored now or before, must be on disk before the
+            // catalog names it (without a disk tier, sessions last as long as the process).
+            if disk != nil {
+                for page in located where page.tier == .ram { try await persist(page.address) }
+                for (address, _) in newPages { try await persist(address) }
+            }
+            try catalog.store(SessionID(tenant: tenant, name: session), model: model, tokens: tokens, now: Clocks.wallMicros())
+        } else if durable {
             for (address, _) in newPages { try await persist(address) }
         }
+        // A completed partial page is superseded by the longer one: keep no duplicate, unless
+        // a session still ends there.
+        for address in dropped where catalog.hold(on: address) == .none { await drop(address) }
         await makeRoom()
         return PutResult(cachedTokens: max(cached, tokens.count), newPages: newPages.count)
     }

@@ -45,9 +45,19 @@ extension TieredStore {
             page.leases += 1
             page.uses += 1
             page.lastAccessMicros = Clocks.monotonicMicros()
+            if page.prefetched {
+                page.prefetched = false
+                s.counters.prefetchUseful += 1
+            }
             s.resident[address] = page
             return (page.extent, page.tokens)
         }) { return hit }
+        return await promote(address, model, memory, lease: true)
+    }
+
+    /// Reads a disk page into the tenant's memory and makes it resident, with a lease or (for
+    /// prefetch) without. Nil when the page is not on disk, memory is full, or the read fails.
+    func promote(_ address: PageAddress, _ model: ModelSpec, _ memory: any PageMemory, lease: Bool) async -> (extent: Extent, tokens: Int)? {
         guard let disk, let stored = disk.page(address) else { return nil }
         guard let extent = memory.allocate(stored.shape.rawBytes) else { return nil }
         switch await disk.read(address, into: memory.buffer(extent)) {
@@ -58,14 +68,16 @@ extension TieredStore {
             let now = Clocks.monotonicMicros()
             let (kept, duplicate) = state.withLock { s -> ((Extent, Int), Bool) in
                 if var existing = s.resident[address] {  // promoted concurrently
-                    existing.leases += 1
+                    if lease { existing.leases += 1 }
                     s.resident[address] = existing
                     return ((existing.extent, existing.tokens), true)
                 }
-                s.resident[address] = Resident(extent: extent, modelID: model.id, tokens: page.page.shape.tokens, leases: 1,
-                                               lastAccessMicros: now, residentSinceMicros: now, onDisk: true)
+                var resident = Resident(extent: extent, modelID: model.id, tokens: page.page.shape.tokens, leases: lease ? 1 : 0,
+                                        lastAccessMicros: now, residentSinceMicros: now, onDisk: true, prefetched: !lease)
+                if let heat = s.evictedHeat.removeValue(forKey: address) { resident.attention = heat }
+                s.resident[address] = resident
                 s.ramBytes += extent.length
-                s.counters.promotions += 1
+                if lease { s.counters.promotions += 1 } else { s.counters.prefetchLoaded += 1 }
                 return ((extent, page.page.shape.tokens), false)
             }
             if duplicate { memory.free(extent) }
@@ -151,6 +163,8 @@ extension TieredStore {
                     s.resident[address] = nil
                     s.ramBytes -= current.extent.length
                     s.counters.evictions += 1
+                    if s.evictedHeat.count >= Self.evictedHeatLimit { s.evictedHeat.removeAll(keepingCapacity: true) }
+                    s.evictedHeat[address] = heat(current, now: Clocks.monotonicMicros())
                     return current.extent
                 }
                 if let freed, let memory = state.withLock({ $0.memories[address.tenant] }) {
@@ -163,9 +177,12 @@ extension TieredStore {
         }
     }
 
+    /// Pages whose heat at eviction prefetch remembers (forgotten all at once beyond it).
+    static let evictedHeatLimit = 1 << 20
+
     /// The pages to evict to get back under budget, coldest first, chosen in one pass over the
     /// resident pages (not one pass per page). Heat prefers pages past their minimum residence;
-    /// LRU orders by last access alone.
+    /// LRU orders by last access alone. Pinned sessions' pages and leased pages stay.
     private func chooseVictims() -> [(PageAddress, Resident)] {
         state.withLock { s in
             let excess = s.ramBytes - configuration.ramBudgetBytes
@@ -173,7 +190,7 @@ extension TieredStore {
             let now = Clocks.monotonicMicros()
             var candidates: [(address: PageAddress, page: Resident, young: Bool, score: Double)] = []
             candidates.reserveCapacity(s.resident.count)
-            for (address, page) in s.resident where page.leases == 0 {
+            for (address, page) in s.resident where page.leases == 0 && catalog.hold(on: address) != .pinned {
                 switch configuration.evictionPolicy {
                 case .lru:
                     candidates.append((address, page, false, Double(page.lastAccessMicros)))
@@ -201,14 +218,20 @@ extension TieredStore {
         let pages = locate(tenant, model, tokens)
         state.withLock { s in
             for (page, mass) in zip(pages, masses) where mass.isFinite && mass > 0 {
-                s.resident[page.address]?.attention += Double(mass)
+                if s.resident[page.address] != nil {
+                    s.resident[page.address]!.attention += Double(mass)
+                } else if s.evictedHeat.count < Self.evictedHeatLimit {
+                    s.evictedHeat[page.address, default: 0] += Double(mass)  // steers prefetch order
+                }
             }
         }
     }
 
     /// Counters and gauges, named as in `kvtier status`.
     public func status() -> [(name: String, value: UInt64)] {
-        state.withLock { s in
+        // Read before taking the store's lock: the catalog's lock may be held across a journal sync.
+        let sessions = catalog.count, pinnedBytes = catalog.pinnedBytes
+        return state.withLock { s in
             let c = s.counters
             return [
                 ("ram_pages", UInt64(s.resident.count)), ("ram_bytes", UInt64(s.ramBytes)),
@@ -219,6 +242,9 @@ extension TieredStore {
                 ("pages_deduplicated", UInt64(c.pagesDeduplicated)), ("gets", UInt64(c.gets)),
                 ("promotions", UInt64(c.promotions)), ("evictions", UInt64(c.evictions)),
                 ("disk_write_failures", UInt64(c.diskWriteFailures)),
+                ("prefetch_issued", UInt64(c.prefetchIssued)), ("prefetch_loaded", UInt64(c.prefetchLoaded)),
+                ("prefetch_useful", UInt64(c.prefetchUseful)), ("sessions", UInt64(sessions)),
+                ("sessions_expired", UInt64(c.sessionsExpired)), ("pinned_bytes", UInt64(pinnedBytes)),
             ] + (disk.map { d -> [(String, UInt64)] in
                 let stats = d.stats
                 return [("disk_pages", UInt64(stats.pages)), ("disk_live_bytes", UInt64(stats.liveBytes)),

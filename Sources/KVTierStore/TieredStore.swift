@@ -48,6 +48,8 @@ public final class TieredStore: Sendable {
         var lastAccessMicros: UInt64
         var residentSinceMicros: UInt64
         var onDisk: Bool
+        /// Loaded by prefetch and not yet served: the first lease counts a useful prefetch.
+        var prefetched = false
     }
 
     struct Lease {
@@ -65,6 +67,8 @@ public final class TieredStore: Sendable {
         var leases: [UInt64: Lease] = [:]
         var nextLease: UInt64 = 1
         var ramBytes = 0
+        /// Heat of pages when they left RAM, so prefetch can load the hottest first.
+        var evictedHeat: [PageAddress: Double] = [:]
         var counters = Counters()
     }
 
@@ -72,6 +76,7 @@ public final class TieredStore: Sendable {
         var lookups = 0, hitsRAM = 0, hitsDisk = 0, misses = 0
         var puts = 0, pagesStored = 0, pagesDeduplicated = 0
         var gets = 0, promotions = 0, evictions = 0, diskWriteFailures = 0
+        var prefetchIssued = 0, prefetchLoaded = 0, prefetchUseful = 0, sessionsExpired = 0
     }
 
     let configuration: Configuration
@@ -79,14 +84,24 @@ public final class TieredStore: Sendable {
     let makeMemory: @Sendable (TenantID) throws -> any PageMemory
     let logger: Logger
     let state = Mutex(State())
+    /// Registered models and named sessions (persisted when the catalog has storage).
+    public let catalog: SessionCatalog
 
     /// `makeMemory` creates a tenant's memory the first time the tenant stores or reads a page.
-    public init(configuration: Configuration, disk: DiskTier?, logger: Logger,
+    /// `catalog` brings the models and sessions of earlier runs; by default they live in
+    /// memory only.
+    public init(configuration: Configuration, disk: DiskTier?, catalog: SessionCatalog? = nil, logger: Logger,
                 makeMemory: @escaping @Sendable (TenantID) throws -> any PageMemory) {
         self.configuration = configuration
         self.disk = disk
         self.logger = logger
         self.makeMemory = makeMemory
+        let catalog = catalog ?? SessionCatalog(logger: logger)
+        self.catalog = catalog
+        state.withLock { s in
+            for model in catalog.models { s.models[model.id] = model }
+        }
+        disk?.holds.withLock { $0 = { [catalog] address in catalog.hold(on: address) } }
     }
 
     // MARK: models
@@ -97,6 +112,7 @@ public final class TieredStore: Sendable {
         guard model.layers >= 1, model.layers <= Limits.maxLayers, model.kvHeads >= 1, model.kvHeads <= Limits.maxKVHeads,
               model.headDim >= 1, model.headDim <= Limits.maxHeadDim, model.pageTokens >= 1, model.pageTokens <= Limits.maxPageTokens
         else { throw .invalidArgument("model shape out of range: \(model.layers) layers, \(model.kvHeads) KV heads, head dim \(model.headDim), \(model.pageTokens) tokens per page") }
+        try catalog.record(model)
         state.withLock { $0.models[model.id] = model }
         return model
     }
