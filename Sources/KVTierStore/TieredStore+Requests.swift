@@ -122,6 +122,15 @@ extension TieredStore {
             let chunkStart = max(pageStart, dataStart)
             let key = PageKeyChain.key(parent: parent, modelID: model.id, tokens: tokens[pageStart..<pageEnd])
             let address = PageAddress(tenant: tenant, key: key)
+            // The stored page this chunk continues (its rows before `chunkStart` are reused).
+            let completed = chunkStart > pageStart ? located.first(where: { $0.tokens.lowerBound == pageStart }) : nil
+            if chunkStart > pageStart, let (shorter, _) = PageKeyChain.longestStoredPrefix(
+                parent: parent, modelID: model.id, tokens: tokens[pageStart..<pageEnd - 1],
+                exists: { tier(of: PageAddress(tenant: tenant, key: $0)) != nil }) {
+                // The page a previous put ended on is superseded by this longer one, whether
+                // the longer page is new or was stored already: keep no duplicate.
+                dropped.append(PageAddress(tenant: tenant, key: shorter))
+            }
             parent = key
             if tier(of: address) != nil {
                 deduplicated += 1
@@ -147,12 +156,10 @@ extension TieredStore {
                 extent = fresh
                 // Rows before `chunkStart` come from the stored partial page being completed.
                 if chunkStart > pageStart {
-                    guard let stored = located.first(where: { $0.tokens.lowerBound == pageStart }),
-                          let buffer = await residentBuffer(stored.address, model, memory) else {
+                    guard let stored = completed, let buffer = await residentBuffer(stored.address, model, memory) else {
                         memory.free(fresh)
                         throw .notFound("the cached partial page at token \(pageStart) (evicted or replaced since LOOKUP): look up again and put from the cached length")
                     }
-                    if stored.tokens.upperBound < pageEnd { dropped.append(stored.address) }
                     Self.merge(model: model, head: buffer.buffer, headStored: buffer.tokens, headUsed: chunkStart - pageStart,
                                tail: source, tailTokens: pageEnd - chunkStart, into: memory.buffer(fresh))
                 } else {

@@ -43,12 +43,19 @@ final class DaemonProcess {
     var logPath: String { directory + "/kvtierd.log" }
     private var stopped = false
 
-    /// Starts the daemon and waits (up to 10 s) until it answers a PING.
-    static func start(ramBudget: String = "64MiB") async throws -> DaemonProcess {
+    /// Starts the daemon and waits (up to 10 s) until it answers a PING. `reusing` restarts a
+    /// stopped daemon's folder (its socket path and state directory).
+    static func start(ramBudget: String = "64MiB", arguments: [String] = [], reusing earlier: DaemonProcess? = nil) async throws -> DaemonProcess {
         guard let binary else { throw TestFailure("\(skipReason)") }
-        var template = Array("/tmp/kvtier-client-XXXXXX".utf8CString)
-        guard let made = mkdtemp(&template) else { throw TestFailure("mkdtemp: errno \(errno)") }
-        let daemon = try DaemonProcess(binary: binary, directory: String(cString: made), ramBudget: ramBudget)
+        let directory: String
+        if let earlier {
+            directory = earlier.directory
+        } else {
+            var template = Array("/tmp/kvtier-client-XXXXXX".utf8CString)
+            guard let made = mkdtemp(&template) else { throw TestFailure("mkdtemp: errno \(errno)") }
+            directory = String(cString: made)
+        }
+        let daemon = try DaemonProcess(binary: binary, directory: directory, ramBudget: ramBudget, extra: arguments)
         for _ in 0..<200 {
             if let client = try? await KVTierClient.connect(socketPath: daemon.socketPath, replyTimeoutSeconds: 10) {
                 try await client.ping()
@@ -65,9 +72,9 @@ final class DaemonProcess {
         throw TestFailure("kvtierd did not answer on \(daemon.socketPath) within 10 s:\n\(daemon.logTail())")
     }
 
-    private init(binary: String, directory: String, ramBudget: String) throws {
+    private init(binary: String, directory: String, ramBudget: String, extra: [String]) throws {
         self.directory = directory
-        let arguments = [binary, "--socket", directory + "/s.sock", "--state-dir", directory + "/state", "--ram-budget", ramBudget]
+        let arguments = [binary, "--socket", directory + "/s.sock", "--state-dir", directory + "/state", "--ram-budget", ramBudget] + extra
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -82,24 +89,42 @@ final class DaemonProcess {
         pid = child
     }
 
-    /// SIGTERM, up to 5 s for a clean exit, then SIGKILL. Returns the wait status.
+    /// SIGTERM, up to 5 s for a clean exit, then SIGKILL. Returns the wait status. The folder
+    /// is removed unless `keepingFiles` (for a restart).
     @discardableResult
-    func stop() -> Int32 {
+    func stop(keepingFiles: Bool = false) -> Int32 {
         guard !stopped else { return 0 }
         stopped = true
         _ = kill(pid, SIGTERM)
         var status: Int32 = 0
+        var exited = false
         for _ in 0..<100 {
             if waitpid(pid, &status, WNOHANG) == pid {
-                try? FileManager.default.removeItem(atPath: directory)
-                return status
+                exited = true
+                break
             }
             usleep(50_000)
         }
-        _ = kill(pid, SIGKILL)
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        try? FileManager.default.removeItem(atPath: directory)
+        if !exited {
+            _ = kill(pid, SIGKILL)
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        }
+        if !keepingFiles { try? FileManager.default.removeItem(atPath: directory) }
         return status
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would: no clean stop. Keeps the folder.
+    func crash() {
+        guard !stopped else { return }
+        stopped = true
+        _ = kill(pid, SIGKILL)
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+    }
+
+    /// Removes the folder of a daemon stopped with `keepingFiles` or crashed.
+    func removeFiles() {
+        try? FileManager.default.removeItem(atPath: directory)
     }
 
     deinit { stop() }

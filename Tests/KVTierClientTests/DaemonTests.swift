@@ -185,14 +185,12 @@ struct DaemonTests {
         }
         let status = try await client.status()
         #expect(status["puts"] != nil, "STATUS counters: \(status.keys.sorted())")
-        // Sessions may not be served yet: whatever the answer, an error is the daemon's, with a
-        // message, and the connection stays usable.
+        #expect(try await client.sessionList().isEmpty)
         do {
-            let sessions = try await client.sessionList()
-            #expect(sessions.isEmpty)
+            _ = try await client.sessionInfo("missing")
+            Issue.record("SESSION_INFO of a missing session succeeded")
         } catch let error as KVTierClientError {
-            #expect(error.wireError != nil, "\(error)")
-            print("SESSION_LIST: \(error)")
+            #expect(error.wireError == .notFound, "\(error)")
         }
         await #expect(throws: KVTierClientError.self) { try await client.release(leaseID: 987_654_321) }
         try await client.ping()

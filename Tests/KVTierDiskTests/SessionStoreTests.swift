@@ -1,0 +1,245 @@
+import KVTierCodec
+import KVTierCore
+import KVTierIO
+import KVTierStore
+import KVTierTools
+import Logging
+import Testing
+
+/// Named sessions in the tiered store: created by puts, kept in the catalog journal across
+/// restarts and crashes, pinned, expired, forked, and prefetched when resumed.
+@Suite struct SessionStoreTests {
+    typealias T = TieredStoreTests
+    static let model = T.model
+    static let alice = T.alice
+    static let bob = T.bob
+    static let pageBytes = 16 * T.model.bytesPerToken  // 8 KiB
+
+    /// A store over `storage`: disk tier and catalog both kept there, as kvtierd does.
+    static func open(_ storage: SimulatedStorage, ramBudget: Int = 64 << 20,
+                     minResidenceMicros: UInt64 = 0) throws -> (TieredStore, DiskTier) {
+        let disk = try DiskTier(storage: storage, logger: T.logger)
+        let catalog = try SessionCatalog(storage: storage, logger: T.logger)
+        var configuration = TieredStore.Configuration()
+        configuration.ramBudgetBytes = ramBudget
+        configuration.arenaBytes = 256 << 20
+        configuration.diskCodec = Codec(.fp16, .lz4)
+        configuration.minResidenceMicros = minResidenceMicros
+        let store = TieredStore(configuration: configuration, disk: disk, catalog: catalog, logger: T.logger) { tenant in
+            try ArenaPageMemory(name: "kvtier-session-test-\(tenant)", capacity: 256 << 20, logger: T.logger)
+        }
+        try store.register(model)
+        return (store, disk)
+    }
+
+    /// KV of tokens `start..<start+count` in page layout, each row derived from its token
+    /// position, layer and part: chunks of any split compose into the same pages.
+    static func rows(_ start: Int, _ count: Int) -> PageBuffer {
+        let row = model.kvHeads * model.headDim * model.elementType.byteWidth
+        let buffer = PageBuffer(overwrittenByteCount: count * model.bytesPerToken)
+        var at = 0
+        for section in 0..<(model.layers * 2) {
+            for token in start..<(start + count) {
+                let bytes = TestPattern.finiteFloat16(bytes: row, seed: UInt64(token) << 8 | UInt64(section)).copyBytes()
+                UnsafeMutableRawBufferPointer(rebasing: buffer.bytes[at..<at + row]).copyBytes(from: bytes)
+                at += row
+            }
+        }
+        return buffer
+    }
+
+    static func chunks(from dataStart: Int, to end: Int) -> [TieredStore.PutChunk] {
+        var chunks: [TieredStore.PutChunk] = []
+        var at = dataStart
+        while at < end {
+            let pageEnd = min((at / model.pageTokens + 1) * model.pageTokens, end)
+            chunks.append(.bytes(rows(at, pageEnd - at)))
+            at = pageEnd
+        }
+        return chunks
+    }
+
+    @discardableResult
+    static func put(_ store: TieredStore, _ tokens: [UInt32], from start: Int, session: String?,
+                    tenant: TenantID = alice) async throws -> TieredStore.PutResult {
+        try await store.put(tenant, owner: 1, modelID: model.id, tokens: tokens, dataStart: start,
+                            chunks: chunks(from: start, to: tokens.count), durable: false, session: session)
+    }
+
+    /// Whether a GET of `tokens` serves all of them with the bytes `T.rows` made.
+    static func servesExactly(_ store: TieredStore, _ tokens: [UInt32], tenant: TenantID = alice) async throws -> Bool {
+        let got = try await store.get(tenant, owner: 9, modelID: model.id, tokens: tokens, maxTokens: 0)
+        defer { try? store.release(tenant, leaseID: got.leaseID) }
+        guard got.tokens == tokens.count else { return false }
+        let memory = try store.memory(for: tenant)
+        for (i, page) in got.pages.enumerated() {
+            let rows = min(16, tokens.count - i * 16)
+            let expected = Self.rows(i * 16, rows).copyBytes()
+            guard memory.buffer(page.extent).copyBytes().prefix(expected.count) == expected[...] else { return false }
+        }
+        return true
+    }
+
+    @Test func aPutNamesASessionAndExtendsIt() async throws {
+        let (store, disk) = try Self.open(SimulatedStorage(seed: 11))
+        let tokens = Array(T.tokens[0..<70])
+        try await Self.put(store, Array(tokens[0..<40]), from: 0, session: "chat")
+        var info = try store.sessionDetail(Self.alice, name: "chat")
+        #expect(info.session.tokens == Array(tokens[0..<40]) && info.ramTokens == 40 && !info.session.pinned)
+        #expect(disk.stats.pages == 3, "a session put is durable: every page on disk")
+
+        try await Self.put(store, tokens, from: 40, session: "chat")
+        info = try store.sessionDetail(Self.alice, name: "chat")
+        #expect(info.session.tokens == tokens)
+        #expect(try await Self.servesExactly(store, tokens))
+        let resumed = try store.resumeSession(Self.alice, name: "chat")
+        #expect(resumed.session.tokens == tokens && resumed.prefetch == nil, "all in RAM: nothing to prefetch")
+        #expect(store.sessions(Self.alice).map(\.session.name) == ["chat"])
+        await disk.close()
+    }
+
+    @Test func sessionsSurviveACleanRestartAndACrash() async throws {
+        let storage = SimulatedStorage(seed: 12)
+        let tokens = Array(T.tokens[0..<70])
+        do {
+            let (store, disk) = try Self.open(storage)
+            try await Self.put(store, Array(tokens[0..<40]), from: 0, session: "clean")
+            try store.setSessionTTL(Self.alice, name: "clean", seconds: 3600)
+            await disk.close()
+        }
+        do {
+            let (store, _) = try Self.open(storage)
+            let info = try store.sessionDetail(Self.alice, name: "clean")
+            #expect(info.session.tokens == Array(tokens[0..<40]) && info.session.ttlSeconds == 3600 && info.diskTokens == 40)
+            #expect(try await Self.servesExactly(store, Array(tokens[0..<40])))
+            // Acknowledged, then power loss without a clean close.
+            try await Self.put(store, tokens, from: 40, session: "crash")
+            storage.crash()
+        }
+        let (store, disk) = try Self.open(storage)
+        #expect(store.sessions(Self.alice).map(\.session.name).sorted() == ["clean", "crash"])
+        let crash = try store.sessionDetail(Self.alice, name: "crash")
+        #expect(crash.session.tokens == tokens && crash.diskTokens == 70, "\(crash)")
+        #expect(try await Self.servesExactly(store, tokens))
+        await disk.close()
+    }
+
+    /// A fork shares the pages; extending the original completes (and would drop) the shorter
+    /// last page, which the fork still ends on, so it must stay.
+    @Test func aForkKeepsItsTailWhenTheOriginalGrows() async throws {
+        let (store, disk) = try Self.open(SimulatedStorage(seed: 13))
+        let tokens = Array(T.tokens[0..<80])
+        try await Self.put(store, Array(tokens[0..<70]), from: 0, session: "chat")
+        let fork = try store.forkSession(Self.alice, from: "chat", to: "branch")
+        #expect(fork.session.tokens == Array(tokens[0..<70]) && fork.ramTokens == 70)
+        try await Self.put(store, tokens, from: 70, session: "chat")
+        #expect(try store.sessionDetail(Self.alice, name: "chat").session.tokens == tokens)
+        let branch = try store.sessionDetail(Self.alice, name: "branch")
+        #expect(branch.session.tokens == Array(tokens[0..<70]) && branch.ramTokens + branch.diskTokens == 70, "\(branch)")
+        #expect(try await Self.servesExactly(store, Array(tokens[0..<70])))
+        #expect(try await Self.servesExactly(store, tokens))
+
+        // Without a session holding it, the shorter page goes (no duplicate storage).
+        try store.deleteSession(Self.alice, name: "branch")
+        try await Self.put(store, Array(T.tokens[0..<100]), from: 0, session: nil)
+        try await Self.put(store, Array(T.tokens[0..<90]), from: 0, session: nil)  // a 10-token tail page
+        #expect(try store.lookup(Self.alice, modelID: Self.model.id, tokens: Array(T.tokens[0..<90])).cachedTokens == 90)
+        try await Self.put(store, Array(T.tokens[0..<96]), from: 90, session: nil)
+        #expect(try store.lookup(Self.alice, modelID: Self.model.id, tokens: Array(T.tokens[0..<90])).cachedTokens == 80)
+        #expect(throws: StoreError.self) { try store.forkSession(Self.alice, from: "chat", to: "chat") }
+        #expect(throws: StoreError.self) { try store.forkSession(Self.alice, from: "missing", to: "x") }
+        await disk.close()
+    }
+
+    @Test func tenantsSeeNoneOfEachOthersSessions() async throws {
+        let (store, disk) = try Self.open(SimulatedStorage(seed: 14))
+        try await Self.put(store, Array(T.tokens[0..<40]), from: 0, session: "secret")
+        #expect(store.sessions(Self.bob).isEmpty)
+        #expect(throws: StoreError.self) { try store.sessionDetail(Self.bob, name: "secret") }
+        #expect(throws: StoreError.self) { try store.resumeSession(Self.bob, name: "secret") }
+        #expect(throws: StoreError.self) { try store.forkSession(Self.bob, from: "secret", to: "mine") }
+        #expect(throws: StoreError.self) { try store.setSessionPinned(Self.bob, name: "secret", pinned: true) }
+        #expect(throws: StoreError.self) { try store.setSessionTTL(Self.bob, name: "secret", seconds: 1) }
+        #expect(throws: StoreError.self) { try store.deleteSession(Self.bob, name: "secret") }
+        // Bob's own session of the same name is another session.
+        try await Self.put(store, Array(T.tokens[0..<20]), from: 0, session: "secret", tenant: Self.bob)
+        #expect(try store.sessionDetail(Self.bob, name: "secret").session.tokens.count == 20)
+        #expect(try store.sessionDetail(Self.alice, name: "secret").session.tokens.count == 40)
+        await disk.close()
+    }
+
+    @Test func ttlExpiresUnpinnedSessionsOnly() async throws {
+        let (store, disk) = try Self.open(SimulatedStorage(seed: 15))
+        try await Self.put(store, Array(T.tokens[0..<20]), from: 0, session: "short")
+        try await Self.put(store, Array(T.tokens[0..<20]), from: 0, session: "kept")
+        try store.setSessionTTL(Self.alice, name: "short", seconds: 1)
+        try store.setSessionTTL(Self.alice, name: "kept", seconds: 1)
+        _ = try store.setSessionPinned(Self.alice, name: "kept", pinned: true)
+        try await Task.sleep(for: .milliseconds(2100))
+        #expect(throws: StoreError.self) { try store.sessionDetail(Self.alice, name: "short") }
+        #expect(store.expireSessions() == 0, "the lazy check above expired it already")
+        #expect(try store.sessionDetail(Self.alice, name: "kept").session.pinned)
+        #expect(try store.lookup(Self.alice, modelID: Self.model.id, tokens: Array(T.tokens[0..<20])).cachedTokens == 20,
+                "an expired session's pages stay as cache")
+        await disk.close()
+    }
+
+    @Test func pinnedPagesStayInRAMAndPinsAreBounded() async throws {
+        let (store, disk) = try Self.open(SimulatedStorage(seed: 16), ramBudget: 8 * Self.pageBytes)
+        try await Self.put(store, Array(T.tokens[0..<48]), from: 0, session: "pinned")  // 3 pages
+        _ = try store.setSessionPinned(Self.alice, name: "pinned", pinned: true)
+        // Other traffic far over the RAM budget.
+        let other: [UInt32] = (0..<160).map { 10_000 + UInt32($0) }
+        try await store.put(Self.alice, owner: 1, modelID: Self.model.id, tokens: other, dataStart: 0,
+                            chunks: T.chunks(from: 0, to: 160), durable: false)
+        let info = try store.sessionDetail(Self.alice, name: "pinned")
+        #expect(info.ramTokens == 48, "pinned pages are not evicted: \(info)")
+        let status = Dictionary(uniqueKeysWithValues: store.status().map { ($0.name, $0.value) })
+        #expect(status["ram_bytes"]! <= UInt64(8 * Self.pageBytes) && status["pinned_bytes"]! == UInt64(3 * Self.pageBytes))
+
+        // Pinning more than half the RAM budget is refused.
+        try await Self.put(store, Array(T.tokens[100..<164]), from: 0, session: "big")  // 4 more pages
+        #expect(throws: StoreError.self) { try store.setSessionPinned(Self.alice, name: "big", pinned: true) }
+        _ = try store.setSessionPinned(Self.alice, name: "pinned", pinned: false)
+        #expect(try store.setSessionPinned(Self.alice, name: "big", pinned: true).session.name == "big")
+        await disk.close()
+    }
+
+    @Test func resumingPrefetchesTheSessionsDiskPages() async throws {
+        // Prefetch may fill half the RAM budget: 5 pages, more than the session's 4.
+        let (store, disk) = try Self.open(SimulatedStorage(seed: 17), ramBudget: 10 * Self.pageBytes)
+        let tokens = Array(T.tokens[0..<64])
+        try await Self.put(store, tokens, from: 0, session: "chat")
+        // Push the session out of RAM.
+        let other: [UInt32] = (0..<160).map { 20_000 + UInt32($0) }
+        try await store.put(Self.alice, owner: 1, modelID: Self.model.id, tokens: other, dataStart: 0,
+                            chunks: T.chunks(from: 0, to: 160), durable: false)
+        let before = try store.sessionDetail(Self.alice, name: "chat")
+        #expect(before.diskTokens > 0, "\(before)")
+        let resumed = try store.resumeSession(Self.alice, name: "chat")
+        let loaded = await resumed.prefetch?.value ?? 0
+        #expect(loaded == before.diskTokens / 16)
+        let after = try store.sessionDetail(Self.alice, name: "chat")
+        #expect(after.ramTokens == 64, "\(after)")
+        #expect(try await Self.servesExactly(store, tokens))
+        let status = Dictionary(uniqueKeysWithValues: store.status().map { ($0.name, $0.value) })
+        #expect(status["prefetch_loaded"]! == UInt64(loaded) && status["prefetch_useful"]! == UInt64(loaded))
+        await disk.close()
+    }
+
+    @Test func badNamesAndModelMismatchesAreRefused() async throws {
+        let (store, disk) = try Self.open(SimulatedStorage(seed: 18))
+        for name in ["", String(repeating: "x", count: 256), "tab\there"] {
+            await #expect(throws: StoreError.self) { try await Self.put(store, Array(T.tokens[0..<20]), from: 0, session: name) }
+        }
+        try await Self.put(store, Array(T.tokens[0..<20]), from: 0, session: "chat")
+        let other = ModelSpec(id: 0x78, name: "other", layers: 2, kvHeads: 2, headDim: 32, elementType: .float16, pageTokens: 16)
+        try store.register(other)
+        await #expect(throws: StoreError.self) {
+            try await store.put(Self.alice, owner: 1, modelID: other.id, tokens: Array(T.tokens[0..<20]), dataStart: 0,
+                                chunks: T.chunks(from: 0, to: 20), durable: false, session: "chat")
+        }
+        #expect(try store.sessionDetail(Self.alice, name: "chat").session.modelID == Self.model.id)
+        await disk.close()
+    }
+}

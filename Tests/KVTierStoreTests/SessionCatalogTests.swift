@@ -1,0 +1,121 @@
+import KVTierCore
+import KVTierStore
+import Testing
+
+/// The catalog journal: every acknowledged change survives a crash, a torn append loses only
+/// itself, damage is kept aside, and compaction keeps the state.
+@Suite struct SessionCatalogTests {
+    static let model = ModelSpec(id: 0x51, name: "m", layers: 2, kvHeads: 2, headDim: 32, elementType: .bfloat16, pageTokens: 16)
+    static let tenant = TenantID(1000)
+
+    static func id(_ name: String) -> SessionID { SessionID(tenant: tenant, name: name) }
+
+    /// Sessions as a comparable value.
+    static func contents(_ catalog: SessionCatalog) -> [String: Session] {
+        Dictionary(uniqueKeysWithValues: catalog.sessions(of: tenant).map { ($0.name, $0) })
+    }
+
+    @Test func replayRebuildsModelsSessionsAndHolds() throws {
+        let storage = SimulatedStorage(seed: 1)
+        let expected: [String: Session]
+        do {
+            let catalog = try SessionCatalog(storage: storage, logger: quietLogger)
+            try catalog.record(Self.model)
+            try catalog.store(Self.id("a"), model: Self.model, tokens: Array(0..<40), now: 10)
+            try catalog.store(Self.id("a"), model: Self.model, tokens: Array(0..<70), now: 11)  // extends
+            try catalog.store(Self.id("b"), model: Self.model, tokens: [9, 9, 9], now: 12)
+            try catalog.store(Self.id("b"), model: Self.model, tokens: Array(100..<120), now: 13)  // replaces
+            _ = try catalog.fork(Self.id("a"), to: Self.id("c"), now: 14)
+            try catalog.setPinned(Self.id("c"), true, now: 15)
+            try catalog.setTTL(Self.id("b"), seconds: 30, now: 16)
+            try catalog.store(Self.id("d"), model: Self.model, tokens: [1], now: 17)
+            try catalog.delete(Self.id("d"))
+            expected = Self.contents(catalog)
+            #expect(expected.keys.sorted() == ["a", "b", "c"])
+            #expect(expected["a"]!.tokens == Array(0..<70) && expected["b"]!.tokens == Array(100..<120))
+        }
+        storage.crash()  // everything above was synced before it returned
+        let catalog = try SessionCatalog(storage: storage, logger: quietLogger)
+        #expect(Self.contents(catalog) == expected)
+        #expect(catalog.models == [Self.model])
+        let keys = PageKeyChain.keys(modelID: Self.model.id, tokens: Array(0..<70), pageTokens: 16)
+        #expect(catalog.hold(on: PageAddress(tenant: Self.tenant, key: keys[4])) == .pinned, "c (pinned) ends on a's tail page")
+        #expect(catalog.pinnedBytes == 70 * Self.model.bytesPerToken)
+        #expect(catalog.hold(on: PageAddress(tenant: TenantID(7), key: keys[0])) == .none)
+    }
+
+    /// Cutting the journal anywhere inside its last record loses that record only.
+    @Test func aTornLastRecordLosesOnlyItself() throws {
+        let full = SimulatedStorage(seed: 2)
+        var sizes: [Int] = []
+        do {
+            let catalog = try SessionCatalog(storage: full, logger: quietLogger)
+            try catalog.store(Self.id("first"), model: Self.model, tokens: Array(0..<33), now: 1)
+            sizes.append(try full.open("CATALOG", .read).size())
+            try catalog.store(Self.id("second"), model: Self.model, tokens: Array(0..<50), now: 2)
+            sizes.append(try full.open("CATALOG", .read).size())
+        }
+        var bytes = [UInt8](repeating: 0, count: sizes[1])
+        _ = try bytes.withUnsafeMutableBytes { try full.open("CATALOG", .read).read(into: $0, at: 0) }
+        for cut in stride(from: sizes[0], to: sizes[1], by: 7) {
+            let storage = SimulatedStorage(seed: 3)
+            let file = try storage.open("CATALOG", .readWriteCreate)
+            try file.write(Array(bytes[0..<cut]), at: 0)
+            try file.sync()
+            let catalog = try SessionCatalog(storage: storage, logger: quietLogger)
+            #expect(Self.contents(catalog).keys.sorted() == ["first"], "cut at \(cut)")
+            #expect(!(try storage.list("")).contains { $0.hasPrefix("CATALOG.corrupt") }, "a torn tail is not damage")
+            // The journal goes on after the cut.
+            try catalog.store(Self.id("third"), model: Self.model, tokens: [5], now: 3)
+            #expect(Self.contents(try SessionCatalog(storage: storage, logger: quietLogger)).keys.sorted() == ["first", "third"])
+        }
+    }
+
+    @Test func damageBeforeTheEndIsKeptAside() throws {
+        let storage = SimulatedStorage(seed: 4)
+        var firstEnd = 0
+        do {
+            let catalog = try SessionCatalog(storage: storage, logger: quietLogger)
+            try catalog.store(Self.id("first"), model: Self.model, tokens: Array(0..<10), now: 1)
+            firstEnd = try storage.open("CATALOG", .read).size()
+            try catalog.store(Self.id("second"), model: Self.model, tokens: Array(0..<20), now: 2)
+            try catalog.store(Self.id("third"), model: Self.model, tokens: Array(0..<30), now: 3)
+        }
+        storage.corrupt("CATALOG", at: firstEnd + 20, bit: 3)
+        let catalog = try SessionCatalog(storage: storage, logger: quietLogger)
+        #expect(Self.contents(catalog).keys.sorted() == ["first"])
+        #expect(try storage.list("").contains { $0.hasPrefix("CATALOG.corrupt-") })
+    }
+
+    @Test func compactionKeepsTheStateAndShrinksTheFile() throws {
+        let storage = SimulatedStorage(seed: 5)
+        let expected: [String: Session]
+        do {
+            let catalog = try SessionCatalog(storage: storage, logger: quietLogger)
+            // Many replacements of a few sessions: the journal grows past 1 MiB, the state does not.
+            for round in 0..<120 {
+                for name in ["x", "y"] {
+                    try catalog.store(Self.id(name), model: Self.model, tokens: (0..<2_000).map { UInt32($0 * 31 + round) }, now: UInt64(round))
+                }
+            }
+            expected = Self.contents(catalog)
+        }
+        let size = try storage.open("CATALOG", .read).size()
+        #expect(size < 1 << 20, "rewritten: \(size) bytes")
+        storage.crash()
+        #expect(Self.contents(try SessionCatalog(storage: storage, logger: quietLogger)) == expected)
+        #expect(!storage.exists("CATALOG.tmp"))
+    }
+
+    @Test func aNewFileWithABadHeaderIsSetAside() throws {
+        let storage = SimulatedStorage(seed: 6)
+        let file = try storage.open("CATALOG", .readWriteCreate)
+        try file.write([UInt8](repeating: 0x41, count: 64), at: 0)
+        try file.sync()
+        let catalog = try SessionCatalog(storage: storage, logger: quietLogger)
+        #expect(catalog.count == 0)
+        #expect(try storage.list("").contains { $0.hasPrefix("CATALOG.unreadable-") })
+        try catalog.store(Self.id("fresh"), model: Self.model, tokens: [1, 2], now: 1)
+        #expect(try SessionCatalog(storage: storage, logger: quietLogger).count == 1)
+    }
+}
