@@ -34,8 +34,11 @@ def daemon_binary():
 
 
 class Daemon:
-    def __init__(self, binary: str, *args: str):
-        self.dir = tempfile.mkdtemp(prefix="kvtier-pytest-")
+    """A kvtierd in a fresh temporary folder, or in `directory` (a restart on an earlier
+    daemon's socket path and state)."""
+
+    def __init__(self, binary: str, *args: str, directory: str = None):
+        self.dir = directory or tempfile.mkdtemp(prefix="kvtier-pytest-")
         os.chmod(self.dir, 0o755)  # another uid must reach the socket (test_other_uid)
         self.socket = os.path.join(self.dir, "s.sock")
         self.log = open(os.path.join(self.dir, "kvtierd.log"), "w+")

@@ -1,0 +1,158 @@
+"""Named sessions through a real kvtierd from Python: another process resumes a conversation
+after a daemon restart, forks and pins it, and another uid sees none of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import kvtier
+from conftest import Daemon, daemon_binary
+
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+MODEL = kvtier.ModelSpec("pytest-sessions", layers=2, kv_heads=2, head_dim=32, page_tokens=16)
+
+# Turn 2 in its own process: resume the session, check the bytes, extend it.
+RESUME = r"""
+import json, sys
+import numpy as np
+import kvtier
+sock, n1, n2 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+model = kvtier.ModelSpec("pytest-sessions", layers=2, kv_heads=2, head_dim=32, page_tokens=16)
+rng = np.random.default_rng(7)
+shape = (2, n2, 2, 32)
+k, v = rng.standard_normal(shape).astype(np.float16), rng.standard_normal(shape).astype(np.float16)
+with kvtier.Client(sock) as c:
+    c.register(model)
+    mid, toks = c.session_tokens("chat")
+    keys, values = c.get(model, toks)
+    exact = bool(np.array_equal(keys, k[:, :n1]) and np.array_equal(values, v[:, :n1]))
+    cached = c.put(model, list(range(5000, 5000 + n2)), k, v, session="chat")
+    print(json.dumps({"tokens": [int(t) for t in toks], "exact": exact, "cached": cached}))
+"""
+
+
+def kv(n):
+    rng = np.random.default_rng(7)
+    shape = (MODEL.layers, n, MODEL.kv_heads, MODEL.head_dim)
+    return rng.standard_normal(shape).astype(np.float16), rng.standard_normal(shape).astype(np.float16)
+
+
+def restart(d: Daemon, binary: str, *args: str, kill: bool = False) -> Daemon:
+    """Stops `d` (SIGTERM, or SIGKILL with `kill`) and starts a new daemon on its folder."""
+    if kill:
+        d.proc.send_signal(signal.SIGKILL)
+    else:
+        d.proc.send_signal(signal.SIGTERM)
+    d.proc.wait(10)
+    d.log.close()
+    if os.path.exists(d.socket):  # left behind by SIGKILL: the wait below must see the new one
+        os.unlink(d.socket)
+    return Daemon(binary, *args, directory=d.dir)
+
+
+@pytest.fixture
+def binary():
+    b = daemon_binary()
+    if b is None:
+        pytest.skip("kvtierd is not built: run `swift build --product kvtierd` or set KVTIER_DAEMON")
+    return b
+
+
+def test_a_session_resumes_in_another_process_after_restart_and_sigkill(binary):
+    args = ("--ram-budget", "64MiB", "--disk-codec", "fp16+lz4")
+    d = Daemon(binary, *args)
+    try:
+        n1, n2 = 40, 70
+        k, v = kv(n2)
+        toks = list(range(5000, 5000 + n2))
+        with kvtier.Client(d.socket) as c:
+            assert c.put(MODEL, toks[:n1], k[:, :n1], v[:, :n1], session="chat") == n1
+            info = c.session_info("chat")
+            assert (info.tokens, info.ram_tokens, info.pinned) == (n1, n1, False)
+        d = restart(d, binary, *args)
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(SRC))
+        out = subprocess.run([sys.executable, "-c", RESUME, d.socket, str(n1), str(n2)],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        turn2 = json.loads(out.stdout.strip().splitlines()[-1])
+        assert turn2 == {"tokens": toks[:n1], "exact": True, "cached": n2}
+        d = restart(d, binary, *args, kill=True)
+        with kvtier.Client(d.socket) as c:
+            c.register(MODEL)
+            mid, resumed = c.session_tokens("chat")
+            assert list(resumed) == toks, "the acknowledged extension survives SIGKILL"
+            keys, values = c.get(MODEL, resumed)
+            assert np.array_equal(keys, k) and np.array_equal(values, v)
+            fork = c.fork("chat", "branch")
+            assert (fork.name, fork.tokens, fork.pinned) == ("branch", n2, False)
+            c.pin("branch")
+            c.set_ttl("chat", 600)
+            by_name = {s.name: s for s in c.list_sessions()}
+            assert by_name["branch"].pinned and by_name["chat"].ttl_seconds == 600
+            c.delete_session("chat")
+            assert [s.name for s in c.list_sessions()] == ["branch"]
+            with pytest.raises(kvtier.KVTierError) as missing:
+                c.session_info("chat")
+            assert missing.value.code == "notFound"
+            assert c.status()["sessions"] == 1
+    finally:
+        d.stop()
+
+
+def _as_uid_65534(sock: str) -> dict:
+    """What a client running as uid 65534 (a forked child that drops to it) sees of sessions."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            with kvtier.Client(sock) as c:
+                names = [s.name for s in c.list_sessions()]
+                errors = []
+                for attempt in (lambda: c.session_tokens("private"), lambda: c.fork("private", "mine"),
+                                lambda: c.delete_session("private"), lambda: c.pin("private")):
+                    try:
+                        attempt()
+                        errors.append(None)
+                    except kvtier.KVTierError as e:
+                        errors.append(e.code)
+                result = {"names": names, "errors": errors, "tenant": c.tenant, "uid": os.getuid()}
+            os.write(w, json.dumps(result).encode())
+        except BaseException as e:
+            os.write(w, json.dumps({"failure": repr(e)}).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def test_another_uid_sees_no_sessions(binary):
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a client as another uid")
+    d = Daemon(binary)
+    try:
+        k, v = kv(20)
+        with kvtier.Client(d.socket) as c:
+            c.put(MODEL, list(range(20)), k[:, :20], v[:, :20], session="private")
+            mine = c.tenant
+        other = _as_uid_65534(d.socket)
+        assert "failure" not in other, other
+        assert other["uid"] == 65534 and other["tenant"] != mine
+        assert other["names"] == [] and other["errors"] == ["notFound"] * 4
+        with kvtier.Client(d.socket) as c:
+            assert [s.name for s in c.list_sessions()] == ["private"], "nothing of it was touched"
+    finally:
+        d.stop()
