@@ -162,6 +162,7 @@ extension TieredStore {
                     }
                     Self.merge(model: model, head: buffer.buffer, headStored: buffer.tokens, headUsed: chunkStart - pageStart,
                                tail: source, tailTokens: pageEnd - chunkStart, into: memory.buffer(fresh))
+                    if buffer.leased { unlease(stored.address) }
                 } else {
                     memory.buffer(fresh).bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: source.readOnly[0..<chunkBytes]))
                 }

@@ -85,20 +85,36 @@ extension TieredStore {
         }
     }
 
-    /// A page's bytes wherever it is: its RAM extent, or a decoded copy from disk.
-    func residentBuffer(_ address: PageAddress, _ model: ModelSpec, _ memory: any PageMemory) async -> (buffer: PageBuffer, tokens: Int)? {
-        if let page = state.withLock({ $0.resident[address] }) { return (memory.buffer(page.extent), page.tokens) }
+    /// A page's bytes wherever it is: its RAM extent (leased until `unlease`, so eviction cannot
+    /// free it while the caller reads), or a decoded copy from disk (`leased` false).
+    func residentBuffer(_ address: PageAddress, _ model: ModelSpec, _ memory: any PageMemory) async -> (buffer: PageBuffer, tokens: Int, leased: Bool)? {
+        if let page = state.withLock({ s -> Resident? in
+            s.resident[address]?.leases += 1
+            return s.resident[address]
+        }) { return (memory.buffer(page.extent), page.tokens, true) }
         guard let disk, case .success(let page) = await disk.read(address) else { return nil }
-        return (page.data, page.page.shape.tokens)
+        return (page.data, page.page.shape.tokens, false)
+    }
+
+    /// Ends a lease taken by `residentBuffer` or `persist`.
+    func unlease(_ address: PageAddress) {
+        state.withLock { $0.resident[address]?.leases -= 1 }
     }
 
     // MARK: disk
 
-    /// Writes a RAM page to disk (if it is not there yet) and waits until it is durable.
+    /// Writes a RAM page to disk (if it is not there yet) and waits until it is durable. The page
+    /// is leased meanwhile: a concurrent eviction must not free (and another page reuse) the
+    /// memory the record is being encoded from.
     func persist(_ address: PageAddress) async throws(StoreError) {
         guard let disk else { throw .unavailable("no disk tier is configured: durable puts need one") }
-        guard let page = state.withLock({ $0.resident[address] }), !page.onDisk,
-              let model = state.withLock({ $0.models[page.modelID] }),
+        guard let page = state.withLock({ s -> Resident? in
+            guard let page = s.resident[address], !page.onDisk, s.models[page.modelID] != nil, s.memories[address.tenant] != nil else { return nil }
+            s.resident[address]!.leases += 1
+            return page
+        }) else { return }
+        defer { unlease(address) }
+        guard let model = state.withLock({ $0.models[page.modelID] }),
               let memory = state.withLock({ $0.memories[address.tenant] }) else { return }
         let shape = model.pageShape(tokens: page.tokens)
         var codec = configuration.diskCodec
