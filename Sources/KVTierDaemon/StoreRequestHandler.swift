@@ -96,6 +96,16 @@ public struct StoreRequestHandler: RequestHandler {
             return .attention
         case .status:
             return .status(StatusReply(counters: store.status().map { StatusCounter(name: $0.name, value: $0.value) }))
+        case .pages(let r):
+            let all = store.pageSummaries(tenant, modelID: r.modelID == 0 ? nil : r.modelID)
+            let start = min(all.count, Int(r.offset))
+            let end = min(all.count, start + Int(r.limit))
+            return .pages(PagesReply(total: UInt32(clamping: all.count), pages: all[start..<end].map(Self.info)))
+        case .evict(let r):
+            let result = try await store.evict(tenant, modelID: r.modelID == 0 ? nil : r.modelID, tokens: r.everyPage ? nil : r.tokens,
+                                               deleteFromDisk: r.deleteFromDisk)
+            return .evict(EvictReply(evicted: UInt32(clamping: result.evicted), deleted: UInt32(clamping: result.deleted),
+                                     skipped: UInt32(clamping: result.skipped)))
         case .sessionList:
             // Most recently used first, as many as fit one control frame.
             var room = ProtocolLimits.maxControlBody - 4
@@ -125,6 +135,20 @@ public struct StoreRequestHandler: RequestHandler {
             let resumed = try store.resumeSession(tenant, name: r.name)
             return .sessionTokens(SessionTokensReply(modelID: resumed.session.modelID, tokens: resumed.session.tokens))
         }
+    }
+
+    static func info(_ page: TieredStore.PageSummary) -> PageInfo {
+        var tiers: PageInfo.Tiers = []
+        if page.inRAM { tiers.insert(.ram) }
+        if page.onDisk { tiers.insert(.disk) }
+        let hold: UInt8 = switch page.hold {
+        case .none: 0
+        case .session: 1
+        case .pinned: 2
+        }
+        return PageInfo(key: page.address.key, modelID: page.modelID, tokens: UInt32(clamping: page.tokens), tiers: tiers, hold: hold,
+                        leases: UInt16(clamping: page.leases), heat: Float(page.heat), codecTag: page.diskCodec?.tag ?? 0,
+                        storedBytes: UInt32(clamping: page.storedBytes), rawBytes: UInt32(clamping: page.rawBytes), idleMicros: page.idleMicros)
     }
 
     static func info(_ detail: TieredStore.SessionDetail) -> SessionInfo {

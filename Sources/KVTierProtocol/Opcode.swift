@@ -17,6 +17,8 @@ public enum Opcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case sessionTokens = 0x0036
     case attention = 0x0040
     case status = 0x0050
+    case pages = 0x0051
+    case evict = 0x0052
 
     /// The spec's name, as in `LOOKUP`.
     public var description: String {
@@ -38,6 +40,8 @@ public enum Opcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .sessionTokens: "SESSION_TOKENS"
         case .attention: "ATTENTION"
         case .status: "STATUS"
+        case .pages: "PAGES"
+        case .evict: "EVICT"
         }
     }
 }

@@ -19,6 +19,8 @@ public enum Reply: Sendable, Equatable {
     case sessionTokens(SessionTokensReply)
     case attention
     case status(StatusReply)
+    case pages(PagesReply)
+    case evict(EvictReply)
     /// A non-zero status, answering a request of `opcode` (raw: unknown opcodes get one too).
     case error(opcode: UInt16, ErrorReply)
 
@@ -44,6 +46,8 @@ public enum Reply: Sendable, Equatable {
         case .sessionTokens: known = .sessionTokens
         case .attention: known = .attention
         case .status: known = .status
+        case .pages: known = .pages
+        case .evict: known = .evict
         }
         return known.rawValue
     }
@@ -74,6 +78,8 @@ public enum Reply: Sendable, Equatable {
         case .sessionInfo(let body), .sessionFork(let body): try body.encode(into: &writer)
         case .sessionTokens(let body): try body.encode(into: &writer)
         case .status(let body): try body.encode(into: &writer)
+        case .pages(let body): try body.encode(into: &writer)
+        case .evict(let body): try body.encode(into: &writer)
         case .error(_, let body): try body.encode(into: &writer)
         }
     }
@@ -125,6 +131,8 @@ public enum Reply: Sendable, Equatable {
         case .sessionTokens: return .sessionTokens(try SessionTokensReply(decoding: body))
         case .attention: try expectEmpty(body, opcode, reply: true); return .attention
         case .status: return .status(try StatusReply(decoding: body))
+        case .pages: return .pages(try PagesReply(decoding: body))
+        case .evict: return .evict(try EvictReply(decoding: body))
         }
     }
 }

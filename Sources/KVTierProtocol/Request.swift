@@ -19,6 +19,8 @@ public enum Request: Sendable, Equatable {
     case sessionTokens(SessionName)
     case attention(Attention)
     case status
+    case pages(Pages)
+    case evict(Evict)
 
     public var opcode: Opcode {
         switch self {
@@ -39,6 +41,8 @@ public enum Request: Sendable, Equatable {
         case .sessionTokens: .sessionTokens
         case .attention: .attention
         case .status: .status
+        case .pages: .pages
+        case .evict: .evict
         }
     }
 
@@ -58,6 +62,8 @@ public enum Request: Sendable, Equatable {
         case .sessionTTL(let body): try body.encode(into: &writer)
         case .sessionFork(let body): try body.encode(into: &writer)
         case .attention(let body): try body.encode(into: &writer)
+        case .pages(let body): try body.encode(into: &writer)
+        case .evict(let body): try body.encode(into: &writer)
         }
     }
 
@@ -102,6 +108,8 @@ public enum Request: Sendable, Equatable {
         case .sessionTokens: return .sessionTokens(try SessionName(decoding: body))
         case .attention: return .attention(try Attention(decoding: body))
         case .status: try expectEmpty(body, opcode); return .status
+        case .pages: return .pages(try Pages(decoding: body))
+        case .evict: return .evict(try Evict(decoding: body))
         }
     }
 }

@@ -88,6 +88,8 @@ struct MessageGenerator {
         case .sessionTokens: .sessionTokens(SessionName(string()))
         case .attention: .attention(Attention(modelID: u64(), tokens: tokens(), pageMass: (0..<int(0...maxList)).map { _ in float() }))
         case .status: .status
+        case .pages: .pages(Pages(modelID: u64(), offset: u32(), limit: UInt32(int(1...Pages.maxPagesPerReply))))
+        case .evict: .evict(Evict(modelID: u64(), tokens: tokens(), deleteFromDisk: bool(), everyPage: bool()))
         }
     }
 
@@ -117,6 +119,12 @@ struct MessageGenerator {
         case .attention: return .attention
         case .status:
             return .status(StatusReply(counters: (0..<int(0...maxList)).map { _ in StatusCounter(name: string(), value: u64()) }))
+        case .pages:
+            return .pages(PagesReply(total: u32(), pages: (0..<int(0...maxList)).map { _ in
+                PageInfo(key: PageKey(high: u64(), low: u64()), modelID: u64(), tokens: u32(), tiers: PageInfo.Tiers(rawValue: UInt8(int(0...3))),
+                         hold: UInt8(int(0...2)), leases: u16(), heat: float(), codecTag: u32(), storedBytes: u32(), rawBytes: u32(), idleMicros: u64())
+            }))
+        case .evict: return .evict(EvictReply(evicted: u32(), deleted: u32(), skipped: u32()))
         }
     }
 }

@@ -1,0 +1,31 @@
+import KVTierProtocol
+
+extension KVTierClient {
+    /// The tenant's pages (of one model, or all), RAM pages hottest first, then disk-only pages
+    /// most recently used first; fetched `Pages.maxPagesPerReply` at a time.
+    public func pages(modelID: UInt64? = nil, limit: Int = .max) async throws -> (total: Int, pages: [PageInfo]) {
+        var pages: [PageInfo] = []
+        var total = 0
+        while pages.count < limit {
+            let batch = UInt32(min(Pages.maxPagesPerReply, limit - pages.count))
+            let reply = try await call(.pages(Pages(modelID: modelID ?? 0, offset: UInt32(clamping: pages.count), limit: batch)),
+                                       expecting: "PAGES") { if case .pages(let r) = $0 { r } else { nil } }
+            total = Int(reply.total)
+            pages += reply.pages
+            if reply.pages.count < Int(batch) || pages.count >= total { break }
+        }
+        return (total, pages)
+    }
+
+    /// Moves the cached prefix of `tokens` out of RAM (to disk, or gone with `deleteFromDisk`).
+    public func evict(_ model: RegisteredModel, tokens: [UInt32], deleteFromDisk: Bool = false) async throws -> EvictReply {
+        try await call(.evict(Evict(modelID: model.modelID, tokens: tokens, deleteFromDisk: deleteFromDisk, everyPage: false)),
+                       expecting: "EVICT") { if case .evict(let r) = $0 { r } else { nil } }
+    }
+
+    /// Moves every page of the tenant (of one model, or all) out of RAM.
+    public func evictAll(modelID: UInt64? = nil, deleteFromDisk: Bool = false) async throws -> EvictReply {
+        try await call(.evict(Evict(modelID: modelID ?? 0, tokens: [], deleteFromDisk: deleteFromDisk, everyPage: true)),
+                       expecting: "EVICT") { if case .evict(let r) = $0 { r } else { nil } }
+    }
+}
