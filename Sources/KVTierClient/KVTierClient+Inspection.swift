@@ -29,3 +29,10 @@ extension KVTierClient {
                        expecting: "EVICT") { if case .evict(let r) = $0 { r } else { nil } }
     }
 }
+
+extension KVTierClient {
+    /// Every model registered with the daemon (host-wide: shapes only, no data).
+    public func models() async throws -> [ModelEntry] {
+        try await call(.models, expecting: "MODELS") { if case .models(let r) = $0 { r.models } else { nil } }
+    }
+}

@@ -45,7 +45,7 @@ public struct StoreRequestHandler: RequestHandler {
             let id: UInt64
             do { id = try r.modelID(pageTokensInForce: pageTokens) } catch { throw .invalidArgument("\(error)") }
             try store.register(ModelSpec(id: id, name: r.name, layers: Int(r.layers), kvHeads: Int(r.kvHeads), headDim: Int(r.headDim),
-                                         elementType: r.elementType, pageTokens: Int(pageTokens)))
+                                         elementType: r.elementType, pageTokens: Int(pageTokens), ropeTheta: r.ropeTheta))
             return .registerModel(RegisterModelReply(modelID: id, pageTokens: pageTokens))
         case .lookup(let r):
             let found = try store.lookup(tenant, modelID: r.modelID, tokens: r.tokens)
@@ -96,6 +96,13 @@ public struct StoreRequestHandler: RequestHandler {
             return .attention
         case .status:
             return .status(StatusReply(counters: store.status().map { StatusCounter(name: $0.name, value: $0.value) }))
+        case .models:
+            let models = store.catalog.models.sorted { $0.id < $1.id }.map { m in
+                ModelEntry(modelID: m.id, registration: RegisterModel(
+                    name: m.name, layers: UInt16(m.layers), kvHeads: UInt16(m.kvHeads), headDim: UInt16(m.headDim),
+                    elementType: m.elementType, pageTokens: UInt16(m.pageTokens), ropeTheta: m.ropeTheta))
+            }
+            return .models(ModelsReply(models: models))
         case .pages(let r):
             let all = store.pageSummaries(tenant, modelID: r.modelID == 0 ? nil : r.modelID)
             let start = min(all.count, Int(r.offset))

@@ -36,6 +36,11 @@ public struct RegisterModel: WireBody {
 
     public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
         var reader = BodyReader(body, context: "REGISTER_MODEL request")
+        try self.init(from: &reader)
+        try reader.finish()
+    }
+
+    init(from reader: inout BodyReader) throws(ProtocolError) {
         name = try reader.string("name")
         layers = try reader.u16()
         kvHeads = try reader.u16()
@@ -49,7 +54,6 @@ public struct RegisterModel: WireBody {
         guard zero == 0 else { throw .malformed("REGISTER_MODEL request: the byte after elementType is \(zero), must be 0") }
         pageTokens = try reader.u16()
         ropeTheta = try reader.f32()
-        try reader.finish()
     }
 
     /// Bit-exact equality (so a NaN `ropeTheta` equals itself, as the model id sees it).
@@ -85,6 +89,50 @@ public struct RegisterModelReply: WireBody {
         var reader = BodyReader(body, context: "REGISTER_MODEL reply")
         modelID = try reader.u64()
         pageTokens = try reader.u16()
+        try reader.finish()
+    }
+}
+
+/// One registered model of a `MODELS` reply: `u64 modelID`, then its registration as a
+/// `REGISTER_MODEL` request body (with the page size in force).
+public struct ModelEntry: Sendable, Equatable {
+    public var modelID: UInt64
+    public var registration: RegisterModel
+
+    public init(modelID: UInt64, registration: RegisterModel) {
+        self.modelID = modelID
+        self.registration = registration
+    }
+
+    /// The fewest bytes one entry takes (an empty name).
+    static let minimumBytes = 8 + 2 + 2 + 2 + 2 + 1 + 1 + 2 + 4
+}
+
+/// `MODELS` reply: `u32 count`, `count × (u64 modelID, registration)`. The request is empty.
+public struct ModelsReply: WireBody {
+    public var models: [ModelEntry]
+
+    public init(models: [ModelEntry]) { self.models = models }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        writer.u32(UInt32(clamping: models.count))
+        for model in models {
+            writer.u64(model.modelID)
+            try model.registration.encode(into: &writer)
+        }
+    }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "MODELS reply")
+        let count = try reader.count("models", limit: ProtocolLimits.maxControlBody / ModelEntry.minimumBytes,
+                                     elementBytes: ModelEntry.minimumBytes)
+        var models: [ModelEntry] = []
+        models.reserveCapacity(count)
+        for _ in 0..<count {
+            let modelID = try reader.u64()
+            models.append(ModelEntry(modelID: modelID, registration: try RegisterModel(from: &reader)))
+        }
+        self.models = models
         try reader.finish()
     }
 }

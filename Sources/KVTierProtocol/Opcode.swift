@@ -19,6 +19,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case status = 0x0050
     case pages = 0x0051
     case evict = 0x0052
+    case models = 0x0053
 
     /// The spec's name, as in `LOOKUP`.
     public var description: String {
@@ -42,6 +43,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .status: "STATUS"
         case .pages: "PAGES"
         case .evict: "EVICT"
+        case .models: "MODELS"
         }
     }
 }

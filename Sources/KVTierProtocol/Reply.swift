@@ -21,6 +21,7 @@ public enum Reply: Sendable, Equatable {
     case status(StatusReply)
     case pages(PagesReply)
     case evict(EvictReply)
+    case models(ModelsReply)
     /// A non-zero status, answering a request of `opcode` (raw: unknown opcodes get one too).
     case error(opcode: UInt16, ErrorReply)
 
@@ -48,6 +49,7 @@ public enum Reply: Sendable, Equatable {
         case .status: known = .status
         case .pages: known = .pages
         case .evict: known = .evict
+        case .models: known = .models
         }
         return known.rawValue
     }
@@ -80,6 +82,7 @@ public enum Reply: Sendable, Equatable {
         case .status(let body): try body.encode(into: &writer)
         case .pages(let body): try body.encode(into: &writer)
         case .evict(let body): try body.encode(into: &writer)
+        case .models(let body): try body.encode(into: &writer)
         case .error(_, let body): try body.encode(into: &writer)
         }
     }
@@ -133,6 +136,7 @@ public enum Reply: Sendable, Equatable {
         case .status: return .status(try StatusReply(decoding: body))
         case .pages: return .pages(try PagesReply(decoding: body))
         case .evict: return .evict(try EvictReply(decoding: body))
+        case .models: return .models(try ModelsReply(decoding: body))
         }
     }
 }

@@ -21,6 +21,7 @@ public enum Request: Sendable, Equatable {
     case status
     case pages(Pages)
     case evict(Evict)
+    case models
 
     public var opcode: Opcode {
         switch self {
@@ -43,13 +44,14 @@ public enum Request: Sendable, Equatable {
         case .status: .status
         case .pages: .pages
         case .evict: .evict
+        case .models: .models
         }
     }
 
     /// The body alone.
     public func encodeBody(into writer: inout ByteWriter) throws(ProtocolError) {
         switch self {
-        case .ping, .sessionList, .status: break
+        case .ping, .sessionList, .status, .models: break
         case .hello(let body): try body.encode(into: &writer)
         case .registerModel(let body): try body.encode(into: &writer)
         case .lookup(let body): try body.encode(into: &writer)
@@ -110,6 +112,7 @@ public enum Request: Sendable, Equatable {
         case .status: try expectEmpty(body, opcode); return .status
         case .pages: return .pages(try Pages(decoding: body))
         case .evict: return .evict(try Evict(decoding: body))
+        case .models: try expectEmpty(body, opcode); return .models
         }
     }
 }

@@ -10,8 +10,12 @@ public struct ModelSpec: Hashable, Sendable {
     public var headDim: Int
     public var elementType: ElementType
     public var pageTokens: Int
+    /// The RoPE base it was registered with (part of the fingerprint; kept so a registration can
+    /// be repeated elsewhere, as `kvtier import` does).
+    public var ropeTheta: Float
 
-    public init(id: UInt64, name: String, layers: Int, kvHeads: Int, headDim: Int, elementType: ElementType, pageTokens: Int) {
+    public init(id: UInt64, name: String, layers: Int, kvHeads: Int, headDim: Int, elementType: ElementType, pageTokens: Int,
+                ropeTheta: Float = 0) {
         self.id = id
         self.name = name
         self.layers = layers
@@ -19,6 +23,7 @@ public struct ModelSpec: Hashable, Sendable {
         self.headDim = headDim
         self.elementType = elementType
         self.pageTokens = pageTokens
+        self.ropeTheta = ropeTheta
     }
 
     /// The shape of a page holding `tokens` tokens.

@@ -65,7 +65,10 @@ struct SessionDaemonTests {
         daemon = try await DaemonProcess.start(arguments: Self.arguments, reusing: daemon)
         defer { daemon.stop() }
         let client = try await KVTierClient.connect(socketPath: daemon.socketPath, clientName: "turn-3")
+        let known = try await client.models()
+        #expect(known.count == 1 && known.first?.registration.name == D.spec.name, "models survive restarts: \(known)")
         let model = try await client.registerModel(D.spec)
+        #expect(known.first?.modelID == model.modelID)
         let resumed = try await client.sessionTokens("chat")
         #expect(resumed.tokens == tokens, "a session's tail shorter than a page survives too")
         try await Self.expectServes(client, model, tokens, kv, "after SIGKILL (seed \(seed))")
@@ -83,6 +86,17 @@ struct SessionDaemonTests {
         try await Self.expectServes(client, model, tokens, kv, "the fork after deleting the original (seed \(seed))")
         let status = try await client.status()
         #expect(status["sessions"] == 1, "\(status)")
+
+        // Inspection and eviction: 5 pages (4 whole, a 6-token tail), on disk after the restart.
+        var listed = try await client.pages()
+        #expect(listed.total == 5 && listed.pages.allSatisfy { $0.tiers.contains(.disk) && $0.hold == 2 }, "\(listed)")
+        #expect(listed.pages.map(\.tokens).sorted() == [6, 16, 16, 16, 16])
+        let evicted = try await client.evictAll()
+        #expect(evicted.skipped == 5, "the pinned fork's pages stay: \(evicted)")
+        try await client.sessionPin("branch", pinned: false)
+        #expect(try await client.evict(model, tokens: tokens).evicted == 5)
+        listed = try await client.pages()
+        #expect(listed.pages.allSatisfy { $0.tiers == .disk })
         await client.close()
     }
 

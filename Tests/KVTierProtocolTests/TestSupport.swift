@@ -90,6 +90,7 @@ struct MessageGenerator {
         case .status: .status
         case .pages: .pages(Pages(modelID: u64(), offset: u32(), limit: UInt32(int(1...Pages.maxPagesPerReply))))
         case .evict: .evict(Evict(modelID: u64(), tokens: tokens(), deleteFromDisk: bool(), everyPage: bool()))
+        case .models: .models
         }
     }
 
@@ -125,6 +126,11 @@ struct MessageGenerator {
                          hold: UInt8(int(0...2)), leases: u16(), heat: float(), codecTag: u32(), storedBytes: u32(), rawBytes: u32(), idleMicros: u64())
             }))
         case .evict: return .evict(EvictReply(evicted: u32(), deleted: u32(), skipped: u32()))
+        case .models:
+            return .models(ModelsReply(models: (0..<int(0...maxList)).map { _ in
+                ModelEntry(modelID: u64(), registration: RegisterModel(name: string(), layers: u16(), kvHeads: u16(), headDim: u16(),
+                                                                       elementType: bool() ? .float16 : .bfloat16, pageTokens: u16(), ropeTheta: float()))
+            }))
         }
     }
 }

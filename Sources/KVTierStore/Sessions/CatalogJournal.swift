@@ -197,6 +197,7 @@ final class CatalogJournal {
             w.u16(UInt16(m.headDim))
             w.u8(m.elementType.rawValue)
             w.u32(UInt32(m.pageTokens))
+            w.u32(m.ropeTheta.bitPattern)
         case .session(let s):
             w.u8(CatalogEntry.Kind.session.rawValue)
             id(s.id)
@@ -302,8 +303,9 @@ final class CatalogJournal {
                 let name = try string()
                 let layers = Int(try r.u16()), kvHeads = Int(try r.u16()), headDim = Int(try r.u16())
                 guard let element = ElementType(rawValue: try r.u8()) else { return nil }
+                let pageTokens = Int(try r.u32())
                 entry = .model(ModelSpec(id: modelID, name: name, layers: layers, kvHeads: kvHeads, headDim: headDim,
-                                         elementType: element, pageTokens: Int(try r.u32())))
+                                         elementType: element, pageTokens: pageTokens, ropeTheta: Float(bitPattern: try r.u32())))
             case .session:
                 let sid = try id()
                 let modelID = try r.u64()
