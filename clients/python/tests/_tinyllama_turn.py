@@ -7,12 +7,15 @@ restores the longest cached prefix from kvtierd with ``kvtier.PrefixCache``, com
 tokens after it with ``tinyllama.forward(..., past=...)``, and writes the whole conversation's KV
 back (``durable``, so it survives a daemon restart). Saves the new tokens' logits to
 OUT_DIR/logits.npy; with ``--recompute`` also times a full forward pass over all TOKENS and saves
-its logits to OUT_DIR/full-logits.npy. Prints one JSON line.
+its logits to OUT_DIR/full-logits.npy. ``--repeats N`` times both forward passes N times more,
+alternating, and reports their medians too (the restore itself is timed once: a second get would
+be served from RAM). Prints one JSON line.
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -31,6 +34,7 @@ def main():
     ap.add_argument("tokens", type=int)
     ap.add_argument("out")
     ap.add_argument("--recompute", action="store_true")
+    ap.add_argument("--repeats", type=int, default=0)
     args = ap.parse_args()
 
     sys.path.insert(0, args.fixture_dir)
@@ -68,6 +72,17 @@ def main():
         full = tinyllama.forward(model, tokens)
         report["recompute_s"] = time.perf_counter() - start
         np.save(os.path.join(args.out, "full-logits.npy"), full)
+        if args.repeats:
+            new_s, full_s = [], []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                tinyllama.forward(model, tokens[restored:], past=past)
+                new_s.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                tinyllama.forward(model, tokens)
+                full_s.append(time.perf_counter() - start)
+            report.update(repeats=args.repeats, compute_median_s=statistics.median(new_s),
+                          recompute_median_s=statistics.median(full_s))
     print(json.dumps(report), flush=True)
 
 

@@ -1,7 +1,7 @@
 """A Transformers cache whose prefix comes from kvtierd and whose new KV goes back to it.
 
 Targets the layered cache API of Transformers 4.56 and later (``DynamicCache.layers[i].keys``),
-including 5.x; tested with 5.23. Needs ``torch`` and ``transformers``, neither of which
+including 5.x; tested with 4.56.2, 4.57.6 and 5.23.0. Needs ``torch`` and ``transformers``, neither of which
 ``kvtier`` depends on; import it as ``from kvtier.transformers import KVTierCache``.
 
     cache = KVTierCache(client, spec, dtype=model.dtype, device=model.device)
