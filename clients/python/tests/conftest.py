@@ -42,9 +42,11 @@ class Daemon:
         os.chmod(self.dir, 0o755)  # another uid must reach the socket (test_other_uid)
         self.socket = os.path.join(self.dir, "s.sock")
         self.log = open(os.path.join(self.dir, "kvtierd.log"), "w+")
-        self.proc = subprocess.Popen(
-            [binary, "--socket", self.socket, "--state-dir", os.path.join(self.dir, "state"), *args],
-            stdout=self.log, stderr=subprocess.STDOUT)
+        self.argv = [binary, "--socket", self.socket, "--state-dir", os.path.join(self.dir, "state"), *args]
+        self._launch()
+
+    def _launch(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -58,7 +60,7 @@ class Daemon:
         self.log.seek(0)
         return self.log.read()[-4000:]
 
-    def stop(self) -> None:
+    def _terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -66,6 +68,17 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def restart(self) -> None:
+        """Stops the daemon with SIGTERM and starts it again on the same state directory: its
+        RAM tier starts empty, so cached pages come back from the disk tier."""
+        self._terminate()
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+        self._launch()
+
+    def stop(self) -> None:
+        self._terminate()
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -13,6 +13,7 @@ from .client import Client, LookupResult, PutResult
 from .errors import KVTierConnectionError, KVTierError, ProtocolViolation
 from .model import ModelSpec
 from .paths import default_socket_path, default_state_dir
+from .prefix import PrefixCache
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "KVTierError",
     "LookupResult",
     "ModelSpec",
+    "PrefixCache",
     "ProtocolViolation",
     "PutResult",
     "SessionInfo",
