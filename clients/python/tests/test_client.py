@@ -302,11 +302,11 @@ def test_daemon_errors(daemon):
         spec = model("errors")
         k, v = random_kv(spec, 4, 1)
         with pytest.raises(kvtier.KVTierError) as e:
-            c.put(spec, range(4), k, v, session="chat-1")
-        assert e.value.code == "invalidArgument" and "session" in e.value.message
+            c.put(spec, range(4), k, v, session="bad\tname")
+        assert e.value.code == "invalidArgument" and "session name" in e.value.message
         with pytest.raises(kvtier.KVTierError) as e:
-            c.list_sessions()
-        assert e.value.code == "invalidArgument"
+            c.session_info("never-created")
+        assert e.value.code == "notFound" and "never-created" in e.value.message
         with pytest.raises(kvtier.KVTierError) as e:
             c.release(987654)
         assert e.value.code == "notFound"
