@@ -14,16 +14,25 @@ import Logging
 public final class Daemon: Sendable {
     public let configuration: DaemonConfiguration.Resolved
     let logger: Logger
+    /// Re-reads the configuration on SIGHUP (file and flags); nil: SIGHUP only logs.
+    let reload: (@Sendable () throws -> DaemonConfiguration.Resolved)?
+    /// The level SIGHUP changes when `logLevel` changed.
+    let logLevel: LogLevelSwitch?
 
-    public init(configuration: DaemonConfiguration.Resolved, logger: Logger) {
+    public init(configuration: DaemonConfiguration.Resolved, logger: Logger,
+                reload: (@Sendable () throws -> DaemonConfiguration.Resolved)? = nil, logLevel: LogLevelSwitch? = nil) {
         self.configuration = configuration
         self.logger = logger
+        self.reload = reload
+        self.logLevel = logLevel
     }
 
     public func run() async throws {
         let c = configuration
         let selection = try BlockReaders.make(queueDepth: c.ioQueueDepth, logger: logger)
         defer { selection.reader.close() }
+        let operations = try DaemonOperations(configuration: c, ioPath: selection.reader.path, reload: reload, logLevel: logLevel, logger: logger)
+        operations.notifier.status("recovering the disk tier")
         let storage = PosixStorage(root: c.stateDir, reader: selection.reader, logger: logger)
         try storage.makeDirectory("")
         var diskConfiguration = DiskTierConfiguration()
@@ -42,9 +51,9 @@ public final class Daemon: Sendable {
 
         let socketDirectory = String(c.socket[..<(c.socket.lastIndex(of: "/") ?? c.socket.startIndex)])
         if !socketDirectory.isEmpty { try? PosixStorage(root: "/", reader: selection.reader, logger: logger).makeDirectory(socketDirectory) }
-        let listener = try UnixListener(path: c.socket)
+        let listener = try operations.makeListener(socketPath: c.socket)
         let server = KVServer(
-            listener: listener, handler: StoreRequestHandler(store: store, defaultPageTokens: c.pageTokens),
+            listener: listener, handler: operations.instrument(StoreRequestHandler(store: store, defaultPageTokens: c.pageTokens)),
             arenaProvider: { tenant in
                 let memory = try store.memory(for: tenant)
                 guard let descriptor = memory.shareableDescriptor else { return nil }
@@ -54,6 +63,7 @@ public final class Daemon: Sendable {
 
         let signals = SignalWatcher(signals: [SIGTERM, SIGINT]) { signal in
             logger.info("stopping on signal", metadata: ["signal": "\(signal)"])
+            operations.stopping()
             server.shutdown()
         }
         defer { signals.cancel() }
@@ -61,6 +71,7 @@ public final class Daemon: Sendable {
             "socket": "\(c.socket)", "stateDir": "\(c.stateDir)", "ramBudget": "\(ByteCount(c.ramBudgetBytes))",
             "diskCodec": "\(c.diskCodec)", "diskPages": "\(disk.stats.pages)", "ioPath": "\(storage.readPath)",
         ])
+        operations.started(store: store, server: server, status: "serving \(disk.stats.pages) disk pages; io \(storage.readPath)")
         try await server.run()
         await disk.close()
         logger.info("kvtierd stopped")
