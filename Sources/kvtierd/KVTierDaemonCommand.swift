@@ -10,7 +10,7 @@ struct KVTierDaemonCommand: AsyncParsableCommand {
         abstract: "The KVTier daemon: a tiered KV-cache shared by the inference processes of this host.",
         discussion: "Runs with embedded defaults; a JSON --config file and these flags override them (flags win).")
 
-    @Option(help: "Unix socket to listen on (default: $XDG_RUNTIME_DIR/kvtier/kvtierd.sock, else under the state directory).")
+    @Option(help: "Unix socket to listen on, unless systemd passes one (default: $XDG_RUNTIME_DIR/kvtier/kvtierd.sock; as root /run/kvtier/kvtierd.sock; else under the state directory).")
     var socket: String?
     @Option(name: .customLong("state-dir"), help: "Where page files live (default: $XDG_STATE_HOME/kvtier, or /var/lib/kvtier as root).")
     var stateDir: String?
