@@ -68,7 +68,7 @@ public final class Daemon: Sendable {
         }
         defer { signals.cancel() }
         logger.info("kvtierd ready", metadata: [
-            "socket": "\(c.socket)", "stateDir": "\(c.stateDir)", "ramBudget": "\(ByteCount(c.ramBudgetBytes))",
+            "socket": "\(listener.path ?? "passed by systemd")", "stateDir": "\(c.stateDir)", "ramBudget": "\(ByteCount(c.ramBudgetBytes))",
             "diskCodec": "\(c.diskCodec)", "diskPages": "\(disk.stats.pages)", "ioPath": "\(storage.readPath)",
         ])
         operations.started(store: store, server: server, status: "serving \(disk.stats.pages) disk pages; io \(storage.readPath)")
