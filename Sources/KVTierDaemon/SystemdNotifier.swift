@@ -2,6 +2,7 @@
 @preconcurrency import Glibc
 #endif
 import Dispatch
+import KVTierCore
 import Logging
 import Synchronization
 
@@ -54,7 +55,7 @@ public final class SystemdNotifier: Sendable {
     /// Sends `STOPPING=1` with a status line.
     public func stopping(status: String) { send("STOPPING=1\nSTATUS=\(status)") }
     /// Sends `RELOADING=1` before a SIGHUP reload and `READY=1` after it.
-    public func reloading() { send("RELOADING=1\nSTATUS=reloading configuration") }
+    public func reloading() { send("RELOADING=1\nMONOTONIC_USEC=\(Clocks.monotonicMicros())\nSTATUS=reloading configuration") }
 
     /// Starts pinging `WATCHDOG=1` every `watchdogIntervalMicros` on a dispatch timer while
     /// `isHealthy` returns true; a daemon that stops answering stops pinging and systemd restarts it.
