@@ -244,6 +244,12 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             }
             metrics = endpoint
         }
+        if let socket, socket.isEmpty {
+            throw Invalid(key: "socket", value: socket, allowed: "a path such as /run/kvtier/kvtierd.sock; leave the key out for the default")
+        }
+        if let stateDir, stateDir.isEmpty {
+            throw Invalid(key: "stateDir", value: stateDir, allowed: "a path such as /var/lib/kvtier; leave the key out for the default")
+        }
         let state = stateDir ?? KVTierPaths.defaultStateDirectory()
         return Resolved(
             socket: socket ?? KVTierPaths.defaultSocketPath(),

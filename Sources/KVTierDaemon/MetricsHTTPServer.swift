@@ -22,7 +22,6 @@ public final class MetricsHTTPServer: Sendable {
     public let boundPort: UInt16
     private let descriptor: Int32
     private let stopping = Atomic<Bool>(false)
-    private let finished = Mutex<Bool>(false)
     private let logger: Logger
 
     public struct StartError: Error, CustomStringConvertible {

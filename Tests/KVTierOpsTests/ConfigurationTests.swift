@@ -28,6 +28,7 @@ struct ConfigurationTests {
         Invalid(json: #"{"metricsListen": "192.0.2.1:9464"}"#, key: "metricsListen", allowed: "unless metricsAllowNonLoopback is true"),
         Invalid(json: #"{"metricsAllowNonLoopback": "yes"}"#, key: "metricsAllowNonLoopback", allowed: "true or false"),
         Invalid(json: #"{"ramBugdet": "8GiB"}"#, key: "ramBugdet", allowed: "one of the keys"),
+        Invalid(flags: ["--state-dir", ""], key: "stateDir", allowed: "leave the key out"),
         Invalid(flags: ["--ram-budget", "0"], key: "ramBudget", allowed: "a size such as"),
         Invalid(flags: ["--log-level", "verbose"], key: "logLevel", allowed: "critical"),
         Invalid(flags: ["--metrics-listen", "[2001:db8::1]:9464"], key: "metricsListen", allowed: "loopback"),
@@ -37,7 +38,9 @@ struct ConfigurationTests {
     func invalidValuesStopTheDaemonNamingTheKey(_ case_: Invalid) throws {
         let folder = try TemporaryFolder()
         defer { folder.remove() }
-        var arguments = [Checkout.daemon!, "--socket", folder.path + "/s.sock", "--state-dir", folder.path + "/state"] + case_.flags
+        var arguments = [Checkout.daemon!, "--socket", folder.path + "/s.sock"]
+        if !case_.flags.contains("--state-dir") { arguments += ["--state-dir", folder.path + "/state"] }
+        arguments += case_.flags
         if let json = case_.json { arguments += ["--config", try folder.write("kvtierd.json", json)] }
         let result = try runToCompletion(arguments, timeoutSeconds: 30)
         #expect(result.code != 0, "kvtierd accepted \(case_.testDescription):\n\(result.output)")
