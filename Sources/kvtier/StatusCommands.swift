@@ -80,6 +80,13 @@ struct TopCommand: AsyncParsableCommand {
         ("promotions", "PROMOTE/s"), ("evictions", "EVICT/s"),
     ]
 
+    /// One decimal below 10/s (so a trickle does not show as 0), whole numbers above.
+    static func formatRate(_ perSecond: Double) -> String {
+        guard perSecond < 10 else { return String(Int(perSecond.rounded())) }
+        let tenths = Int((perSecond * 10).rounded())
+        return "\(tenths / 10).\(tenths % 10)"
+    }
+
     func validate() throws {
         guard interval >= 0.1, interval <= 3600 else { throw ValidationError("--interval must be between 0.1 and 3600 seconds") }
         if let iterations, iterations < 1 { throw ValidationError("--iterations must be at least 1") }
@@ -103,7 +110,7 @@ struct TopCommand: AsyncParsableCommand {
             for column in Self.rateColumns {
                 guard let previous, now > previous.micros else { rates.append("-"); continue }
                 let delta = Double((counters[column.counter] ?? 0) &- (previous.counters[column.counter] ?? 0))
-                rates.append(String(Int((delta * 1e6 / Double(now - previous.micros)).rounded())))
+                rates.append(Self.formatRate(delta * 1e6 / Double(now - previous.micros)))
             }
             previous = (counters, now)
             frame += 1
