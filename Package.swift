@@ -138,7 +138,7 @@ let package = Package(
         ),
         // kvtierd as operators run it: systemd units, socket activation and sd_notify, configuration
         // errors and SIGHUP, /metrics, `kvtier status` and `kvtier top` (real processes).
-        .testTarget(name: "KVTierOpsTests", dependencies: ["KVTierClient", "KVTierProtocol", "KVTierCore"]),
+        .testTarget(name: "KVTierOpsTests", dependencies: ["KVTierDaemon", "KVTierClient", "KVTierProtocol", "KVTierCore"]),
         .testTarget(
             name: "KVTierServerTests",
             dependencies: [
