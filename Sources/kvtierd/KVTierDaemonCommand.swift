@@ -8,7 +8,12 @@ struct KVTierDaemonCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kvtierd",
         abstract: "The KVTier daemon: a tiered KV-cache shared by the inference processes of this host.",
-        discussion: "Runs with embedded defaults; a JSON --config file and these flags override them (flags win).")
+        discussion: """
+            Runs with embedded defaults; a JSON --config file and these flags override them (flags win); \
+            every key is in docs/configuration.md. SIGHUP re-reads the configuration and applies logLevel. \
+            Under systemd it serves a socket passed by socket activation (LISTEN_FDS) and reports \
+            READY, STATUS, WATCHDOG and STOPPING to NOTIFY_SOCKET (systemd/kvtierd.service).
+            """)
 
     @Option(help: "Unix socket to listen on, unless systemd passes one (default: $XDG_RUNTIME_DIR/kvtier/kvtierd.sock; as root /run/kvtier/kvtierd.sock; else under the state directory).")
     var socket: String?
