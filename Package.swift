@@ -15,6 +15,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
     ],
     targets: [
         // System libraries (Debian: liblz4-dev, libzstd-dev, liburing-dev).
@@ -76,12 +78,15 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
-        // kvtierd's wiring: configuration, the store behind the server's request handler.
+        // kvtierd's wiring: configuration, the store behind the server's request handler, systemd
+        // notify and socket activation, Prometheus metrics on a loopback HTTP endpoint.
         .target(
             name: "KVTierDaemon",
             dependencies: [
                 "KVTierServer", "KVTierStore", "KVTierIO", "KVTierProtocol", "KVTierCodec", "KVTierCore",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ]
         ),
         .executableTarget(
@@ -95,7 +100,7 @@ let package = Package(
         .executableTarget(
             name: "kvtier",
             dependencies: [
-                "KVTierCore", "KVTierCodec", "KVTierStore", "KVTierIO", "KVTierTools",
+                "KVTierCore", "KVTierCodec", "KVTierStore", "KVTierIO", "KVTierTools", "KVTierClient",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -131,6 +136,9 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // kvtierd as operators run it: systemd units, socket activation and sd_notify, configuration
+        // errors and SIGHUP, /metrics, `kvtier status` and `kvtier top` (real processes).
+        .testTarget(name: "KVTierOpsTests", dependencies: ["KVTierDaemon", "KVTierClient", "KVTierProtocol", "KVTierCore"]),
         .testTarget(
             name: "KVTierServerTests",
             dependencies: [

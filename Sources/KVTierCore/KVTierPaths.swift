@@ -5,13 +5,18 @@
 /// Where kvtierd and its clients meet and where state lives, by default. One definition, so a
 /// client with no configuration finds a daemon started with none.
 ///
-/// - socket: `$XDG_RUNTIME_DIR/kvtier/kvtierd.sock`, else `<state directory>/kvtierd.sock`
-///   (the systemd unit passes `/run/kvtier/kvtierd.sock` explicitly).
+/// - socket: `$XDG_RUNTIME_DIR/kvtier/kvtierd.sock`; as root without `XDG_RUNTIME_DIR` and
+///   `XDG_STATE_HOME`, `/run/kvtier/kvtierd.sock` (where systemd/kvtierd.socket puts it); else
+///   `<state directory>/kvtierd.sock`.
 /// - state: `$XDG_STATE_HOME/kvtier`, else `$HOME/.local/state/kvtier`; as root without
 ///   `XDG_STATE_HOME`, `/var/lib/kvtier`.
 public enum KVTierPaths {
+    /// The system service's socket (systemd/kvtierd.socket, RuntimeDirectory=kvtier).
+    public static let systemSocketPath = "/run/kvtier/kvtierd.sock"
+
     public static func defaultSocketPath(environment: [String: String] = currentEnvironment(), uid: UInt32 = getuid()) -> String {
         if let runtime = environment["XDG_RUNTIME_DIR"], !runtime.isEmpty { return "\(runtime)/kvtier/kvtierd.sock" }
+        if uid == 0, (environment["XDG_STATE_HOME"] ?? "").isEmpty { return systemSocketPath }
         return "\(defaultStateDirectory(environment: environment, uid: uid))/kvtierd.sock"
     }
 

@@ -10,20 +10,33 @@ import Logging
 
 /// kvtierd assembled: the disk tier on the state directory, the tiered store with one shared
 /// arena per tenant, and the Unix-socket server in front. `run` returns after SIGTERM or SIGINT:
-/// stop accepting, finish in-flight requests, sync the disk tier, exit.
+/// stop accepting, finish in-flight requests, write RAM pages to disk, sync the disk tier, exit.
 public final class Daemon: Sendable {
     public let configuration: DaemonConfiguration.Resolved
     let logger: Logger
+    /// Re-reads the configuration on SIGHUP (file and flags); nil: SIGHUP only logs.
+    let reload: (@Sendable () throws -> DaemonConfiguration.Resolved)?
+    /// The level SIGHUP changes when `logLevel` changed.
+    let logLevel: LogLevelSwitch?
 
-    public init(configuration: DaemonConfiguration.Resolved, logger: Logger) {
+    public init(configuration: DaemonConfiguration.Resolved, logger: Logger,
+                reload: (@Sendable () throws -> DaemonConfiguration.Resolved)? = nil, logLevel: LogLevelSwitch? = nil) {
         self.configuration = configuration
         self.logger = logger
+        self.reload = reload
+        self.logLevel = logLevel
     }
+
+    /// The longest a clean stop spends writing RAM pages to disk (systemd's default stop timeout
+    /// is 90 s).
+    static let shutdownFlushSeconds = 60
 
     public func run() async throws {
         let c = configuration
         let selection = try BlockReaders.make(queueDepth: c.ioQueueDepth, logger: logger)
         defer { selection.reader.close() }
+        let operations = try DaemonOperations(configuration: c, ioPath: selection.reader.path, reload: reload, logLevel: logLevel, logger: logger)
+        operations.notifier.status("recovering the disk tier")
         let storage = PosixStorage(root: c.stateDir, reader: selection.reader, logger: logger)
         try storage.makeDirectory("")
         var diskConfiguration = DiskTierConfiguration()
@@ -43,9 +56,9 @@ public final class Daemon: Sendable {
 
         let socketDirectory = String(c.socket[..<(c.socket.lastIndex(of: "/") ?? c.socket.startIndex)])
         if !socketDirectory.isEmpty { try? PosixStorage(root: "/", reader: selection.reader, logger: logger).makeDirectory(socketDirectory) }
-        let listener = try UnixListener(path: c.socket)
+        let listener = try operations.makeListener(socketPath: c.socket)
         let server = KVServer(
-            listener: listener, handler: StoreRequestHandler(store: store, defaultPageTokens: c.pageTokens),
+            listener: listener, handler: operations.instrument(StoreRequestHandler(store: store, defaultPageTokens: c.pageTokens)),
             arenaProvider: { tenant in
                 let memory = try store.memory(for: tenant)
                 guard let descriptor = memory.shareableDescriptor else { return nil }
@@ -55,11 +68,12 @@ public final class Daemon: Sendable {
 
         let signals = SignalWatcher(signals: [SIGTERM, SIGINT]) { signal in
             logger.info("stopping on signal", metadata: ["signal": "\(signal)"])
+            operations.stopping()
             server.shutdown()
         }
         defer { signals.cancel() }
         logger.info("kvtierd ready", metadata: [
-            "socket": "\(c.socket)", "stateDir": "\(c.stateDir)", "ramBudget": "\(ByteCount(c.ramBudgetBytes))",
+            "socket": "\(listener.path ?? "passed by systemd")", "stateDir": "\(c.stateDir)", "ramBudget": "\(ByteCount(c.ramBudgetBytes))",
             "diskCodec": "\(c.diskCodec)", "diskPages": "\(disk.stats.pages)", "sessions": "\(catalog.count)", "ioPath": "\(storage.readPath)",
         ])
         // Sessions past their TTL are forgotten within a few seconds.
@@ -69,8 +83,15 @@ public final class Daemon: Sendable {
                 store.expireSessions()
             }
         }
+        operations.started(store: store, server: server, status: "serving \(disk.stats.pages) disk pages, \(catalog.count) sessions; io \(storage.readPath)")
         try await server.run()
         expiry.cancel()
+        // A clean stop keeps the whole cache: RAM pages go to disk (hottest first, for at most
+        // `shutdownFlushSeconds`), so the next start serves them.
+        let flushed = await store.persistResident(deadlineMicros: Clocks.monotonicMicros() + UInt64(Self.shutdownFlushSeconds) * 1_000_000)
+        if flushed.written > 0 || flushed.left > 0 {
+            logger.info("RAM pages written to disk for the next start", metadata: ["pages": "\(flushed.written)", "leftUnwritten": "\(flushed.left)"])
+        }
         await disk.close()
         logger.info("kvtierd stopped")
     }

@@ -3,11 +3,17 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
 import KVTierCodec
 import KVTierCore
+import Logging
 
 /// kvtierd's settings: embedded defaults, then a JSON config file (`--config`), then flags.
-/// Invalid values stop the daemon at start with a message naming the key and what is allowed.
+/// Invalid values stop the daemon at start with a message naming the key and what is allowed;
+/// so do unknown keys (a misspelt key would otherwise be silently ignored). Every key is
+/// documented with its default in docs/configuration.md.
 public struct DaemonConfiguration: Codable, Equatable, Sendable {
     public init() {}
 
@@ -27,12 +33,93 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     public var pageTokens: Int = Limits.defaultPageTokens
     /// io_uring queue depth of disk reads. Default 64.
     public var ioQueueDepth: Int = 64
+    /// Least severe log level written. Default info. SIGHUP reloads it.
+    public var logLevel: String = "info"
+    /// `HOST:PORT` of the Prometheus endpoint (`GET /metrics`); nil or empty: off. Default off.
+    public var metricsListen: String?
+    /// Whether `metricsListen` may name a non-loopback address. Default false.
+    public var metricsAllowNonLoopback: Bool = false
+
+    /// Keys that SIGHUP applies without a restart; a change to any other key is logged and
+    /// waits for the next start.
+    public static let reloadableKeys: Set<String> = ["logLevel"]
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case socket, stateDir, ramBudget, diskBudget, diskCodec, arenaSize, pageTokens, ioQueueDepth
+        case logLevel, metricsListen, metricsAllowNonLoopback
+    }
+
+    /// Every key a config file may hold.
+    public static var keys: [String] { CodingKeys.allCases.map(\.rawValue) }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: AnyKey.self)
+        let known = Set(Self.keys)
+        if let unknown = container.allKeys.map(\.stringValue).sorted().first(where: { !known.contains($0) }) {
+            throw Invalid(key: unknown, value: "(present)", allowed: "one of the keys " + Self.keys.joined(separator: ", "))
+        }
+        func value<T: Decodable>(_ key: CodingKeys, _ type: T.Type, _ what: String) throws -> T? {
+            do { return try container.decodeIfPresent(T.self, forKey: AnyKey(key.rawValue)) } catch {
+                throw Invalid(key: key.rawValue, value: "(wrong type)", allowed: what)
+            }
+        }
+        socket = try value(.socket, String.self, "a string: the socket path")
+        stateDir = try value(.stateDir, String.self, "a string: the state directory")
+        ramBudget = try value(.ramBudget, String.self, "a size string such as \"8GiB\"") ?? ramBudget
+        diskBudget = try value(.diskBudget, String.self, "a size string such as \"100GiB\", or empty for no limit")
+        diskCodec = try value(.diskCodec, String.self, "a codec name string") ?? diskCodec
+        arenaSize = try value(.arenaSize, String.self, "a size string such as \"64GiB\"") ?? arenaSize
+        pageTokens = try value(.pageTokens, Int.self, "an integer") ?? pageTokens
+        ioQueueDepth = try value(.ioQueueDepth, Int.self, "an integer") ?? ioQueueDepth
+        logLevel = try value(.logLevel, String.self, "a string: " + Self.logLevels.joined(separator: ", ")) ?? logLevel
+        metricsListen = try value(.metricsListen, String.self, "a string HOST:PORT such as \"127.0.0.1:9464\"")
+        metricsAllowNonLoopback = try value(.metricsAllowNonLoopback, Bool.self, "true or false") ?? metricsAllowNonLoopback
+    }
+
+    struct AnyKey: CodingKey {
+        var stringValue: String
+        var intValue: Int? { nil }
+        init(_ string: String) { stringValue = string }
+        init?(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
+    }
+
+    /// Log levels by name, least severe first.
+    public static let logLevels = Logger.Level.allCases.map(\.rawValue)
 
     public struct Invalid: Error, CustomStringConvertible {
         public var key: String
         public var value: String
         public var allowed: String
         public var description: String { "configuration key '\(key)' has value '\(value)'; allowed: \(allowed)" }
+    }
+
+    /// Where the Prometheus endpoint listens: a numeric IPv4 or IPv6 address and a port (0: any
+    /// free port, logged at start).
+    public struct MetricsEndpoint: Equatable, Sendable, CustomStringConvertible {
+        public var host: String
+        public var port: UInt16
+        public var isLoopback: Bool
+        public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+
+        /// Parses `127.0.0.1:9464`, `[::1]:9464` or `localhost:9464`; nil when malformed.
+        public static func parse(_ text: String) -> MetricsEndpoint? {
+            guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else { return nil }
+            var host = String(text[..<colon])
+            if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+            if host == "localhost" { host = "127.0.0.1" }
+            var v4 = in_addr()
+            var v6 = in6_addr()
+            if inet_pton(AF_INET, host, &v4) == 1 {
+                return MetricsEndpoint(host: host, port: port, isLoopback: UInt32(bigEndian: v4.s_addr) >> 24 == 127)
+            }
+            if !text.hasPrefix("[") && host.contains(":") { return nil }  // IPv6 needs brackets.
+            if inet_pton(AF_INET6, host, &v6) == 1 {
+                let loopback = withUnsafeBytes(of: &v6) { $0.elementsEqual([UInt8](repeating: 0, count: 15) + [1]) }
+                return MetricsEndpoint(host: host, port: port, isLoopback: loopback)
+            }
+            return nil
+        }
     }
 
     /// The resolved values the daemon runs with.
@@ -45,6 +132,72 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         public var arenaBytes: Int
         public var pageTokens: Int
         public var ioQueueDepth: Int
+        public var logLevel: Logger.Level
+        public var metricsListen: MetricsEndpoint?
+        public var metricsAllowNonLoopback: Bool
+
+        /// The effective configuration as a JSON object, with the config file's key names
+        /// (`kvtierd --print-config`).
+        public var json: String {
+            func quoted(_ text: String) -> String {
+                var out = "\""
+                for character in text {
+                    switch character {
+                    case "\"": out += "\\\""
+                    case "\\": out += "\\\\"
+                    default: out.append(character)
+                    }
+                }
+                return out + "\""
+            }
+            let fields: [(String, String)] = [
+                ("socket", quoted(socket)), ("stateDir", quoted(stateDir)), ("ramBudget", quoted("\(ByteCount(ramBudgetBytes))")),
+                ("diskBudget", diskBudgetBytes.map { quoted("\(ByteCount($0))") } ?? "null"),
+                ("diskCodec", quoted("\(diskCodec)")), ("arenaSize", quoted("\(ByteCount(arenaBytes))")),
+                ("pageTokens", "\(pageTokens)"), ("ioQueueDepth", "\(ioQueueDepth)"), ("logLevel", quoted(logLevel.rawValue)),
+                ("metricsListen", metricsListen.map { quoted("\($0)") } ?? "null"),
+                ("metricsAllowNonLoopback", "\(metricsAllowNonLoopback)"),
+            ]
+            return "{" + fields.map { "\(quoted($0.0)): \($0.1)" }.joined(separator: ", ") + "}"
+        }
+
+        /// Config keys whose values differ between `self` and `other`.
+        public func changedKeys(comparedTo other: Resolved) -> [String] {
+            var keys: [String] = []
+            if socket != other.socket { keys.append("socket") }
+            if stateDir != other.stateDir { keys.append("stateDir") }
+            if ramBudgetBytes != other.ramBudgetBytes { keys.append("ramBudget") }
+            if diskBudgetBytes != other.diskBudgetBytes { keys.append("diskBudget") }
+            if diskCodec != other.diskCodec { keys.append("diskCodec") }
+            if arenaBytes != other.arenaBytes { keys.append("arenaSize") }
+            if pageTokens != other.pageTokens { keys.append("pageTokens") }
+            if ioQueueDepth != other.ioQueueDepth { keys.append("ioQueueDepth") }
+            if logLevel != other.logLevel { keys.append("logLevel") }
+            if metricsListen != other.metricsListen { keys.append("metricsListen") }
+            if metricsAllowNonLoopback != other.metricsAllowNonLoopback { keys.append("metricsAllowNonLoopback") }
+            return keys
+        }
+    }
+
+    /// Command-line flags, which win over the config file.
+    public struct Overrides: Sendable {
+        public var socket, stateDir, ramBudget, diskBudget, diskCodec, logLevel, metricsListen: String?
+
+        public init(socket: String? = nil, stateDir: String? = nil, ramBudget: String? = nil, diskBudget: String? = nil,
+                    diskCodec: String? = nil, logLevel: String? = nil, metricsListen: String? = nil) {
+            (self.socket, self.stateDir, self.ramBudget, self.diskBudget) = (socket, stateDir, ramBudget, diskBudget)
+            (self.diskCodec, self.logLevel, self.metricsListen) = (diskCodec, logLevel, metricsListen)
+        }
+
+        public func apply(to settings: inout DaemonConfiguration) {
+            if let socket { settings.socket = socket }
+            if let stateDir { settings.stateDir = stateDir }
+            if let ramBudget { settings.ramBudget = ramBudget }
+            if let diskBudget { settings.diskBudget = diskBudget }
+            if let diskCodec { settings.diskCodec = diskCodec }
+            if let logLevel { settings.logLevel = logLevel }
+            if let metricsListen { settings.metricsListen = metricsListen }
+        }
     }
 
     public static func load(file path: String) throws -> DaemonConfiguration {
@@ -52,8 +205,10 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch {
             throw Invalid(key: "--config", value: path, allowed: "a readable JSON file (\(error))")
         }
-        do { return try JSONDecoder().decode(DaemonConfiguration.self, from: data) } catch {
-            throw Invalid(key: "--config", value: path, allowed: "a JSON object with the keys listed in kvtierd --help (\(error))")
+        do { return try JSONDecoder().decode(DaemonConfiguration.self, from: data) } catch let invalid as Invalid {
+            throw invalid
+        } catch {
+            throw Invalid(key: "--config", value: path, allowed: "a JSON object with the keys \(keys.joined(separator: ", ")) (\(error))")
         }
     }
 
@@ -74,6 +229,27 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         guard (1...4096).contains(ioQueueDepth) else {
             throw Invalid(key: "ioQueueDepth", value: "\(ioQueueDepth)", allowed: "1...4096")
         }
+        guard let level = Logger.Level(rawValue: logLevel) else {
+            throw Invalid(key: "logLevel", value: logLevel, allowed: Self.logLevels.joined(separator: ", "))
+        }
+        var metrics: MetricsEndpoint?
+        if let text = metricsListen, !text.isEmpty {
+            guard let endpoint = MetricsEndpoint.parse(text) else {
+                throw Invalid(key: "metricsListen", value: text,
+                              allowed: "HOST:PORT with a numeric address, e.g. 127.0.0.1:9464, [::1]:9464 or localhost:9464; empty for off")
+            }
+            guard endpoint.isLoopback || metricsAllowNonLoopback else {
+                throw Invalid(key: "metricsListen", value: text,
+                              allowed: "a loopback address (127.0.0.0/8 or ::1) unless metricsAllowNonLoopback is true")
+            }
+            metrics = endpoint
+        }
+        if let socket, socket.isEmpty {
+            throw Invalid(key: "socket", value: socket, allowed: "a path such as /run/kvtier/kvtierd.sock; leave the key out for the default")
+        }
+        if let stateDir, stateDir.isEmpty {
+            throw Invalid(key: "stateDir", value: stateDir, allowed: "a path such as /var/lib/kvtier; leave the key out for the default")
+        }
         let state = stateDir ?? KVTierPaths.defaultStateDirectory()
         return Resolved(
             socket: socket ?? KVTierPaths.defaultSocketPath(),
@@ -83,6 +259,9 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             diskCodec: codec,
             arenaBytes: try size("arenaSize", arenaSize),
             pageTokens: pageTokens,
-            ioQueueDepth: ioQueueDepth)
+            ioQueueDepth: ioQueueDepth,
+            logLevel: level,
+            metricsListen: metrics,
+            metricsAllowNonLoopback: metricsAllowNonLoopback)
     }
 }

@@ -113,3 +113,27 @@ extension TieredStore {
         return result
     }
 }
+
+extension TieredStore {
+    /// Writes every RAM page that is not on disk yet, hottest first so that a deadline cuts the
+    /// least useful; stops at `deadlineMicros` (monotonic). Used on a clean
+    /// stop, so a restart finds the whole cache. Returns pages written and pages left unwritten.
+    public func persistResident(deadlineMicros: UInt64) async -> (written: Int, left: Int) {
+        let now = Clocks.monotonicMicros()
+        let pending = state.withLock { s in
+            s.resident.filter { !$0.value.onDisk }.map { ($0.key, heat($0.value, now: now)) }.sorted { $0.1 > $1.1 }.map(\.0)
+        }
+        var written = 0
+        for (index, address) in pending.enumerated() {
+            guard Clocks.monotonicMicros() < deadlineMicros else { return (written, pending.count - index) }
+            do {
+                try await persist(address)
+                written += 1
+            } catch {
+                logger.warning("cannot write a RAM page to disk at shutdown", metadata: ["page": "\(address)", "error": "\(error)"])
+                return (written, pending.count - index)
+            }
+        }
+        return (written, 0)
+    }
+}

@@ -4,7 +4,8 @@ import ArgumentParser
 struct KVTierCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kvtier",
-        abstract: "Inspect, verify and benchmark KVTier caches and codecs.",
-        subcommands: [CodecCommand.self, DebugCommand.self, DiskVerifyCommand.self, DiskPagesCommand.self, DiskBenchCommand.self]
+        abstract: "Watch a running kvtierd; inspect, verify and benchmark KVTier caches and codecs.",
+        subcommands: [StatusCommand.self, TopCommand.self, CodecCommand.self, DebugCommand.self, DiskVerifyCommand.self, DiskPagesCommand.self,
+                      DiskBenchCommand.self]
     )
 }

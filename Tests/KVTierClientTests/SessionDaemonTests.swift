@@ -130,3 +130,28 @@ struct SessionDaemonTests {
         await client.close()
     }
 }
+
+extension SessionDaemonTests {
+    /// A clean stop writes RAM pages to disk: a restart serves pages that were never put durably.
+    @Test func aCleanStopKeepsTheWholeCache() async throws {
+        var random = SplitMix64(seed: 9)
+        let tokens = D.randomTokens(50, &random)
+        let kv = D.randomKV(tokens: 50, &random)
+        var daemon = try await DaemonProcess.start(arguments: Self.arguments)
+        do {
+            let client = try await KVTierClient.connect(socketPath: daemon.socketPath)
+            let model = try await client.registerModel(D.spec)
+            #expect(try await client.put(model, tokens: tokens, keys: kv.keys, values: kv.values) == 50)
+            #expect(try await client.lookup(model, tokens: tokens).diskTokens == 0, "not durable: RAM only so far")
+            await client.close()
+        }
+        daemon.stop(keepingFiles: true)
+        daemon = try await DaemonProcess.start(arguments: Self.arguments, reusing: daemon)
+        defer { daemon.stop() }
+        let client = try await KVTierClient.connect(socketPath: daemon.socketPath)
+        let model = try await client.registerModel(D.spec)
+        #expect(try await client.lookup(model, tokens: tokens).diskTokens == 50)
+        try await Self.expectServes(client, model, tokens, kv, "after a clean restart")
+        await client.close()
+    }
+}

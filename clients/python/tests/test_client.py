@@ -67,7 +67,8 @@ def test_model_id_test_vector():
 def test_default_socket_path():
     assert kvtier.default_socket_path({"XDG_RUNTIME_DIR": "/run/user/5"}, 5) == "/run/user/5/kvtier/kvtierd.sock"
     assert kvtier.default_socket_path({"XDG_STATE_HOME": "/s", "HOME": "/h"}, 5) == "/s/kvtier/kvtierd.sock"
-    assert kvtier.default_socket_path({"HOME": "/h"}, 0) == "/var/lib/kvtier/kvtierd.sock"
+    assert kvtier.default_socket_path({"HOME": "/h"}, 0) == "/run/kvtier/kvtierd.sock"
+    assert kvtier.default_socket_path({"XDG_STATE_HOME": "/s", "HOME": "/h"}, 0) == "/s/kvtier/kvtierd.sock"
     assert kvtier.default_socket_path({"HOME": "/h"}, 5) == "/h/.local/state/kvtier/kvtierd.sock"
 
 

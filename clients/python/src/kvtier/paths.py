@@ -20,9 +20,14 @@ def default_state_dir(environ: Optional[Mapping[str, str]] = None, uid: Optional
 
 
 def default_socket_path(environ: Optional[Mapping[str, str]] = None, uid: Optional[int] = None) -> str:
-    """``$XDG_RUNTIME_DIR/kvtier/kvtierd.sock``, else ``<state dir>/kvtierd.sock``."""
+    """``$XDG_RUNTIME_DIR/kvtier/kvtierd.sock``; as root without ``XDG_RUNTIME_DIR`` and
+    ``XDG_STATE_HOME``, ``/run/kvtier/kvtierd.sock`` (the systemd socket unit's); else
+    ``<state dir>/kvtierd.sock``."""
     env = os.environ if environ is None else environ
+    uid = os.getuid() if uid is None else uid
     runtime = env.get("XDG_RUNTIME_DIR", "")
     if runtime:
         return f"{runtime}/kvtier/kvtierd.sock"
+    if uid == 0 and not env.get("XDG_STATE_HOME", ""):
+        return "/run/kvtier/kvtierd.sock"
     return f"{default_state_dir(env, uid)}/kvtierd.sock"

@@ -1,0 +1,171 @@
+import CoreMetrics
+import KVTierProtocol
+import Prometheus
+import Synchronization
+
+/// kvtierd's Prometheus metrics (`kvtier_*`). The store and the server keep their own counters
+/// (`TieredStore.status()`, `ServerCounters`); a scrape copies them into these metric objects,
+/// which are created once here, so the hot path pays nothing for metrics it does not time.
+/// Request latency is timed as it happens, through swift-metrics (`timer(for:)`).
+///
+/// Names and meanings: docs/operations.md, "What to watch".
+public final class DaemonMetrics: Sendable {
+    public let registry = PrometheusCollectorRegistry()
+    /// swift-metrics factory writing into `registry`; handed to code that records as it goes.
+    public let factory: PrometheusMetricsFactory
+
+    /// Request latency buckets: a RAM-tier round trip is tens of microseconds, a cold disk read
+    /// milliseconds, a large batched GET up to a second.
+    public static let latencyBuckets: [Duration] = [
+        .microseconds(50), .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1),
+        .microseconds(2500), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
+        .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .microseconds(2_500_000),
+    ]
+    public static let requestDurationName = "kvtier_request_duration_seconds"
+
+    /// A store or server counter exported as a Prometheus counter or gauge.
+    struct Mapping {
+        enum Kind { case counter, gauge }
+        var source: String
+        var name: String
+        var labels: [(String, String)]
+        var kind: Kind
+        var help: String
+    }
+
+    /// What each `STATUS` name becomes. Names the store adds later without a mapping here are
+    /// exported as gauges `kvtier_store_<name>` (see `refresh`).
+    static let mappings: [Mapping] = [
+        Mapping(source: "ram_pages", name: "kvtier_tier_pages", labels: [("tier", "ram")], kind: .gauge, help: "Pages held in the tier."),
+        Mapping(source: "disk_pages", name: "kvtier_tier_pages", labels: [("tier", "disk")], kind: .gauge, help: "Pages held in the tier."),
+        Mapping(source: "ram_bytes", name: "kvtier_tier_bytes", labels: [("tier", "ram")], kind: .gauge, help: "Bytes of pages held in the tier (disk: live record bytes)."),
+        Mapping(source: "disk_live_bytes", name: "kvtier_tier_bytes", labels: [("tier", "disk")], kind: .gauge, help: "Bytes of pages held in the tier (disk: live record bytes)."),
+        Mapping(source: "ram_budget_bytes", name: "kvtier_tier_budget_bytes", labels: [("tier", "ram")], kind: .gauge, help: "Configured budget of the tier."),
+        Mapping(source: "disk_file_bytes", name: "kvtier_disk_file_bytes", labels: [], kind: .gauge, help: "Bytes of page files on disk, live and dead records."),
+        Mapping(source: "lookup_hits_ram", name: "kvtier_lookup_hits_total", labels: [("tier", "ram")], kind: .counter, help: "Lookups that found cached tokens, by the slowest tier they needed."),
+        Mapping(source: "lookup_hits_disk", name: "kvtier_lookup_hits_total", labels: [("tier", "disk")], kind: .counter, help: "Lookups that found cached tokens, by the slowest tier they needed."),
+        Mapping(source: "lookup_misses", name: "kvtier_lookup_misses_total", labels: [], kind: .counter, help: "Lookups that found no cached token."),
+        Mapping(source: "lookups", name: "kvtier_lookups_total", labels: [], kind: .counter, help: "Lookups served."),
+        Mapping(source: "puts", name: "kvtier_puts_total", labels: [], kind: .counter, help: "PUT requests served."),
+        Mapping(source: "gets", name: "kvtier_gets_total", labels: [], kind: .counter, help: "GET requests served."),
+        Mapping(source: "pages_stored", name: "kvtier_pages_stored_total", labels: [], kind: .counter, help: "Pages written by PUTs."),
+        Mapping(source: "pages_deduplicated", name: "kvtier_pages_deduplicated_total", labels: [], kind: .counter, help: "Pages a PUT found already stored."),
+        Mapping(source: "promotions", name: "kvtier_promotions_total", labels: [], kind: .counter, help: "Pages read from disk back into RAM."),
+        Mapping(source: "evictions", name: "kvtier_evictions_total", labels: [], kind: .counter, help: "Pages moved out of RAM over its budget."),
+        Mapping(source: "disk_write_failures", name: "kvtier_disk_write_failures_total", labels: [], kind: .counter, help: "Pages that could not be written to disk."),
+        Mapping(source: "disk_checksum_failures", name: "kvtier_checksum_failures_total", labels: [], kind: .counter, help: "Disk records whose checksum did not match (served as misses)."),
+        Mapping(source: "leases", name: "kvtier_leases", labels: [], kind: .gauge, help: "Page leases held by clients."),
+        Mapping(source: "models", name: "kvtier_models", labels: [], kind: .gauge, help: "Registered models."),
+        Mapping(source: "tenants", name: "kvtier_tenants", labels: [], kind: .gauge, help: "Tenants with an arena."),
+        Mapping(source: "sessions", name: "kvtier_sessions", labels: [], kind: .gauge, help: "Named sessions."),
+        Mapping(source: "server.connections.open", name: "kvtier_clients", labels: [], kind: .gauge, help: "Client connections open."),
+        Mapping(source: "server.connections.accepted", name: "kvtier_connections_accepted_total", labels: [], kind: .counter, help: "Client connections accepted."),
+        Mapping(source: "server.connections.rejected", name: "kvtier_connections_rejected_total", labels: [], kind: .counter, help: "Client connections refused (limit or handshake)."),
+        Mapping(source: "server.frames.received", name: "kvtier_frames_received_total", labels: [], kind: .counter, help: "Protocol frames received."),
+        Mapping(source: "server.errors.protocol", name: "kvtier_protocol_errors_total", labels: [], kind: .counter, help: "Connections closed for a protocol error."),
+        Mapping(source: "server.errors.frame_timeout", name: "kvtier_frame_timeouts_total", labels: [], kind: .counter, help: "Connections closed because a frame did not arrive in time."),
+        Mapping(source: "server.requests.handled", name: "kvtier_requests_total", labels: [], kind: .counter, help: "Requests answered by the store."),
+    ]
+
+    private enum Exported {
+        case counter(Prometheus.Counter)
+        case gauge(Prometheus.Gauge)
+    }
+
+    private struct State {
+        var exported: [String: Exported] = [:]
+        /// Last value copied into each counter, so a scrape adds only the difference.
+        var lastCounterValues: [String: UInt64] = [:]
+        var timers: [UInt16: CoreMetrics.Timer] = [:]
+    }
+
+    private let state = Mutex(State())
+    private let tierBudget: Prometheus.Gauge
+    private let ioPath: [String: Prometheus.Gauge]
+    private let startTime: Prometheus.Gauge
+
+    /// `ioPath`: "io_uring" or "pread", the disk tier's read path; `diskBudgetBytes` when set.
+    public init(ioPath currentPath: String, diskBudgetBytes: Int?, startTimeSeconds: Double) {
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.durationHistogramBuckets[Self.requestDurationName] = Self.latencyBuckets
+        self.factory = factory
+        tierBudget = registry.makeGauge(
+            descriptor: MetricNameDescriptor(metricName: "kvtier_tier_budget", unitName: "bytes", helpText: "Configured budget of the tier."),
+            labels: [("tier", "disk")])
+        tierBudget.set(Double(diskBudgetBytes ?? 0))
+        var paths: [String: Prometheus.Gauge] = [:]
+        for path in ["io_uring", "pread"] {
+            paths[path] = registry.makeGauge(
+                descriptor: MetricNameDescriptor(metricName: "kvtier_io_path", unitName: "", helpText: "1 for the disk tier's read path (io_uring, or the pread fallback), else 0."),
+                labels: [("path", path)])
+            paths[path]!.set(to: path == currentPath ? 1.0 : 0.0)
+        }
+        ioPath = paths
+        startTime = registry.makeGauge(
+            descriptor: MetricNameDescriptor(metricName: "kvtier_start_time", unitName: "seconds", helpText: "When kvtierd started, seconds since the Unix epoch."))
+        startTime.set(startTimeSeconds)
+        state.withLock { s in
+            for mapping in Self.mappings { s.exported[mapping.source] = Self.make(mapping, in: registry) }
+        }
+    }
+
+    private static func make(_ mapping: Mapping, in registry: PrometheusCollectorRegistry) -> Exported {
+        let descriptor = MetricNameDescriptor(metricName: mapping.name, unitName: "", helpText: mapping.help)
+        switch mapping.kind {
+        case .counter: return .counter(registry.makeCounter(descriptor: descriptor, labels: mapping.labels))
+        case .gauge: return .gauge(registry.makeGauge(descriptor: descriptor, labels: mapping.labels))
+        }
+    }
+
+    /// The latency timer of requests with `opcode` (named by `name`), created on first use.
+    public func timer(opcode: UInt16, name: String) -> CoreMetrics.Timer {
+        if let timer = state.withLock({ $0.timers[opcode] }) { return timer }
+        let timer = CoreMetrics.Timer(label: Self.requestDurationName, dimensions: [("opcode", name)], factory: factory)
+        return state.withLock { s in
+            if let existing = s.timers[opcode] { return existing }
+            s.timers[opcode] = timer
+            return timer
+        }
+    }
+
+    /// Copies `counters` (store status and server counters, by their `STATUS` names) into the
+    /// metrics. Unknown names become gauges `kvtier_store_<name>`.
+    public func refresh(_ counters: [(name: String, value: UInt64)]) {
+        state.withLock { s in
+            for (name, value) in counters {
+                let exported: Exported
+                if let existing = s.exported[name] {
+                    exported = existing
+                } else {
+                    let mapping = Mapping(source: name, name: "kvtier_store_" + Self.sanitized(name), labels: [], kind: .gauge,
+                                          help: "Store status value '\(name)'.")
+                    exported = Self.make(mapping, in: registry)
+                    s.exported[name] = exported
+                }
+                switch exported {
+                case .gauge(let gauge):
+                    gauge.set(Double(value))
+                case .counter(let counter):
+                    let last = s.lastCounterValues[name] ?? 0
+                    if value >= last {
+                        if value > last { counter.increment(by: Int64(clamping: value - last)) }
+                    } else {
+                        counter.reset()  // The source restarted from zero.
+                        counter.increment(by: Int64(clamping: value))
+                    }
+                    s.lastCounterValues[name] = value
+                }
+            }
+        }
+    }
+
+    /// The text exposition (format 0.0.4) of every metric.
+    public func exposition() -> [UInt8] {
+        registry.emitToBuffer()
+    }
+
+    /// A metric name part: letters, digits and underscores only.
+    static func sanitized(_ name: String) -> String {
+        String(name.map { $0.isASCII && ($0.isLetter || $0.isNumber) ? $0 : "_" })
+    }
+}

@@ -1,0 +1,69 @@
+import KVTierCore
+
+/// What `kvtier status` and `kvtier top` show, built from the daemon's `STATUS` counters (names
+/// as `TieredStore.status()` reports them). A counter the daemon does not report counts as 0,
+/// so an older daemon still shows a table.
+struct DaemonStatusView: Encodable {
+    struct Tier: Encodable {
+        var pages: UInt64
+        var bytes: UInt64
+        /// nil where the daemon reports no budget for the tier.
+        var budgetBytes: UInt64?
+        /// Lookups whose slowest page came from this tier.
+        var hits: UInt64
+        /// `hits` over all lookups; nil before the first lookup.
+        var hitRate: Double?
+    }
+
+    var socket: String
+    var tiers: [String: Tier]
+    /// Named sessions (the daemon's `sessions` counter; 0 where it has none).
+    var sessions: UInt64
+    var lookups: UInt64
+    var misses: UInt64
+    var leases: UInt64
+    var models: UInt64
+    var tenants: UInt64
+    /// Every counter as the daemon reported it.
+    var counters: [String: UInt64]
+
+    init(socket: String, counters: [String: UInt64]) {
+        func value(_ name: String) -> UInt64 { counters[name] ?? 0 }
+        let lookups = value("lookups")
+        func rate(_ hits: UInt64) -> Double? { lookups == 0 ? nil : Double(hits) / Double(lookups) }
+        self.socket = socket
+        self.counters = counters
+        self.lookups = lookups
+        misses = value("lookup_misses")
+        sessions = value("sessions")
+        leases = value("leases")
+        models = value("models")
+        tenants = value("tenants")
+        tiers = [
+            "ram": Tier(pages: value("ram_pages"), bytes: value("ram_bytes"), budgetBytes: counters["ram_budget_bytes"],
+                        hits: value("lookup_hits_ram"), hitRate: rate(value("lookup_hits_ram"))),
+            "disk": Tier(pages: value("disk_pages"), bytes: value("disk_live_bytes"), budgetBytes: counters["disk_budget_bytes"],
+                         hits: value("lookup_hits_disk"), hitRate: rate(value("lookup_hits_disk"))),
+        ]
+    }
+
+    static let tierOrder = ["ram", "disk"]
+
+    /// The tier table: one row per tier, human units.
+    var tierRows: [[String]] {
+        Self.tierOrder.compactMap { name in
+            guard let tier = tiers[name] else { return nil }
+            let budget = tier.budgetBytes.map { "\(ByteCount(Int(clamping: $0)))" } ?? "-"
+            let used = tier.budgetBytes.flatMap { $0 == 0 ? nil : Self.percent(Double(tier.bytes) / Double($0)) } ?? "-"
+            return [name, "\(tier.pages)", "\(ByteCount(Int(clamping: tier.bytes)))", budget, used,
+                    "\(tier.hits)", tier.hitRate.map(Self.percent) ?? "-"]
+        }
+    }
+
+    static let tierHeader = ["TIER", "PAGES", "BYTES", "BUDGET", "USED", "HITS", "HIT RATE"]
+
+    static func percent(_ fraction: Double) -> String {
+        let tenths = Int((fraction * 1000).rounded())
+        return "\(tenths / 10).\(tenths % 10)%"
+    }
+}

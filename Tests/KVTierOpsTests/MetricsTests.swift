@@ -1,0 +1,108 @@
+@preconcurrency import Glibc
+import Foundation
+import KVTierClient
+import KVTierCore
+import Testing
+
+/// `--metrics-listen`: Prometheus text on GET /metrics of a real kvtierd, values that follow the
+/// traffic, and nothing else served.
+@Suite(.serialized, .enabled(if: Checkout.binariesBuilt, Checkout.missingBinaries))
+struct MetricsTests {
+    static let spec = ModelSpecification(name: "metrics-test", layers: 2, kvHeads: 2, headDim: 32, elementType: .float16,
+                                         pageTokens: 16, ropeTheta: 10_000)
+
+    /// Starts kvtierd with metrics on a free loopback port (retrying if another process took it).
+    static func startWithMetrics(_ folder: TemporaryFolder) async throws -> (ChildProcess, UInt16) {
+        var lastError: (any Error)?
+        for _ in 0..<3 {
+            let port = try freeLoopbackPort()
+            do {
+                return (try await startDaemon(in: folder, ["--metrics-listen", "127.0.0.1:\(port)"]), port)
+            } catch {
+                lastError = error
+            }
+        }
+        throw lastError!
+    }
+
+    @Test func metricsFollowTraffic() async throws {
+        let seed = UInt64.random(in: 0...UInt64.max)
+        print("MetricsTests.metricsFollowTraffic: seed \(seed)")
+        var random = SplitMix64(seed: seed)
+        let folder = try TemporaryFolder()
+        defer { folder.remove() }
+        let (daemon, port) = try await Self.startWithMetrics(folder)
+        defer { daemon.stop() }
+
+        let before = try httpRequest(port: port, path: "/metrics")
+        #expect(before.status == 200)
+        for name in ["kvtier_tier_pages{tier=\"ram\"}", "kvtier_tier_pages{tier=\"disk\"}", "kvtier_tier_bytes{tier=\"ram\"}",
+                     "kvtier_lookup_hits_total{tier=\"ram\"}", "kvtier_lookup_misses_total", "kvtier_evictions_total",
+                     "kvtier_promotions_total", "kvtier_checksum_failures_total", "kvtier_clients", "kvtier_sessions",
+                     "kvtier_disk_file_bytes", "kvtier_io_path{path=\"io_uring\"}", "kvtier_io_path{path=\"pread\"}"] {
+            #expect(sample(name, in: before.body) != nil, "\(name) missing from /metrics:\n\(before.body)")
+        }
+        #expect(sample("kvtier_puts_total", in: before.body) == 0)
+        #expect(sample("kvtier_tier_pages{tier=\"ram\"}", in: before.body) == 0)
+        let paths = (sample("kvtier_io_path{path=\"io_uring\"}", in: before.body) ?? -1) + (sample("kvtier_io_path{path=\"pread\"}", in: before.body) ?? -1)
+        #expect(paths == 1, "exactly one io path is in use")
+        #expect(before.body.split(separator: "\n").allSatisfy { $0.hasPrefix("#") || $0.hasPrefix("kvtier_") },
+                "every metric is named kvtier_*")
+
+        let client = try await KVTierClient.connect(socketPath: folder.path + "/s.sock")
+        let model = try await client.registerModel(Self.spec)
+        let tokens = (0..<40).map { _ in UInt32.random(in: 0..<128_000, using: &random) }
+        let elements = Self.spec.shape.elements(tokens: 40)
+        let keys = (0..<elements).map { _ in UInt16.random(in: 0...0x7BFF, using: &random) }
+        let values = (0..<elements).map { _ in UInt16.random(in: 0...0x7BFF, using: &random) }
+        #expect(try await client.put(model, tokens: tokens, keys: keys, values: values) == 40)
+        #expect(try await client.lookup(model, tokens: tokens).cachedTokens == 40)
+        #expect(try await client.lookup(model, tokens: [7, 7, 7]).cachedTokens == 0)
+
+        let during = try httpRequest(port: port, path: "/metrics").body
+        #expect(sample("kvtier_clients", in: during) == 1, "one client connected")
+        await client.close()
+        try await Task.sleep(for: .milliseconds(200))
+
+        let after = try httpRequest(port: port, path: "/metrics").body
+        #expect(sample("kvtier_puts_total", in: after) == 1, "\(after)")
+        #expect((sample("kvtier_tier_pages{tier=\"ram\"}", in: after) ?? 0) >= 2, "40 tokens of 16-token pages")
+        #expect((sample("kvtier_tier_bytes{tier=\"ram\"}", in: after) ?? 0) > 0)
+        // The client's PUT looks up first (a miss), then one full hit and one miss of ours.
+        let lookups = sample("kvtier_lookups_total", in: after) ?? 0
+        #expect(lookups >= 2)
+        #expect(sample("kvtier_lookup_hits_total{tier=\"ram\"}", in: after) == 1)
+        #expect(sample("kvtier_lookup_misses_total", in: after) == lookups - 1)
+        #expect(sample("kvtier_connections_accepted_total", in: after) == (sample("kvtier_connections_accepted_total", in: before.body) ?? -1) + 1)
+        #expect(sample("kvtier_clients", in: after) == 0)
+        #expect(sample("kvtier_request_duration_seconds_count{opcode=\"PUT\"}", in: after) == 1, "PUT latency recorded:\n\(after)")
+        #expect(sample("kvtier_request_duration_seconds_count{opcode=\"LOOKUP\"}", in: after) == lookups)
+        #expect(after.contains("# TYPE kvtier_request_duration_seconds histogram"))
+
+        // Scraping twice does not count twice.
+        let again = try httpRequest(port: port, path: "/metrics").body
+        #expect(sample("kvtier_puts_total", in: again) == 1)
+    }
+
+    @Test func onlyGetMetricsIsServed() async throws {
+        let folder = try TemporaryFolder()
+        defer { folder.remove() }
+        let (daemon, port) = try await Self.startWithMetrics(folder)
+        defer { daemon.stop() }
+        #expect(try httpRequest(port: port, path: "/").status == 404)
+        #expect(try httpRequest(port: port, path: "/metricsx").status == 404)
+        #expect(try httpRequest(port: port, method: "POST", path: "/metrics").status == 405)
+        let head = try httpRequest(port: port, method: "HEAD", path: "/metrics")
+        #expect(head.status == 200 && head.body.isEmpty)
+        #expect(try httpRequest(port: port, path: "/metrics?x=1").status == 200)
+        #expect(daemon.poll() == nil, "the daemon survived odd requests:\n\(daemon.log)")
+    }
+
+    @Test func metricsAreOffByDefault() async throws {
+        let folder = try TemporaryFolder()
+        defer { folder.remove() }
+        let daemon = try await startDaemon(in: folder)
+        defer { daemon.stop() }
+        #expect(!daemon.log.contains("metrics listening"), "\(daemon.log)")
+    }
+}

@@ -1,0 +1,266 @@
+@preconcurrency import Glibc
+import Foundation
+import KVTierClient
+import Testing
+
+struct TestFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Paths of this checkout and of the binaries the tests start.
+enum Checkout {
+    static let root: String = {
+        var path = #filePath
+        for _ in 0..<3 { path = String(path[..<path.lastIndex(of: "/")!]) }
+        return path
+    }()
+
+    /// `$KVTIER_DAEMON`, else `.build/debug/kvtierd`.
+    static let daemon: String? = binary(environment: "KVTIER_DAEMON", name: "kvtierd")
+    /// `$KVTIER_CLI`, else `.build/debug/kvtier`.
+    static let cli: String? = binary(environment: "KVTIER_CLI", name: "kvtier")
+
+    static let missingBinaries: Comment = "kvtierd or kvtier not built: swift build --build-tests (or set KVTIER_DAEMON, KVTIER_CLI)"
+    static var binariesBuilt: Bool { daemon != nil && cli != nil }
+
+    private static func binary(environment: String, name: String) -> String? {
+        var candidates: [String] = []
+        if let explicit = getenv(environment) { candidates.append(String(cString: explicit)) }
+        candidates.append(root + "/.build/debug/" + name)
+        return candidates.first { access($0, X_OK) == 0 }
+    }
+
+    /// The first executable `name` on PATH (or the usual system folders).
+    static func tool(_ name: String) -> String? {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? ""
+        let folders = path.split(separator: ":").map(String.init) + ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+        return folders.map { $0 + "/" + name }.first { access($0, X_OK) == 0 }
+    }
+}
+
+/// A fresh temporary folder, removed by `remove()`.
+struct TemporaryFolder {
+    let path: String
+
+    init(_ prefix: String = "kvtier-ops") throws {
+        var template = Array("/tmp/\(prefix)-XXXXXX".utf8CString)
+        guard let made = mkdtemp(&template) else { throw TestFailure("mkdtemp: errno \(errno)") }
+        path = String(cString: made)
+    }
+
+    func remove() { try? FileManager.default.removeItem(atPath: path) }
+
+    func write(_ name: String, _ text: String) throws -> String {
+        let file = path + "/" + name
+        try text.write(toFile: file, atomically: true, encoding: .utf8)
+        return file
+    }
+}
+
+/// A child process with stdout and stderr in one log file and stdin from /dev/null.
+final class ChildProcess {
+    let pid: pid_t
+    let logPath: String
+    private var exitStatus: Int32?
+
+    init(_ arguments: [String], environment: [String: String]? = nil, logPath: String) throws {
+        self.logPath = logPath
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO)
+        posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0)
+        let argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
+        defer { for pointer in argv { free(pointer) } }
+        let env = environment ?? ProcessInfo.processInfo.environment
+        let envp: [UnsafeMutablePointer<CChar>?] = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { for pointer in envp { free(pointer) } }
+        var child: pid_t = 0
+        let status = posix_spawn(&child, arguments[0], &actions, nil, argv, envp)
+        guard status == 0 else { throw TestFailure("posix_spawn \(arguments[0]): errno \(status)") }
+        pid = child
+    }
+
+    /// The exit status once the process ended, without waiting.
+    func poll() -> Int32? {
+        if let exitStatus { return exitStatus }
+        var status: Int32 = 0
+        if waitpid(pid, &status, WNOHANG) == pid { exitStatus = status }
+        return exitStatus
+    }
+
+    /// Waits up to `seconds` for the process to end; its wait status, or nil on timeout.
+    func wait(seconds: Double) -> Int32? {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if let status = poll() { return status }
+            usleep(20_000)
+        }
+        return poll()
+    }
+
+    func signal(_ number: Int32) { if poll() == nil { _ = kill(pid, number) } }
+
+    /// SIGTERM, up to 5 s, then SIGKILL.
+    @discardableResult
+    func stop() -> Int32 {
+        if let status = poll() { return status }
+        signal(SIGTERM)
+        if let status = wait(seconds: 5) { return status }
+        _ = kill(pid, SIGKILL)
+        return wait(seconds: 5) ?? -1
+    }
+
+    deinit { stop() }
+
+    var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
+    /// Waits up to `seconds` until the log contains `text`.
+    func waitForLog(_ text: String, seconds: Double = 10) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if log.contains(text) { return true }
+            usleep(20_000)
+        }
+        return log.contains(text)
+    }
+}
+
+/// Decodes a wait status as the shell would print it.
+func exitCode(_ status: Int32) -> Int32 { (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f) }
+
+/// Runs a command to completion; its exit code and combined output.
+func runToCompletion(_ arguments: [String], environment: [String: String]? = nil, timeoutSeconds: Double = 60) throws -> (code: Int32, output: String) {
+    let folder = try TemporaryFolder("kvtier-run")
+    defer { folder.remove() }
+    let child = try ChildProcess(arguments, environment: environment, logPath: folder.path + "/out")
+    guard let status = child.wait(seconds: timeoutSeconds) else {
+        child.stop()
+        throw TestFailure("\(arguments.joined(separator: " ")) did not finish in \(timeoutSeconds) s:\n\(child.log)")
+    }
+    return (exitCode(status), child.log)
+}
+
+/// A kvtierd started with `arguments` (socket and state under `folder`), waiting until it answers.
+func startDaemon(in folder: TemporaryFolder, _ arguments: [String] = []) async throws -> ChildProcess {
+    guard let daemon = Checkout.daemon else { throw TestFailure("\(Checkout.missingBinaries)") }
+    let socket = folder.path + "/s.sock"
+    let child = try ChildProcess([daemon, "--socket", socket, "--state-dir", folder.path + "/state", "--ram-budget", "64MiB"] + arguments,
+                                 logPath: folder.path + "/kvtierd.log")
+    try await waitUntilServing(socket: socket, child: child)
+    return child
+}
+
+/// Polls `socket` with PING for up to 10 s.
+func waitUntilServing(socket: String, child: ChildProcess) async throws {
+    for _ in 0..<200 {
+        if let client = try? await KVTierClient.connect(socketPath: socket, mapSharedMemory: false, replyTimeoutSeconds: 10) {
+            try await client.ping()
+            await client.close()
+            return
+        }
+        if let status = child.poll() { throw TestFailure("process exited (\(exitCode(status))) before serving:\n\(child.log)") }
+        usleep(50_000)
+    }
+    throw TestFailure("nothing answered on \(socket) within 10 s:\n\(child.log)")
+}
+
+/// An AF_UNIX datagram socket bound at `path`, standing in for systemd's NOTIFY_SOCKET.
+final class NotifySocket {
+    let path: String
+    let descriptor: Int32
+
+    init(path: String) throws {
+        self.path = path
+        descriptor = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard descriptor >= 0 else { throw TestFailure("socket: errno \(errno)") }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (index, byte) in path.utf8.enumerated() { raw[index] = byte }
+        }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0 else { throw TestFailure("bind \(path): errno \(errno)") }
+    }
+
+    deinit { close(descriptor) }
+
+    /// Collects messages until one satisfies `done` or `seconds` pass; every message received.
+    func receive(until done: (String) -> Bool, seconds: Double) -> [String] {
+        var messages: [String] = []
+        let deadline = Date().addingTimeInterval(seconds)
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while Date() < deadline {
+            var poller = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+            guard Glibc.poll(&poller, 1, 100) > 0 else { continue }
+            let n = buffer.withUnsafeMutableBytes { recv(descriptor, $0.baseAddress, $0.count, 0) }
+            guard n > 0 else { continue }
+            let message = String(decoding: buffer[0..<n], as: UTF8.self)
+            messages.append(message)
+            if done(message) { break }
+        }
+        return messages
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
+func freeLoopbackPort() throws -> UInt16 {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { throw TestFailure("socket: errno \(errno)") }
+    defer { close(fd) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let ok = withUnsafeMutablePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+    }
+    guard ok else { throw TestFailure("bind 127.0.0.1:0: errno \(errno)") }
+    return UInt16(bigEndian: address.sin_port)
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port`; the status code and body.
+func httpRequest(port: UInt16, method: String = "GET", path: String) throws -> (status: Int, body: String) {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { throw TestFailure("socket: errno \(errno)") }
+    defer { close(fd) }
+    var timeout = timeval(tv_sec: 5, tv_usec: 0)
+    _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_port = port.bigEndian
+    address.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+    let connected = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    }
+    guard connected == 0 else { throw TestFailure("connect 127.0.0.1:\(port): errno \(errno)") }
+    let request = Array("\(method) \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".utf8)
+    _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+    var response: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+        guard n > 0 else { break }
+        response += chunk[0..<n]
+    }
+    let text = String(decoding: response, as: UTF8.self)
+    guard let headEnd = text.range(of: "\r\n\r\n") else { throw TestFailure("no HTTP response head in \(text.prefix(200))") }
+    let statusLine = text[..<headEnd.lowerBound].split(separator: "\r\n").first ?? ""
+    let parts = statusLine.split(separator: " ")
+    guard parts.count >= 2, let status = Int(parts[1]) else { throw TestFailure("bad status line \(statusLine)") }
+    return (status, String(text[headEnd.upperBound...]))
+}
+
+/// Prometheus text: the value of the sample whose name and labels are exactly `series`
+/// (e.g. `kvtier_tier_pages{tier="ram"}`).
+func sample(_ series: String, in exposition: String) -> Double? {
+    for line in exposition.split(separator: "\n") where !line.hasPrefix("#") {
+        guard let space = line.lastIndex(of: " ") else { continue }
+        if line[..<space] == series { return Double(line[line.index(after: space)...]) }
+    }
+    return nil
+}
