@@ -123,12 +123,16 @@ extension TieredStore {
             let key = PageKeyChain.key(parent: parent, modelID: model.id, tokens: tokens[pageStart..<pageEnd])
             let address = PageAddress(tenant: tenant, key: key)
             // The stored page this chunk continues (its rows before `chunkStart` are reused).
-            let completed = chunkStart > pageStart ? located.first(where: { $0.tokens.lowerBound == pageStart }) : nil
-            if chunkStart > pageStart, let (shorter, _) = PageKeyChain.longestStoredPrefix(
+            let stored = located.first(where: { $0.tokens.lowerBound == pageStart })
+            let completed = chunkStart > pageStart ? stored : nil
+            // The page a previous put ended on is superseded by this longer one, whether the
+            // longer page is new or was stored already, and whether the data resends its
+            // first rows or not: keep no duplicate.
+            if let stored, stored.tokens.upperBound < pageEnd {
+                dropped.append(stored.address)
+            } else if index == 0, chunkStart > pageStart, let (shorter, _) = PageKeyChain.longestStoredPrefix(
                 parent: parent, modelID: model.id, tokens: tokens[pageStart..<pageEnd - 1],
                 exists: { tier(of: PageAddress(tenant: tenant, key: $0)) != nil }) {
-                // The page a previous put ended on is superseded by this longer one, whether
-                // the longer page is new or was stored already: keep no duplicate.
                 dropped.append(PageAddress(tenant: tenant, key: shorter))
             }
             parent = key

@@ -151,6 +151,20 @@ import Testing
         await disk.close()
     }
 
+    /// However the extending put sends its data (from the cached length, or resending the
+    /// page's first rows), the shorter page it supersedes goes, and the store keeps one copy.
+    @Test(arguments: [90, 80])
+    func anExtendingPutDropsTheShorterPage(dataStart: Int) async throws {
+        let (store, disk) = try Self.open(SimulatedStorage(seed: 19))
+        let short = Array(T.tokens[0..<90]), long = Array(T.tokens[0..<96])
+        try await Self.put(store, short, from: 0, session: nil)
+        try await Self.put(store, long, from: dataStart, session: nil)
+        #expect(try store.lookup(Self.alice, modelID: Self.model.id, tokens: short).cachedTokens == 80)
+        #expect(store.pageSummaries(Self.alice, modelID: nil).count == 6)
+        #expect(try await Self.servesExactly(store, long))
+        await disk.close()
+    }
+
     @Test func tenantsSeeNoneOfEachOthersSessions() async throws {
         let (store, disk) = try Self.open(SimulatedStorage(seed: 14))
         try await Self.put(store, Array(T.tokens[0..<40]), from: 0, session: "secret")
