@@ -49,14 +49,7 @@ import Testing
     }
 
     static func chunks(from dataStart: Int, to end: Int) -> [TieredStore.PutChunk] {
-        var chunks: [TieredStore.PutChunk] = []
-        var at = dataStart
-        while at < end {
-            let pageEnd = min((at / model.pageTokens + 1) * model.pageTokens, end)
-            chunks.append(.bytes(rows(at, pageEnd - at)))
-            at = pageEnd
-        }
-        return chunks
+        T.chunks(from: dataStart, to: end, rows: rows)
     }
 
     @discardableResult

@@ -37,8 +37,9 @@ import Testing
         TestPattern.finiteFloat16(bytes: count * model.bytesPerToken, seed: UInt64(start) << 20 | UInt64(count))
     }
 
-    /// Splits [dataStart, tokens) into page chunks as docs/protocol.md says, inline.
-    static func chunks(from dataStart: Int, to end: Int) -> [TieredStore.PutChunk] {
+    /// Splits [dataStart, tokens) into page chunks as docs/protocol.md says, inline, their
+    /// bytes made by `rows(start, count)`.
+    static func chunks(from dataStart: Int, to end: Int, rows: (Int, Int) -> PageBuffer = rows) -> [TieredStore.PutChunk] {
         var chunks: [TieredStore.PutChunk] = []
         var at = dataStart
         while at < end {

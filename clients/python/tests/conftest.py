@@ -83,6 +83,31 @@ class Daemon:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def run_as_uid(uid: int, work):
+    """``work()`` in a forked child that drops to ``uid`` (group too, no supplementary groups);
+    returns its JSON-serialisable result, or ``{"failure": repr(exception)}``. Needs root."""
+    import json
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            os.write(w, json.dumps(work()).encode())
+        except BaseException as e:
+            os.write(w, json.dumps({"failure": repr(e)}).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
 @pytest.fixture(scope="module")
 def start_daemon():
     """A factory: ``start_daemon("--ram-budget", "256MiB")``; stopped at the module's end."""

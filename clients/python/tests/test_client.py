@@ -20,6 +20,7 @@ import kvtier
 from kvtier import _wire
 
 from _child import MODEL, kv, tokens  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import run_as_uid  # noqa: E402
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_child.py")
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
@@ -233,26 +234,11 @@ def _other_uid_lookup(sock, n):
         out = subprocess.run(cmd + [CHILD, "lookup", sock, str(n)], env=env, capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout.strip().splitlines()[-1])
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            with kvtier.Client(sock) as c:
-                result = {"cached": c.lookup(MODEL, tokens(n)), "tenant": c.tenant, "uid": os.getuid()}
-            os.write(w, json.dumps(result).encode())
-        except BaseException as e:
-            os.write(w, json.dumps({"error": repr(e)}).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
+    def work():
+        with kvtier.Client(sock) as c:
+            return {"cached": c.lookup(MODEL, tokens(n)), "tenant": c.tenant, "uid": os.getuid()}
+
+    return run_as_uid(65534, work)
 
 
 def test_other_uid_sees_nothing(daemon):
@@ -264,7 +250,7 @@ def test_other_uid_sees_nothing(daemon):
         assert c.lookup(MODEL, tokens(48)) == 48
         mine = c.tenant
     other = _other_uid_lookup(daemon.socket, 48)
-    assert "error" not in other, other
+    assert "error" not in other and "failure" not in other, other
     assert other["uid"] == 65534 and other["tenant"] != mine
     assert other["cached"] == 0
 

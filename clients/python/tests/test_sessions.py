@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import kvtier
-from conftest import Daemon, daemon_binary
+from conftest import Daemon, daemon_binary, run_as_uid
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 MODEL = kvtier.ModelSpec("pytest-sessions", layers=2, kv_heads=2, head_dim=32, page_tokens=16)
@@ -107,36 +107,21 @@ def test_a_session_resumes_in_another_process_after_restart_and_sigkill(binary):
 
 
 def _as_uid_65534(sock: str) -> dict:
-    """What a client running as uid 65534 (a forked child that drops to it) sees of sessions."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            with kvtier.Client(sock) as c:
-                names = [s.name for s in c.list_sessions()]
-                errors = []
-                for attempt in (lambda: c.session_tokens("private"), lambda: c.fork("private", "mine"),
-                                lambda: c.delete_session("private"), lambda: c.pin("private")):
-                    try:
-                        attempt()
-                        errors.append(None)
-                    except kvtier.KVTierError as e:
-                        errors.append(e.code)
-                result = {"names": names, "errors": errors, "tenant": c.tenant, "uid": os.getuid()}
-            os.write(w, json.dumps(result).encode())
-        except BaseException as e:
-            os.write(w, json.dumps({"failure": repr(e)}).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
+    """What a client running as uid 65534 sees of sessions."""
+    def work():
+        with kvtier.Client(sock) as c:
+            names = [s.name for s in c.list_sessions()]
+            errors = []
+            for attempt in (lambda: c.session_tokens("private"), lambda: c.fork("private", "mine"),
+                            lambda: c.delete_session("private"), lambda: c.pin("private")):
+                try:
+                    attempt()
+                    errors.append(None)
+                except kvtier.KVTierError as e:
+                    errors.append(e.code)
+            return {"names": names, "errors": errors, "tenant": c.tenant, "uid": os.getuid()}
+
+    return run_as_uid(65534, work)
 
 
 def test_another_uid_sees_no_sessions(binary):
