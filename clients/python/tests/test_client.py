@@ -234,6 +234,7 @@ def _other_uid_lookup(sock, n):
         out = subprocess.run(cmd + [CHILD, "lookup", sock, str(n)], env=env, capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout.strip().splitlines()[-1])
+
     def work():
         with kvtier.Client(sock) as c:
             return {"cached": c.lookup(MODEL, tokens(n)), "tenant": c.tenant, "uid": os.getuid()}
