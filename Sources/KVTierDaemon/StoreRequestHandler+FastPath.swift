@@ -41,21 +41,21 @@ extension StoreRequestHandler {
     /// `GET` of RAM-resident pages: extents for a shared-memory client, or the bytes copied into
     /// an inline reply (the lease ends with the copy).
     private func immediateGet(_ r: Get, _ context: ConnectionContext) throws(StoreError) -> Reply? {
-        guard r.inline || context.sharedMemory, let model = try? store.model(r.modelID) else { return nil }
-        var maxTokens = Int(r.maxTokens)
-        if r.inline {
-            // An inline reply must fit one frame: serve whole pages up to the limit.
-            let pageBytes = model.pageTokens * model.bytesPerToken
-            let fitting = max(1, (ProtocolLimits.maxInlineBody - 64) / max(1, pageBytes)) * model.pageTokens
-            maxTokens = maxTokens == 0 ? fitting : min(maxTokens, fitting)
-        }
-        guard let got = try store.getResident(context.tenant, owner: context.connectionID, modelID: r.modelID,
-                                              tokens: r.tokens, maxTokens: maxTokens) else { return nil }
+        guard r.inline || context.sharedMemory else { return nil }
         guard r.inline else {
+            guard let got = try store.getResident(context.tenant, owner: context.connectionID, modelID: r.modelID,
+                                                  tokens: r.tokens, maxTokens: Int(r.maxTokens)) else { return nil }
             return .get(GetReply(tokens: UInt32(got.tokens), leaseID: got.leaseID, data: .extents(got.pages.map {
                 WireExtent(offset: UInt64($0.extent.offset), bytes: UInt64($0.extent.length), tokens: UInt32($0.tokens))
             })))
         }
+        // An inline reply must fit one frame: serve whole pages up to the limit.
+        guard let model = try? store.model(r.modelID) else { return nil }
+        let pageBytes = model.pageTokens * model.bytesPerToken
+        let fitting = max(1, (ProtocolLimits.maxInlineBody - 64) / max(1, pageBytes)) * model.pageTokens
+        let maxTokens = r.maxTokens == 0 ? fitting : min(Int(r.maxTokens), fitting)
+        guard let got = try store.getResident(context.tenant, owner: context.connectionID, modelID: r.modelID,
+                                              tokens: r.tokens, maxTokens: maxTokens) else { return nil }
         let memory = try store.memory(for: context.tenant)
         let total = got.pages.reduce(0) { $0 + $1.tokens * model.bytesPerToken }
         let bytes = [UInt8](unsafeUninitializedCapacity: total) { buffer, count in

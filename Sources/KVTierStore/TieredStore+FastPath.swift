@@ -9,9 +9,62 @@ import Synchronization
 extension TieredStore {
     /// `get` when every page of the served prefix is already RAM-resident and RAM is within
     /// budget (so the async path would neither promote nor evict); nil otherwise.
+    ///
+    /// The store's lock is contended by every connection thread, so the common case (whole
+    /// pages, all resident) takes it twice: once for the model and the tenant's memory, once to
+    /// check and lease the pages, whose keys are hashed in between, outside it.
     public func getResident(_ tenant: TenantID, owner: UInt64, modelID: UInt64, tokens: [UInt32], maxTokens: Int) throws(StoreError) -> GetResult? {
-        let model = try model(modelID)
-        _ = try memory(for: tenant)
+        let (found, hasMemory) = state.withLock { s in (s.models[modelID], s.memories[tenant] != nil) }
+        guard let model = found else { throw .unknownModel(modelID) }
+        // A tenant's first request creates its memory, which may take a while: async path.
+        guard hasMemory else { return nil }
+        let size = model.pageTokens
+        let wholePages = tokens.count / size
+        let pageCount = maxTokens > 0 ? min(wholePages, (maxTokens + size - 1) / size) : wholePages
+        // The served prefix may end in a stored partial page: that search is `locate`'s.
+        let wantsPartial = wholePages * size < tokens.count && (maxTokens == 0 || wholePages * size < maxTokens)
+        guard pageCount > 0, !wantsPartial else {
+            return try getResidentLocating(tenant, owner: owner, model: model, tokens: tokens, maxTokens: maxTokens)
+        }
+        var addresses: [PageAddress] = []
+        addresses.reserveCapacity(pageCount)
+        var parent: PageKey? = nil
+        for index in 0..<pageCount {
+            let key = PageKeyChain.key(parent: parent, modelID: model.id, tokens: tokens[index * size..<(index + 1) * size])
+            addresses.append(PageAddress(tenant: tenant, key: key))
+            parent = key
+        }
+        let now = Clocks.monotonicMicros()
+        let leased = state.withLock { s -> GetResult?? in
+            guard s.ramBytes <= configuration.ramBudgetBytes else { return .some(nil) }
+            var served: [ServedPage] = []
+            served.reserveCapacity(pageCount)
+            for address in addresses {
+                // Not in RAM: on disk, or the cached prefix ends here; `locate` tells which.
+                guard let resident = s.resident[address] else { return nil }
+                served.append(ServedPage(extent: resident.extent, tokens: resident.tokens))
+            }
+            for address in addresses {
+                s.resident[address]!.leases += 1
+                s.resident[address]!.uses += 1
+                s.resident[address]!.lastAccessMicros = now
+            }
+            let id = s.nextLease
+            s.nextLease += 1
+            s.leases[id] = Lease(tenant: tenant, owner: owner, pages: addresses, staging: [])
+            s.counters.gets += 1
+            let servedTokens = maxTokens > 0 ? min(pageCount * size, maxTokens) : pageCount * size
+            return GetResult(tokens: servedTokens, leaseID: id, pages: served)
+        }
+        switch leased {
+        case .some(let result): return result
+        case .none: return try getResidentLocating(tenant, owner: owner, model: model, tokens: tokens, maxTokens: maxTokens)
+        }
+    }
+
+    /// `getResident` for the general case: the prefix as `locate` finds it (partial pages, pages
+    /// on disk, the end of the cached prefix), leased only if all of it is in RAM.
+    private func getResidentLocating(_ tenant: TenantID, owner: UInt64, model: ModelSpec, tokens: [UInt32], maxTokens: Int) throws(StoreError) -> GetResult? {
         var located = locate(tenant, model, tokens)
         if maxTokens > 0 {
             located = located.filter { $0.tokens.lowerBound < maxTokens }
