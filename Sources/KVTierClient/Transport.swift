@@ -8,17 +8,18 @@ import SystemPackage
 /// the order callers arrive, so replies cannot be matched to the wrong request.
 ///
 /// An exchange runs on the calling thread: the request is sent and the reply awaited there for
-/// up to `inlineReplyWait`, which is how long most replies take (a daemon answering from RAM
-/// replies in microseconds). Hopping to another thread and back costs more than that wait on a
-/// busy machine. A reply that takes longer is awaited on a private queue, so a slow daemon never
+/// up to `inlineReplyWaitMicros`, far longer than most replies take (a daemon answering from
+/// RAM replies in microseconds). Hopping to another thread and back per request cost more than
+/// the whole round trip (docs/benchmarks.md, Serving). A reply that takes longer is awaited on a private queue, so a slow daemon never
 /// holds a thread of the cooperative pool for long; so is a whole exchange whose request is
 /// large (an inline `PUT`), whose send may block.
 ///
 /// `RELEASE` may be sent without waiting (`sendWithoutWaiting`): its reply is read, and dropped,
 /// by the next exchange. The daemon answers requests in order, so every later request sees the
 /// release done.
-// Invariant for @unchecked Sendable: `socket`, `decoder`, `nextRequestID`, `unanswered` and the
-// contents of `receiveBuffer` and `controlBuffer` are touched only by the holder of `gate`
+// Invariant for @unchecked Sendable: `socket`, `decoder`, `nextRequestID`, `unanswered`,
+// `pendingDescriptors` and the contents of `receiveBuffer` and `controlBuffer` are touched only
+// by the holder of `gate`
 // (entering and leaving it orders the accesses of successive holders); the rest is immutable.
 final class Transport: @unchecked Sendable {
     private let gate = ExchangeGate()
