@@ -19,8 +19,8 @@ import SystemPackage
 /// release done.
 // Invariant for @unchecked Sendable: `socket`, `decoder`, `nextRequestID`, `unanswered`,
 // `pendingDescriptors` and the contents of `receiveBuffer` and `controlBuffer` are touched only
-// by the holder of `gate`
-// (entering and leaving it orders the accesses of successive holders); the rest is immutable.
+// by the holder of `gate` (entering and leaving it orders the accesses of successive holders);
+// the rest is immutable.
 final class Transport: @unchecked Sendable {
     private let gate = ExchangeGate()
     private let queue: DispatchQueue
