@@ -121,6 +121,7 @@ let package = Package(
             name: "KVTierDiskTests",
             dependencies: [
                 "KVTierStore", "KVTierIO", "KVTierTools", "KVTierCodec", "KVTierCore",
+                "KVTierDaemon", "KVTierServer", "KVTierProtocol",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

@@ -2,7 +2,7 @@
 import SystemPackage
 
 /// The client's end of the daemon's Unix stream socket: blocking calls, each wrapped once,
-/// failures as `Errno`, EINTR retried. Used only from the transport's serial queue.
+/// failures as `Errno`, EINTR retried. Used by one exchange at a time (the transport's gate).
 struct ClientSocket: ~Copyable {
     private(set) var descriptor: Int32
 
@@ -57,10 +57,21 @@ struct ClientSocket: ~Copyable {
         if pending != 0 { throw Errno(rawValue: pending) }
     }
 
-    /// Makes a blocking receive give up with `EAGAIN` after `seconds` without data (0: never).
-    func setReceiveTimeout(seconds: Int) throws(Errno) {
-        var value = timeval(tv_sec: seconds, tv_usec: 0)
+    /// Makes a blocking receive give up with `EAGAIN` after `micros` without data (0: never).
+    func setReceiveTimeout(micros: Int) throws(Errno) {
+        var value = timeval(tv_sec: micros / 1_000_000, tv_usec: micros % 1_000_000)
         _ = try Self.retrying { setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &value, socklen_t(MemoryLayout<timeval>.size)) }
+    }
+
+    /// poll for readability (or end of stream, or an error a receive will report): true when
+    /// ready, false after `timeoutMillis` (-1: never) or on EINTR, so the caller recomputes
+    /// its deadline.
+    func waitReadable(timeoutMillis: Int32) throws(Errno) -> Bool {
+        var waiting = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+        let ready = poll(&waiting, 1, timeoutMillis)
+        if ready > 0 { return true }
+        if ready == 0 || errno == EINTR { return false }
+        throw Errno(rawValue: errno)
     }
 
     /// Sends every byte (sendmsg with MSG_NOSIGNAL, so a closed daemon is `EPIPE`, not SIGPIPE).
@@ -98,11 +109,10 @@ struct ClientSocket: ~Copyable {
         var unexpectedControl: Bool
     }
 
-    /// One blocking recvmsg(MSG_CMSG_CLOEXEC) with room for descriptors; 0 bytes at end of stream.
-    func receive(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Received {
-        let control = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.controlSpace(Self.maxDescriptors), alignment: 8)
-        defer { control.deallocate() }
-        control.initializeMemory(as: UInt8.self, repeating: 0)
+    /// One blocking recvmsg(MSG_CMSG_CLOEXEC) with room for descriptors in `control` (at least
+    /// `controlSpace(maxDescriptors)` bytes, reused across calls); 0 bytes at end of stream.
+    func receive(into buffer: UnsafeMutableRawBufferPointer, control: UnsafeMutableRawBufferPointer) throws(Errno) -> Received {
+        precondition(control.count >= Self.controlSpace(Self.maxDescriptors))
         var vector = iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)
         var message = msghdr()
         message.msg_control = control.baseAddress

@@ -57,7 +57,9 @@ extension KVTierClient {
 
     /// `GET`s the cached prefix and lends its pages without copying (from the shared arena, or
     /// from the reply when inline), then releases the lease, whether `body` returns or throws.
-    /// The pages' bytes are valid only inside `body`.
+    /// The pages' bytes are valid only inside `body`. The `RELEASE` goes out without waiting
+    /// for its reply (the next call reads it): the daemon answers in order, so every later call
+    /// sees the lease ended.
     public func withLeasedPages<R>(
         _ model: RegisteredModel, tokens: [UInt32], maxTokens: Int = 0, _ body: (LeasedPages) async throws -> R
     ) async throws -> R {
@@ -81,12 +83,18 @@ extension KVTierClient {
                                          model: model, requested: tokens.count, maxTokens: maxTokens)
             result = try await body(leased)
         } catch {
-            try? await release(leaseID: reply.leaseID)
+            await releaseWithoutWaiting(reply)
             throw error
         }
-        // Closing the connection also ends the lease, so a failed release loses nothing.
-        try? await release(leaseID: reply.leaseID)
+        await releaseWithoutWaiting(reply)
         return result
+    }
+
+    /// Ends a `GET`'s lease without waiting for the reply. Closing the connection also ends the
+    /// lease, so a failed release loses nothing; an inline reply holds no lease (its id is 0).
+    private func releaseWithoutWaiting(_ reply: GetReply) async {
+        guard reply.leaseID != 0 else { return }
+        try? await transport.sendWithoutWaiting(.release(Release(leaseID: reply.leaseID)))
     }
 
     /// The pages of a `GET` reply, every extent and count checked against the arena and the shape.

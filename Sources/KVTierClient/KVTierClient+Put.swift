@@ -107,10 +107,9 @@ extension KVTierClient {
                 pack(batch[index], UnsafeMutableRawBufferPointer(rebasing: destination[0..<sizes[index]]))
                 extents.append(WireExtent(offset: extent.offset, bytes: extent.bytes, tokens: UInt32(batch[index].count)))
             }
-            let cachedAfter = try await send(.extents(extents))
-            // PUT consumed the extents; the emptied lease may linger until released.
-            try? await release(leaseID: staging.leaseID)
-            return cachedAfter
+            // PUT consumed every extent of the lease, which ended it (docs/protocol.md, ALLOC):
+            // nothing to release.
+            return try await send(.extents(extents))
         } catch {
             try? await release(leaseID: staging.leaseID)
             throw error

@@ -28,7 +28,9 @@ final class MappedArena: @unchecked Sendable {
 }
 
 /// A connection to kvtierd (docs/protocol.md). One request is in flight at a time: calls from
-/// several tasks are answered one after another, in the order they reach the connection.
+/// several tasks are answered one after another, in the order they reach the connection. A call
+/// waits for its reply on the calling thread for up to 2 ms (a daemon answering from RAM takes
+/// microseconds), then suspends while a private queue waits for the rest.
 ///
 /// Page bytes travel through the tenant's shared arena when the daemon offers one and the
 /// client maps it; otherwise inline on the socket, which gives the same bytes more slowly.

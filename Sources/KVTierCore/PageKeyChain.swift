@@ -22,6 +22,25 @@ public enum PageKeyChain {
         return PageKey(digestBytes: digest)
     }
 
+    /// `key` for a slice of an array, what the store and the daemon pass: the same bytes hashed
+    /// straight from the array's memory, without the generic path's copies and allocations
+    /// (measured at a third of the daemon's time per cached `GET` before this existed).
+    public static func key(parent: PageKey?, modelID: UInt64, tokens: ArraySlice<UInt32>) -> PageKey {
+        #if _endian(little)
+        var state = kvt_blake2b_state()
+        kvt_blake2b_init(&state, 16)
+        // The parent's digest bytes are its words most significant byte first.
+        var prefix: (UInt64, UInt64, UInt64) = (parent?.high.bigEndian ?? 0, parent?.low.bigEndian ?? 0, modelID.littleEndian)
+        withUnsafeBytes(of: &prefix) { kvt_blake2b_update(&state, $0.baseAddress, $0.count) }
+        tokens.withUnsafeBytes { kvt_blake2b_update(&state, $0.baseAddress, $0.count) }
+        var digest: (UInt64, UInt64) = (0, 0)
+        withUnsafeMutableBytes(of: &digest) { kvt_blake2b_final(&state, $0.baseAddress!.assumingMemoryBound(to: UInt8.self)) }
+        return PageKey(high: UInt64(bigEndian: digest.0), low: UInt64(bigEndian: digest.1))
+        #else
+        return key(parent: parent, modelID: modelID, tokens: tokens.lazy.map { $0 })
+        #endif
+    }
+
     /// The keys of every page of `tokens` cut into pages of `pageTokens` (the last may be short).
     public static func keys(modelID: UInt64, tokens: [UInt32], pageTokens: Int) -> [PageKey] {
         precondition(pageTokens > 0)

@@ -166,7 +166,7 @@ public struct StoreRequestHandler: RequestHandler {
 
     /// The store's chunks for a put: arena extents as named, or inline bytes cut at page
     /// boundaries (docs/protocol.md, PUT).
-    private func chunks(of put: Put) throws(StoreError) -> [TieredStore.PutChunk] {
+    func chunks(of put: Put) throws(StoreError) -> [TieredStore.PutChunk] {
         switch put.data {
         case .extents(let extents):
             return extents.map { .extent(Extent(offset: Int($0.offset), length: Int(clamping: $0.bytes))) }

@@ -129,13 +129,20 @@ extension KVServer {
         return Response(reply: .hello(reply), descriptors: arena.map { [$0.descriptor] } ?? [])
     }
 
-    /// Runs the handler for one request, the task registered so a forced shutdown can cancel it.
+    /// Runs the handler for one request: on this thread when it can answer at once, otherwise as
+    /// a task registered so a forced shutdown can cancel it.
     private func dispatch(_ request: Request, context: ConnectionContext, logger: Logger) -> Reply {
         let handler = self.handler
-        let reply = ServerThread.awaitTask({ await handler.handle(request, context: context) }, started: { task in
-            state.withLock { $0.connections[context.connectionID]?.task = task }
-        })
-        state.withLock { $0.connections[context.connectionID]?.task = nil }
+        let reply: Reply
+        if let immediate = handler.handleImmediately(request, context: context) {
+            reply = immediate
+            ServerCounters.increment(counters.immediateReplies)
+        } else {
+            reply = ServerThread.awaitTask({ await handler.handle(request, context: context) }, started: { task in
+                state.withLock { $0.connections[context.connectionID]?.task = task }
+            })
+            state.withLock { $0.connections[context.connectionID]?.task = nil }
+        }
         ServerCounters.increment(counters.handlerReplies)
         guard reply.opcode == request.opcode.rawValue, reply.frameFlags == .reply else {
             logger.error("handler replied to a request with another opcode", metadata: [

@@ -39,10 +39,21 @@ public protocol RequestHandler: Sendable {
     /// up waiting.
     func handle(_ request: Request, context: ConnectionContext) async -> Reply
 
+    /// The reply to `request` when it can be given at once, without waiting for anything (no
+    /// disk I/O, no eviction, no lock held for long): called on the connection's thread before
+    /// `handle`, which runs only when this returns nil. Saves the request a trip through the
+    /// cooperative pool, which dominates small requests. Same reply rules as `handle`; the
+    /// default answers nothing immediately.
+    func handleImmediately(_ request: Request, context: ConnectionContext) -> Reply?
+
     /// The connection is gone (peer closed, protocol error, timeout or shutdown): release its
     /// leases. Called exactly once per context that `handle` could have seen, after its last
     /// `handle` returned.
     func connectionClosed(_ context: ConnectionContext) async
+}
+
+extension RequestHandler {
+    public func handleImmediately(_ request: Request, context: ConnectionContext) -> Reply? { nil }
 }
 
 extension Reply {

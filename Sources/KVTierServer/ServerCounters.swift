@@ -11,6 +11,8 @@ public final class ServerCounters: Sendable {
     let protocolErrors = Atomic<UInt64>(0)
     let frameTimeouts = Atomic<UInt64>(0)
     let handlerReplies = Atomic<UInt64>(0)
+    /// Of `handlerReplies`, those answered on the connection thread (`handleImmediately`).
+    let immediateReplies = Atomic<UInt64>(0)
 
     public init() {}
 
@@ -24,6 +26,7 @@ public final class ServerCounters: Sendable {
             StatusCounter(name: "server.errors.protocol", value: protocolErrors.load(ordering: .relaxed)),
             StatusCounter(name: "server.errors.frame_timeout", value: frameTimeouts.load(ordering: .relaxed)),
             StatusCounter(name: "server.requests.handled", value: handlerReplies.load(ordering: .relaxed)),
+            StatusCounter(name: "server.requests.immediate", value: immediateReplies.load(ordering: .relaxed)),
         ]
     }
 

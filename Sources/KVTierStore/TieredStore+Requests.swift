@@ -216,7 +216,7 @@ extension TieredStore {
     }
 
     /// Takes the staging extents a put names out of the owner's leases; refuses any other.
-    private func claimStaging(_ tenant: TenantID, owner: UInt64, _ chunks: [PutChunk], _ memory: any PageMemory) throws(StoreError) {
+    func claimStaging(_ tenant: TenantID, owner: UInt64, _ chunks: [PutChunk], _ memory: any PageMemory) throws(StoreError) {
         let named = chunks.compactMap { if case .extent(let e) = $0 { e } else { nil } }
         guard !named.isEmpty else { return }
         let missing = state.withLock { s -> Extent? in

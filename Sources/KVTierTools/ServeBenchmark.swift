@@ -23,6 +23,8 @@ public struct ServeBenchmark: Sendable {
     public struct Report: Sendable, Encodable {
         public var clients: Int
         public var pageBytes: Int
+        /// Pages each put and get moves in one request (Redis: MSET/MGET of that many keys).
+        public var pagesPerGet: Int
         /// e.g. "1×[64, 8, 128] float16".
         public var pageShape: String
         /// Requested seconds per phase.
@@ -60,7 +62,7 @@ public struct ServeBenchmark: Sendable {
         public var daemon: String
 
         enum CodingKeys: String, CodingKey {
-            case clients, pageBytes, pageShape, seconds, workingSetCapBytes
+            case clients, pageBytes, pagesPerGet, pageShape, seconds, workingSetCapBytes
             case putGBps, putOps, putSeconds, putP50Micros, putP99Micros
             case getGBps, getOps, getSeconds, getP50Micros, getP99Micros
             case redisPutGBps, redisPutOps, redisPutP50Micros, redisPutP99Micros
@@ -73,6 +75,7 @@ public struct ServeBenchmark: Sendable {
             var c = encoder.container(keyedBy: CodingKeys.self)
             try c.encode(clients, forKey: .clients)
             try c.encode(pageBytes, forKey: .pageBytes)
+            try c.encode(pagesPerGet, forKey: .pagesPerGet)
             try c.encode(pageShape, forKey: .pageShape)
             try c.encode(seconds, forKey: .seconds)
             try c.encode(workingSetCapBytes, forKey: .workingSetCapBytes)
@@ -116,6 +119,8 @@ public struct ServeBenchmark: Sendable {
 
     public var clients: Int
     public var pageBytes: Int
+    /// Pages per put and get request: a prefix of that many pages (1: one page per request).
+    public var pagesPerGet: Int
     public var seconds: Double
     public var compareRedis: Bool
     /// The kvtierd binary.
@@ -132,12 +137,13 @@ public struct ServeBenchmark: Sendable {
     public var note: @Sendable (String) -> Void
 
     public init(
-        clients: Int = 4, pageBytes: Int = 256 << 10, seconds: Double = 5, compareRedis: Bool = false,
+        clients: Int = 4, pageBytes: Int = 256 << 10, pagesPerGet: Int = 1, seconds: Double = 5, compareRedis: Bool = false,
         daemonPath: String, workerCommand: [String], maxWorkingSetBytes: Int = 2 << 30,
         note: @escaping @Sendable (String) -> Void = { fputs("\($0)\n", stderr) }
     ) {
         self.clients = clients
         self.pageBytes = pageBytes
+        self.pagesPerGet = pagesPerGet
         self.seconds = seconds
         self.compareRedis = compareRedis
         self.daemonPath = daemonPath
@@ -155,6 +161,7 @@ public struct ServeBenchmark: Sendable {
     public func run() async throws -> Report {
         guard clients >= 1 else { throw ToolError("--clients must be at least 1") }
         guard seconds > 0 else { throw ToolError("--seconds must be positive") }
+        guard pagesPerGet >= 1 else { throw ToolError("--pages-per-get must be at least 1") }
         guard let spec = ServeWorker.model(pageBytes: pageBytes) else {
             throw ToolError("--page-size must be a multiple of \(ServeWorker.bytesPerToken) bytes "
                             + "(one token of 1 layer × 8 heads × 128 fp16 keys and values), at most \(Limits.maxPageTokens) tokens")
@@ -162,7 +169,8 @@ public struct ServeBenchmark: Sendable {
         guard access(daemonPath, X_OK) == 0 else {
             throw ToolError("no kvtierd at \(daemonPath): build it (swift build -c release) or pass --daemon PATH")
         }
-        let maxPages = max(1, maxWorkingSetBytes / clients / pageBytes)
+        // Whole prefixes of `pagesPerGet` pages per worker.
+        let maxPages = max(1, maxWorkingSetBytes / clients / pageBytes / pagesPerGet) * pagesPerGet
 
         let memcpyGBps = Self.measureMemcpy(bytes: memcpyBytes)
         let scratch = try makeScratchDirectory(prefix: "kvtier-serve-")
@@ -208,7 +216,7 @@ public struct ServeBenchmark: Sendable {
         }
 
         return Report(
-            clients: clients, pageBytes: pageBytes, pageShape: "1×[\(spec.pageTokens), 8, 128] float16", seconds: seconds,
+            clients: clients, pageBytes: pageBytes, pagesPerGet: pagesPerGet, pageShape: "1×[\(spec.pageTokens), 8, 128] float16", seconds: seconds,
             workingSetCapBytes: maxPages * clients * pageBytes,
             putGBps: put.gbps, putOps: put.operations, putSeconds: put.seconds, putP50Micros: put.p50Micros, putP99Micros: put.p99Micros,
             getGBps: get.gbps, getOps: get.operations, getSeconds: get.seconds, getP50Micros: get.p50Micros, getP99Micros: get.p99Micros,
@@ -233,7 +241,7 @@ public struct ServeBenchmark: Sendable {
         for w in 0..<clients {
             let arguments = Array(workerCommand.dropFirst()) + [
                 "--backend", backend.rawValue, "--socket", socket, "--worker", "\(w)", "--page-size", "\(pageBytes)",
-                "--seconds", "\(seconds)", "--max-pages", "\(maxPages)",
+                "--seconds", "\(seconds)", "--max-pages", "\(maxPages)", "--pages-per-get", "\(pagesPerGet)",
             ]
             workers.append(try ServeChild(name: "\(backend) worker \(w)", executable: executable, arguments: arguments, pipes: true, logPath: nil))
         }

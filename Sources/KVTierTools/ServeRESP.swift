@@ -84,6 +84,57 @@ final class RESPConnection {
         }
     }
 
+    /// `MSET key value …` with one gathered write: the multi-page put `--pages-per-get` compares.
+    func mset(keys: [[UInt8]], values: [UnsafeRawBufferPointer]) throws {
+        precondition(keys.count == values.count && !keys.isEmpty)
+        // All the framing in one array, the values in between as their own vectors: no copy.
+        var framing = Array("*\(1 + 2 * keys.count)\r\n$4\r\nMSET\r\n".utf8)
+        var cuts: [Range<Int>] = [0..<framing.count]
+        for (key, value) in zip(keys, values) {
+            let start = framing.count
+            framing += Array("$\(key.count)\r\n".utf8) + key + Array("\r\n$\(value.count)\r\n".utf8)
+            cuts.append(start..<framing.count)
+            framing += [13, 10]
+            cuts.append(framing.count - 2..<framing.count)
+        }
+        try framing.withUnsafeBytes { raw in
+            var parts = [UnsafeRawBufferPointer(rebasing: raw[cuts[0]])]
+            for (index, value) in values.enumerated() {
+                parts += [UnsafeRawBufferPointer(rebasing: raw[cuts[1 + 2 * index]]), value, UnsafeRawBufferPointer(rebasing: raw[cuts[2 + 2 * index]])]
+            }
+            try sendAll(parts)
+        }
+        let reply = try readValue()
+        guard reply == .simple("OK") else { throw ToolError("redis MSET answered \(reply)") }
+    }
+
+    /// `MGET key …`, the values received one after another straight into `destination`, as a
+    /// client fetching several pages at once would; returns each value's length (-1: missing).
+    func mget(keys: [[UInt8]], into destination: UnsafeMutableRawBufferPointer) throws -> [Int] {
+        var request = Array("*\(1 + keys.count)\r\n$4\r\nMGET\r\n".utf8)
+        for key in keys { request += Array("$\(key.count)\r\n".utf8) + key + [13, 10] }
+        try request.withUnsafeBytes { try sendAll([$0]) }
+        let header = try readLine()
+        guard header.first == UInt8(ascii: "*"), Int(String(decoding: header.dropFirst(), as: UTF8.self)) == keys.count else {
+            throw ToolError("redis MGET answered '\(String(decoding: header, as: UTF8.self))'")
+        }
+        var lengths: [Int] = []
+        var at = 0
+        for _ in keys {
+            let line = try readLine()
+            guard line.first == UInt8(ascii: "$"), let length = Int(String(decoding: line.dropFirst(), as: UTF8.self)) else {
+                throw ToolError("redis MGET sent a value that is not a bulk string")
+            }
+            lengths.append(length)
+            guard length >= 0 else { continue }
+            guard at + length <= destination.count else { throw ToolError("redis MGET values do not fit \(destination.count) bytes") }
+            try readExactly(into: UnsafeMutableRawBufferPointer(rebasing: destination[at..<at + length]))
+            guard try readLine().isEmpty else { throw ToolError("redis bulk value not followed by CRLF") }
+            at += length
+        }
+        return lengths
+    }
+
     /// Any command with small arguments and a simple reply (PING, INFO, CONFIG SET…).
     func command(_ arguments: [String]) throws -> Value {
         var request = Array("*\(arguments.count)\r\n".utf8)

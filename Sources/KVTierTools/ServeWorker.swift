@@ -14,9 +14,12 @@ import KVTierCore
 /// kvtierd or redis-server, says `ready`, then runs the phases the parent names on its stdin
 /// (`put`, `get`, `quit`), answering each with one JSON line (`ServePhaseResult`).
 ///
-/// Pages are one sequence of `pageTokens` tokens of the model `ServeWorker.model(pageBytes:)`
-/// (1 layer × [pageTokens, 8, 128] float16), its tokens distinct per worker and per page so
-/// nothing deduplicates. Redis gets the same bytes under the key `kv:<worker>:<page>`.
+/// The unit of work is a prefix of `pagesPerGet` pages of the model
+/// `ServeWorker.model(pageBytes:)` (1 layer × [pageTokens, 8, 128] float16): one sequence of
+/// `pagesPerGet × pageTokens` tokens, distinct per worker and per prefix so nothing
+/// deduplicates, put with one `KVTierClient.put` and fetched with one `GET`. Redis gets the same
+/// bytes under the keys `kv:<worker>:<page>`, one per page, with SET/GET for one page and
+/// MSET/MGET for several.
 public enum ServeWorker {
     public enum Backend: String, Codable, Sendable, CaseIterable {
         case kvtier, redis
@@ -30,14 +33,17 @@ public enum ServeWorker {
         public var seconds: Double
         /// Pages the put phase writes at most (the working set of this worker).
         public var maxPages: Int
+        /// Pages each put and get moves in one request (a prefix of that many pages).
+        public var pagesPerGet: Int
 
-        public init(backend: Backend, socketPath: String, worker: Int, pageBytes: Int, seconds: Double, maxPages: Int) {
+        public init(backend: Backend, socketPath: String, worker: Int, pageBytes: Int, seconds: Double, maxPages: Int, pagesPerGet: Int = 1) {
             self.backend = backend
             self.socketPath = socketPath
             self.worker = worker
             self.pageBytes = pageBytes
             self.seconds = seconds
             self.maxPages = maxPages
+            self.pagesPerGet = pagesPerGet
         }
     }
 
@@ -60,6 +66,7 @@ public enum ServeWorker {
 
     /// Runs the worker: `receive` gives the parent's next line (nil at EOF), `send` writes one.
     public static func run(_ options: Options, receive: () -> String?, send: (String) -> Void) async throws {
+        guard options.pagesPerGet >= 1 else { throw ToolError("--pages-per-get must be at least 1") }
         guard let spec = model(pageBytes: options.pageBytes) else {
             throw ToolError("page size \(options.pageBytes) is not a whole number of \(bytesPerToken)-byte tokens (at most \(Limits.maxPageTokens))")
         }
@@ -76,7 +83,7 @@ public enum ServeWorker {
             switch command {
             case "put":
                 let result = try await phase("put", options) { i in
-                    guard i < options.maxPages else { return nil }
+                    guard i < max(1, options.maxPages / options.pagesPerGet) else { return nil }
                     try await engine.put(i)
                     return i
                 }
@@ -101,7 +108,8 @@ public enum ServeWorker {
         await engine.close()
     }
 
-    /// Runs `operation(i)` for i = 0, 1, … until `seconds` pass or it returns nil.
+    /// Runs `operation(i)` for i = 0, 1, … until `seconds` pass or it returns nil; each
+    /// operation moves `pagesPerGet` pages.
     private static func phase(_ name: String, _ options: Options, _ operation: (Int) async throws -> Int?) async throws -> ServePhaseResult {
         var histogram = makeHistogram()
         let start = Clocks.monotonicNanoseconds()
@@ -115,7 +123,8 @@ public enum ServeWorker {
             now = after
             operations += 1
         }
-        return ServePhaseResult(operation: name, worker: options.worker, operations: operations, bytes: operations * options.pageBytes,
+        return ServePhaseResult(operation: name, worker: options.worker, operations: operations,
+                                bytes: operations * options.pagesPerGet * options.pageBytes,
                                 startNanos: start, endNanos: now, latencyNanos: histogram)
     }
 }
@@ -139,19 +148,25 @@ private protocol Engine {
     func finish()
 }
 
-/// A page's bytes: a fixed pattern with the page's tag (worker, index) in its first 8 bytes.
+/// A prefix's bytes, `pages` pages: a fixed pattern with each page's tag (worker, index) in its
+/// first 8 bytes (the first key row of the page).
 private struct PageSource {
+    /// `[pages × pageTokens, 8, 128]` fp16 each, as `KVTierClient.put` takes them.
     let keys: UnsafeMutableRawBufferPointer
     let values: UnsafeMutableRawBufferPointer
-    /// Where gets copy pages to: the client's private memory.
+    /// Where gets copy pages to: the client's private memory, page after page.
     let privateCopy: UnsafeMutableRawBufferPointer
     let worker: Int
+    let pageBytes: Int
+    let pages: Int
 
-    init(pageBytes: Int, worker: Int) {
-        keys = .allocate(byteCount: pageBytes / 2, alignment: 4096)
-        values = .allocate(byteCount: pageBytes / 2, alignment: 4096)
-        privateCopy = .allocate(byteCount: pageBytes, alignment: 4096)
+    init(pageBytes: Int, pages: Int, worker: Int) {
+        keys = .allocate(byteCount: pages * pageBytes / 2, alignment: 4096)
+        values = .allocate(byteCount: pages * pageBytes / 2, alignment: 4096)
+        privateCopy = .allocate(byteCount: pages * pageBytes, alignment: 4096)
         self.worker = worker
+        self.pageBytes = pageBytes
+        self.pages = pages
         // fp16 values in [-2, 2): a plausible bit pattern, not zeros the kernel could share.
         var random = SplitMix64(seed: 0x5E7E + UInt64(worker))
         for buffer in [keys, values] {
@@ -163,12 +178,19 @@ private struct PageSource {
 
     func tag(_ page: Int) -> UInt64 { UInt64(worker) << 40 | UInt64(page) }
 
-    func stamp(_ page: Int) { keys.storeBytes(of: tag(page), as: UInt64.self) }
+    /// Tags the pages of prefix `prefix`: page j of it is page `prefix × pages + j`.
+    func stamp(prefix: Int) {
+        for j in 0..<pages { keys.storeBytes(of: tag(prefix * pages + j), toByteOffset: j * pageBytes / 2, as: UInt64.self) }
+    }
 
-    func check(_ page: Int, length: Int, expected: Int) throws {
-        guard length == expected else { throw ToolError("page \(page) of worker \(worker) came back with \(length) bytes, not \(expected)") }
-        let got = privateCopy.load(as: UInt64.self)
-        guard got == tag(page) else { throw ToolError("page \(page) of worker \(worker) came back with another page's bytes") }
+    /// Checks that the private copy holds the pages of `prefix`, in order.
+    func check(prefix: Int, length: Int) throws {
+        guard length == pages * pageBytes else {
+            throw ToolError("prefix \(prefix) of worker \(worker) came back with \(length) bytes, not \(pages * pageBytes)")
+        }
+        for j in 0..<pages where privateCopy.load(fromByteOffset: j * pageBytes, as: UInt64.self) != tag(prefix * pages + j) {
+            throw ToolError("page \(j) of prefix \(prefix) of worker \(worker) came back with another page's bytes")
+        }
     }
 
     func deallocate() {
@@ -184,6 +206,7 @@ private struct KVTierEngine: Engine {
     let source: PageSource
     let pageBytes: Int
     let pageTokens: Int
+    let pages: Int
     let worker: Int
 
     init(_ options: ServeWorker.Options, _ spec: ModelSpecification) async throws {
@@ -200,31 +223,35 @@ private struct KVTierEngine: Engine {
         }
         pageBytes = options.pageBytes
         pageTokens = spec.pageTokens
+        pages = options.pagesPerGet
         worker = options.worker
-        source = PageSource(pageBytes: options.pageBytes, worker: options.worker)
+        source = PageSource(pageBytes: options.pageBytes, pages: options.pagesPerGet, worker: options.worker)
     }
 
-    /// Distinct per worker and page: the page key hashes all of them.
-    func tokens(_ page: Int) -> [UInt32] {
-        var tokens = [UInt32](unsafeUninitializedCapacity: pageTokens) { buffer, count in
-            for i in 0..<pageTokens { buffer[i] = UInt32(i) }
-            count = pageTokens
+    /// Distinct per worker and prefix: every page key hashes the first page.
+    func tokens(_ prefix: Int) -> [UInt32] {
+        let count = pages * pageTokens
+        var tokens = [UInt32](unsafeUninitializedCapacity: count) { buffer, initialized in
+            for i in 0..<count { buffer[i] = UInt32(i) }
+            initialized = count
         }
         tokens[0] = 0x5E00_0000 | UInt32(worker)
-        if pageTokens > 1 { tokens[1] = UInt32(truncatingIfNeeded: page) }
+        if count > 1 { tokens[1] = UInt32(truncatingIfNeeded: prefix) }
         return tokens
     }
 
-    mutating func put(_ page: Int) async throws {
-        source.stamp(page)
-        let cached = try await client.put(model, tokens: tokens(page), keys: UnsafeRawBufferPointer(source.keys),
+    mutating func put(_ prefix: Int) async throws {
+        source.stamp(prefix: prefix)
+        let cached = try await client.put(model, tokens: tokens(prefix), keys: UnsafeRawBufferPointer(source.keys),
                                           values: UnsafeRawBufferPointer(source.values))
-        guard cached == pageTokens else { throw ToolError("put of page \(page) left \(cached) of \(pageTokens) tokens cached") }
+        guard cached == pages * pageTokens else { throw ToolError("put of prefix \(prefix) left \(cached) of \(pages * pageTokens) tokens cached") }
     }
 
-    mutating func get(_ page: Int) async throws {
+    /// One GET of the prefix, every page copied out of the arena into private memory (what a
+    /// client does before the lease ends).
+    mutating func get(_ prefix: Int) async throws {
         let destination = source.privateCopy
-        let copied = try await client.withLeasedPages(model, tokens: tokens(page)) { leased -> Int in
+        let copied = try await client.withLeasedPages(model, tokens: tokens(prefix)) { leased -> Int in
             var at = 0
             for leasedPage in leased.pages {
                 let bytes = leasedPage.bytes
@@ -234,7 +261,7 @@ private struct KVTierEngine: Engine {
             }
             return at
         }
-        try source.check(page, length: copied, expected: pageBytes)
+        try source.check(prefix: prefix, length: copied)
     }
 
     func close() async { await client.close() }
@@ -245,32 +272,51 @@ private struct RedisEngine: Engine {
     let connection: RESPConnection
     let source: PageSource
     let pageBytes: Int
+    let pages: Int
     let worker: Int
 
     init(_ options: ServeWorker.Options) throws {
         connection = try RESPConnection(path: options.socketPath)
         pageBytes = options.pageBytes
+        pages = options.pagesPerGet
         worker = options.worker
-        source = PageSource(pageBytes: options.pageBytes, worker: options.worker)
+        source = PageSource(pageBytes: options.pageBytes, pages: options.pagesPerGet, worker: options.worker)
     }
 
     func key(_ page: Int) -> [UInt8] { Array("kv:\(worker):\(page)".utf8) }
 
-    /// The page as redis stores it: keys then values, the same bytes kvtierd stores.
-    mutating func put(_ page: Int) async throws {
-        source.stamp(page)
-        // One contiguous value, as a client holding a page would send it: pack into the
-        // private buffer (a copy, like kvtier's packing into the arena), then SET.
+    func keys(_ prefix: Int) -> [[UInt8]] { (0..<pages).map { key(prefix * pages + $0) } }
+
+    /// Each page as redis stores it: keys then values, the same bytes kvtierd stores.
+    mutating func put(_ prefix: Int) async throws {
+        source.stamp(prefix: prefix)
+        // One contiguous value per page, as a client holding a page would send it: pack into
+        // the private buffer (a copy, like kvtier's packing into the arena), then SET (MSET).
         let half = pageBytes / 2
         let value = source.privateCopy
-        memcpy(value.baseAddress!, source.keys.baseAddress!, half)
-        memcpy(value.baseAddress! + half, source.values.baseAddress!, half)
-        try connection.set(key: key(page), value: UnsafeRawBufferPointer(value))
+        for j in 0..<pages {
+            memcpy(value.baseAddress! + j * pageBytes, source.keys.baseAddress! + j * half, half)
+            memcpy(value.baseAddress! + j * pageBytes + half, source.values.baseAddress! + j * half, half)
+        }
+        if pages == 1 {
+            try connection.set(key: key(prefix), value: UnsafeRawBufferPointer(value))
+        } else {
+            try connection.mset(keys: keys(prefix), values: (0..<pages).map {
+                UnsafeRawBufferPointer(rebasing: value[$0 * pageBytes..<($0 + 1) * pageBytes])
+            })
+        }
     }
 
-    mutating func get(_ page: Int) async throws {
-        let length = try connection.get(key: key(page), into: source.privateCopy)
-        try source.check(page, length: length, expected: pageBytes)
+    /// One GET (MGET for several pages), the values received straight into private memory.
+    mutating func get(_ prefix: Int) async throws {
+        let length: Int
+        if pages == 1 {
+            length = try connection.get(key: key(prefix), into: source.privateCopy)
+        } else {
+            let lengths = try connection.mget(keys: keys(prefix), into: source.privateCopy)
+            length = lengths.contains { $0 < 0 } ? -1 : lengths.reduce(0, +)
+        }
+        try source.check(prefix: prefix, length: length)
     }
 
     func close() async {}

@@ -16,14 +16,17 @@ struct ServeBenchCommand: AsyncParsableCommand {
             N worker processes ('kvtier bench serve-worker'). Each worker puts distinct pages of \
             --page-size bytes (1 layer × [tokens, 8, 128] float16) for --seconds (or until the working \
             set cap is written), then gets them back through shared memory for --seconds, copying each \
-            page out of the arena into private memory. --compare-redis runs the same workload as \
-            SET/GET against its own redis-server on a Unix socket (installing the Debian package with \
+            page out of the arena into private memory. --pages-per-get K makes each put and get one \
+            request for a prefix of K pages (Redis: MSET/MGET of K keys). --compare-redis runs the \
+            same workload as SET/GET against its own redis-server on a Unix socket (installing the Debian package with \
             apt-get when redis-server is missing). memcpy of 96 MiB on one core is the baseline.
             """
     )
 
     @Option(help: "Client processes.") var clients = 4
     @Option(name: .customLong("page-size"), help: "Bytes per page, e.g. 256KiB (a multiple of 4 KiB).") var pageSize = "256KiB"
+    @Option(name: .customLong("pages-per-get"), help: "Pages per put and get request (a prefix of that many pages; Redis: MSET/MGET).")
+    var pagesPerGet = 1
     @Option(help: "Seconds per phase (put, then get).") var seconds = 5.0
     @Flag(name: .customLong("compare-redis"), help: "Run the same workload against redis-server.") var compareRedis = false
     @Option(help: "kvtierd binary (default: the one beside this kvtier).") var daemon: String?
@@ -36,7 +39,7 @@ struct ServeBenchCommand: AsyncParsableCommand {
         guard let cap = ByteCount(parsing: maxWorkingSet)?.bytes else { throw ValidationError("--max-working-set: cannot read '\(maxWorkingSet)'") }
         let executable = currentExecutablePath()
         let benchmark = ServeBenchmark(
-            clients: clients, pageBytes: pageBytes, seconds: seconds, compareRedis: compareRedis,
+            clients: clients, pageBytes: pageBytes, pagesPerGet: pagesPerGet, seconds: seconds, compareRedis: compareRedis,
             daemonPath: daemon ?? ServeBenchmark.daemonBeside(executable),
             workerCommand: [executable, "bench", "serve-worker"], maxWorkingSetBytes: cap)
         let signals = installInterruptCleanup()
@@ -51,7 +54,7 @@ struct ServeBenchCommand: AsyncParsableCommand {
         }
         func ratio(_ v: Double?) -> String { v.map { formatDecimal($0, places: 2) + "×" } ?? "-" }
         printTable(["MEASURE", "KVTIERD", "REDIS"], [
-            ["clients × page", "\(r.clients) × \(ByteCount(r.pageBytes)) (\(r.pageShape))", r.redisVersion.map { "redis \($0)" } ?? "-"],
+            ["clients × page", "\(r.clients) × \(r.pagesPerGet) × \(ByteCount(r.pageBytes)) (\(r.pageShape))", r.redisVersion.map { "redis \($0)" } ?? "-"],
             ["get", gbps(r.getGBps), gbps(r.redisGetGBps)],
             ["get latency", micros(r.getP50Micros, r.getP99Micros), micros(r.redisGetP50Micros, r.redisGetP99Micros)],
             ["put", gbps(r.putGBps), gbps(r.redisPutGBps)],
@@ -90,10 +93,11 @@ struct ServeWorkerCommand: AsyncParsableCommand {
     @Option(name: .customLong("page-size")) var pageSize: Int
     @Option var seconds: Double
     @Option(name: .customLong("max-pages")) var maxPages: Int
+    @Option(name: .customLong("pages-per-get")) var pagesPerGet = 1
 
     func run() async throws {
         let options = ServeWorker.Options(backend: backend, socketPath: socket, worker: worker, pageBytes: pageSize,
-                                          seconds: seconds, maxPages: maxPages)
+                                          seconds: seconds, maxPages: maxPages, pagesPerGet: pagesPerGet)
         try await ServeWorker.run(options, receive: { readLine() }, send: { line in
             print(line)
             fflush(stdout)

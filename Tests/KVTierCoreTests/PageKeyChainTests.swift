@@ -25,6 +25,20 @@ import Testing
         #expect(PageKeyChain.keys(modelID: 2, tokens: tokens, pageTokens: 256)[0] != a[0], "the model is part of the key")
     }
 
+    /// The array-slice overload hashes the same bytes as the generic one, whatever the slice's
+    /// bounds inside its array.
+    @Test func theSliceKeyMatchesTheGenericKey() {
+        var random = SplitMix64(seed: 0x51CE)
+        var parent: PageKey? = nil
+        for length in [0, 1, 3, 16, 31, 32, 33, 64, 256, 1000] {
+            let tokens = (0..<length + 10).map { _ in UInt32(truncatingIfNeeded: random.next()) }
+            let slice = tokens[5..<5 + length]
+            let fast = PageKeyChain.key(parent: parent, modelID: 0x1234_5678_9ABC, tokens: slice)
+            #expect(fast == PageKeyChain.key(parent: parent, modelID: 0x1234_5678_9ABC, tokens: Array(slice)), "length \(length)")
+            parent = fast
+        }
+    }
+
     @Test func digestBytesRoundTrip() {
         let key = PageKey(high: 0x0102_0304_0506_0708, low: 0x090A_0B0C_0D0E_0F10)
         #expect(PageKey(digestBytes: key.digestBytes) == key)

@@ -1,0 +1,207 @@
+import KVTierCore
+import Synchronization
+
+/// Synchronous `get` and `put` for the common case, answered on the daemon's connection thread
+/// without a trip through the cooperative pool: every page involved is in RAM, nothing needs
+/// disk I/O, and RAM stays within budget. Each returns nil, having changed nothing, when the
+/// request needs the async path (which then gives the same answer, errors included); when it
+/// answers, the store is left exactly as the async path would have left it.
+extension TieredStore {
+    /// `get` when every page of the served prefix is already RAM-resident and RAM is within
+    /// budget (so the async path would neither promote nor evict); nil otherwise.
+    ///
+    /// The store's lock is contended by every connection thread, so the common case (whole
+    /// pages, all resident) takes it twice: once for the model and the tenant's memory, once to
+    /// check and lease the pages, whose keys are hashed in between, outside it.
+    public func getResident(_ tenant: TenantID, owner: UInt64, modelID: UInt64, tokens: [UInt32], maxTokens: Int) throws(StoreError) -> GetResult? {
+        let (found, hasMemory) = state.withLock { s in (s.models[modelID], s.memories[tenant] != nil) }
+        guard let model = found else { throw .unknownModel(modelID) }
+        // A tenant's first request creates its memory, which may take a while: async path.
+        guard hasMemory else { return nil }
+        let size = model.pageTokens
+        let wholePages = tokens.count / size
+        let pageCount = maxTokens > 0 ? min(wholePages, (maxTokens + size - 1) / size) : wholePages
+        // The served prefix may end in a stored partial page: that search is `locate`'s.
+        let wantsPartial = wholePages * size < tokens.count && (maxTokens == 0 || wholePages * size < maxTokens)
+        guard pageCount > 0, !wantsPartial else {
+            return try getResidentLocating(tenant, owner: owner, model: model, tokens: tokens, maxTokens: maxTokens)
+        }
+        var addresses: [PageAddress] = []
+        addresses.reserveCapacity(pageCount)
+        var parent: PageKey? = nil
+        for index in 0..<pageCount {
+            let key = PageKeyChain.key(parent: parent, modelID: model.id, tokens: tokens[index * size..<(index + 1) * size])
+            addresses.append(PageAddress(tenant: tenant, key: key))
+            parent = key
+        }
+        let now = Clocks.monotonicMicros()
+        let leased = state.withLock { s -> GetResult?? in
+            guard s.ramBytes <= configuration.ramBudgetBytes else { return .some(nil) }
+            var served: [ServedPage] = []
+            served.reserveCapacity(pageCount)
+            for address in addresses {
+                // Not in RAM: on disk, or the cached prefix ends here; `locate` tells which.
+                guard let resident = s.resident[address] else { return nil }
+                served.append(ServedPage(extent: resident.extent, tokens: resident.tokens))
+            }
+            for address in addresses {
+                s.resident[address]!.leases += 1
+                s.resident[address]!.uses += 1
+                s.resident[address]!.lastAccessMicros = now
+                if s.resident[address]!.prefetched {
+                    s.resident[address]!.prefetched = false
+                    s.counters.prefetchUseful += 1
+                }
+            }
+            let id = s.nextLease
+            s.nextLease += 1
+            s.leases[id] = Lease(tenant: tenant, owner: owner, pages: addresses, staging: [])
+            s.counters.gets += 1
+            let servedTokens = maxTokens > 0 ? min(pageCount * size, maxTokens) : pageCount * size
+            return GetResult(tokens: servedTokens, leaseID: id, pages: served)
+        }
+        switch leased {
+        case .some(let result): return result
+        case .none: return try getResidentLocating(tenant, owner: owner, model: model, tokens: tokens, maxTokens: maxTokens)
+        }
+    }
+
+    /// `getResident` for the general case: the prefix as `locate` finds it (partial pages, pages
+    /// on disk, the end of the cached prefix), leased only if all of it is in RAM.
+    private func getResidentLocating(_ tenant: TenantID, owner: UInt64, model: ModelSpec, tokens: [UInt32], maxTokens: Int) throws(StoreError) -> GetResult? {
+        var located = locate(tenant, model, tokens)
+        if maxTokens > 0 {
+            located = located.filter { $0.tokens.lowerBound < maxTokens }
+        }
+        guard located.allSatisfy({ $0.tier == .ram }) else { return nil }
+        let now = Clocks.monotonicMicros()
+        return state.withLock { s -> GetResult? in
+            guard s.ramBytes <= configuration.ramBudgetBytes else { return nil }
+            var served: [ServedPage] = []
+            served.reserveCapacity(located.count)
+            // All or nothing: a page evicted since `locate` sends the request down the async path.
+            for page in located {
+                guard let resident = s.resident[page.address] else { return nil }
+                served.append(ServedPage(extent: resident.extent, tokens: resident.tokens))
+            }
+            for page in located {
+                s.resident[page.address]!.leases += 1
+                s.resident[page.address]!.uses += 1
+                s.resident[page.address]!.lastAccessMicros = now
+                if s.resident[page.address]!.prefetched {
+                    s.resident[page.address]!.prefetched = false
+                    s.counters.prefetchUseful += 1
+                }
+            }
+            let id = s.nextLease
+            s.nextLease += 1
+            s.leases[id] = Lease(tenant: tenant, owner: owner, pages: located.map(\.address), staging: [])
+            s.counters.gets += 1
+            let servedTokens = located.last.map { maxTokens > 0 ? min($0.tokens.upperBound, maxTokens) : $0.tokens.upperBound } ?? 0
+            return GetResult(tokens: servedTokens, leaseID: id, pages: served)
+        }
+    }
+
+    /// A non-durable `put` of whole pages (`dataStart` on a page boundary, so no stored partial
+    /// page is merged or dropped) whose new pages fit the RAM budget; nil otherwise, and for any
+    /// request the async path would refuse (it words the error). Throws only once it has
+    /// claimed the staging extents (the tenant's memory is full), as `put` would.
+    public func putResident(
+        _ tenant: TenantID, owner: UInt64, modelID: UInt64, tokens: [UInt32], dataStart: Int, chunks: [PutChunk]
+    ) throws(StoreError) -> PutResult? {
+        guard let model = try? model(modelID) else { return nil }
+        let size = model.pageTokens
+        guard !tokens.isEmpty, dataStart >= 0, dataStart <= tokens.count, dataStart % size == 0 else { return nil }
+        let located = locate(tenant, model, tokens)
+        let cached = located.last?.tokens.upperBound ?? 0
+        guard dataStart <= cached else { return nil }
+        // A stored partial page this put supersedes must be dropped: the async path does that.
+        if let last = located.last, last.tokens.lowerBound >= dataStart,
+           last.tokens.upperBound < min(last.tokens.lowerBound + size, tokens.count) { return nil }
+        let firstPage = dataStart / size
+        let pageCount = tokens.count == dataStart ? 0 : (tokens.count - 1) / size - firstPage + 1
+        guard chunks.count == pageCount, let memory = try? memory(for: tenant) else { return nil }
+
+        // Keys, sizes and the pages already stored, before anything changes.
+        var parent: PageKey? = firstPage == 0 ? nil : located[firstPage - 1].address.key
+        var pages: [(address: PageAddress, tokens: Range<Int>, stored: Bool)] = []
+        var projectedBytes = 0
+        for (index, chunk) in chunks.enumerated() {
+            let pageStart = (firstPage + index) * size
+            let pageEnd = min(pageStart + size, tokens.count)
+            let key = PageKeyChain.key(parent: parent, modelID: model.id, tokens: tokens[pageStart..<pageEnd])
+            parent = key
+            let address = PageAddress(tenant: tenant, key: key)
+            let stored = tier(of: address) != nil
+            pages.append((address, pageStart..<pageEnd, stored))
+            guard !stored else { continue }
+            let chunkBytes = (pageEnd - pageStart) * model.bytesPerToken
+            switch chunk {
+            case .extent(let e):
+                guard e.length >= chunkBytes else { return nil }
+                projectedBytes += e.length
+            case .bytes(let b):
+                guard b.count == chunkBytes else { return nil }
+                projectedBytes += (chunkBytes + 4095) & ~4095
+            }
+        }
+        let fits = state.withLock { $0.ramBytes + projectedBytes <= configuration.ramBudgetBytes }
+        guard fits else { return nil }
+        guard (try? claimStaging(tenant, owner: owner, chunks, memory)) != nil else { return nil }
+
+        // From here on the put happens; the cleanup mirrors `put`'s.
+        var newPages: [(PageAddress, Resident)] = []
+        var stored = false
+        defer {
+            for case .extent(let e) in chunks where !(stored && newPages.contains(where: { $0.1.extent == e })) { memory.free(e) }
+            if !stored {
+                for (_, page) in newPages where !chunks.contains(where: { if case .extent(let e) = $0 { e == page.extent } else { false } }) {
+                    memory.free(page.extent)
+                }
+            }
+        }
+        var deduplicated = 0
+        for (page, chunk) in zip(pages, chunks) {
+            if page.stored {
+                deduplicated += 1
+                continue
+            }
+            let extent: Extent
+            switch chunk {
+            case .extent(let e):
+                extent = e  // a whole page written by the client: adopt it
+            case .bytes(let b):
+                guard let fresh = memory.allocate(b.count) else { throw .overBudget("the tenant's shared memory is full") }
+                memory.buffer(fresh).bytes.copyMemory(from: b.readOnly)
+                extent = fresh
+            }
+            let now = Clocks.monotonicMicros()
+            newPages.append((page.address, Resident(extent: extent, modelID: model.id, tokens: page.tokens.count,
+                                                    lastAccessMicros: now, residentSinceMicros: now, onDisk: false)))
+        }
+        stored = true
+        let (raced, overBudget) = state.withLock { s -> ([Extent], Bool) in
+            var raced: [Extent] = []
+            for (address, page) in newPages {
+                // Another put stored the same page meanwhile: keep one copy.
+                if s.resident[address] != nil {
+                    raced.append(page.extent)
+                    continue
+                }
+                s.resident[address] = page
+                s.ramBytes += page.extent.length
+            }
+            s.counters.puts += 1
+            s.counters.pagesStored += newPages.count - raced.count
+            s.counters.pagesDeduplicated += deduplicated + raced.count
+            return (raced, s.ramBytes > configuration.ramBudgetBytes)
+        }
+        let staged = Set(chunks.compactMap { if case .extent(let e) = $0 { e } else { nil } })
+        for extent in raced where !staged.contains(extent) { memory.free(extent) }
+        newPages.removeAll { raced.contains($0.1.extent) }
+        // Concurrent puts passed the budget check together: evict off this thread, as the
+        // async path would have before replying.
+        if overBudget { Task { await self.makeRoom() } }
+        return PutResult(cachedTokens: max(cached, tokens.count), newPages: newPages.count)
+    }
+}
