@@ -100,7 +100,7 @@ let package = Package(
         .executableTarget(
             name: "kvtier",
             dependencies: [
-                "KVTierCore", "KVTierCodec", "KVTierStore", "KVTierIO", "KVTierTools", "KVTierClient",
+                "KVTierCore", "KVTierCodec", "KVTierStore", "KVTierIO", "KVTierTools", "KVTierClient", "KVTierProtocol",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
