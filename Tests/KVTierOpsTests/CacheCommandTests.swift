@@ -151,6 +151,13 @@ struct CacheCommandTests {
             let table = try f.cli(["pages"])
             #expect(table.code == 0)
             #expect(table.output.contains("ram+disk") && table.output.contains("session") && table.output.contains("5 of 5 pages"), "\(table.output)")
+            // With a directory: the same disk pages, read offline from the store's files.
+            let stored = try runToCompletion([Checkout.cli!, "pages", f.folder.path + "/state", "--json"])
+            #expect(stored.code == 0, "\(stored.output)")
+            let storedKeys = (try? JSONSerialization.jsonObject(with: Data(stored.output.utf8)) as? [[String: Any]])?.compactMap { $0["key"] as? String }
+            let diskKeys = pages.filter { ($0["tiers"] as? String ?? "").contains("disk") }.compactMap { $0["key"] as? String }
+            #expect(diskKeys.count >= 3)
+            #expect(storedKeys.map(Set.init) == Set(diskKeys), "offline listing:\n\(stored.output)")
             let offline = try runToCompletion([Checkout.cli!, "pages", f.folder.path + "/state", "--model-id", f.modelHex])
             #expect(offline.code != 0 && offline.output.contains("drop DIR"), "\(offline.output)")
         }
@@ -215,10 +222,10 @@ struct CacheCommandTests {
             #expect(table.output.contains("pinned session"), "\(table.output)")
             #expect(try await f.client.lookup(f.model, tokens: pinned.tokens).ramTokens == 32)
 
-            // --delete removes a sequence from both tiers.
+            // --delete removes a sequence from both tiers (these pages may not have reached disk yet).
             let gone = try await f.put(32, seed: 7)
             let deleted = try f.object(["evict", "--model-id", f.modelHex, "--tokens", gone.tokens.map(String.init).joined(separator: ","), "--delete"])
-            #expect(deleted["deleted"] as? Int == 2, "\(deleted)")
+            #expect(deleted["evicted"] as? Int == 2, "\(deleted)")
             #expect(try await f.client.lookup(f.model, tokens: gone.tokens).cachedTokens == 0)
 
             let bad = try f.cli(["evict", "--all", "--session", "ev"])
