@@ -137,7 +137,7 @@ let package = Package(
             ]
         ),
         // kvtierd as operators run it: systemd units, socket activation and sd_notify, configuration
-        // errors and SIGHUP, /metrics, `kvtier status` and `kvtier top` (real processes).
+        // errors and SIGHUP, /metrics, `kvtier status`, `top` and the cache commands (real processes).
         .testTarget(name: "KVTierOpsTests", dependencies: ["KVTierDaemon", "KVTierClient", "KVTierProtocol", "KVTierCore"]),
         .testTarget(
             name: "KVTierServerTests",
