@@ -100,7 +100,7 @@ let package = Package(
         .executableTarget(
             name: "kvtier",
             dependencies: [
-                "KVTierCore", "KVTierCodec", "KVTierStore", "KVTierIO", "KVTierTools", "KVTierClient",
+                "KVTierCore", "KVTierCodec", "KVTierStore", "KVTierIO", "KVTierTools", "KVTierClient", "KVTierProtocol",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -138,7 +138,7 @@ let package = Package(
             ]
         ),
         // kvtierd as operators run it: systemd units, socket activation and sd_notify, configuration
-        // errors and SIGHUP, /metrics, `kvtier status` and `kvtier top` (real processes).
+        // errors and SIGHUP, /metrics, `kvtier status`, `top` and the cache commands (real processes).
         .testTarget(name: "KVTierOpsTests", dependencies: ["KVTierDaemon", "KVTierClient", "KVTierProtocol", "KVTierCore"]),
         .testTarget(
             name: "KVTierServerTests",

@@ -66,18 +66,10 @@ struct DiskVerifyCommand: ParsableCommand {
     }
 }
 
-/// `kvtier pages DIR`: the live pages of a store.
-struct DiskPagesCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "pages",
-        abstract: "List the live pages of a disk store, by segment and offset (read-only).",
-        discussion: "Reads and checks every record, as 'kvtier verify' does; damaged records are not listed."
-    )
-
-    @Argument(help: "Store folder, or the state directory containing store/.") var directory: String
-    @Flag(help: "Print a JSON array instead of a table.") var json = false
-
-    func run() throws {
+/// `kvtier pages DIR`: the live pages of a disk store, each record read and checked (the offline
+/// half of `PagesCommand`).
+enum OfflinePages {
+    static func run(directory: String, json: Bool) throws {
         let logger = commandLogger()
         let (inspector, reader) = try DiskInspector.open(directory, logger: logger)
         defer { reader.close() }

@@ -4,8 +4,9 @@ import ArgumentParser
 struct KVTierCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kvtier",
-        abstract: "Watch a running kvtierd; inspect, verify and benchmark KVTier caches and codecs.",
-        subcommands: [StatusCommand.self, TopCommand.self, CodecCommand.self, DebugCommand.self, DiskVerifyCommand.self, DiskPagesCommand.self,
+        abstract: "Watch and manage a running kvtierd (sessions, pages, eviction, export); inspect, verify and benchmark KVTier caches and codecs.",
+        subcommands: [StatusCommand.self, TopCommand.self, SessionsCommand.self, PagesCommand.self, ExplainCommand.self, EvictCommand.self,
+                      ExportCommand.self, ImportCommand.self, CodecCommand.self, DebugCommand.self, DiskVerifyCommand.self,
                       DiskBenchCommand.self]
     )
 }
