@@ -23,6 +23,12 @@ extension KVTierClient {
                        expecting: "EVICT") { if case .evict(let r) = $0 { r } else { nil } }
     }
 
+    /// Moves a session's pages out of RAM (without counting as a use of the session).
+    public func evictSession(_ name: String, deleteFromDisk: Bool = false) async throws -> EvictReply {
+        try await call(.evict(Evict(modelID: 0, tokens: [], deleteFromDisk: deleteFromDisk, everyPage: false, session: name)),
+                       expecting: "EVICT") { if case .evict(let r) = $0 { r } else { nil } }
+    }
+
     /// Moves every page of the tenant (of one model, or all) out of RAM.
     public func evictAll(modelID: UInt64? = nil, deleteFromDisk: Bool = false) async throws -> EvictReply {
         try await call(.evict(Evict(modelID: modelID ?? 0, tokens: [], deleteFromDisk: deleteFromDisk, everyPage: true)),

@@ -109,8 +109,16 @@ public struct StoreRequestHandler: RequestHandler {
             let end = min(all.count, start + Int(r.limit))
             return .pages(PagesReply(total: UInt32(clamping: all.count), pages: all[start..<end].map(Self.info)))
         case .evict(let r):
-            let result = try await store.evict(tenant, modelID: r.modelID == 0 ? nil : r.modelID, tokens: r.everyPage ? nil : r.tokens,
+            let result: TieredStore.EvictResult
+            if r.session.isEmpty {
+                result = try await store.evict(tenant, modelID: r.modelID == 0 ? nil : r.modelID, tokens: r.everyPage ? nil : r.tokens,
                                                deleteFromDisk: r.deleteFromDisk)
+            } else {
+                guard r.modelID == 0, r.tokens.isEmpty, !r.everyPage else {
+                    throw .invalidArgument("EVICT names session '\(r.session)' and also a model, tokens or every page: name one selection")
+                }
+                result = try await store.evictSession(tenant, name: r.session, deleteFromDisk: r.deleteFromDisk)
+            }
             return .evict(EvictReply(evicted: UInt32(clamping: result.evicted), deleted: UInt32(clamping: result.deleted),
                                      skipped: UInt32(clamping: result.skipped)))
         case .sessionList:

@@ -152,24 +152,28 @@ public struct PagesReply: WireBody {
 
 /// `EVICT` request: `u64 modelID`, `tokens`, `u8 flags` (bit 0: delete from disk too; bit 1:
 /// every page of the tenant and model — modelID 0 for every model — instead of `tokens`'
-/// cached prefix).
+/// cached prefix), `string session` (non-empty: that session's pages, without counting as a use
+/// of it; then `modelID` is 0, `tokens` empty and bit 1 clear).
 public struct Evict: WireBody {
     public var modelID: UInt64
     public var tokens: [UInt32]
     public var deleteFromDisk: Bool
     public var everyPage: Bool
+    public var session: String
 
-    public init(modelID: UInt64, tokens: [UInt32], deleteFromDisk: Bool, everyPage: Bool) {
+    public init(modelID: UInt64, tokens: [UInt32], deleteFromDisk: Bool, everyPage: Bool, session: String = "") {
         self.modelID = modelID
         self.tokens = tokens
         self.deleteFromDisk = deleteFromDisk
         self.everyPage = everyPage
+        self.session = session
     }
 
     public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
         writer.u64(modelID)
         try writer.wireTokens(tokens, field: "tokens")
         writer.u8((deleteFromDisk ? 1 : 0) | (everyPage ? 2 : 0))
+        try writer.wireString(session, field: "session")
     }
 
     public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
@@ -179,6 +183,7 @@ public struct Evict: WireBody {
         let flags = try reader.flags("flags", known: 3)
         deleteFromDisk = flags & 1 != 0
         everyPage = flags & 2 != 0
+        session = try reader.string("session")
         try reader.finish()
     }
 }

@@ -54,6 +54,14 @@ extension TieredStore {
         return summaries
     }
 
+    /// `evict` of a session's pages. Reading the session here is not a use of it: its TTL
+    /// keeps counting and nothing is prefetched.
+    public func evictSession(_ tenant: TenantID, name: String, deleteFromDisk: Bool) async throws(StoreError) -> EvictResult {
+        let id = SessionID(tenant: tenant, name: name)
+        guard let session = catalog.session(id) else { throw SessionCatalog.missing(id) }
+        return try await evict(tenant, modelID: session.modelID, tokens: session.tokens, deleteFromDisk: deleteFromDisk)
+    }
+
     public struct EvictResult: Sendable, Equatable {
         /// Pages moved out of RAM (written to disk first unless deleted).
         public var evicted = 0

@@ -15,8 +15,6 @@ struct EvictCommand: AsyncParsableCommand {
             pinned session are skipped and stay where they are: release the lease or unpin the \
             session ('kvtier sessions unpin NAME') first.
 
-            --session reads the session's tokens, which counts as a use (its TTL restarts) and \
-            starts loading its disk pages into RAM, as resuming it would.
             """
     )
 
@@ -52,19 +50,14 @@ struct EvictCommand: AsyncParsableCommand {
                 if let modelID { _ = try await ModelDirectory(client).require(modelID.value) }
                 reply = try await client.evictAll(modelID: modelID?.value, deleteFromDisk: delete)
                 what = "every page" + (modelID.map { " of model \(modelHex($0.value))" } ?? "")
+            } else if let session {
+                reply = try await client.evictSession(session, deleteFromDisk: delete)
+                what = "session '\(session)'"
             } else {
                 let models = try await ModelDirectory(client)
-                let sequence: [UInt32]
-                let id: UInt64
-                if let session {
-                    (id, sequence) = try await client.sessionTokens(session)
-                    what = "session '\(session)' (\(sequence.count) tokens)"
-                } else {
-                    id = modelID!.value
-                    sequence = try tokensFile.map(readTokensFile) ?? parseTokens(tokens!, source: "--tokens")
-                    what = "the cached prefix of \(sequence.count) tokens"
-                }
-                reply = try await client.evict(try models.require(id).registered, tokens: sequence, deleteFromDisk: delete)
+                let sequence = try tokensFile.map(readTokensFile) ?? parseTokens(tokens!, source: "--tokens")
+                what = "the cached prefix of \(sequence.count) tokens"
+                reply = try await client.evict(try models.require(modelID!.value).registered, tokens: sequence, deleteFromDisk: delete)
             }
             let outcome = Outcome(evicted: Int(reply.evicted), deleted: Int(reply.deleted), skipped: Int(reply.skipped))
             if json { return try printJSON(outcome) }

@@ -47,6 +47,16 @@ import Testing
         result = try await store.evict(S.alice, modelID: nil, tokens: nil, deleteFromDisk: false)
         #expect(result.skipped == 2, "\(result)")
         #expect(try store.sessionDetail(S.alice, name: "keep").ramTokens == 32)
+
+        // Evicting a session's pages is not a use of it (no TTL restart, no prefetch).
+        _ = try store.setSessionPinned(S.alice, name: "keep", pinned: false)
+        let before = try store.sessionDetail(S.alice, name: "keep").session.lastUsedMicros
+        try await Task.sleep(for: .milliseconds(5))
+        result = try await store.evictSession(S.alice, name: "keep", deleteFromDisk: false)
+        let after = try store.sessionDetail(S.alice, name: "keep")
+        #expect(result.evicted == 2 && after.ramTokens == 0 && after.diskTokens == 32, "\(result) \(after)")
+        #expect(after.session.lastUsedMicros == before)
+        await #expect(throws: StoreError.self) { try await store.evictSession(S.bob, name: "keep", deleteFromDisk: false) }
         await disk.close()
     }
 }

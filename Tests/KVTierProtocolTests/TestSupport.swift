@@ -89,7 +89,7 @@ struct MessageGenerator {
         case .attention: .attention(Attention(modelID: u64(), tokens: tokens(), pageMass: (0..<int(0...maxList)).map { _ in float() }))
         case .status: .status
         case .pages: .pages(Pages(modelID: u64(), offset: u32(), limit: UInt32(int(1...Pages.maxPagesPerReply))))
-        case .evict: .evict(Evict(modelID: u64(), tokens: tokens(), deleteFromDisk: bool(), everyPage: bool()))
+        case .evict: .evict(Evict(modelID: u64(), tokens: tokens(), deleteFromDisk: bool(), everyPage: bool(), session: string()))
         case .models: .models
         }
     }
