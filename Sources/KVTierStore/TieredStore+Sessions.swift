@@ -124,21 +124,25 @@ extension TieredStore {
             s.counters.prefetchIssued += pages.count
             return pages.map { s.evictedHeat[$0.address] ?? 0 }
         }
-        let order = pages.indices.sorted { heat[$0] != heat[$1] ? heat[$0] > heat[$1] : $0 < $1 }
+        var order = pages.indices.sorted { heat[$0] != heat[$1] ? heat[$0] > heat[$1] : $0 < $1 }
+        var bytes = 0
+        order = Array(order.prefix { index in
+            bytes += pages[index].tokens.count * model.bytesPerToken
+            return bytes <= budgetBytes
+        })
+        let addresses = order.map { pages[$0].address }
         return Task {
-            var loaded = 0, bytes = 0
-            for index in order {
-                let page = pages[index]
-                let size = page.tokens.count * model.bytesPerToken
-                guard bytes + size <= budgetBytes else { break }
-                guard tier(of: page.address) == .disk else { continue }  // loaded meanwhile
-                if await promote(page.address, model, memory, lease: false) != nil {
-                    loaded += 1
-                    bytes += size
-                }
+            // Batches of a few pages: a GET that comes meanwhile waits only for the batch
+            // holding its page, and reads the pages not started yet itself.
+            var loaded = 0
+            for start in stride(from: 0, to: addresses.count, by: Self.prefetchBatchPages) {
+                loaded += await load(Array(addresses[start..<min(start + Self.prefetchBatchPages, addresses.count)]), model, memory, prefetch: true)
             }
             await makeRoom()
             return loaded
         }
     }
+
+    /// Pages one prefetch read batch holds.
+    static var prefetchBatchPages: Int { 16 }
 }

@@ -18,6 +18,8 @@ extension TieredStore {
         if maxTokens > 0 {
             located = located.filter { $0.tokens.lowerBound < maxTokens }
         }
+        // Disk pages come in one batched read (or with a load already under way, e.g. prefetch).
+        await load(located.filter { $0.tier == .disk }.map(\.address), model, memory, prefetch: false)
         var served: [ServedPage] = []
         var addresses: [PageAddress] = []
         var servedTokens = 0
@@ -38,7 +40,8 @@ extension TieredStore {
         return GetResult(tokens: servedTokens, leaseID: id, pages: served)
     }
 
-    /// Takes a lease on a page in RAM, promoting it from disk if needed.
+    /// Takes a lease on a page in RAM, promoting it from disk if needed (a page evicted again
+    /// since `load` brought it in).
     private func pin(_ address: PageAddress, _ model: ModelSpec, _ memory: any PageMemory) async -> (extent: Extent, tokens: Int)? {
         if let hit = state.withLock({ s -> (Extent, Int)? in
             guard var page = s.resident[address] else { return nil }
@@ -52,12 +55,12 @@ extension TieredStore {
             s.resident[address] = page
             return (page.extent, page.tokens)
         }) { return hit }
-        return await promote(address, model, memory, lease: true)
+        return await promote(address, model, memory)
     }
 
-    /// Reads a disk page into the tenant's memory and makes it resident, with a lease or (for
-    /// prefetch) without. Nil when the page is not on disk, memory is full, or the read fails.
-    func promote(_ address: PageAddress, _ model: ModelSpec, _ memory: any PageMemory, lease: Bool) async -> (extent: Extent, tokens: Int)? {
+    /// Reads one disk page into the tenant's memory and makes it resident, leased. Nil when the
+    /// page is not on disk, memory is full, or the read fails.
+    private func promote(_ address: PageAddress, _ model: ModelSpec, _ memory: any PageMemory) async -> (extent: Extent, tokens: Int)? {
         guard let disk, let stored = disk.page(address) else { return nil }
         guard let extent = memory.allocate(stored.shape.rawBytes) else { return nil }
         switch await disk.read(address, into: memory.buffer(extent)) {
@@ -68,16 +71,16 @@ extension TieredStore {
             let now = Clocks.monotonicMicros()
             let (kept, duplicate) = state.withLock { s -> ((Extent, Int), Bool) in
                 if var existing = s.resident[address] {  // promoted concurrently
-                    if lease { existing.leases += 1 }
+                    existing.leases += 1
                     s.resident[address] = existing
                     return ((existing.extent, existing.tokens), true)
                 }
-                var resident = Resident(extent: extent, modelID: model.id, tokens: page.page.shape.tokens, leases: lease ? 1 : 0,
-                                        lastAccessMicros: now, residentSinceMicros: now, onDisk: true, prefetched: !lease)
+                var resident = Resident(extent: extent, modelID: model.id, tokens: page.page.shape.tokens, leases: 1,
+                                        lastAccessMicros: now, residentSinceMicros: now, onDisk: true)
                 if let heat = s.evictedHeat.removeValue(forKey: address) { resident.attention = heat }
                 s.resident[address] = resident
                 s.ramBytes += extent.length
-                if lease { s.counters.promotions += 1 } else { s.counters.prefetchLoaded += 1 }
+                s.counters.promotions += 1
                 return ((extent, page.page.shape.tokens), false)
             }
             if duplicate { memory.free(extent) }

@@ -69,6 +69,8 @@ public final class TieredStore: Sendable {
         var ramBytes = 0
         /// Heat of pages when they left RAM, so prefetch can load the hottest first.
         var evictedHeat: [PageAddress: Double] = [:]
+        /// Disk pages being read into RAM, with whoever waits for them (`load`).
+        var loading: [PageAddress: Loading] = [:]
         var counters = Counters()
     }
 

@@ -234,6 +234,25 @@ import Testing
         await disk.close()
     }
 
+    /// Concurrent GETs (and a prefetch) of the same disk pages share one read per page.
+    @Test func concurrentLoadsReadEachPageOnce() async throws {
+        let (store, disk) = try Self.open(SimulatedStorage(seed: 20))
+        let tokens = Array(T.tokens[0..<64])
+        try await Self.put(store, tokens, from: 0, session: "chat")
+        _ = try await store.evict(Self.alice, modelID: nil, tokens: nil, deleteFromDisk: false)
+        let prefetch = try store.resumeSession(Self.alice, name: "chat").prefetch
+        let served = try await withThrowingTaskGroup(of: Bool.self) { group in
+            for _ in 0..<4 { group.addTask { try await Self.servesExactly(store, tokens) } }
+            return try await group.reduce(true) { $0 && $1 }
+        }
+        let prefetched = await prefetch?.value ?? 0
+        #expect(served)
+        let status = Dictionary(uniqueKeysWithValues: store.status().map { ($0.name, $0.value) })
+        #expect(status["promotions"]! + status["prefetch_loaded"]! == 4, "\(status)")
+        #expect(status["prefetch_loaded"]! == UInt64(prefetched))
+        await disk.close()
+    }
+
     @Test func badNamesAndModelMismatchesAreRefused() async throws {
         let (store, disk) = try Self.open(SimulatedStorage(seed: 18))
         for name in ["", String(repeating: "x", count: 256), "tab\there"] {
