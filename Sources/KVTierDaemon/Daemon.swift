@@ -42,6 +42,7 @@ public final class Daemon: Sendable {
         var diskConfiguration = DiskTierConfiguration()
         diskConfiguration.budgetBytes = c.diskBudgetBytes
         let disk = try DiskTier(storage: storage, configuration: diskConfiguration, logger: logger)
+        if let metrics = operations.metrics { disk.observe(with: metrics.diskObserver()) }
         let catalog = try SessionCatalog(storage: storage, logger: logger)
 
         var storeConfiguration = TieredStore.Configuration()

@@ -1,5 +1,6 @@
 import CoreMetrics
 import KVTierProtocol
+import KVTierStore
 import Prometheus
 import Synchronization
 
@@ -93,6 +94,9 @@ public final class DaemonMetrics: Sendable {
     public init(ioPath currentPath: String, diskBudgetBytes: Int?, startTimeSeconds: Double) {
         var factory = PrometheusMetricsFactory(registry: registry)
         factory.durationHistogramBuckets[Self.requestDurationName] = Self.latencyBuckets
+        for name in [DiskMetricsObserver.readName, DiskMetricsObserver.codecName, DiskMetricsObserver.commitName] {
+            factory.durationHistogramBuckets[name] = DiskMetricsObserver.buckets
+        }
         self.factory = factory
         tierBudget = registry.makeGauge(
             descriptor: MetricNameDescriptor(metricName: "kvtier_tier_budget", unitName: "bytes", helpText: "Configured budget of the tier."),
@@ -131,6 +135,11 @@ public final class DaemonMetrics: Sendable {
             s.timers[opcode] = timer
             return timer
         }
+    }
+
+    /// What the disk tier reports its timings to.
+    public func diskObserver() -> any DiskTierObserver {
+        DiskMetricsObserver(factory: factory)
     }
 
     /// Copies `counters` (store status and server counters, by their `STATUS` names) into the

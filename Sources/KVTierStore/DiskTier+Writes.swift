@@ -36,12 +36,14 @@ extension DiskTier {
         }
         guard shape.layers >= 1, shape.layers <= Limits.maxLayers else { throw .invalidPage("layers must be 1...\(Limits.maxLayers)") }
         let record: [UInt8]
+        let encodeStart = Clocks.monotonicNanoseconds()
         do {
             record = try PageRecord.encode(address: address, modelID: modelID, codec: codec, shape: shape,
                                            data: data.readOnly, createdMicros: Clocks.wallMicros())
         } catch {
             throw .codec(error)
         }
+        observer.withLock { $0 }?.pageEncoded(nanoseconds: Clocks.monotonicNanoseconds() - encodeStart, rawBytes: shape.rawBytes)
         let stored = try await enqueue(address, .page(record))
         guard let stored else { throw .invalidPage("writer returned no location") }
         return stored
@@ -109,6 +111,7 @@ extension DiskTier {
             if state.withLock({ $0.activeSegment == 0 }) { try startSegment() }
             try rotateIfFull(onlyTombstones: group.allSatisfy { if case .tombstone = $0.body { true } else { false } })
             let segment = state.withLock { $0.segments[$0.activeSegment]! }
+            let commitStart = Clocks.monotonicNanoseconds()
             let start = segment.appendOffset
             var offset = start
             var staged: [(PendingWrite, RecordHeader, Int)] = []
@@ -129,6 +132,8 @@ extension DiskTier {
                 offset += bytes.count
             }
             do { try segment.file.sync() } catch { throw rollBack(segment, to: start, error) }
+            observer.withLock { $0 }?.groupCommitted(nanoseconds: Clocks.monotonicNanoseconds() - commitStart, records: staged.count,
+                                                     bytes: offset - start)
             let results = apply(staged, in: segment, end: offset)
             for (item, result) in zip(staged.map(\.0), results) { item.completion(.success(result)) }
             for item in skipped { item.completion(.success(nil)) }

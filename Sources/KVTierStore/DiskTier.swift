@@ -77,6 +77,13 @@ public final class DiskTier: Sendable {
     /// pages no session holds first, and never a pinned session's. Called under the state
     /// lock, so it must not call back into the disk tier.
     let holds = Mutex<(@Sendable (PageAddress) -> SessionCatalog.Hold)?>(nil)
+    /// Told how long reads, decodes, encodes and group commits take (`observe(with:)`).
+    let observer = Mutex<(any DiskTierObserver)?>(nil)
+
+    /// Reports the tier's timings to `observer` from now on.
+    public func observe(with observer: any DiskTierObserver) {
+        self.observer.withLock { $0 = observer }
+    }
 
     /// Opens (or creates) the store under `configuration.directory`, running recovery first.
     public init(storage: any Storage, configuration: DiskTierConfiguration = DiskTierConfiguration(), logger: Logger) throws(DiskTierError) {
@@ -156,7 +163,12 @@ public final class DiskTier: Sendable {
             let buffer = readBuffers.take(Block.roundUp(location.recordBytes))
             defer { readBuffers.give(buffer) }
             let span = UnsafeMutableRawBufferPointer(rebasing: buffer.bytes[0..<Block.roundUp(location.recordBytes)])
+            let observer = self.observer.withLock { $0 }
+            let readStart = Clocks.monotonicNanoseconds()
             let result = await storage.read([BlockRead(file: file, offset: location.offset, destination: span)])[0]
+            let decodeStart = Clocks.monotonicNanoseconds()
+            observer?.pageRead(nanoseconds: decodeStart - readStart, bytes: span.count)
+            defer { observer?.pageDecoded(nanoseconds: Clocks.monotonicNanoseconds() - decodeStart, rawBytes: location.shape.rawBytes) }
             switch result {
             case .failure(let error):
                 // A segment compacted away mid-read shows up as a closed or missing file.

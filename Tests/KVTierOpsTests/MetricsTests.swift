@@ -84,6 +84,38 @@ struct MetricsTests {
         #expect(sample("kvtier_puts_total", in: again) == 1)
     }
 
+    /// A durable session put writes to disk; evicting and reading it back reads and decodes.
+    @Test func diskAndPrefetchMetricsFollowDiskTraffic() async throws {
+        var random = SplitMix64(seed: 11)
+        let folder = try TemporaryFolder()
+        defer { folder.remove() }
+        let (daemon, port) = try await Self.startWithMetrics(folder)
+        defer { daemon.stop() }
+        let client = try await KVTierClient.connect(socketPath: folder.path + "/s.sock")
+        let model = try await client.registerModel(Self.spec)
+        let tokens = (0..<40).map { _ in UInt32.random(in: 0..<128_000, using: &random) }
+        let elements = Self.spec.shape.elements(tokens: 40)
+        let keys = (0..<elements).map { _ in UInt16.random(in: 0...0x7BFF, using: &random) }
+        let values = (0..<elements).map { _ in UInt16.random(in: 0...0x7BFF, using: &random) }
+        #expect(try await client.put(model, tokens: tokens, keys: keys, values: values, session: "chat") == 40)
+        _ = try await client.evictSession("chat")
+        _ = try await client.sessionTokens("chat")  // resume: prefetches the 3 pages
+        _ = try await client.get(model, tokens: tokens)
+        await client.close()
+
+        let body = try httpRequest(port: port, path: "/metrics").body
+        #expect((sample("kvtier_disk_commit_seconds_count", in: body) ?? 0) >= 1, "\(body)")
+        #expect((sample("kvtier_disk_written_bytes_total", in: body) ?? 0) > 0)
+        #expect(sample("kvtier_codec_seconds_count{op=\"encode\"}", in: body) == 3, "one encode per page")
+        #expect(sample("kvtier_disk_read_seconds_count", in: body) == 3, "each page read once: by prefetch, or by the GET")
+        #expect(sample("kvtier_codec_seconds_count{op=\"decode\"}", in: body) == 3)
+        #expect((sample("kvtier_disk_read_bytes_total", in: body) ?? 0) > 0)
+        #expect(sample("kvtier_prefetch_pages_total{state=\"issued\"}", in: body) == 3)
+        let loaded = sample("kvtier_prefetch_pages_total{state=\"loaded\"}", in: body) ?? -1
+        #expect(loaded >= 0 && loaded <= 3 && sample("kvtier_prefetch_pages_total{state=\"useful\"}", in: body) == loaded)
+        #expect(sample("kvtier_sessions", in: body) == 1)
+    }
+
     @Test func onlyGetMetricsIsServed() async throws {
         let folder = try TemporaryFolder()
         defer { folder.remove() }
