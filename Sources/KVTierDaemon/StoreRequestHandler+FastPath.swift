@@ -13,15 +13,11 @@ extension StoreRequestHandler {
         do throws(StoreError) {
             switch request {
             case .lookup(let r):
-                let found = try store.lookup(tenant, modelID: r.modelID, tokens: r.tokens)
-                return .lookup(LookupReply(cachedTokens: UInt32(found.cachedTokens), ramTokens: UInt32(found.ramTokens),
-                                           diskTokens: UInt32(found.diskTokens), estimatedLoadMicros: found.estimatedLoadMicros))
+                return try lookup(r, context)
             case .release(let r):
-                try store.release(tenant, leaseID: r.leaseID)
-                return .release
+                return try release(r, context)
             case .alloc(let r):
-                let (lease, extents) = try store.allocate(tenant, owner: context.connectionID, sizes: r.byteCounts.map { Int(clamping: $0) })
-                return .alloc(AllocReply(leaseID: lease, extents: extents.map { WireExtent(offset: UInt64($0.offset), bytes: UInt64($0.length), tokens: 0) }))
+                return try alloc(r, context)
             case .get(let r):
                 return try immediateGet(r, context)
             case .put(let r):

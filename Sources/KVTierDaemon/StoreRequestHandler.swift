@@ -48,9 +48,7 @@ public struct StoreRequestHandler: RequestHandler {
                                          elementType: r.elementType, pageTokens: Int(pageTokens), ropeTheta: r.ropeTheta))
             return .registerModel(RegisterModelReply(modelID: id, pageTokens: pageTokens))
         case .lookup(let r):
-            let found = try store.lookup(tenant, modelID: r.modelID, tokens: r.tokens)
-            return .lookup(LookupReply(cachedTokens: UInt32(found.cachedTokens), ramTokens: UInt32(found.ramTokens),
-                                       diskTokens: UInt32(found.diskTokens), estimatedLoadMicros: found.estimatedLoadMicros))
+            return try lookup(r, context)
         case .put(let r):
             let chunks = try chunks(of: r)
             let result = try await store.put(tenant, owner: context.connectionID, modelID: r.modelID, tokens: r.tokens,
@@ -86,11 +84,9 @@ public struct StoreRequestHandler: RequestHandler {
             try store.release(tenant, leaseID: got.leaseID)
             return .get(GetReply(tokens: UInt32(got.tokens), leaseID: 0, data: .inline(bytes)))
         case .release(let r):
-            try store.release(tenant, leaseID: r.leaseID)
-            return .release
+            return try release(r, context)
         case .alloc(let r):
-            let (lease, extents) = try store.allocate(tenant, owner: context.connectionID, sizes: r.byteCounts.map { Int(clamping: $0) })
-            return .alloc(AllocReply(leaseID: lease, extents: extents.map { WireExtent(offset: UInt64($0.offset), bytes: UInt64($0.length), tokens: 0) }))
+            return try alloc(r, context)
         case .attention(let r):
             try store.reportAttention(tenant, modelID: r.modelID, tokens: r.tokens, masses: r.pageMass)
             return .attention
@@ -150,6 +146,24 @@ public struct StoreRequestHandler: RequestHandler {
             let resumed = try store.resumeSession(tenant, name: r.name)
             return .sessionTokens(SessionTokensReply(modelID: resumed.session.modelID, tokens: resumed.session.tokens))
         }
+    }
+
+    // MARK: requests both paths answer the same way (never waiting on anything)
+
+    func lookup(_ r: Lookup, _ context: ConnectionContext) throws(StoreError) -> Reply {
+        let found = try store.lookup(context.tenant, modelID: r.modelID, tokens: r.tokens)
+        return .lookup(LookupReply(cachedTokens: UInt32(found.cachedTokens), ramTokens: UInt32(found.ramTokens),
+                                   diskTokens: UInt32(found.diskTokens), estimatedLoadMicros: found.estimatedLoadMicros))
+    }
+
+    func release(_ r: Release, _ context: ConnectionContext) throws(StoreError) -> Reply {
+        try store.release(context.tenant, leaseID: r.leaseID)
+        return .release
+    }
+
+    func alloc(_ r: Alloc, _ context: ConnectionContext) throws(StoreError) -> Reply {
+        let (lease, extents) = try store.allocate(context.tenant, owner: context.connectionID, sizes: r.byteCounts.map { Int(clamping: $0) })
+        return .alloc(AllocReply(leaseID: lease, extents: extents.map { WireExtent(offset: UInt64($0.offset), bytes: UInt64($0.length), tokens: 0) }))
     }
 
     static func info(_ page: TieredStore.PageSummary) -> PageInfo {

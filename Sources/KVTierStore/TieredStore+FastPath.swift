@@ -180,25 +180,7 @@ extension TieredStore {
                                                     lastAccessMicros: now, residentSinceMicros: now, onDisk: false)))
         }
         stored = true
-        let (raced, overBudget) = state.withLock { s -> ([Extent], Bool) in
-            var raced: [Extent] = []
-            for (address, page) in newPages {
-                // Another put stored the same page meanwhile: keep one copy.
-                if s.resident[address] != nil {
-                    raced.append(page.extent)
-                    continue
-                }
-                s.resident[address] = page
-                s.ramBytes += page.extent.length
-            }
-            s.counters.puts += 1
-            s.counters.pagesStored += newPages.count - raced.count
-            s.counters.pagesDeduplicated += deduplicated + raced.count
-            return (raced, s.ramBytes > configuration.ramBudgetBytes)
-        }
-        let staged = Set(chunks.compactMap { if case .extent(let e) = $0 { e } else { nil } })
-        for extent in raced where !staged.contains(extent) { memory.free(extent) }
-        newPages.removeAll { raced.contains($0.1.extent) }
+        let overBudget = commit(&newPages, deduplicated: deduplicated, chunks: chunks, memory)
         // Concurrent puts passed the budget check together: evict off this thread, as the
         // async path would have before replying.
         if overBudget { Task { await self.makeRoom() } }

@@ -176,27 +176,7 @@ extension TieredStore {
                                                lastAccessMicros: now, residentSinceMicros: now, onDisk: false)))
         }
         stored = true
-        let raced = state.withLock { s -> [Extent] in
-            var raced: [Extent] = []
-            for (address, page) in newPages {
-                // Another put stored the same page meanwhile: keep one copy.
-                if s.resident[address] != nil {
-                    raced.append(page.extent)
-                    continue
-                }
-                s.resident[address] = page
-                s.ramBytes += page.extent.length
-            }
-            s.counters.puts += 1
-            s.counters.pagesStored += newPages.count - raced.count
-            s.counters.pagesDeduplicated += deduplicated + raced.count
-            return raced
-        }
-        // Raced staging extents are freed by the `defer` above (they are no longer stored);
-        // fresh copies are freed here.
-        let staged = Set(chunks.compactMap { if case .extent(let e) = $0 { e } else { nil } })
-        for extent in raced where !staged.contains(extent) { memory.free(extent) }
-        newPages.removeAll { raced.contains($0.1.extent) }
+        commit(&newPages, deduplicated: deduplicated, chunks: chunks, memory)
         if let session {
             // Every page of the session, stored now or before, must be on disk before the
             // catalog names it (without a disk tier, sessions last as long as the process).
@@ -213,6 +193,32 @@ extension TieredStore {
         for address in dropped where catalog.hold(on: address) == .none { await drop(address) }
         await makeRoom()
         return PutResult(cachedTokens: max(cached, tokens.count), newPages: newPages.count)
+    }
+
+    /// Makes a put's prepared pages resident and counts the put. A page another put stored
+    /// meanwhile keeps that copy: this put's copy leaves `newPages` and, unless it is a staging
+    /// extent (the put's cleanup frees those), is freed here. Returns whether RAM is over budget.
+    @discardableResult
+    func commit(_ newPages: inout [(PageAddress, Resident)], deduplicated: Int, chunks: [PutChunk], _ memory: any PageMemory) -> Bool {
+        let (raced, overBudget) = state.withLock { s -> ([Extent], Bool) in
+            var raced: [Extent] = []
+            for (address, page) in newPages {
+                if s.resident[address] != nil {
+                    raced.append(page.extent)
+                    continue
+                }
+                s.resident[address] = page
+                s.ramBytes += page.extent.length
+            }
+            s.counters.puts += 1
+            s.counters.pagesStored += newPages.count - raced.count
+            s.counters.pagesDeduplicated += deduplicated + raced.count
+            return (raced, s.ramBytes > configuration.ramBudgetBytes)
+        }
+        let staged = Set(chunks.compactMap { if case .extent(let e) = $0 { e } else { nil } })
+        for extent in raced where !staged.contains(extent) { memory.free(extent) }
+        newPages.removeAll { raced.contains($0.1.extent) }
+        return overBudget
     }
 
     /// Takes the staging extents a put names out of the owner's leases; refuses any other.
