@@ -141,3 +141,33 @@ def test_another_uid_sees_no_sessions(binary):
             assert [s.name for s in c.list_sessions()] == ["private"], "nothing of it was touched"
     finally:
         d.stop()
+
+
+def test_pages_evict_and_models(binary):
+    d = Daemon(binary, "--disk-codec", "fp16")
+    try:
+        k, v = kv(40)
+        toks = list(range(7000, 7040))
+        with kvtier.Client(d.socket) as c:
+            c.put(MODEL, toks, k[:, :40], v[:, :40], session="inspect")
+            registered = [m for m in c.models() if m.name == MODEL.name]
+            assert len(registered) == 1
+            m = registered[0]
+            assert (m.model_id, m.layers, m.kv_heads, m.head_dim, m.dtype, m.page_tokens) == \
+                (c.register(MODEL), 2, 2, 32, "float16", 16)
+            total, pages = c.pages(MODEL)
+            assert total == 3 and sorted(p.tokens for p in pages) == [8, 16, 16]
+            assert all(p.in_ram and p.on_disk and p.hold == "session" and p.codec_tag == 1 for p in pages)
+            assert [p.key for p in c.pages(limit=2)[1]] == [p.key for p in pages[:2]]
+            result = c.evict(session="inspect")
+            assert (result.evicted, result.deleted, result.skipped) == (3, 0, 0)
+            detail = c.lookup_detail(MODEL, toks)
+            assert (detail.ram_tokens, detail.disk_tokens) == (0, 40)
+            keys, values = c.get(MODEL, toks)
+            assert np.array_equal(keys, k[:, :40]) and np.array_equal(values, v[:, :40])
+            assert c.evict(delete=True).deleted == 3
+            assert c.lookup(MODEL, toks) == 0
+            with pytest.raises(ValueError):
+                c.evict(session="inspect", model=MODEL)
+    finally:
+        d.stop()

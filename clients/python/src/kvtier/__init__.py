@@ -8,7 +8,7 @@
         keys, values = kv.get(model, tokens)
 """
 
-from ._wire import Extent, SessionInfo
+from ._wire import EvictResult, Extent, PageInfo, RegisteredModel, SessionInfo
 from .client import Client, LookupResult, PutResult
 from .errors import KVTierConnectionError, KVTierError, ProtocolViolation
 from .model import ModelSpec
@@ -19,14 +19,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client",
+    "EvictResult",
     "Extent",
     "KVTierConnectionError",
     "KVTierError",
     "LookupResult",
     "ModelSpec",
+    "PageInfo",
     "PrefixCache",
     "ProtocolViolation",
     "PutResult",
+    "RegisteredModel",
     "SessionInfo",
     "default_socket_path",
     "default_state_dir",

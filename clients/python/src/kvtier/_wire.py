@@ -58,6 +58,9 @@ class Op:
     SESSION_TOKENS = 0x0036
     ATTENTION = 0x0040
     STATUS = 0x0050
+    PAGES = 0x0051
+    EVICT = 0x0052
+    MODELS = 0x0053
 
 
 # Opcodes whose frames may carry inline data (bounded by maxInlineBody, not maxControlBody).
@@ -285,6 +288,94 @@ def session_list_reply(body) -> List[SessionInfo]:
 def session_info_reply(body, context: str) -> SessionInfo:
     r = Reader(body, context)
     out = read_session_info(r)
+    r.finish()
+    return out
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    """One page of this tenant (``pageInfo`` of a ``PAGES`` reply)."""
+
+    key: str  # 32 hex digits: the high then the low 64 bits
+    model_id: int
+    tokens: int
+    in_ram: bool
+    on_disk: bool
+    hold: str  # "none", "session" or "pinned"
+    leases: int
+    heat: float
+    codec_tag: int  # of the disk copy; 0 without one
+    stored_bytes: int
+    raw_bytes: int
+    idle_micros: int
+
+
+PAGE_INFO = struct.Struct("<QQQIBBHfIIIQ")
+MAX_PAGES_PER_REPLY = 16384
+_HOLDS = ("none", "session", "pinned")
+
+
+def pages_reply(body) -> Tuple[int, List[PageInfo]]:
+    r = Reader(body, "PAGES reply")
+    total = r.u32()
+    n = r.count("pages", MAX_PAGES_PER_REPLY, PAGE_INFO.size)
+    out = []
+    for _ in range(n):
+        high, low, model, tokens, tiers, hold, leases, heat, codec, stored, raw, idle = PAGE_INFO.unpack(r.take(PAGE_INFO.size))
+        if tiers & ~3 or hold > 2:
+            raise ProtocolViolation(f"PAGES reply: tiers {tiers} or hold {hold} out of range")
+        out.append(PageInfo(f"{high:016x}{low:016x}", model, tokens, bool(tiers & 1), bool(tiers & 2), _HOLDS[hold],
+                            leases, heat, codec, stored, raw, idle))
+    r.finish()
+    return total, out
+
+
+@dataclass(frozen=True)
+class EvictResult:
+    """What ``EVICT`` did: pages moved out of RAM, deleted from disk, left alone."""
+
+    evicted: int
+    deleted: int
+    skipped: int
+
+
+def evict_reply(body) -> EvictResult:
+    r = Reader(body, "EVICT reply")
+    out = EvictResult(r.u32(), r.u32(), r.u32())
+    r.finish()
+    return out
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A model registered with the daemon (``MODELS``): its id and registration."""
+
+    model_id: int
+    name: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    page_tokens: int
+    rope_theta: float
+
+
+MODEL_ENTRY_MIN_BYTES = 8 + 2 + 2 + 2 + 2 + 1 + 1 + 2 + 4
+_DTYPES = {v: k for k, v in ELEMENT_TYPES.items()}
+
+
+def models_reply(body) -> List[RegisteredModel]:
+    r = Reader(body, "MODELS reply")
+    n = r.count("models", MAX_CONTROL_BODY // MODEL_ENTRY_MIN_BYTES, MODEL_ENTRY_MIN_BYTES)
+    out = []
+    for _ in range(n):
+        mid = r.u64()
+        name = r.string("name")
+        layers, heads, dim, etype, zero, page = r.unpack("HHHBBH")
+        rope = r.unpack("f")[0]
+        if etype not in _DTYPES or zero != 0:
+            raise ProtocolViolation(f"MODELS reply: element type {etype} or reserved byte {zero} invalid")
+        out.append(RegisteredModel(mid, name, layers, heads, dim, _DTYPES[etype], page, rope))
     r.finish()
     return out
 

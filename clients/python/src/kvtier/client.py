@@ -674,6 +674,43 @@ class Client:
         body, _ = self._call(Op.STATUS)
         return _wire.status_reply(body)
 
+    def pages(self, model: Optional[ModelRef] = None, limit: int = 1 << 30) -> Tuple[int, List[_wire.PageInfo]]:
+        """``(total, pages)``: this tenant's pages (of one model, or all), RAM pages hottest first,
+        then pages only on disk, most recently used first; at most ``limit``."""
+        mid = 0 if model is None else self._model_id(model)
+        out: List[_wire.PageInfo] = []
+        total = 0
+        while len(out) < limit:
+            batch = min(_wire.MAX_PAGES_PER_REPLY, limit - len(out))
+            body, _ = self._call(Op.PAGES, [_wire.u64(mid), _wire.u32(len(out)), _wire.u32(batch)])
+            total, pages = _wire.pages_reply(body)
+            out += pages
+            if len(pages) < batch or len(out) >= total:
+                break
+        return total, out
+
+    def evict(self, model: Optional[ModelRef] = None, tokens=None, *, session: Optional[str] = None,
+              delete: bool = False) -> _wire.EvictResult:
+        """Moves pages out of RAM now (to disk; with ``delete`` off disk too): the cached prefix of
+        ``tokens`` (with ``model``), a ``session``'s pages (not counted as a use of it), or with
+        neither every page of this tenant (of ``model`` when given). Leased pages and pinned
+        sessions' pages stay."""
+        if session is not None and (model is not None or tokens is not None):
+            raise ValueError("evict: give a session, or a model and tokens, not both")
+        if tokens is not None and model is None:
+            raise ValueError("evict: tokens need their model")
+        mid = 0 if model is None else self._model_id(model)
+        toks = self._tokens([] if tokens is None else tokens, truncate=False)
+        flags = (1 if delete else 0) | (2 if tokens is None and session is None else 0)
+        body, _ = self._call(Op.EVICT, [_wire.u64(mid), _wire.tokens_field(toks), _wire.u8(flags),
+                                        _wire.string(session or "", "session name")])
+        return _wire.evict_reply(body)
+
+    def models(self) -> List[_wire.RegisteredModel]:
+        """Every model registered with the daemon (host-wide shapes; kept across restarts)."""
+        body, _ = self._call(Op.MODELS)
+        return _wire.models_reply(body)
+
     def ping(self) -> None:
         """A round trip; raises if the daemon is gone."""
         body, _ = self._call(Op.PING)
