@@ -33,7 +33,13 @@ public struct TenantID: Hashable, Sendable, Comparable, CustomStringConvertible 
     public var rawValue: UInt32
     public init(_ rawValue: UInt32) { self.rawValue = rawValue }
     public static func < (a: TenantID, b: TenantID) -> Bool { a.rawValue < b.rawValue }
-    public var description: String { String(rawValue) }
+    public var description: String { rawValue & Self.groupBit != 0 ? "group:\(rawValue & ~Self.groupBit)" : String(rawValue) }
+
+    /// Tenants at or above this id are Unix groups whose members share a tenant; below it, uids.
+    public static let groupBit: UInt32 = 1 << 31
+
+    /// The tenant shared by the members of group `gid`.
+    public static func group(_ gid: UInt32) -> TenantID { TenantID(groupBit | gid) }
 }
 
 /// A page as the store addresses it: tenants never share an address.

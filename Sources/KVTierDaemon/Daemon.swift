@@ -60,6 +60,7 @@ public final class Daemon: Sendable {
         let listener = try operations.makeListener(socketPath: c.socket)
         let server = KVServer(
             listener: listener, handler: operations.instrument(StoreRequestHandler(store: store, defaultPageTokens: c.pageTokens)),
+            tenantFor: { peer in c.tenant(uid: peer.uid, gid: peer.gid) },
             arenaProvider: { tenant in
                 let memory = try store.memory(for: tenant)
                 guard let descriptor = memory.shareableDescriptor else { return nil }

@@ -39,6 +39,10 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     public var metricsListen: String?
     /// Whether `metricsListen` may name a non-loopback address. Default false.
     public var metricsAllowNonLoopback: Bool = false
+    /// Unix groups (names or numeric gids) whose members share one tenant: a client whose
+    /// primary group (as SO_PEERCRED reports it) is listed gets the group's tenant instead of its
+    /// uid's. Default none.
+    public var sharedTenantGroups: [String] = []
 
     /// Keys that SIGHUP applies without a restart; a change to any other key is logged and
     /// waits for the next start.
@@ -46,7 +50,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case socket, stateDir, ramBudget, diskBudget, diskCodec, arenaSize, pageTokens, ioQueueDepth
-        case logLevel, metricsListen, metricsAllowNonLoopback
+        case logLevel, metricsListen, metricsAllowNonLoopback, sharedTenantGroups
     }
 
     /// Every key a config file may hold.
@@ -74,6 +78,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         logLevel = try value(.logLevel, String.self, "a string: " + Self.logLevels.joined(separator: ", ")) ?? logLevel
         metricsListen = try value(.metricsListen, String.self, "a string HOST:PORT such as \"127.0.0.1:9464\"")
         metricsAllowNonLoopback = try value(.metricsAllowNonLoopback, Bool.self, "true or false") ?? metricsAllowNonLoopback
+        sharedTenantGroups = try value(.sharedTenantGroups, [String].self, "a list of group names or numeric gids") ?? sharedTenantGroups
     }
 
     struct AnyKey: CodingKey {
@@ -135,6 +140,14 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         public var logLevel: Logger.Level
         public var metricsListen: MetricsEndpoint?
         public var metricsAllowNonLoopback: Bool
+        /// Gids whose members share a tenant (`sharedTenantGroups`, names resolved).
+        public var sharedTenantGids: [UInt32] = []
+
+        /// The tenant of a peer: its primary group's shared tenant (`TenantID.group`) when that
+        /// group is listed, else its uid.
+        public func tenant(uid: UInt32, gid: UInt32) -> TenantID {
+            sharedTenantGids.contains(gid) ? TenantID.group(gid) : TenantID(uid)
+        }
 
         /// The effective configuration as a JSON object, with the config file's key names
         /// (`kvtierd --print-config`).
@@ -157,6 +170,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
                 ("pageTokens", "\(pageTokens)"), ("ioQueueDepth", "\(ioQueueDepth)"), ("logLevel", quoted(logLevel.rawValue)),
                 ("metricsListen", metricsListen.map { quoted("\($0)") } ?? "null"),
                 ("metricsAllowNonLoopback", "\(metricsAllowNonLoopback)"),
+                ("sharedTenantGroups", "[" + sharedTenantGids.map { quoted("\($0)") }.joined(separator: ", ") + "]"),
             ]
             return "{" + fields.map { "\(quoted($0.0)): \($0.1)" }.joined(separator: ", ") + "}"
         }
@@ -175,6 +189,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             if logLevel != other.logLevel { keys.append("logLevel") }
             if metricsListen != other.metricsListen { keys.append("metricsListen") }
             if metricsAllowNonLoopback != other.metricsAllowNonLoopback { keys.append("metricsAllowNonLoopback") }
+            if sharedTenantGids != other.sharedTenantGids { keys.append("sharedTenantGroups") }
             return keys
         }
     }
@@ -251,7 +266,17 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             throw Invalid(key: "stateDir", value: stateDir, allowed: "a path such as /var/lib/kvtier; leave the key out for the default")
         }
         let state = stateDir ?? KVTierPaths.defaultStateDirectory()
-        return Resolved(
+        var gids: [UInt32] = []
+        for group in sharedTenantGroups {
+            if let gid = UInt32(group), gid < TenantID.groupBit {
+                gids.append(gid)
+            } else if let entry = getgrnam(group) {
+                gids.append(entry.pointee.gr_gid)
+            } else {
+                throw Invalid(key: "sharedTenantGroups", value: group, allowed: "names of groups that exist on this host, or numeric gids below 2^31")
+            }
+        }
+        var resolved = Resolved(
             socket: socket ?? KVTierPaths.defaultSocketPath(),
             stateDir: state,
             ramBudgetBytes: try size("ramBudget", ramBudget),
@@ -263,5 +288,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             logLevel: level,
             metricsListen: metrics,
             metricsAllowNonLoopback: metricsAllowNonLoopback)
+        resolved.sharedTenantGids = gids
+        return resolved
     }
 }

@@ -104,7 +104,7 @@ extension KVServer {
         guard let version = ProtocolVersion.negotiate(minVersion: hello.minVersion, maxVersion: hello.maxVersion) else {
             return Response(reply: .failure(.unsupportedVersion, "this kvtierd speaks versions \(ProtocolVersion.oldestSupported)...\(ProtocolVersion.current) and the client \(hello.minVersion)...\(hello.maxVersion); upgrade the older side", to: request))
         }
-        let tenant = tenantForUID(peer.uid)
+        let tenant = tenantFor(peer)
         var arena: (descriptor: Int32, bytes: Int)?
         if hello.capabilities.contains(.sharedMemory), let arenaProvider {
             do {

@@ -25,7 +25,7 @@ public final class KVServer: Sendable {
     let listener: UnixListener
     let handler: any RequestHandler
     let configuration: ServerConfiguration
-    let tenantForUID: @Sendable (UInt32) -> TenantID
+    let tenantFor: @Sendable (PeerCredentials) -> TenantID
     let arenaProvider: ArenaProvider?
     let logger: Logger
     let state = Mutex(State())
@@ -52,16 +52,16 @@ public final class KVServer: Sendable {
     }
 
     /// - Parameters:
-    ///   - tenantForUID: the tenant of a peer uid (default: the uid itself).
+    ///   - tenantFor: the tenant of a peer, from its credentials at connect time (default: its uid).
     ///   - arenaProvider: the tenant arenas offered to clients that can map memory (default: none).
     public init(listener: UnixListener, handler: any RequestHandler, configuration: ServerConfiguration = ServerConfiguration(),
-                counters: ServerCounters = ServerCounters(), tenantForUID: @escaping @Sendable (UInt32) -> TenantID = { TenantID($0) },
+                counters: ServerCounters = ServerCounters(), tenantFor: @escaping @Sendable (PeerCredentials) -> TenantID = { TenantID($0.uid) },
                 arenaProvider: ArenaProvider? = nil, logger: Logger) {
         self.listener = listener
         self.handler = handler
         self.configuration = configuration
         self.counters = counters
-        self.tenantForUID = tenantForUID
+        self.tenantFor = tenantFor
         self.arenaProvider = arenaProvider
         self.logger = logger
     }

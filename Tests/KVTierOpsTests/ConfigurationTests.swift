@@ -28,6 +28,8 @@ struct ConfigurationTests {
         Invalid(json: #"{"metricsListen": "192.0.2.1:9464"}"#, key: "metricsListen", allowed: "unless metricsAllowNonLoopback is true"),
         Invalid(json: #"{"metricsAllowNonLoopback": "yes"}"#, key: "metricsAllowNonLoopback", allowed: "true or false"),
         Invalid(json: #"{"ramBugdet": "8GiB"}"#, key: "ramBugdet", allowed: "one of the keys"),
+        Invalid(json: #"{"sharedTenantGroups": ["no-such-group-kvtier"]}"#, key: "sharedTenantGroups", allowed: "groups that exist"),
+        Invalid(json: #"{"sharedTenantGroups": "wheel"}"#, key: "sharedTenantGroups", allowed: "a list of group names"),
         Invalid(flags: ["--state-dir", ""], key: "stateDir", allowed: "leave the key out"),
         Invalid(flags: ["--ram-budget", "0"], key: "ramBudget", allowed: "a size such as"),
         Invalid(flags: ["--log-level", "verbose"], key: "logLevel", allowed: "critical"),

@@ -29,7 +29,7 @@ struct IdentityTests {
 
     @Test("the tenant mapping decides the tenant")
     func tenantMapping() async throws {
-        let harness = try TestServer(tenantForUID: { TenantID($0 &+ 1000) })
+        let harness = try TestServer(tenantFor: { TenantID($0.uid &+ 1000) })
         let client = try TestClient(path: harness.path)
         #expect(try await client.hello().tenant == TenantID(getuid() &+ 1000))
         try await harness.stop()

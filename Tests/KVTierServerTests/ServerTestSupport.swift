@@ -86,7 +86,7 @@ final class TestServer: Sendable {
     let running: Task<Void, any Error>
 
     init(configuration: ServerConfiguration = ServerConfiguration(), releaseDelay: Duration = .zero,
-         tenantForUID: @escaping @Sendable (UInt32) -> TenantID = { TenantID($0) },
+         tenantFor: @escaping @Sendable (PeerCredentials) -> TenantID = { TenantID($0.uid) },
          arenaProvider: KVServer.ArenaProvider? = nil) throws {
         directory = try TemporaryDirectory()
         path = directory.path + "/kvtierd.sock"
@@ -96,7 +96,7 @@ final class TestServer: Sendable {
         self.handler = handler
         let listener = try UnixListener(path: path)
         let server = KVServer(listener: listener, handler: handler, configuration: configuration, counters: counters,
-                              tenantForUID: tenantForUID, arenaProvider: arenaProvider, logger: quietLogger)
+                              tenantFor: tenantFor, arenaProvider: arenaProvider, logger: quietLogger)
         self.server = server
         running = Task { try await server.run() }
     }

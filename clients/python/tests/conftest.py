@@ -83,9 +83,11 @@ class Daemon:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def run_as_uid(uid: int, work):
-    """``work()`` in a forked child that drops to ``uid`` (group too, no supplementary groups);
-    returns its JSON-serialisable result, or ``{"failure": repr(exception)}``. Needs root."""
+def run_as_uid(uid: int, work, gid: int = None):
+    """``work()`` in a forked child that drops to ``uid`` and primary group ``gid`` (default: the
+    uid's number), no supplementary groups; returns its JSON-serialisable result, or
+    ``{"failure": repr(exception)}``. Needs root."""
+    gid = uid if gid is None else gid
     import json
 
     r, w = os.pipe()
@@ -94,7 +96,7 @@ def run_as_uid(uid: int, work):
         try:
             os.close(r)
             os.setgroups([])
-            os.setresgid(uid, uid, uid)
+            os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
             os.write(w, json.dumps(work()).encode())
         except BaseException as e:

@@ -171,3 +171,31 @@ def test_pages_evict_and_models(binary):
                 c.evict(session="inspect", model=MODEL)
     finally:
         d.stop()
+
+
+def test_a_shared_tenant_group_shares_pages_and_sessions(binary, tmp_path):
+    """With ``sharedTenantGroups: ["0"]``, a client of uid 65534 whose primary group is 0 shares
+    root's (group 0's) tenant; the same uid in its own group sees nothing."""
+    if os.getuid() != 0 or os.getgid() != 0:
+        pytest.skip("needs root (uid and primary group 0) to run clients as another uid")
+    config = tmp_path / "kvtierd.json"
+    config.write_text('{"sharedTenantGroups": ["0"]}')
+    d = Daemon(binary, "--config", str(config))
+    try:
+        k, v = kv(20)
+        with kvtier.Client(d.socket) as c:
+            c.put(MODEL, list(range(20)), k[:, :20], v[:, :20], session="team")
+            mine = c.tenant
+        assert mine == (1 << 31) | 0, "root's primary group 0 is listed: the group's tenant"
+
+        def work():
+            with kvtier.Client(d.socket) as c:
+                return {"tenant": c.tenant, "cached": c.lookup(MODEL, list(range(20))),
+                        "sessions": [s.name for s in c.list_sessions()]}
+
+        same_group = run_as_uid(65534, work, gid=0)
+        assert same_group == {"tenant": mine, "cached": 20, "sessions": ["team"]}, same_group
+        own_group = run_as_uid(65534, work)
+        assert own_group == {"tenant": 65534, "cached": 0, "sessions": []}, own_group
+    finally:
+        d.stop()
