@@ -70,6 +70,15 @@ struct SessionsCommand: AsyncParsableCommand {
         view.printDetail()
     }
 
+    /// `pin` and `unpin`: the change, then the session as it is now.
+    static func setPinned(_ pinned: Bool, name: String, connection: DaemonConnectionOptions, json: Bool) async throws {
+        try await connection.withClient { client in
+            let models = try await ModelDirectory(client)
+            try await client.sessionPin(name, pinned: pinned)
+            try await report(client, models, name: name, message: "\(pinned ? "pinned" : "unpinned") '\(name)'", json: json)
+        }
+    }
+
     struct List: AsyncParsableCommand {
         static let configuration = CommandConfiguration(commandName: "list", abstract: "List the sessions, most recently used first.")
 
@@ -118,11 +127,7 @@ struct SessionsCommand: AsyncParsableCommand {
         @Flag(help: "Print the session afterwards as JSON.") var json = false
 
         func run() async throws {
-            try await connection.withClient { client in
-                let models = try await ModelDirectory(client)
-                try await client.sessionPin(name, pinned: true)
-                try await SessionsCommand.report(client, models, name: name, message: "pinned '\(name)'", json: json)
-            }
+            try await SessionsCommand.setPinned(true, name: name, connection: connection, json: json)
         }
     }
 
@@ -135,11 +140,7 @@ struct SessionsCommand: AsyncParsableCommand {
         @Flag(help: "Print the session afterwards as JSON.") var json = false
 
         func run() async throws {
-            try await connection.withClient { client in
-                let models = try await ModelDirectory(client)
-                try await client.sessionPin(name, pinned: false)
-                try await SessionsCommand.report(client, models, name: name, message: "unpinned '\(name)'", json: json)
-            }
+            try await SessionsCommand.setPinned(false, name: name, connection: connection, json: json)
         }
     }
 
