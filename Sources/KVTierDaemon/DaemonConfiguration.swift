@@ -144,9 +144,12 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         public var sharedTenantGids: [UInt32] = []
 
         /// The tenant of a peer: its primary group's shared tenant (`TenantID.group`) when that
-        /// group is listed, else its uid.
-        public func tenant(uid: UInt32, gid: UInt32) -> TenantID {
-            sharedTenantGids.contains(gid) ? TenantID.group(gid) : TenantID(uid)
+        /// group is listed, else its uid. Nil (refused) for a uid that would collide with group
+        /// tenants (2^31 and above) while groups are shared.
+        public func tenant(uid: UInt32, gid: UInt32) -> TenantID? {
+            if sharedTenantGids.contains(gid) { return TenantID.group(gid) }
+            if !sharedTenantGids.isEmpty, uid >= TenantID.groupBit { return nil }
+            return TenantID(uid)
         }
 
         /// The effective configuration as a JSON object, with the config file's key names

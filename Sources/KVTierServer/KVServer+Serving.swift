@@ -104,7 +104,9 @@ extension KVServer {
         guard let version = ProtocolVersion.negotiate(minVersion: hello.minVersion, maxVersion: hello.maxVersion) else {
             return Response(reply: .failure(.unsupportedVersion, "this kvtierd speaks versions \(ProtocolVersion.oldestSupported)...\(ProtocolVersion.current) and the client \(hello.minVersion)...\(hello.maxVersion); upgrade the older side", to: request))
         }
-        let tenant = tenantFor(peer)
+        guard let tenant = tenantFor(peer) else {
+            return Response(reply: .failure(.permissionDenied, "uid \(peer.uid) (gid \(peer.gid)) is refused by this kvtierd's tenant mapping (docs/configuration.md, sharedTenantGroups: uids of 2^31 and above cannot connect while groups share tenants)", to: request))
+        }
         var arena: (descriptor: Int32, bytes: Int)?
         if hello.capabilities.contains(.sharedMemory), let arenaProvider {
             do {

@@ -25,7 +25,7 @@ public final class KVServer: Sendable {
     let listener: UnixListener
     let handler: any RequestHandler
     let configuration: ServerConfiguration
-    let tenantFor: @Sendable (PeerCredentials) -> TenantID
+    let tenantFor: @Sendable (PeerCredentials) -> TenantID?
     let arenaProvider: ArenaProvider?
     let logger: Logger
     let state = Mutex(State())
@@ -52,10 +52,11 @@ public final class KVServer: Sendable {
     }
 
     /// - Parameters:
-    ///   - tenantFor: the tenant of a peer, from its credentials at connect time (default: its uid).
+    ///   - tenantFor: the tenant of a peer, from its credentials at connect time (default: its
+    ///     uid); nil refuses the peer (`permissionDenied` to its `HELLO`).
     ///   - arenaProvider: the tenant arenas offered to clients that can map memory (default: none).
     public init(listener: UnixListener, handler: any RequestHandler, configuration: ServerConfiguration = ServerConfiguration(),
-                counters: ServerCounters = ServerCounters(), tenantFor: @escaping @Sendable (PeerCredentials) -> TenantID = { TenantID($0.uid) },
+                counters: ServerCounters = ServerCounters(), tenantFor: @escaping @Sendable (PeerCredentials) -> TenantID? = { TenantID($0.uid) },
                 arenaProvider: ArenaProvider? = nil, logger: Logger) {
         self.listener = listener
         self.handler = handler

@@ -95,7 +95,7 @@ extension TieredStore {
                     result.skipped += 1
                     continue
                 }
-                if !deleteFromDisk && !resident.onDisk { try await persist(address) }
+                if !deleteFromDisk && needsWrite(resident, address) { try await persist(address) }
                 let freed = state.withLock { s -> Extent? in
                     guard let current = s.resident[address], current.leases == 0 else { return nil }
                     s.resident[address] = nil
@@ -129,8 +129,8 @@ extension TieredStore {
     public func persistResident(deadlineMicros: UInt64) async -> (written: Int, left: Int) {
         let now = Clocks.monotonicMicros()
         let pending = state.withLock { s in
-            s.resident.filter { !$0.value.onDisk }.map { ($0.key, heat($0.value, now: now)) }.sorted { $0.1 > $1.1 }.map(\.0)
-        }
+            s.resident.map { ($0.key, $0.value, heat($0.value, now: now)) }
+        }.filter { needsWrite($0.1, $0.0) }.sorted { $0.2 > $1.2 }.map(\.0)
         var written = 0
         for (index, address) in pending.enumerated() {
             guard Clocks.monotonicMicros() < deadlineMicros else { return (written, pending.count - index) }

@@ -105,6 +105,8 @@ extension TieredStore {
         var parent: PageKey? = firstPage == 0 ? nil : located[firstPage - 1].address.key
         var newPages: [(PageAddress, Resident)] = []
         var dropped: [PageAddress] = []
+        // Every page the data covers, new or stored already: what durability is about.
+        var covered: [PageAddress] = []
         var deduplicated = 0
         // Claimed staging extents belong to this put now: whatever is not stored is freed, and
         // on failure everything prepared is.
@@ -122,6 +124,7 @@ extension TieredStore {
             let chunkStart = max(pageStart, dataStart)
             let key = PageKeyChain.key(parent: parent, modelID: model.id, tokens: tokens[pageStart..<pageEnd])
             let address = PageAddress(tenant: tenant, key: key)
+            covered.append(address)
             // The stored page this chunk continues (its rows before `chunkStart` are reused).
             let stored = located.first(where: { $0.tokens.lowerBound == pageStart })
             let completed = chunkStart > pageStart ? stored : nil
@@ -178,21 +181,38 @@ extension TieredStore {
         stored = true
         commit(&newPages, deduplicated: deduplicated, chunks: chunks, memory)
         if let session {
-            // Every page of the session, stored now or before, must be on disk before the
-            // catalog names it (without a disk tier, sessions last as long as the process).
-            if disk != nil {
-                for page in located where page.tier == .ram { try await persist(page.address) }
-                for (address, _) in newPages { try await persist(address) }
+            // Every page of the session, stored by this put or before (by anyone), must be on
+            // disk before the catalog names it (without a disk tier, sessions last as long as
+            // the process). Then the catalog holds them, so no drop can take one away; a page
+            // dropped before that makes the put fail rather than name a page that is gone.
+            let chain = located.prefix(firstPage).map(\.address) + covered
+            if disk != nil { try await makeDurable(chain) }
+            let id = SessionID(tenant: tenant, name: session)
+            let previous = try catalog.store(id, model: model, tokens: tokens, now: Clocks.wallMicros())
+            if let gone = chain.firstIndex(where: { tier(of: $0) == nil }) {
+                try catalog.revert(id, to: previous)
+                throw .invalidArgument("page \(gone) of session '\(session)' was replaced by another put while this one ran: put again")
             }
-            try catalog.store(SessionID(tenant: tenant, name: session), model: model, tokens: tokens, now: Clocks.wallMicros())
         } else if durable {
-            for (address, _) in newPages { try await persist(address) }
+            try await makeDurable(covered)
         }
-        // A completed partial page is superseded by the longer one: keep no duplicate, unless
-        // a session still ends there.
-        for address in dropped where catalog.hold(on: address) == .none { await drop(address) }
+        // A completed partial page is superseded by the longer one: keep no duplicate (`drop`
+        // leaves it while a session holds it or a client leases it).
+        for address in dropped { await drop(address) }
         await makeRoom()
         return PutResult(cachedTokens: max(cached, tokens.count), newPages: newPages.count)
+    }
+
+    /// Writes `addresses` to disk where they are only in RAM and waits until they are durable;
+    /// fails if one is in neither tier (evicted and deleted while the put ran).
+    func makeDurable(_ addresses: [PageAddress]) async throws(StoreError) {
+        guard let disk else { throw .unavailable("no disk tier is configured: durable puts need one") }
+        for (index, address) in addresses.enumerated() {
+            try await persist(address)
+            guard disk.contains(address) else {
+                throw .unavailable("page \(index) of the sequence left both tiers while the put ran (the disk budget deleted it): put again")
+            }
+        }
     }
 
     /// Makes a put's prepared pages resident and counts the put. A page another put stored
@@ -225,6 +245,11 @@ extension TieredStore {
     func claimStaging(_ tenant: TenantID, owner: UInt64, _ chunks: [PutChunk], _ memory: any PageMemory) throws(StoreError) {
         let named = chunks.compactMap { if case .extent(let e) = $0 { e } else { nil } }
         guard !named.isEmpty else { return }
+        // Two pages must never share memory: each staging extent backs one chunk.
+        var seen = Set<Extent>()
+        for extent in named where !seen.insert(extent).inserted {
+            throw .invalidArgument("extent \(extent) is named twice in one PUT: give every chunk its own extent from ALLOC")
+        }
         let missing = state.withLock { s -> Extent? in
             for extent in named where !s.leases.values.contains(where: { $0.tenant == tenant && $0.owner == owner && $0.staging.contains(extent) }) {
                 return extent

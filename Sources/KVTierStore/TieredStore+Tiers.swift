@@ -111,8 +111,10 @@ extension TieredStore {
     /// memory the record is being encoded from.
     func persist(_ address: PageAddress) async throws(StoreError) {
         guard let disk else { throw .unavailable("no disk tier is configured: durable puts need one") }
+        // `onDisk` alone may be stale: the disk budget deletes pages that are also in RAM.
+        let stored = disk.contains(address)
         guard let page = state.withLock({ s -> Resident? in
-            guard let page = s.resident[address], !page.onDisk, s.models[page.modelID] != nil, s.memories[address.tenant] != nil else { return nil }
+            guard let page = s.resident[address], !(page.onDisk && stored), s.models[page.modelID] != nil, s.memories[address.tenant] != nil else { return nil }
             s.resident[address]!.leases += 1
             return page
         }) else { return }
@@ -141,14 +143,26 @@ extension TieredStore {
         state.withLock { $0.resident[address]?.onDisk = true }
     }
 
+    /// Whether evicting a RAM page would lose it: it was never written, or the disk budget has
+    /// deleted its disk copy since.
+    func needsWrite(_ page: Resident, _ address: PageAddress) -> Bool {
+        !page.onDisk || disk?.contains(address) != true
+    }
+
     /// Removes a page from both tiers (a superseded partial page).
+    /// Does nothing while a session holds the page (the catalog refuses new holds while the drop
+    /// runs) or a client leases it (both copies stay; it is a duplicate, never wrong).
     func drop(_ address: PageAddress) async {
-        let freed = state.withLock { s -> Extent? in
-            guard let page = s.resident[address], page.leases == 0 else { return nil }
+        guard catalog.beginDrop(address) else { return }
+        defer { catalog.endDrop(address) }
+        let (freed, leased) = state.withLock { s -> (Extent?, Bool) in
+            guard let page = s.resident[address] else { return (nil, false) }
+            guard page.leases == 0 else { return (nil, true) }
             s.resident[address] = nil
             s.ramBytes -= page.extent.length
-            return page.extent
+            return (page.extent, false)
         }
+        if leased { return }
         if let freed, let memory = state.withLock({ $0.memories[address.tenant] }) { memory.free(freed) }
         _ = try? await disk?.delete(address)
     }
@@ -171,7 +185,7 @@ extension TieredStore {
             guard !victims.isEmpty else { return }
             var evicted = 0
             for (address, page) in victims {
-                if !page.onDisk {
+                if needsWrite(page, address) {
                     do { try await persist(address) } catch {
                         logger.warning("cannot evict a page to disk; RAM stays over budget", metadata: ["page": "\(address)", "error": "\(error)"])
                         return

@@ -35,6 +35,25 @@ struct IdentityTests {
         try await harness.stop()
     }
 
+    @Test("a peer the tenant mapping refuses gets permissionDenied to HELLO and nothing else")
+    func refusedPeer() async throws {
+        let harness = try TestServer(tenantFor: { _ in nil })
+        let client = try TestClient(path: harness.path)
+        let (reply, _, _) = try await client.call(.hello(Hello(minVersion: 1, maxVersion: 1, capabilities: [], clientName: "refused")))
+        guard case .error(_, let error) = reply else {
+            Issue.record("HELLO of a refused peer was answered \(reply)")
+            return
+        }
+        #expect(error.status == WireError.permissionDenied.rawValue, "\(error)")
+        let (after, _, _) = try await client.call(.ping)
+        guard case .error(_, let outOfOrder) = after else {
+            Issue.record("PING after a refused HELLO was answered \(after)")
+            return
+        }
+        #expect(outOfOrder.status == WireError.outOfOrder.rawValue, "no context: requests before a successful HELLO are out of order")
+        try await harness.stop()
+    }
+
     @Test("a client running as uid 65534 gets tenant 65534",
           .enabled(if: getuid() == 0 && access("/usr/bin/setpriv", X_OK) == 0 && access("/usr/bin/python3", X_OK) == 0,
                    "needs root, setpriv and /usr/bin/python3 to run a client as another uid"))

@@ -86,7 +86,7 @@ final class TestServer: Sendable {
     let running: Task<Void, any Error>
 
     init(configuration: ServerConfiguration = ServerConfiguration(), releaseDelay: Duration = .zero,
-         tenantFor: @escaping @Sendable (PeerCredentials) -> TenantID = { TenantID($0.uid) },
+         tenantFor: @escaping @Sendable (PeerCredentials) -> TenantID? = { TenantID($0.uid) },
          arenaProvider: KVServer.ArenaProvider? = nil) throws {
         directory = try TemporaryDirectory()
         path = directory.path + "/kvtierd.sock"

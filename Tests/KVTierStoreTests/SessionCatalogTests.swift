@@ -152,6 +152,25 @@ import Testing
         }
     }
 
+    /// A change that fails to reach the disk (here: the disk is full) leaves neither memory nor
+    /// the journal changed, so retrying it later replays to exactly what memory holds.
+    @Test func aFailedWriteChangesNothingAndARetryReplaysCleanly() throws {
+        let storage = SimulatedStorage(seed: 11)
+        let catalog = try SessionCatalog(storage: storage, logger: quietLogger)
+        try catalog.store(Self.id("a"), model: Self.model, tokens: Array(0..<10), now: 1)
+        try catalog.store(Self.id("gone"), model: Self.model, tokens: [1], now: 1)
+        storage.faults = SimulatedStorage.Faults(capacityBytes: storage.usedBytes)
+        #expect(throws: StoreError.self) { try catalog.store(Self.id("a"), model: Self.model, tokens: Array(0..<40), now: 2) }
+        #expect(throws: StoreError.self) { try catalog.delete(Self.id("gone")) }
+        #expect(Self.contents(catalog)["a"]?.tokens == Array(0..<10) && Self.contents(catalog)["gone"] != nil)
+        storage.faults = SimulatedStorage.Faults()
+        try catalog.delete(Self.id("gone"))
+        try catalog.store(Self.id("a"), model: Self.model, tokens: Array(0..<40), now: 3)
+        let expected = Self.contents(catalog)
+        storage.crash()
+        #expect(Self.contents(try SessionCatalog(storage: storage, logger: quietLogger)) == expected)
+    }
+
     @Test func aNewFileWithABadHeaderIsSetAside() throws {
         let storage = SimulatedStorage(seed: 6)
         let file = try storage.open("CATALOG", .readWriteCreate)

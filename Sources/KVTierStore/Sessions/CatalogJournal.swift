@@ -71,6 +71,8 @@ final class CatalogJournal {
     private var file: any StorageFile
     /// Bytes in the file: where the next record goes.
     private(set) var size: Int
+    /// Set when a failed append could not be undone: the file may hold a change memory lacks.
+    private var broken: StorageError?
 
     private init(storage: any Storage, logger: Logger, file: any StorageFile, size: Int) {
         self.storage = storage
@@ -129,13 +131,29 @@ final class CatalogJournal {
         return (CatalogJournal(storage: storage, logger: logger, file: file, size: replay.validBytes), replay.snapshot)
     }
 
-    /// Appends entries; with `sync`, returns once they are durable.
+    /// Appends entries; with `sync`, returns once they are durable. On failure the file is cut
+    /// back to where it was, so it never holds a change the caller did not make (a retry would
+    /// otherwise append it twice, and replay would stop at the second copy); if even that fails,
+    /// the journal refuses every later append until a restart replays it.
     func append(_ entries: [CatalogEntry], sync: Bool) throws(StorageError) {
+        if let broken { throw broken }
         var writer = ByteWriter()
         for entry in entries { Self.encodeRecord(entry, into: &writer) }
-        try file.write(writer.bytes, at: size)
+        do {
+            try file.write(writer.bytes, at: size)
+            if sync { try file.sync() }
+        } catch {
+            do {
+                try file.truncate(to: size)
+                try file.sync()
+            } catch {
+                broken = error
+                logger.error("catalog journal cannot be cut back after a failed append; session changes are refused until kvtierd restarts",
+                             metadata: ["error": "\(error)"])
+            }
+            throw error
+        }
         size += writer.count
-        if sync { try file.sync() }
     }
 
     /// Replaces the journal with one record per model and session (compaction), atomically.
@@ -150,14 +168,18 @@ final class CatalogJournal {
             try temporary.write(writer.bytes, at: 0)
             try temporary.sync()
             try storage.rename(Self.temporaryName, Self.fileName)
-            try storage.syncDirectory("")
         } catch {
             temporary.close()
             throw error
         }
+        // Renamed: appends go to the new file from now on, whatever happens next.
         file.close()
         file = temporary
         size = writer.count
+        do { try storage.syncDirectory("") } catch {
+            logger.warning("catalog journal rewritten but its directory not synced; a power loss may bring back the longer old file, which replays to the same state",
+                           metadata: ["error": "\(error)"])
+        }
     }
 
     // MARK: encoding

@@ -49,6 +49,9 @@ public struct Session: Sendable, Equatable {
     public static let maxNameBytes = 255
     /// Most sessions one tenant may hold; a put naming a new session beyond it is refused.
     public static let maxPerTenant = 65_536
+    /// Most tokens one tenant's sessions may hold together (256 MiB of token ids in memory and
+    /// in the catalog); a put or fork beyond it is refused.
+    public static let maxTokensPerTenant = 1 << 26
 }
 
 /// A session's identity: names are per tenant.

@@ -30,6 +30,7 @@ public final class SessionCatalog: Sendable {
         var models: [UInt64: ModelSpec] = [:]
         var sessions: [SessionID: Entry] = [:]
         var perTenant: [TenantID: Int] = [:]
+        var tokensPerTenant: [TenantID: Int] = [:]
         /// Journal bytes a rewrite would take, roughly: when the file is much larger, rewrite.
         var liveBytes = 0
     }
@@ -43,6 +44,8 @@ public final class SessionCatalog: Sendable {
         var pages: [PageAddress: PageHold] = [:]
         /// Bytes of pages held by pinned sessions (each page counted once).
         var pinnedBytes = 0
+        /// Pages the store is dropping now (`beginDrop`): no session may take a hold on them.
+        var dropping: Set<PageAddress> = []
     }
 
     let logger: Logger
@@ -70,6 +73,7 @@ public final class SessionCatalog: Sendable {
             }
             initial.sessions[session.id] = Entry(session: session, pages: Self.pages(of: session, model))
             initial.perTenant[session.tenant, default: 0] += 1
+            initial.tokensPerTenant[session.tenant, default: 0] += session.tokens.count
             initial.liveBytes += Self.recordBytes(session)
         }
         var holds = Holds()
@@ -86,7 +90,7 @@ public final class SessionCatalog: Sendable {
     public func record(_ model: ModelSpec) throws(StoreError) {
         try state.withLock { s throws(StoreError) in
             guard s.models[model.id] != model else { return }
-            try Self.journal(&s, [.model(model)], sync: false)
+            try journal(&s, [.model(model)], sync: false)
             s.models[model.id] = model
         }
     }
@@ -124,18 +128,20 @@ public final class SessionCatalog: Sendable {
     // MARK: changes
 
     /// Sets session `id` to `tokens` of `model` (creating it, extending it, or replacing a
-    /// different sequence), durably. Returns the session's pages that no session holds anymore.
+    /// different sequence), durably. Returns the session as it was before (nil: it is new), for
+    /// `revert`.
     @discardableResult
-    public func store(_ id: SessionID, model: ModelSpec, tokens: [UInt32], now: UInt64) throws(StoreError) -> [PageAddress] {
+    public func store(_ id: SessionID, model: ModelSpec, tokens: [UInt32], now: UInt64) throws(StoreError) -> Session? {
         try Session.validate(name: id.name)
-        return try state.withLock { s throws(StoreError) -> [PageAddress] in
+        return try state.withLock { s throws(StoreError) -> Session? in
             if s.models[model.id] == nil {
-                try Self.journal(&s, [.model(model)], sync: false)
+                try journal(&s, [.model(model)], sync: false)
                 s.models[model.id] = model
             }
+            let previous = s.sessions[id]?.session
             var session: Session
             let entry: CatalogEntry
-            if let existing = s.sessions[id]?.session {
+            if let existing = previous {
                 guard existing.modelID == model.id else {
                     throw .invalidArgument("session '\(id.name)' holds model 0x\(String(existing.modelID, radix: 16)), not 0x\(String(model.id, radix: 16)): use another name, or delete it first")
                 }
@@ -147,14 +153,23 @@ public final class SessionCatalog: Sendable {
                     ? .extend(id, keep: keep, appended: Array(tokens[keep...]), lastUsedMicros: now)
                     : .session(session)
             } else {
-                guard s.perTenant[id.tenant, default: 0] < Session.maxPerTenant else {
-                    throw .overBudget("this tenant holds \(Session.maxPerTenant) sessions, the most allowed: delete some first")
-                }
                 session = Session(tenant: id.tenant, name: id.name, modelID: model.id, tokens: tokens, lastUsedMicros: now)
                 entry = .session(session)
             }
-            try Self.journal(&s, [entry], sync: true)
-            return replace(&s, id, with: Entry(session: session, pages: Self.pages(of: session, model)))
+            try commit(&s, id, to: Entry(session: session, pages: Self.pages(of: session, model)), journaling: [entry])
+            return previous
+        }
+    }
+
+    /// Undoes a `store` whose pages turned out to be gone: the session as it was before, or no
+    /// session when it was new.
+    public func revert(_ id: SessionID, to previous: Session?) throws(StoreError) {
+        try state.withLock { s throws(StoreError) in
+            if let previous, let model = s.models[previous.modelID] {
+                try commit(&s, id, to: Entry(session: previous, pages: Self.pages(of: previous, model)), journaling: [.session(previous)])
+            } else if s.sessions[id] != nil {
+                try commit(&s, id, to: nil, journaling: [.delete(id)])
+            }
         }
     }
 
@@ -173,7 +188,7 @@ public final class SessionCatalog: Sendable {
         try state.withLock { s throws(StoreError) -> Session in
             guard var entry = s.sessions[id] else { throw Self.missing(id) }
             entry.session.lastUsedMicros = now
-            try Self.journal(&s, [.settings(id, pinned: entry.session.pinned, ttlSeconds: entry.session.ttlSeconds, lastUsedMicros: now)], sync: false)
+            try journal(&s, [.settings(id, pinned: entry.session.pinned, ttlSeconds: entry.session.ttlSeconds, lastUsedMicros: now)], sync: false)
             s.sessions[id] = entry
             return entry.session
         }
@@ -187,15 +202,11 @@ public final class SessionCatalog: Sendable {
         return try state.withLock { s throws(StoreError) -> Session in
             guard let source = s.sessions[from] else { throw Self.missing(from) }
             guard s.sessions[to] == nil else { throw .invalidArgument("session '\(to.name)' exists already: delete it first or fork to another name") }
-            guard s.perTenant[to.tenant, default: 0] < Session.maxPerTenant else {
-                throw .overBudget("this tenant holds \(Session.maxPerTenant) sessions, the most allowed: delete some first")
-            }
             var session = source.session
             session.name = to.name
             session.pinned = false
             session.lastUsedMicros = now
-            try Self.journal(&s, [.session(session)], sync: true)
-            _ = replace(&s, to, with: Entry(session: session, pages: source.pages))
+            try commit(&s, to, to: Entry(session: session, pages: source.pages), journaling: [.session(session)])
             return session
         }
     }
@@ -204,8 +215,7 @@ public final class SessionCatalog: Sendable {
     public func delete(_ id: SessionID) throws(StoreError) {
         try state.withLock { s throws(StoreError) in
             guard s.sessions[id] != nil else { throw Self.missing(id) }
-            try Self.journal(&s, [.delete(id)], sync: true)
-            _ = replace(&s, id, with: nil)
+            try commit(&s, id, to: nil, journaling: [.delete(id)])
         }
     }
 
@@ -213,16 +223,35 @@ public final class SessionCatalog: Sendable {
     public func expire(now: UInt64) -> [SessionID] {
         state.withLock { s in
             let expired = s.sessions.values.filter { $0.session.isExpired(atWallMicros: now) }.map(\.session.id)
-            guard !expired.isEmpty else { return [] }
-            do {
-                try Self.journal(&s, expired.map { .delete($0) }, sync: true)
-            } catch {
-                logger.warning("cannot journal expired sessions; keeping them until the next try", metadata: ["error": "\(error)"])
-                return []
+            var deleted: [SessionID] = []
+            for id in expired {
+                do {
+                    try commit(&s, id, to: nil, journaling: [.delete(id)])
+                    deleted.append(id)
+                } catch {
+                    logger.warning("cannot journal an expired session; keeping it until the next try", metadata: ["error": "\(error)"])
+                    break
+                }
             }
-            for id in expired { _ = replace(&s, id, with: nil) }
-            return expired
+            return deleted
         }
+    }
+
+    // MARK: dropping pages
+
+    /// Whether the store may drop `address` (a superseded page) now: no session holds it. Until
+    /// `endDrop`, no session may take a hold on it (`store` and `fork` refuse, asking to retry),
+    /// so a page a session names is never dropped underneath it.
+    public func beginDrop(_ address: PageAddress) -> Bool {
+        holds.withLock { h in
+            guard h.pages[address] == nil, !h.dropping.contains(address) else { return false }
+            h.dropping.insert(address)
+            return true
+        }
+    }
+
+    public func endDrop(_ address: PageAddress) {
+        _ = holds.withLock { $0.dropping.remove(address) }
     }
 
     // MARK: internals
@@ -233,23 +262,51 @@ public final class SessionCatalog: Sendable {
             edit(&entry.session)
             entry.session.lastUsedMicros = now
             let session = entry.session
-            try Self.journal(&s, [.settings(id, pinned: session.pinned, ttlSeconds: session.ttlSeconds, lastUsedMicros: now)], sync: true)
-            _ = replace(&s, id, with: entry)
+            try commit(&s, id, to: entry, journaling: [.settings(id, pinned: session.pinned, ttlSeconds: session.ttlSeconds, lastUsedMicros: now)])
         }
     }
 
-    /// Swaps `id`'s entry (nil: removes it), moving page holds; returns pages no session holds now.
-    private func replace(_ s: inout State, _ id: SessionID, with entry: Entry?) -> [PageAddress] {
+    /// Journals `entries` (synced) and makes `entry` (nil: none) `id`'s session. The new entry's
+    /// holds are taken before the journal write, refusing pages being dropped; the old entry's
+    /// are given back after it. Limits per tenant are checked first.
+    private func commit(_ s: inout State, _ id: SessionID, to entry: Entry?, journaling entries: [CatalogEntry]) throws(StoreError) {
         let old = s.sessions[id]
-        if let old { s.liveBytes -= Self.recordBytes(old.session) } else if entry != nil { s.perTenant[id.tenant, default: 0] += 1 }
-        if let entry { s.liveBytes += Self.recordBytes(entry.session) } else if old != nil { s.perTenant[id.tenant, default: 0] -= 1 }
-        s.sessions[id] = entry
-        return holds.withLock { h in
-            if let entry { Self.hold(entry, by: 1, in: &h) }
-            guard let old else { return [] }
-            Self.hold(old, by: -1, in: &h)
-            return old.pages.map(\.address).filter { h.pages[$0] == nil }
+        if let entry {
+            if old == nil, s.perTenant[id.tenant, default: 0] >= Session.maxPerTenant {
+                throw .overBudget("this tenant holds \(Session.maxPerTenant) sessions, the most allowed: delete some first")
+            }
+            let tokens = s.tokensPerTenant[id.tenant, default: 0] - (old?.session.tokens.count ?? 0) + entry.session.tokens.count
+            guard tokens <= Session.maxTokensPerTenant else {
+                throw .overBudget("this tenant's sessions would hold \(tokens) tokens, over the \(Session.maxTokensPerTenant) allowed: delete or shorten some first")
+            }
+            let busy = holds.withLock { h -> Bool in
+                guard !entry.pages.contains(where: { h.dropping.contains($0.address) }) else { return true }
+                Self.hold(entry, by: 1, in: &h)
+                return false
+            }
+            guard !busy else {
+                throw .invalidArgument("a page of session '\(id.name)' is being replaced by another put right now: put again")
+            }
         }
+        do {
+            try journal(&s, entries, sync: true)
+        } catch {
+            if let entry { holds.withLock { Self.hold(entry, by: -1, in: &$0) } }
+            throw error
+        }
+        if let old {
+            s.liveBytes -= Self.recordBytes(old.session)
+            s.tokensPerTenant[id.tenant, default: 0] -= old.session.tokens.count
+            if entry == nil { s.perTenant[id.tenant, default: 0] -= 1 }
+            holds.withLock { Self.hold(old, by: -1, in: &$0) }
+        } else if entry != nil {
+            s.perTenant[id.tenant, default: 0] += 1
+        }
+        if let entry {
+            s.liveBytes += Self.recordBytes(entry.session)
+            s.tokensPerTenant[id.tenant, default: 0] += entry.session.tokens.count
+        }
+        s.sessions[id] = entry
     }
 
     private static func hold(_ entry: Entry, by delta: Int, in h: inout Holds) {
@@ -263,21 +320,24 @@ public final class SessionCatalog: Sendable {
         }
     }
 
-    private static func journal(_ s: inout State, _ entries: [CatalogEntry], sync: Bool) throws(StoreError) {
+    /// Appends `entries`. A failed append leaves the journal as it was (the caller then leaves
+    /// memory as it was too); a failed compaction after a good append only logs.
+    private func journal(_ s: inout State, _ entries: [CatalogEntry], sync: Bool) throws(StoreError) {
         guard let journal = s.journal else { return }
         do {
             try journal.append(entries, sync: sync)
-            let modelBytes = s.models.count * 64
-            if journal.size > 1 << 20, journal.size > 4 * (s.liveBytes + modelBytes) {
-                var snapshot = CatalogSnapshot(models: s.models)
-                for (id, entry) in s.sessions { snapshot.sessions[id] = entry.session }
-                // Callers apply their entries to `s` after this returns: the rewrite must
-                // already describe the state after them.
-                for entry in entries { _ = snapshot.apply(entry) }
-                try journal.rewrite(snapshot)
-            }
         } catch {
             throw .unavailable("cannot write the session catalog: \(error)")
+        }
+        let modelBytes = s.models.count * 64
+        guard journal.size > 1 << 20, journal.size > 4 * (s.liveBytes + modelBytes) else { return }
+        var snapshot = CatalogSnapshot(models: s.models)
+        for (id, entry) in s.sessions { snapshot.sessions[id] = entry.session }
+        // Callers apply their entries to `s` after this returns: the rewrite must already
+        // describe the state after them.
+        for entry in entries { _ = snapshot.apply(entry) }
+        do { try journal.rewrite(snapshot) } catch {
+            logger.warning("cannot compact the session catalog; it keeps growing until the next try", metadata: ["error": "\(error)"])
         }
     }
 
