@@ -43,7 +43,7 @@ final class DaemonProcess {
     var logPath: String { directory + "/kvtierd.log" }
     private var stopped = false
 
-    /// Starts the daemon and waits (up to 10 s) until it answers a PING. `reusing` restarts a
+    /// Starts the daemon and waits (up to 30 s) until it answers a PING. `reusing` restarts a
     /// stopped daemon's folder (its socket path and state directory).
     static func start(ramBudget: String = "64MiB", arguments: [String] = [], reusing earlier: DaemonProcess? = nil) async throws -> DaemonProcess {
         guard let binary else { throw TestFailure("\(skipReason)") }
@@ -56,7 +56,7 @@ final class DaemonProcess {
             directory = String(cString: made)
         }
         let daemon = try DaemonProcess(binary: binary, directory: directory, ramBudget: ramBudget, extra: arguments)
-        for _ in 0..<200 {
+        for _ in 0..<600 {
             if let client = try? await KVTierClient.connect(socketPath: daemon.socketPath, replyTimeoutSeconds: 10) {
                 try await client.ping()
                 await client.close()
@@ -69,7 +69,7 @@ final class DaemonProcess {
             }
             usleep(50_000)
         }
-        throw TestFailure("kvtierd did not answer on \(daemon.socketPath) within 10 s:\n\(daemon.logTail())")
+        throw TestFailure("kvtierd did not answer on \(daemon.socketPath) within 30 s:\n\(daemon.logTail())")
     }
 
     private init(binary: String, directory: String, ramBudget: String, extra: [String]) throws {

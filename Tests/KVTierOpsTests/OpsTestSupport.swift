@@ -153,9 +153,9 @@ func startDaemon(in folder: TemporaryFolder, _ arguments: [String] = []) async t
     return child
 }
 
-/// Polls `socket` with PING for up to 10 s.
+/// Polls `socket` with PING for up to 30 s (start-up is slow under the whole suite on two cores).
 func waitUntilServing(socket: String, child: ChildProcess) async throws {
-    for _ in 0..<200 {
+    for _ in 0..<600 {
         if let client = try? await KVTierClient.connect(socketPath: socket, mapSharedMemory: false, replyTimeoutSeconds: 10) {
             try await client.ping()
             await client.close()
@@ -164,7 +164,7 @@ func waitUntilServing(socket: String, child: ChildProcess) async throws {
         if let status = child.poll() { throw TestFailure("process exited (\(exitCode(status))) before serving:\n\(child.log)") }
         usleep(50_000)
     }
-    throw TestFailure("nothing answered on \(socket) within 10 s:\n\(child.log)")
+    throw TestFailure("nothing answered on \(socket) within 30 s:\n\(child.log)")
 }
 
 /// An AF_UNIX datagram socket bound at `path`, standing in for systemd's NOTIFY_SOCKET.
@@ -228,7 +228,8 @@ func httpRequest(port: UInt16, method: String = "GET", path: String) throws -> (
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     guard fd >= 0 else { throw TestFailure("socket: errno \(errno)") }
     defer { close(fd) }
-    var timeout = timeval(tv_sec: 5, tv_usec: 0)
+    // Generous: under the whole suite on two cores a scrape has taken more than 5 s.
+    var timeout = timeval(tv_sec: 30, tv_usec: 0)
     _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
     var address = sockaddr_in()
     address.sin_family = sa_family_t(AF_INET)
