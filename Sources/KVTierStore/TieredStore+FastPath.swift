@@ -44,15 +44,7 @@ extension TieredStore {
                 guard let resident = s.resident[address] else { return nil }
                 served.append(ServedPage(extent: resident.extent, tokens: resident.tokens))
             }
-            for address in addresses {
-                s.resident[address]!.leases += 1
-                s.resident[address]!.uses += 1
-                s.resident[address]!.lastAccessMicros = now
-                if s.resident[address]!.prefetched {
-                    s.resident[address]!.prefetched = false
-                    s.counters.prefetchUseful += 1
-                }
-            }
+            for address in addresses { _ = s.lease(address, now: now) }
             let id = s.nextLease
             s.nextLease += 1
             s.leases[id] = Lease(tenant: tenant, owner: owner, pages: addresses, staging: [])
@@ -84,15 +76,7 @@ extension TieredStore {
                 guard let resident = s.resident[page.address] else { return nil }
                 served.append(ServedPage(extent: resident.extent, tokens: resident.tokens))
             }
-            for page in located {
-                s.resident[page.address]!.leases += 1
-                s.resident[page.address]!.uses += 1
-                s.resident[page.address]!.lastAccessMicros = now
-                if s.resident[page.address]!.prefetched {
-                    s.resident[page.address]!.prefetched = false
-                    s.counters.prefetchUseful += 1
-                }
-            }
+            for page in located { _ = s.lease(page.address, now: now) }
             let id = s.nextLease
             s.nextLease += 1
             s.leases[id] = Lease(tenant: tenant, owner: owner, pages: located.map(\.address), staging: [])

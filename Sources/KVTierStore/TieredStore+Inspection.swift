@@ -96,18 +96,10 @@ extension TieredStore {
                     continue
                 }
                 if !deleteFromDisk && needsWrite(resident, address) { try await persist(address) }
-                let freed = state.withLock { s -> Extent? in
-                    guard let current = s.resident[address], current.leases == 0 else { return nil }
-                    s.resident[address] = nil
-                    s.ramBytes -= current.extent.length
-                    s.counters.evictions += 1
-                    return current.extent
-                }
-                guard let freed else {
-                    result.skipped += 1
+                guard evictFromRAM(address) else {
+                    result.skipped += 1  // leased meanwhile
                     continue
                 }
-                state.withLock { $0.memories[tenant] }?.free(freed)
                 result.evicted += 1
             }
             if deleteFromDisk, let disk {

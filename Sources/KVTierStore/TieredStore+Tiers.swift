@@ -40,52 +40,15 @@ extension TieredStore {
         return GetResult(tokens: servedTokens, leaseID: id, pages: served)
     }
 
-    /// Takes a lease on a page in RAM, promoting it from disk if needed (a page evicted again
-    /// since `load` brought it in).
+    /// Takes a lease on a page in RAM, loading it again if it was evicted since the GET's
+    /// `load` brought it in. Nil when it is not to be had (gone from disk, memory full, damage).
     private func pin(_ address: PageAddress, _ model: ModelSpec, _ memory: any PageMemory) async -> (extent: Extent, tokens: Int)? {
-        if let hit = state.withLock({ s -> (Extent, Int)? in
-            guard var page = s.resident[address] else { return nil }
-            page.leases += 1
-            page.uses += 1
-            page.lastAccessMicros = Clocks.monotonicMicros()
-            if page.prefetched {
-                page.prefetched = false
-                s.counters.prefetchUseful += 1
-            }
-            s.resident[address] = page
-            return (page.extent, page.tokens)
-        }) { return hit }
-        return await promote(address, model, memory)
-    }
-
-    /// Reads one disk page into the tenant's memory and makes it resident, leased. Nil when the
-    /// page is not on disk, memory is full, or the read fails.
-    private func promote(_ address: PageAddress, _ model: ModelSpec, _ memory: any PageMemory) async -> (extent: Extent, tokens: Int)? {
-        guard let disk, let stored = disk.page(address) else { return nil }
-        guard let extent = memory.allocate(stored.shape.rawBytes) else { return nil }
-        switch await disk.read(address, into: memory.buffer(extent)) {
-        case .failure:
-            memory.free(extent)
-            return nil
-        case .success(let page):
-            let now = Clocks.monotonicMicros()
-            let (kept, duplicate) = state.withLock { s -> ((Extent, Int), Bool) in
-                if var existing = s.resident[address] {  // promoted concurrently
-                    existing.leases += 1
-                    s.resident[address] = existing
-                    return ((existing.extent, existing.tokens), true)
-                }
-                var resident = Resident(extent: extent, modelID: model.id, tokens: page.page.shape.tokens, leases: 1,
-                                        lastAccessMicros: now, residentSinceMicros: now, onDisk: true)
-                if let heat = s.evictedHeat.removeValue(forKey: address) { resident.attention = heat }
-                s.resident[address] = resident
-                s.ramBytes += extent.length
-                s.counters.promotions += 1
-                return ((extent, page.page.shape.tokens), false)
-            }
-            if duplicate { memory.free(extent) }
-            return kept
+        func leased() -> (extent: Extent, tokens: Int)? {
+            state.withLock { $0.lease(address, now: Clocks.monotonicMicros()) }.map { ($0.extent, $0.tokens) }
         }
+        if let hit = leased() { return hit }
+        await load([address], model, memory, prefetch: false)
+        return leased()
     }
 
     /// A page's bytes wherever it is: its RAM extent (leased until `unlease`, so eviction cannot
@@ -191,23 +154,28 @@ extension TieredStore {
                         return
                     }
                 }
-                let freed = state.withLock { s -> Extent? in
-                    guard let current = s.resident[address], current.leases == 0 else { return nil }
-                    s.resident[address] = nil
-                    s.ramBytes -= current.extent.length
-                    s.counters.evictions += 1
-                    if s.evictedHeat.count >= Self.evictedHeatLimit { s.evictedHeat.removeAll(keepingCapacity: true) }
-                    s.evictedHeat[address] = heat(current, now: Clocks.monotonicMicros())
-                    return current.extent
-                }
-                if let freed, let memory = state.withLock({ $0.memories[address.tenant] }) {
-                    memory.free(freed)
-                    evicted += 1
-                }
+                if evictFromRAM(address) { evicted += 1 }
             }
             // Every chosen page was leased meanwhile: nothing more can go now.
             if evicted == 0 { return }
         }
+    }
+
+    /// Removes an unleased page from RAM (callers write it to disk first when it needs it),
+    /// remembering its heat for prefetch. False when it is leased or gone.
+    func evictFromRAM(_ address: PageAddress) -> Bool {
+        let freed = state.withLock { s -> (Extent, any PageMemory)? in
+            guard let page = s.resident[address], page.leases == 0, let memory = s.memories[address.tenant] else { return nil }
+            s.resident[address] = nil
+            s.ramBytes -= page.extent.length
+            s.counters.evictions += 1
+            if s.evictedHeat.count >= Self.evictedHeatLimit { s.evictedHeat.removeAll(keepingCapacity: true) }
+            s.evictedHeat[address] = heat(page, now: Clocks.monotonicMicros())
+            return (page.extent, memory)
+        }
+        guard let (extent, memory) = freed else { return false }
+        memory.free(extent)
+        return true
     }
 
     /// Pages whose heat at eviction prefetch remembers (forgotten all at once beyond it).

@@ -72,6 +72,21 @@ public final class TieredStore: Sendable {
         /// Disk pages being read into RAM, with whoever waits for them (`load`).
         var loading: [PageAddress: Loading] = [:]
         var counters = Counters()
+
+        /// Leases a resident page to a client's GET: counts the use (and a prefetch that paid
+        /// off). Nil when the page is not in RAM.
+        mutating func lease(_ address: PageAddress, now: UInt64) -> Resident? {
+            guard var page = resident[address] else { return nil }
+            page.leases += 1
+            page.uses += 1
+            page.lastAccessMicros = now
+            if page.prefetched {
+                page.prefetched = false
+                counters.prefetchUseful += 1
+            }
+            resident[address] = page
+            return page
+        }
     }
 
     struct Counters {
