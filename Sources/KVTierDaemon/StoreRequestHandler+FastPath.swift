@@ -37,34 +37,10 @@ extension StoreRequestHandler {
     /// `GET` of RAM-resident pages: extents for a shared-memory client, or the bytes copied into
     /// an inline reply (the lease ends with the copy).
     private func immediateGet(_ r: Get, _ context: ConnectionContext) throws(StoreError) -> Reply? {
-        guard r.inline || context.sharedMemory else { return nil }
-        guard r.inline else {
-            guard let got = try store.getResident(context.tenant, owner: context.connectionID, modelID: r.modelID,
-                                                  tokens: r.tokens, maxTokens: Int(r.maxTokens)) else { return nil }
-            return .get(GetReply(tokens: UInt32(got.tokens), leaseID: got.leaseID, data: .extents(got.pages.map {
-                WireExtent(offset: UInt64($0.extent.offset), bytes: UInt64($0.extent.length), tokens: UInt32($0.tokens))
-            })))
-        }
-        // An inline reply must fit one frame: serve whole pages up to the limit.
-        guard let model = try? store.model(r.modelID) else { return nil }
-        let pageBytes = model.pageTokens * model.bytesPerToken
-        let fitting = max(1, (ProtocolLimits.maxInlineBody - 64) / max(1, pageBytes)) * model.pageTokens
-        let maxTokens = r.maxTokens == 0 ? fitting : min(Int(r.maxTokens), fitting)
+        guard r.inline || context.sharedMemory, let model = try? store.model(r.modelID) else { return nil }
+        let maxTokens = r.inline ? Self.inlineLimit(model, requested: r.maxTokens) : Int(r.maxTokens)
         guard let got = try store.getResident(context.tenant, owner: context.connectionID, modelID: r.modelID,
                                               tokens: r.tokens, maxTokens: maxTokens) else { return nil }
-        let memory = try store.memory(for: context.tenant)
-        let total = got.pages.reduce(0) { $0 + $1.tokens * model.bytesPerToken }
-        let bytes = [UInt8](unsafeUninitializedCapacity: total) { buffer, count in
-            var at = 0
-            for page in got.pages {
-                let length = page.tokens * model.bytesPerToken
-                UnsafeMutableRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(buffer)[at..<at + length])
-                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: memory.buffer(page.extent).readOnly[0..<length]))
-                at += length
-            }
-            count = at
-        }
-        try store.release(context.tenant, leaseID: got.leaseID)
-        return .get(GetReply(tokens: UInt32(got.tokens), leaseID: 0, data: .inline(bytes)))
+        return try getReply(got, model, inline: r.inline, context)
     }
 }

@@ -59,30 +59,10 @@ public struct StoreRequestHandler: RequestHandler {
             guard r.inline || context.sharedMemory else {
                 throw .invalidArgument("this connection has no shared memory: send GET with the inline flag")
             }
-            var maxTokens = Int(r.maxTokens)
-            if r.inline {
-                // An inline reply must fit one frame: serve whole pages up to the limit.
-                let model = try store.model(r.modelID)
-                let pageBytes = model.pageTokens * model.bytesPerToken
-                let fitting = max(1, (ProtocolLimits.maxInlineBody - 64) / max(1, pageBytes)) * model.pageTokens
-                maxTokens = maxTokens == 0 ? fitting : min(maxTokens, fitting)
-            }
-            let got = try await store.get(tenant, owner: context.connectionID, modelID: r.modelID, tokens: r.tokens, maxTokens: maxTokens)
-            guard r.inline else {
-                return .get(GetReply(tokens: UInt32(got.tokens), leaseID: got.leaseID, data: .extents(got.pages.map {
-                    WireExtent(offset: UInt64($0.extent.offset), bytes: UInt64($0.extent.length), tokens: UInt32($0.tokens))
-                })))
-            }
-            // Inline: copy the pages out, then the lease is not needed.
             let model = try store.model(r.modelID)
-            let memory = try store.memory(for: tenant)
-            var bytes: [UInt8] = []
-            bytes.reserveCapacity(got.pages.reduce(0) { $0 + $1.tokens * model.bytesPerToken })
-            for page in got.pages {
-                bytes += memory.buffer(page.extent).readOnly[0..<page.tokens * model.bytesPerToken]
-            }
-            try store.release(tenant, leaseID: got.leaseID)
-            return .get(GetReply(tokens: UInt32(got.tokens), leaseID: 0, data: .inline(bytes)))
+            let maxTokens = r.inline ? Self.inlineLimit(model, requested: r.maxTokens) : Int(r.maxTokens)
+            let got = try await store.get(tenant, owner: context.connectionID, modelID: r.modelID, tokens: r.tokens, maxTokens: maxTokens)
+            return try getReply(got, model, inline: r.inline, context)
         case .release(let r):
             return try release(r, context)
         case .alloc(let r):
@@ -149,6 +129,37 @@ public struct StoreRequestHandler: RequestHandler {
     }
 
     // MARK: requests both paths answer the same way (never waiting on anything)
+
+    /// The most tokens an inline GET reply serves: whole pages that fit one frame (0: all).
+    static func inlineLimit(_ model: ModelSpec, requested: UInt32) -> Int {
+        let pageBytes = model.pageTokens * model.bytesPerToken
+        let fitting = max(1, (ProtocolLimits.maxInlineBody - 64) / max(1, pageBytes)) * model.pageTokens
+        return requested == 0 ? fitting : min(Int(requested), fitting)
+    }
+
+    /// The reply to a GET whose pages `got` leased: their extents, or inline their bytes copied
+    /// out of the arena, after which the lease ends.
+    func getReply(_ got: TieredStore.GetResult, _ model: ModelSpec, inline: Bool, _ context: ConnectionContext) throws(StoreError) -> Reply {
+        guard inline else {
+            return .get(GetReply(tokens: UInt32(got.tokens), leaseID: got.leaseID, data: .extents(got.pages.map {
+                WireExtent(offset: UInt64($0.extent.offset), bytes: UInt64($0.extent.length), tokens: UInt32($0.tokens))
+            })))
+        }
+        let memory = try store.memory(for: context.tenant)
+        let total = got.pages.reduce(0) { $0 + $1.tokens * model.bytesPerToken }
+        let bytes = [UInt8](unsafeUninitializedCapacity: total) { buffer, count in
+            var at = 0
+            for page in got.pages {
+                let length = page.tokens * model.bytesPerToken
+                UnsafeMutableRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(buffer)[at..<at + length])
+                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: memory.buffer(page.extent).readOnly[0..<length]))
+                at += length
+            }
+            count = at
+        }
+        try store.release(context.tenant, leaseID: got.leaseID)
+        return .get(GetReply(tokens: UInt32(got.tokens), leaseID: 0, data: .inline(bytes)))
+    }
 
     func lookup(_ r: Lookup, _ context: ConnectionContext) throws(StoreError) -> Reply {
         let found = try store.lookup(context.tenant, modelID: r.modelID, tokens: r.tokens)

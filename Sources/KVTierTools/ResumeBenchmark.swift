@@ -81,7 +81,7 @@ public struct ResumeBenchmark: Sendable {
                         "--disk-codec", o.diskCodec, "--log-level", "warning"],
             pipes: false, logPath: log)
         defer { daemon.terminate() }
-        let client = try await Self.connect(socket, daemon: daemon, log: log)
+        let client = try await connectWhenServing(daemon, socket: socket, log: log, clientName: "bench-resume")
         defer { Task { [client] in await client.close() } }
         let model = try await client.registerModel(spec)
 
@@ -165,18 +165,6 @@ public struct ResumeBenchmark: Sendable {
             return leased.tokens
         }
         guard served == tokens.count else { throw ToolError("the GET served \(served) of \(tokens.count) tokens: the session's pages are gone") }
-    }
-
-    static func connect(_ socket: String, daemon: ServeChild, log: String) async throws -> KVTierClient {
-        let deadline = Clocks.monotonicNanoseconds() + 20_000_000_000
-        while Clocks.monotonicNanoseconds() < deadline {
-            guard daemon.isRunning else { throw ToolError("kvtierd exited before listening:\n\(ServeBenchmark.tail(log))") }
-            if access(socket, F_OK) == 0, let client = try? await KVTierClient.connect(socketPath: socket, clientName: "bench-resume") {
-                return client
-            }
-            usleep(50_000)
-        }
-        throw ToolError("kvtierd did not answer on \(socket) within 20 s:\n\(ServeBenchmark.tail(log))")
     }
 
     static func sleep(millis: Double) async throws {

@@ -188,7 +188,7 @@ public struct ServeBenchmark: Sendable {
                             "--log-level", "warning"],
                 pipes: false, logPath: daemonLog)
             defer { daemon.terminate() }
-            try await waitForDaemon(daemon, socket: daemonSocket, log: daemonLog)
+            await (try await connectWhenServing(daemon, socket: daemonSocket, log: daemonLog, clientName: "bench-serve")).close()
             (put, get) = try await runWorkers(.kvtier, socket: daemonSocket, maxPages: maxPages) {
                 guard daemon.isRunning else { throw ToolError("kvtierd exited during the run:\n\(Self.tail(daemonLog))") }
             }
@@ -295,20 +295,6 @@ public struct ServeBenchmark: Sendable {
     }
 
     // MARK: servers
-
-    private func waitForDaemon(_ daemon: ServeChild, socket: String, log: String) async throws {
-        let deadline = Clocks.monotonicNanoseconds() + 20_000_000_000
-        while Clocks.monotonicNanoseconds() < deadline {
-            guard daemon.isRunning else { throw ToolError("kvtierd exited before listening:\n\(Self.tail(log))") }
-            if access(socket, F_OK) == 0, let client = try? await KVTierClient.connect(socketPath: socket, replyTimeoutSeconds: 10) {
-                let answered = (try? await client.ping()) != nil
-                await client.close()
-                if answered { return }
-            }
-            usleep(50_000)
-        }
-        throw ToolError("kvtierd did not answer on \(socket) within 20 s:\n\(Self.tail(log))")
-    }
 
     /// Waits until redis answers PING; returns its version.
     private func waitForRedis(_ process: ServeChild, socket: String, log: String) throws -> String? {

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 @preconcurrency import Glibc
 #endif
+import KVTierClient
 import KVTierCore
 import Synchronization
 
@@ -236,4 +237,19 @@ func findExecutable(_ name: String) -> String? {
         if access(candidate, X_OK) == 0 { return candidate }
     }
     return nil
+}
+
+/// A client of the kvtierd a benchmark just started, once it answers a PING (up to 20 s);
+/// fails with the end of its log if it exits or stays silent.
+func connectWhenServing(_ daemon: ServeChild, socket: String, log: String, clientName: String) async throws -> KVTierClient {
+    let deadline = Clocks.monotonicNanoseconds() + 20_000_000_000
+    while Clocks.monotonicNanoseconds() < deadline {
+        guard daemon.isRunning else { throw ToolError("kvtierd exited before listening:\n\(ServeBenchmark.tail(log))") }
+        if access(socket, F_OK) == 0, let client = try? await KVTierClient.connect(socketPath: socket, clientName: clientName, replyTimeoutSeconds: 10) {
+            if (try? await client.ping()) != nil { return client }
+            await client.close()
+        }
+        usleep(50_000)
+    }
+    throw ToolError("kvtierd did not answer on \(socket) within 20 s:\n\(ServeBenchmark.tail(log))")
 }
