@@ -185,13 +185,15 @@ extension TieredStore {
     /// resident pages (not one pass per page). Heat prefers pages past their minimum residence;
     /// LRU orders by last access alone. Pinned sessions' pages and leased pages stay.
     private func chooseVictims() -> [(PageAddress, Resident)] {
-        state.withLock { s in
+        // Asking the catalog about every resident page is only needed while something is pinned.
+        let anyPinned = catalog.pinnedBytes > 0
+        return state.withLock { s in
             let excess = s.ramBytes - configuration.ramBudgetBytes
             guard excess > 0 else { return [] }
             let now = Clocks.monotonicMicros()
             var candidates: [(address: PageAddress, page: Resident, young: Bool, score: Double)] = []
             candidates.reserveCapacity(s.resident.count)
-            for (address, page) in s.resident where page.leases == 0 && catalog.hold(on: address) != .pinned {
+            for (address, page) in s.resident where page.leases == 0 && !(anyPinned && catalog.hold(on: address) == .pinned) {
                 switch configuration.evictionPolicy {
                 case .lru:
                     candidates.append((address, page, false, Double(page.lastAccessMicros)))
