@@ -7,6 +7,7 @@ import KVTierIO
 import KVTierServer
 import KVTierStore
 import Logging
+import Synchronization
 
 /// kvtierd assembled: the disk tier on the state directory, the tiered store with one shared
 /// arena per tenant, and the Unix-socket server in front. `run` returns after SIGTERM or SIGINT:
@@ -33,6 +34,15 @@ public final class Daemon: Sendable {
 
     public func run() async throws {
         let c = configuration
+        // SIGTERM/SIGINT are caught from here on, before READY=1 can be sent: one that arrives
+        // while starting stops the server as soon as it exists (`StopRequest`).
+        let stop = StopRequest()
+        let logger = self.logger
+        let signals = SignalWatcher(signals: [SIGTERM, SIGINT]) { signal in
+            logger.info("stopping on signal", metadata: ["signal": "\(signal)"])
+            stop.request()
+        }
+        defer { signals.cancel() }
         let selection = try BlockReaders.make(queueDepth: c.ioQueueDepth, logger: logger)
         defer { selection.reader.close() }
         let operations = try DaemonOperations(configuration: c, ioPath: selection.reader.path, reload: reload, logLevel: logLevel, logger: logger)
@@ -50,7 +60,6 @@ public final class Daemon: Sendable {
         storeConfiguration.arenaBytes = c.arenaBytes
         storeConfiguration.diskCodec = c.diskCodec
         let arenaBytes = c.arenaBytes
-        let logger = self.logger
         let store = TieredStore(configuration: storeConfiguration, disk: disk, catalog: catalog, logger: logger) { tenant in
             try ArenaPageMemory(name: "kvtier-arena-\(tenant)", capacity: arenaBytes, logger: logger)
         }
@@ -68,12 +77,10 @@ public final class Daemon: Sendable {
             },
             logger: logger)
 
-        let signals = SignalWatcher(signals: [SIGTERM, SIGINT]) { signal in
-            logger.info("stopping on signal", metadata: ["signal": "\(signal)"])
+        stop.whenRequested {
             operations.stopping()
             server.shutdown()
         }
-        defer { signals.cancel() }
         logger.info("kvtierd ready", metadata: [
             "socket": "\(listener.path ?? "passed by systemd")", "stateDir": "\(c.stateDir)", "ramBudget": "\(ByteCount(c.ramBudgetBytes))",
             "diskCodec": "\(c.diskCodec)", "diskPages": "\(disk.stats.pages)", "sessions": "\(catalog.count)", "ioPath": "\(storage.readPath)",
@@ -99,24 +106,30 @@ public final class Daemon: Sendable {
     }
 }
 
-/// Turns signals into a callback on a dispatch queue (the signals are ignored by the process
-/// default handler while watched).
-final class SignalWatcher: @unchecked Sendable {
-    // Invariant: `sources` is written only in init and cancel, both on the creating thread.
-    private var sources: [DispatchSourceSignal] = []
+/// A stop asked for by a signal, possibly before there is a server to stop: the action runs
+/// once, when both the request and the action are there.
+final class StopRequest: Sendable {
+    private struct State {
+        var requested = false
+        var action: (@Sendable () -> Void)?
+    }
+    private let state = Mutex(State())
 
-    init(signals: [Int32], handler: @escaping @Sendable (Int32) -> Void) {
-        for number in signals {
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler { handler(number) }
-            source.resume()
-            sources.append(source)
+    func request() {
+        let action = state.withLock { state -> (@Sendable () -> Void)? in
+            state.requested = true
+            defer { state.action = nil }
+            return state.action
         }
+        action?()
     }
 
-    func cancel() {
-        for source in sources { source.cancel() }
-        sources.removeAll()
+    func whenRequested(_ action: @escaping @Sendable () -> Void) {
+        let runNow = state.withLock { state -> Bool in
+            if state.requested { return true }
+            state.action = action
+            return false
+        }
+        if runNow { action() }
     }
 }

@@ -77,8 +77,22 @@ final class ChildProcess {
         let env = environment ?? ProcessInfo.processInfo.environment
         let envp: [UnsafeMutablePointer<CChar>?] = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
         defer { for pointer in envp { free(pointer) } }
+        // Start the child as systemd would: no blocked signals, default dispositions. The test
+        // runs on a dispatch thread that blocks almost every signal, and a child inheriting
+        // that mask hid a lost-SIGTERM race that systemd-started daemons had.
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        posix_spawnattr_setsigmask(&attributes, &empty)
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for number in [SIGTERM, SIGINT, SIGHUP, SIGPIPE] { sigaddset(&defaults, number) }
+        posix_spawnattr_setsigdefault(&attributes, &defaults)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         var child: pid_t = 0
-        let status = posix_spawn(&child, arguments[0], &actions, nil, argv, envp)
+        let status = posix_spawn(&child, arguments[0], &actions, &attributes, argv, envp)
         guard status == 0 else { throw TestFailure("posix_spawn \(arguments[0]): errno \(status)") }
         pid = child
     }
@@ -91,12 +105,16 @@ final class ChildProcess {
         return exitStatus
     }
 
-    /// Waits up to `seconds` for the process to end; its wait status, or nil on timeout.
+    /// Waits up to `seconds` for the process to end (on its pidfd, no sleep loop); its wait
+    /// status, or nil on timeout. Blocks the calling thread: async tests use `awaitExit`.
     func wait(seconds: Double) -> Int32? {
+        if let status = poll() { return status }
         let deadline = Date().addingTimeInterval(seconds)
+        let pidfd = EventWaits.pidDescriptor(pid)
+        defer { if pidfd >= 0 { close(pidfd) } }
         while Date() < deadline {
             if let status = poll() { return status }
-            usleep(20_000)
+            if pidfd >= 0 { _ = EventWaits.poll([pidfd], until: deadline) } else { usleep(20_000) }
         }
         return poll()
     }
@@ -143,28 +161,31 @@ func runToCompletion(_ arguments: [String], environment: [String: String]? = nil
     return (exitCode(status), child.log)
 }
 
-/// A kvtierd started with `arguments` (socket and state under `folder`), waiting until it answers.
+/// A kvtierd started with `arguments` (socket and state under `folder`), waiting until it is
+/// ready: READY=1 on a NOTIFY_SOCKET of the test's own (sent once the socket listens), then one
+/// PING. Event-driven with a deadline only a stuck daemon reaches, so a loaded machine is slow
+/// but never fails here.
 func startDaemon(in folder: TemporaryFolder, _ arguments: [String] = []) async throws -> ChildProcess {
     guard let daemon = Checkout.daemon else { throw TestFailure("\(Checkout.missingBinaries)") }
     let socket = folder.path + "/s.sock"
+    let notify = try NotifySocket(path: folder.path + "/ready-\(UInt32.random(in: 0...UInt32.max)).notify")
+    var environment = ProcessInfo.processInfo.environment
+    environment["NOTIFY_SOCKET"] = notify.path
+    environment.removeValue(forKey: "WATCHDOG_USEC")
     let child = try ChildProcess([daemon, "--socket", socket, "--state-dir", folder.path + "/state", "--ram-budget", "64MiB"] + arguments,
-                                 logPath: folder.path + "/kvtierd.log")
-    try await waitUntilServing(socket: socket, child: child)
+                                 environment: environment, logPath: folder.path + "/kvtierd.log")
+    try await waitUntilServing(socket: socket, child: child, notify: notify)
     return child
 }
 
-/// Polls `socket` with PING for up to 30 s (start-up is slow under the whole suite on two cores).
-func waitUntilServing(socket: String, child: ChildProcess) async throws {
-    for _ in 0..<600 {
-        if let client = try? await KVTierClient.connect(socketPath: socket, mapSharedMemory: false, replyTimeoutSeconds: 10) {
-            try await client.ping()
-            await client.close()
-            return
-        }
-        if let status = child.poll() { throw TestFailure("process exited (\(exitCode(status))) before serving:\n\(child.log)") }
-        usleep(50_000)
+/// Waits for READY=1 on `notify`, then checks the daemon answers a PING on `socket`.
+func waitUntilServing(socket: String, child: ChildProcess, notify: NotifySocket) async throws {
+    guard try await notify.awaitMessage(containing: "READY=1", child: child) else {
+        throw TestFailure("kvtierd sent no READY=1 within \(Int(EventWaits.stuckSeconds)) s:\n\(child.log)")
     }
-    throw TestFailure("nothing answered on \(socket) within 30 s:\n\(child.log)")
+    let client = try await KVTierClient.connect(socketPath: socket, mapSharedMemory: false, replyTimeoutSeconds: 60)
+    try await client.ping()
+    await client.close()
 }
 
 /// An AF_UNIX datagram socket bound at `path`, standing in for systemd's NOTIFY_SOCKET.
