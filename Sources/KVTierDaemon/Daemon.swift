@@ -31,6 +31,17 @@ public final class Daemon: Sendable {
     /// The longest a clean stop spends writing RAM pages to disk (systemd's default stop timeout
     /// is 90 s).
     static let shutdownFlushSeconds = 60
+    /// Allocations at least this large are mmapped and returned on free (mallopt M_MMAP_THRESHOLD).
+    static let mmapThresholdBytes: Int32 = 1 << 20
+
+    /// mallopt(M_MMAP_THRESHOLD, mmapThresholdBytes); Swift's Glibc module leaves malloc.h out,
+    /// so the call is looked up at run time. Setting it also stops glibc's dynamic raising.
+    static func fixMmapThreshold() {
+        typealias Mallopt = @convention(c) (Int32, Int32) -> Int32
+        let mmapThresholdParameter: Int32 = -3  // M_MMAP_THRESHOLD
+        guard let symbol = dlsym(nil, "mallopt") else { return }
+        _ = unsafeBitCast(symbol, to: Mallopt.self)(mmapThresholdParameter, mmapThresholdBytes)
+    }
 
     public func run() async throws {
         let c = configuration
@@ -43,6 +54,11 @@ public final class Daemon: Sendable {
             stop.request()
         }
         defer { signals.cancel() }
+        // Buffers of 1 MiB and more (large frames and replies) get mappings of their own, which
+        // go back to the kernel when freed. glibc's default threshold rises after each such
+        // free, after which freed frame buffers stayed in the heap: RSS stayed high long after
+        // stalled clients were gone.
+        Self.fixMmapThreshold()
         let selection = try BlockReaders.make(queueDepth: c.ioQueueDepth, logger: logger)
         defer { selection.reader.close() }
         let operations = try DaemonOperations(configuration: c, ioPath: selection.reader.path, reload: reload, logLevel: logLevel, logger: logger)
@@ -69,6 +85,7 @@ public final class Daemon: Sendable {
         let listener = try operations.makeListener(socketPath: c.socket)
         let server = KVServer(
             listener: listener, handler: operations.instrument(StoreRequestHandler(store: store, defaultPageTokens: c.pageTokens)),
+            configuration: c.transport.serverConfiguration,
             tenantFor: { peer in c.tenant(uid: peer.uid, gid: peer.gid) },
             arenaProvider: { tenant in
                 let memory = try store.memory(for: tenant)

@@ -8,6 +8,8 @@ import Foundation
 #endif
 import KVTierCodec
 import KVTierCore
+import KVTierProtocol
+import KVTierServer
 import Logging
 
 /// kvtierd's settings: embedded defaults, then a JSON config file (`--config`), then flags.
@@ -43,6 +45,19 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     /// primary group (as SO_PEERCRED reports it) is listed gets the group's tenant instead of its
     /// uid's. Default none.
     public var sharedTenantGroups: [String] = []
+    // Transport limits (docs/security.md): defaults are `ServerConfiguration`'s.
+    /// Connections served at once. Default 1024.
+    public var maxConnections: Int = ServerConfiguration().maxConnections
+    /// Connections one uid may hold at once. Default 64.
+    public var maxConnectionsPerUID: Int = ServerConfiguration().maxConnectionsPerUID
+    /// Seconds a connection may wait before its HELLO. Default 10.
+    public var handshakeTimeoutSeconds: Int = Int(ServerConfiguration().handshakeTimeout.components.seconds)
+    /// Seconds a connection may idle between frames after HELLO. Default 600.
+    public var idleTimeoutSeconds: Int = Int(ServerConfiguration().idleTimeout.components.seconds)
+    /// Bytes of frames being assembled over all connections. Default 512MiB.
+    public var maxBufferedFrameBytes: String = "\(ByteCount(ServerConfiguration().maxBufferedFrameBytes))"
+    /// Of those, the most one uid's connections may hold. Default 128MiB.
+    public var maxBufferedFrameBytesPerUID: String = "\(ByteCount(ServerConfiguration().maxBufferedFrameBytesPerUID))"
 
     /// Keys that SIGHUP applies without a restart; a change to any other key is logged and
     /// waits for the next start.
@@ -51,6 +66,8 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     enum CodingKeys: String, CodingKey, CaseIterable {
         case socket, stateDir, ramBudget, diskBudget, diskCodec, arenaSize, pageTokens, ioQueueDepth
         case logLevel, metricsListen, metricsAllowNonLoopback, sharedTenantGroups
+        case maxConnections, maxConnectionsPerUID, handshakeTimeoutSeconds, idleTimeoutSeconds
+        case maxBufferedFrameBytes, maxBufferedFrameBytesPerUID
     }
 
     /// Every key a config file may hold.
@@ -79,6 +96,12 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         metricsListen = try value(.metricsListen, String.self, "a string HOST:PORT such as \"127.0.0.1:9464\"")
         metricsAllowNonLoopback = try value(.metricsAllowNonLoopback, Bool.self, "true or false") ?? metricsAllowNonLoopback
         sharedTenantGroups = try value(.sharedTenantGroups, [String].self, "a list of group names or numeric gids") ?? sharedTenantGroups
+        maxConnections = try value(.maxConnections, Int.self, "an integer") ?? maxConnections
+        maxConnectionsPerUID = try value(.maxConnectionsPerUID, Int.self, "an integer") ?? maxConnectionsPerUID
+        handshakeTimeoutSeconds = try value(.handshakeTimeoutSeconds, Int.self, "an integer: seconds") ?? handshakeTimeoutSeconds
+        idleTimeoutSeconds = try value(.idleTimeoutSeconds, Int.self, "an integer: seconds") ?? idleTimeoutSeconds
+        maxBufferedFrameBytes = try value(.maxBufferedFrameBytes, String.self, "a size string such as \"512MiB\"") ?? maxBufferedFrameBytes
+        maxBufferedFrameBytesPerUID = try value(.maxBufferedFrameBytesPerUID, String.self, "a size string such as \"128MiB\"") ?? maxBufferedFrameBytesPerUID
     }
 
     struct AnyKey: CodingKey {
@@ -142,6 +165,30 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         public var metricsAllowNonLoopback: Bool
         /// Gids whose members share a tenant (`sharedTenantGroups`, names resolved).
         public var sharedTenantGids: [UInt32] = []
+        /// The transport's limits (`maxConnections` … `maxBufferedFrameBytesPerUID`).
+        public var transport = TransportLimits()
+
+        /// The transport limits as the config file names them.
+        public struct TransportLimits: Equatable, Sendable {
+            public var maxConnections = ServerConfiguration().maxConnections
+            public var maxConnectionsPerUID = ServerConfiguration().maxConnectionsPerUID
+            public var handshakeTimeoutSeconds = Int(ServerConfiguration().handshakeTimeout.components.seconds)
+            public var idleTimeoutSeconds = Int(ServerConfiguration().idleTimeout.components.seconds)
+            public var maxBufferedFrameBytes = ServerConfiguration().maxBufferedFrameBytes
+            public var maxBufferedFrameBytesPerUID = ServerConfiguration().maxBufferedFrameBytesPerUID
+
+            /// The server's configuration with these limits.
+            public var serverConfiguration: ServerConfiguration {
+                var server = ServerConfiguration()
+                server.maxConnections = maxConnections
+                server.maxConnectionsPerUID = maxConnectionsPerUID
+                server.handshakeTimeout = .seconds(handshakeTimeoutSeconds)
+                server.idleTimeout = .seconds(idleTimeoutSeconds)
+                server.maxBufferedFrameBytes = maxBufferedFrameBytes
+                server.maxBufferedFrameBytesPerUID = maxBufferedFrameBytesPerUID
+                return server
+            }
+        }
 
         /// The tenant of a peer: its primary group's shared tenant (`TenantID.group`) when that
         /// group is listed, else its uid. Nil (refused) for a uid that would collide with group
@@ -174,6 +221,10 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
                 ("metricsListen", metricsListen.map { quoted("\($0)") } ?? "null"),
                 ("metricsAllowNonLoopback", "\(metricsAllowNonLoopback)"),
                 ("sharedTenantGroups", "[" + sharedTenantGids.map { quoted("\($0)") }.joined(separator: ", ") + "]"),
+                ("maxConnections", "\(transport.maxConnections)"), ("maxConnectionsPerUID", "\(transport.maxConnectionsPerUID)"),
+                ("handshakeTimeoutSeconds", "\(transport.handshakeTimeoutSeconds)"), ("idleTimeoutSeconds", "\(transport.idleTimeoutSeconds)"),
+                ("maxBufferedFrameBytes", quoted("\(ByteCount(transport.maxBufferedFrameBytes))")),
+                ("maxBufferedFrameBytesPerUID", quoted("\(ByteCount(transport.maxBufferedFrameBytesPerUID))")),
             ]
             return "{" + fields.map { "\(quoted($0.0)): \($0.1)" }.joined(separator: ", ") + "}"
         }
@@ -193,6 +244,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             if metricsListen != other.metricsListen { keys.append("metricsListen") }
             if metricsAllowNonLoopback != other.metricsAllowNonLoopback { keys.append("metricsAllowNonLoopback") }
             if sharedTenantGids != other.sharedTenantGids { keys.append("sharedTenantGroups") }
+            if transport != other.transport { keys.append("transportLimits") }
             return keys
         }
     }
@@ -292,6 +344,41 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             metricsListen: metrics,
             metricsAllowNonLoopback: metricsAllowNonLoopback)
         resolved.sharedTenantGids = gids
+        resolved.transport = try resolvedTransport()
         return resolved
+    }
+
+    /// The transport keys checked against each other: a limit that no legal frame or
+    /// connection could fit under is refused at start rather than met as a hang.
+    func resolvedTransport() throws -> Resolved.TransportLimits {
+        var limits = Resolved.TransportLimits()
+        let largestFrame = ProtocolLimits.maxInlineBody + ProtocolLimits.frameHeaderBytes
+        guard (1...1_000_000).contains(maxConnections) else {
+            throw Invalid(key: "maxConnections", value: "\(maxConnections)", allowed: "1...1000000")
+        }
+        guard (1...maxConnections).contains(maxConnectionsPerUID) else {
+            throw Invalid(key: "maxConnectionsPerUID", value: "\(maxConnectionsPerUID)", allowed: "1...maxConnections (\(maxConnections))")
+        }
+        guard (1...3600).contains(handshakeTimeoutSeconds) else {
+            throw Invalid(key: "handshakeTimeoutSeconds", value: "\(handshakeTimeoutSeconds)", allowed: "1...3600")
+        }
+        guard (1...604_800).contains(idleTimeoutSeconds) else {
+            throw Invalid(key: "idleTimeoutSeconds", value: "\(idleTimeoutSeconds)", allowed: "1...604800 (a week)")
+        }
+        guard let total = ByteCount(parsing: maxBufferedFrameBytes)?.bytes, total >= largestFrame else {
+            throw Invalid(key: "maxBufferedFrameBytes", value: maxBufferedFrameBytes,
+                          allowed: "a size of at least one whole inline frame (64MiB + 16 bytes), e.g. 512MiB")
+        }
+        guard let perUID = ByteCount(parsing: maxBufferedFrameBytesPerUID)?.bytes, perUID >= largestFrame, perUID <= total else {
+            throw Invalid(key: "maxBufferedFrameBytesPerUID", value: maxBufferedFrameBytesPerUID,
+                          allowed: "a size from one whole inline frame (64MiB + 16 bytes) to maxBufferedFrameBytes, e.g. 128MiB")
+        }
+        limits.maxConnections = maxConnections
+        limits.maxConnectionsPerUID = maxConnectionsPerUID
+        limits.handshakeTimeoutSeconds = handshakeTimeoutSeconds
+        limits.idleTimeoutSeconds = idleTimeoutSeconds
+        limits.maxBufferedFrameBytes = total
+        limits.maxBufferedFrameBytesPerUID = perUID
+        return limits
     }
 }

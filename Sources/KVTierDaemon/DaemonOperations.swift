@@ -80,9 +80,10 @@ final class DaemonOperations: Sendable {
         }
         let watcher = SignalWatcher(signals: [SIGHUP]) { [self] _ in reload() }
         hangups.withLock { $0 = watcher }
-        // A ping reads the store's counters under its lock: a store wedged on its lock stops
-        // the pings and systemd restarts the daemon.
-        notifier.startWatchdog { !store.status().isEmpty }
+        // A ping needs the accept loop to have answered the previous probe (KVServer.livenessProbe):
+        // proof the daemon still takes connections, without waiting on the store's lock behind
+        // requests (a long locked request would otherwise get a live daemon killed by systemd).
+        notifier.startWatchdog { server.livenessProbe() }
         notifier.ready(status: status)
     }
 

@@ -61,7 +61,9 @@ public final class SystemdNotifier: Sendable {
     /// `isHealthy` returns true; a daemon that stops answering stops pinging and systemd restarts it.
     public func startWatchdog(isHealthy: @escaping @Sendable () -> Bool = { true }) {
         guard address != nil, let interval = watchdogIntervalMicros else { return }
-        let timer = DispatchSource.makeTimerSource(queue: .global())
+        // A queue of its own: a timer on a global queue waits for a free worker, and workers
+        // can all be busy (blocked) when the store is slow.
+        let timer = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "kvtierd.watchdog"))
         timer.schedule(deadline: .now(), repeating: .microseconds(Int(min(interval, UInt64(Int.max)))), leeway: .milliseconds(10))
         timer.setEventHandler { [weak self] in
             guard let self, isHealthy() else { return }

@@ -75,14 +75,43 @@ public struct FrameDecoder: Sendable {
         }
         let bodyBytes = Int(header.bodyBytes)
         guard bufferedBytes >= bodyBytes else { return nil }
-        let body = Array(buffer[readOffset..<readOffset + bodyBytes])
-        readOffset += bodyBytes
+        let body: [UInt8]
+        if readOffset == 0 && buffer.count == bodyBytes && bodyBytes > 0 {
+            // The buffer is exactly this body (see `reserveForCurrentFrame`): hand it over
+            // rather than copy it, so a large frame is never held twice.
+            body = buffer
+            buffer = []
+        } else {
+            body = Array(buffer[readOffset..<readOffset + bodyBytes])
+            readOffset += bodyBytes
+        }
         pending = nil
         if readOffset == buffer.count {
             buffer.removeAll(keepingCapacity: buffer.capacity <= 2 * maxControlBody)
             readOffset = 0
         }
         return Frame(header: header, body: body)
+    }
+
+    /// Bytes still missing from the frame being assembled, once its header was read (nil
+    /// before that): a reader that stops there leaves the buffer holding exactly that frame.
+    public var missingFrameBytes: Int? {
+        guard let pending, failure == nil else { return nil }
+        return max(Int(pending.bodyBytes) - bufferedBytes, 0)
+    }
+
+    /// Makes room for the whole body of the frame being assembled in one allocation, and moves
+    /// what is already here of it to the buffer's start, so a large frame is neither assembled
+    /// by repeated doubling (each step copies, and for a moment holds both copies) nor copied
+    /// when it completes. Only for a frame whose size the caller has budgeted: on its own the
+    /// decoder never reserves memory for an announced size.
+    public mutating func reserveForCurrentFrame() {
+        guard let pending, failure == nil else { return }
+        if readOffset > 0 {
+            buffer.removeSubrange(0..<readOffset)
+            readOffset = 0
+        }
+        buffer.reserveCapacity(Int(pending.bodyBytes))
     }
 
     /// Drops consumed bytes once they are at least half the buffer, so each byte is moved at

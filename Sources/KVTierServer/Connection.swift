@@ -13,7 +13,11 @@ final class Connection {
         /// since the decoder checks headers only).
         case protocolError(ProtocolError, header: FrameHeader?)
         /// A frame did not complete within `frameTimeout`; `header` when its 16 bytes came.
-        case timedOut(header: FrameHeader?)
+        /// `admitted` is false when it was still waiting for room in the `FrameBudget`.
+        case timedOut(header: FrameHeader?, admitted: Bool)
+        /// No `HELLO` within `handshakeTimeout` (`beforeHello`), or no frame within
+        /// `idleTimeout` after the last reply.
+        case idle(beforeHello: Bool)
         /// End of stream; `receivedBytes` of an unfinished frame were lost with it.
         case peerClosed(header: FrameHeader?, receivedBytes: Int)
         /// The server is shutting down (its wake pipe became readable).
@@ -24,6 +28,17 @@ final class Connection {
     let descriptor: Int32
     private let wakeDescriptor: Int32
     private let frameTimeout: Duration
+    private let handshakeTimeout: Duration
+    private let idleTimeout: Duration
+    private let connectedAt = ContinuousClock.now
+    /// Set by the server once it answered `HELLO`: from then on `idleTimeout` applies.
+    var helloAnswered = false
+    private let budget: FrameBudget
+    private let uid: UInt32
+    /// Bytes of `budget` this connection holds for the frame being assembled (or just answered).
+    private var reservedBytes = 0
+    /// How long a frame waiting for room in the budget sleeps between checks.
+    static let budgetRecheck: Duration = .milliseconds(20)
     private var decoder: FrameDecoder
     private let receiveBuffer: UnsafeMutableRawBufferPointer
     /// When the frame being assembled began; nil between frames, so idling is never timed.
@@ -32,25 +47,38 @@ final class Connection {
     private var bytesAppended = 0
     private var bytesDelivered = 0
 
-    init(descriptor: Int32, wakeDescriptor: Int32, configuration: ServerConfiguration) {
+    init(descriptor: Int32, wakeDescriptor: Int32, configuration: ServerConfiguration, budget: FrameBudget, uid: UInt32) {
         self.descriptor = descriptor
         self.wakeDescriptor = wakeDescriptor
         self.frameTimeout = configuration.frameTimeout
+        self.handshakeTimeout = configuration.handshakeTimeout
+        self.idleTimeout = configuration.idleTimeout
+        self.budget = budget
+        self.uid = uid
         self.decoder = FrameDecoder(maxControlBody: configuration.maxControlBody, maxInlineBody: configuration.maxInlineBody)
         self.receiveBuffer = .allocate(byteCount: max(configuration.receiveBufferBytes, ProtocolLimits.frameHeaderBytes), alignment: 16)
     }
 
-    deinit { receiveBuffer.deallocate() }
+    deinit {
+        receiveBuffer.deallocate()
+        budget.release(reservedBytes, uid: uid)
+    }
 
     private var unfinishedFrameBytes: Int { bytesAppended - bytesDelivered }
     private var unfinishedHeader: FrameHeader? {
         unfinishedFrameBytes >= ProtocolLimits.frameHeaderBytes ? decoder.currentHeader : nil
     }
 
-    /// Blocks until a whole frame, an error, the end of the stream, a frame timeout or shutdown.
-    /// A frame's clock starts with its first byte, or, for bytes that arrived while the previous
-    /// request was being handled, when the server turns back to reading.
+    /// Blocks until a whole frame, an error, the end of the stream, a frame, handshake or idle
+    /// timeout, or shutdown. A frame's clock starts with its first byte, or, for bytes that
+    /// arrived while the previous request was being handled, when the server turns back to
+    /// reading; so does the idle clock. A frame larger than the receive buffer is read only
+    /// once the `FrameBudget` holds room for all of it.
     func nextEvent() -> Event {
+        // The previous frame was answered: its bytes are gone.
+        budget.release(reservedBytes, uid: uid)
+        reservedBytes = 0
+        let idleSince = ContinuousClock.now
         while true {
             do {
                 if let frame = try decoder.nextFrame() {
@@ -63,12 +91,41 @@ final class Connection {
             }
             let now = ContinuousClock.now
             frameStartedAt = decoder.isMidFrame ? (frameStartedAt ?? now) : nil
-            var timeoutMillis: Int32 = -1
+            var deadline: ContinuousClock.Instant?
             if let start = frameStartedAt {
-                let remaining = start + frameTimeout - now
-                guard remaining > .zero else { return .timedOut(header: unfinishedHeader) }
-                timeoutMillis = Self.millisecondsRoundedUp(remaining)
+                deadline = start + frameTimeout
+                if now >= start + frameTimeout { return .timedOut(header: unfinishedHeader, admitted: admitted) }
             }
+            // Before HELLO the handshake clock runs even mid-frame (a client trickling bytes
+            // must not hold a slot); after it only idling between frames is timed.
+            let idleDeadline: ContinuousClock.Instant? = !helloAnswered ? connectedAt + handshakeTimeout
+                : frameStartedAt == nil ? idleSince + idleTimeout : nil
+            if let idleDeadline {
+                if now >= idleDeadline { return .idle(beforeHello: !helloAnswered) }
+                deadline = min(deadline ?? idleDeadline, idleDeadline)
+            }
+            var readLimit = receiveBuffer.count
+            if let missing = decoder.missingFrameBytes, let header = unfinishedHeader {
+                let frameBytes = ProtocolLimits.frameHeaderBytes + Int(header.bodyBytes)
+                if frameBytes > receiveBuffer.count {
+                    if reservedBytes < frameBytes {
+                        guard budget.tryReserve(frameBytes - reservedBytes, uid: uid) else {
+                            // No room: leave the socket unread (the sender blocks) and look again
+                            // shortly; the frame clock keeps running.
+                            let pause = min(deadline.map { $0 - now } ?? Self.budgetRecheck, Self.budgetRecheck)
+                            var fds = [pollfd(fd: wakeDescriptor, events: Int16(POLLIN), revents: 0)]
+                            do { _ = try SocketSystem.poll(&fds, timeoutMillis: Self.millisecondsRoundedUp(pause)) } catch { return .failed(error) }
+                            if fds[0].revents != 0 { return .stopping }
+                            continue
+                        }
+                        reservedBytes = frameBytes
+                        decoder.reserveForCurrentFrame()
+                    }
+                    // Read no further than this frame, so the buffer ends where it ends.
+                    readLimit = min(readLimit, max(missing, 1))
+                }
+            }
+            let timeoutMillis = deadline.map { Self.millisecondsRoundedUp($0 - now) } ?? -1
             var fds = [
                 pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0),
                 pollfd(fd: wakeDescriptor, events: Int16(POLLIN), revents: 0),
@@ -78,7 +135,7 @@ final class Connection {
             guard fds[0].revents != 0 else { continue }
             let count: Int
             do {
-                count = try SocketSystem.receive(descriptor, into: receiveBuffer)
+                count = try SocketSystem.receive(descriptor, into: UnsafeMutableRawBufferPointer(rebasing: receiveBuffer[..<readLimit]))
             } catch where error == .resourceTemporarilyUnavailable {
                 continue
             } catch {
@@ -88,6 +145,13 @@ final class Connection {
             decoder.append(UnsafeRawBufferPointer(rebasing: receiveBuffer[..<count]))
             bytesAppended += count
         }
+    }
+
+    /// Whether the frame being assembled is not waiting for room in the budget.
+    private var admitted: Bool {
+        guard let header = unfinishedHeader else { return true }
+        let frameBytes = ProtocolLimits.frameHeaderBytes + Int(header.bodyBytes)
+        return frameBytes <= receiveBuffer.count || reservedBytes >= frameBytes
     }
 
     /// Writes `bytes` whole, `descriptors` riding on the first byte, within `frameTimeout`

@@ -20,7 +20,8 @@ extension KVServer {
         var logger = self.logger
         logger[metadataKey: "connection"] = "\(connectionID)"
         logger.debug("connection opened", metadata: ["uid": "\(peer.uid)", "gid": "\(peer.gid)", "pid": "\(peer.pid)"])
-        let connection = Connection(descriptor: descriptor, wakeDescriptor: wakeDescriptor, configuration: configuration)
+        let connection = Connection(descriptor: descriptor, wakeDescriptor: wakeDescriptor, configuration: configuration,
+                                    budget: frameBudget, uid: peer.uid)
         var context: ConnectionContext?
         let reason = serveFrames(connection, connectionID: connectionID, peer: peer, context: &context, logger: logger)
         if let context {
@@ -39,6 +40,7 @@ extension KVServer {
             case .frame(let frame):
                 ServerCounters.increment(counters.framesReceived)
                 let response = respond(to: frame, connectionID: connectionID, peer: peer, context: &context, logger: logger)
+                connection.helloAnswered = context != nil
                 guard send(response, requestID: frame.header.requestID, on: connection, logger: logger) else { return "reply not delivered" }
                 if response.closes { return "protocol error" }
                 if isStopping { return "server stopping" }
@@ -47,13 +49,24 @@ extension KVServer {
                 logger.debug("protocol error; closing connection", metadata: ["error": "\(error)"])
                 sendError(ErrorReply(error), header: header, on: connection, logger: logger)
                 return "protocol error"
-            case .timedOut(let header):
+            case .timedOut(let header, let admitted):
                 ServerCounters.increment(counters.frameTimeouts)
-                let seconds = Double(configuration.frameTimeout.components.seconds)
-                    + Double(configuration.frameTimeout.components.attoseconds) / 1e18
-                sendError(ErrorReply(.timeout, message: "a frame took longer than \(seconds) s from its first byte to its last; send each frame whole, promptly"),
-                          header: header, on: connection, logger: logger)
-                return "frame timeout"
+                let seconds = Self.seconds(configuration.frameTimeout)
+                let message = admitted
+                    ? "a frame took longer than \(seconds) s from its first byte to its last; send each frame whole, promptly"
+                    : "a \(header.map { "\(Int($0.bodyBytes) + ProtocolLimits.frameHeaderBytes)-byte " } ?? "")frame waited \(seconds) s (frameTimeout) for room among the frames kvtierd buffers (maxBufferedFrameBytes \(configuration.maxBufferedFrameBytes), maxBufferedFrameBytesPerUID \(configuration.maxBufferedFrameBytesPerUID)); retry, send fewer large inline frames at once, or use shared memory"
+                sendError(ErrorReply(.timeout, message: message), header: header, on: connection, logger: logger)
+                return admitted ? "frame timeout" : "frame not admitted to the frame budget"
+            case .idle(let beforeHello):
+                if beforeHello {
+                    ServerCounters.increment(counters.handshakeTimeouts)
+                    sendError(ErrorReply(.timeout, message: "no HELLO within \(Self.seconds(configuration.handshakeTimeout)) s of connecting (handshakeTimeout); send HELLO first, at once"),
+                              header: nil, on: connection, logger: logger)
+                    return "handshake timeout"
+                }
+                // No reply: nothing was asked. The client sees the stream end and reconnects.
+                ServerCounters.increment(counters.idleTimeouts)
+                return "idle timeout"
             case .peerClosed(let header, let receivedBytes):
                 guard receivedBytes > 0 else { return "peer closed" }
                 ServerCounters.increment(counters.protocolErrors)
@@ -181,5 +194,9 @@ extension KVServer {
     private func sendError(_ error: ErrorReply, header: FrameHeader?, on connection: Connection, logger: Logger) {
         let response = Response(reply: .error(opcode: header?.opcode ?? 0, error), closes: true)
         _ = send(response, requestID: header?.requestID ?? 0, on: connection, logger: logger)
+    }
+
+    static func seconds(_ duration: Duration) -> Double {
+        Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
     }
 }

@@ -28,6 +28,12 @@ public final class KVServer: Sendable {
     let tenantFor: @Sendable (PeerCredentials) -> TenantID?
     let arenaProvider: ArenaProvider?
     let logger: Logger
+    /// Bytes of frames being assembled, bounded in total and per uid.
+    public let frameBudget: FrameBudget
+    /// Liveness probes sent to the accept loop, and the count it had seen when it last
+    /// answered (`livenessProbe`).
+    let probesSent = Atomic<UInt64>(0)
+    let probesAnswered = Atomic<UInt64>(0)
     let state = Mutex(State())
 
     struct State {
@@ -37,16 +43,21 @@ public final class KVServer: Sendable {
         var stopWaiter: CheckedContinuation<Void, Never>?
         /// Readable once shutdown begins (one byte, never drained): wakes every polling thread.
         var wake: (read: Int32, write: Int32)?
+        /// A byte per liveness probe, drained by the accept loop.
+        var probe: (read: Int32, write: Int32)?
         var acceptLoopRunning = false
         var acceptFailure: ServerError?
         var nextConnectionID: UInt64 = 1
         var connections: [UInt64: Entry] = [:]
+        /// Open connections by peer uid, for `maxConnectionsPerUID`.
+        var connectionsByUID: [UInt32: Int] = [:]
     }
 
     struct Entry {
         /// Closed only under the state lock, when the entry is removed, so a forced shutdown
         /// never touches a reused descriptor number.
         var descriptor: Int32
+        var uid: UInt32
         /// The handler task in progress, cancelled by a forced shutdown.
         var task: Task<Void, Never>?
     }
@@ -65,13 +76,15 @@ public final class KVServer: Sendable {
         self.tenantFor = tenantFor
         self.arenaProvider = arenaProvider
         self.logger = logger
+        frameBudget = FrameBudget(totalBytes: configuration.maxBufferedFrameBytes, perUIDBytes: configuration.maxBufferedFrameBytesPerUID)
     }
 
     deinit {
         // Every thread that polls the wake pipe holds a reference to self, so none is left.
-        if let wake = state.withLock({ $0.wake }) {
-            SocketSystem.close(wake.read)
-            SocketSystem.close(wake.write)
+        let (wake, probe) = state.withLock { ($0.wake, $0.probe) }
+        for pipe in [wake, probe].compactMap({ $0 }) {
+            SocketSystem.close(pipe.read)
+            SocketSystem.close(pipe.write)
         }
     }
 
@@ -81,17 +94,24 @@ public final class KVServer: Sendable {
     /// Serves until `shutdown()`; throws when the listener fails (the server shuts down first).
     public func run() async throws {
         let wake: (read: Int32, write: Int32)
+        let probe: (read: Int32, write: Int32)
         do { wake = try SocketSystem.makePipe() } catch { throw ServerError.system(operation: "pipe2", error) }
+        do { probe = try SocketSystem.makePipe() } catch {
+            SocketSystem.close(wake.read)
+            SocketSystem.close(wake.write)
+            throw ServerError.system(operation: "pipe2", error)
+        }
         let stopAlready = state.withLock { state in
             precondition(state.phase == .idle, "KVServer.run() is called once")
             state.phase = .running
             state.wake = wake
+            state.probe = probe
             state.acceptLoopRunning = true
             return state.stopRequested
         }
         if stopAlready { try? SocketSystem.write(wake.write, byte: 1) }
         do {
-            try ServerThread.start(name: "kvt-accept") { self.acceptLoop(wakeDescriptor: wake.read) }
+            try ServerThread.start(name: "kvt-accept") { self.acceptLoop(wakeDescriptor: wake.read, probeDescriptor: probe.read) }
         } catch {
             state.withLock { $0.acceptLoopRunning = false; $0.phase = .stopped }
             listener.close()
@@ -174,17 +194,39 @@ public final class KVServer: Sendable {
 
     // MARK: Accepting
 
-    private func acceptLoop(wakeDescriptor: Int32) {
+    /// For the systemd watchdog: true when the accept loop answered every earlier probe (it
+    /// is polling, not stuck), false otherwise or once it has stopped; then sends a new probe.
+    /// The watchdog is driven by this rather than by the store: a ping must not wait on the
+    /// store's lock behind requests (a long request would get a healthy daemon killed), and a
+    /// loop that accepts no connections is what a dead daemon looks like to clients.
+    public func livenessProbe() -> Bool {
+        let (running, probe) = state.withLock { ($0.acceptLoopRunning, $0.probe) }
+        guard running, let probe else { return false }
+        let healthy = probesAnswered.load(ordering: .acquiring) >= probesSent.load(ordering: .acquiring)
+        probesSent.wrappingAdd(1, ordering: .releasing)
+        try? SocketSystem.write(probe.write, byte: 1)
+        return healthy
+    }
+
+    private func acceptLoop(wakeDescriptor: Int32, probeDescriptor: Int32) {
         defer { state.withLock { $0.acceptLoopRunning = false } }
+        var drain = [UInt8](repeating: 0, count: 64)
         while true {
             var fds = [
                 pollfd(fd: listener.descriptor, events: Int16(POLLIN), revents: 0),
                 pollfd(fd: wakeDescriptor, events: Int16(POLLIN), revents: 0),
+                pollfd(fd: probeDescriptor, events: Int16(POLLIN), revents: 0),
             ]
             do { _ = try SocketSystem.poll(&fds, timeoutMillis: -1) } catch {
                 return failAccepting(.system(operation: "poll on listener", error))
             }
             if fds[1].revents != 0 { return }
+            if fds[2].revents != 0 {
+                // Answer first, so `probesAnswered` covers every probe whose byte was drained.
+                let sent = probesSent.load(ordering: .acquiring)
+                while (try? drain.withUnsafeMutableBytes { try SocketSystem.receivePipe(probeDescriptor, into: $0) }) ?? 0 > 0 {}
+                probesAnswered.store(sent, ordering: .releasing)
+            }
             if fds[0].revents & Int16(POLLERR | POLLNVAL) != 0 {
                 return failAccepting(.system(operation: "poll on listener", .badFileDescriptor))
             }
@@ -223,14 +265,22 @@ public final class KVServer: Sendable {
             SocketSystem.close(client)
             return
         }
-        let id = state.withLock { state -> UInt64? in
-            guard !state.stopRequested, state.connections.count < configuration.maxConnections else { return nil }
+        let admission = state.withLock { state -> Result<UInt64, Refusal> in
+            if state.stopRequested { return .failure(.stopping) }
+            guard state.connections.count < configuration.maxConnections else { return .failure(.serverFull) }
+            let mine = state.connectionsByUID[peer.uid, default: 0]
+            guard mine < configuration.maxConnectionsPerUID else { return .failure(.uidFull) }
             let id = state.nextConnectionID
             state.nextConnectionID += 1
-            state.connections[id] = Entry(descriptor: client)
-            return id
+            state.connections[id] = Entry(descriptor: client, uid: peer.uid)
+            state.connectionsByUID[peer.uid] = mine + 1
+            return .success(id)
         }
-        guard let id else { return refuse(client, peer: peer) }
+        let id: UInt64
+        switch admission {
+        case .success(let admitted): id = admitted
+        case .failure(let refusal): return refuse(client, peer: peer, refusal)
+        }
         ServerCounters.increment(counters.connectionsAccepted)
         ServerCounters.increment(counters.connectionsOpen)
         do {
@@ -243,17 +293,27 @@ public final class KVServer: Sendable {
         }
     }
 
-    /// Answers a connection over `maxConnections` (or arriving during shutdown) with one error
-    /// reply to the `HELLO` it is about to send, then closes it.
-    private func refuse(_ client: Int32, peer: PeerCredentials) {
+    /// Why a connection is not served.
+    enum Refusal: Error {
+        case stopping, serverFull, uidFull
+    }
+
+    /// Answers a connection over `maxConnections` or `maxConnectionsPerUID` (or arriving during
+    /// shutdown) with one error reply to the `HELLO` it is about to send, then closes it.
+    private func refuse(_ client: Int32, peer: PeerCredentials, _ refusal: Refusal) {
         ServerCounters.increment(counters.connectionsRejected)
-        let stopping = isStopping
-        logger.warning("connection refused", metadata: [
-            "reason": "\(stopping ? "shutting down" : "maxConnections")", "uid": "\(peer.uid)", "pid": "\(peer.pid)",
-        ])
-        let error = stopping
-            ? ErrorReply(.unavailable, message: "kvtierd is shutting down; reconnect once it is back")
-            : ErrorReply(.tooLarge, message: "kvtierd serves at most \(configuration.maxConnections) connections; close idle ones or retry later")
+        if refusal == .uidFull { ServerCounters.increment(counters.connectionsRejectedPerUID) }
+        let reason = switch refusal {
+        case .stopping: "shutting down"
+        case .serverFull: "maxConnections"
+        case .uidFull: "maxConnectionsPerUID"
+        }
+        logger.warning("connection refused", metadata: ["reason": "\(reason)", "uid": "\(peer.uid)", "pid": "\(peer.pid)"])
+        let error = switch refusal {
+        case .stopping: ErrorReply(.unavailable, message: "kvtierd is shutting down; reconnect once it is back")
+        case .serverFull: ErrorReply(.tooLarge, message: "kvtierd serves at most \(configuration.maxConnections) connections (maxConnections); close idle ones or retry later")
+        case .uidFull: ErrorReply(.tooLarge, message: "uid \(peer.uid) already has \(configuration.maxConnectionsPerUID) connections open, the most kvtierd serves one uid (maxConnectionsPerUID); close idle ones, share connections, or raise maxConnectionsPerUID")
+        }
         if let bytes = try? Reply.error(opcode: Opcode.hello.rawValue, error).encodeFrame(requestID: 0) {
             _ = bytes.withUnsafeBytes { try? SocketSystem.send(client, $0) }
         }
@@ -263,7 +323,11 @@ public final class KVServer: Sendable {
     /// Deregisters a connection and closes its socket.
     func finish(connectionID: UInt64) {
         state.withLock { state in
-            if let entry = state.connections.removeValue(forKey: connectionID) { SocketSystem.close(entry.descriptor) }
+            if let entry = state.connections.removeValue(forKey: connectionID) {
+                SocketSystem.close(entry.descriptor)
+                let left = state.connectionsByUID[entry.uid, default: 1] - 1
+                state.connectionsByUID[entry.uid] = left > 0 ? left : nil
+            }
         }
         counters.connectionsOpen.wrappingSubtract(1, ordering: .relaxed)
     }

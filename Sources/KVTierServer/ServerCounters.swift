@@ -6,7 +6,13 @@ import Synchronization
 public final class ServerCounters: Sendable {
     let connectionsAccepted = Atomic<UInt64>(0)
     let connectionsRejected = Atomic<UInt64>(0)
+    /// Of `connectionsRejected`, those over `maxConnectionsPerUID`.
+    let connectionsRejectedPerUID = Atomic<UInt64>(0)
     let connectionsOpen = Atomic<UInt64>(0)
+    /// Connections closed for sending no `HELLO` within `handshakeTimeout`, or nothing within
+    /// `idleTimeout`.
+    let handshakeTimeouts = Atomic<UInt64>(0)
+    let idleTimeouts = Atomic<UInt64>(0)
     let framesReceived = Atomic<UInt64>(0)
     let protocolErrors = Atomic<UInt64>(0)
     let frameTimeouts = Atomic<UInt64>(0)
@@ -21,7 +27,10 @@ public final class ServerCounters: Sendable {
         [
             StatusCounter(name: "server.connections.accepted", value: connectionsAccepted.load(ordering: .relaxed)),
             StatusCounter(name: "server.connections.rejected", value: connectionsRejected.load(ordering: .relaxed)),
+            StatusCounter(name: "server.connections.rejected_per_uid", value: connectionsRejectedPerUID.load(ordering: .relaxed)),
             StatusCounter(name: "server.connections.open", value: connectionsOpen.load(ordering: .relaxed)),
+            StatusCounter(name: "server.connections.handshake_timeouts", value: handshakeTimeouts.load(ordering: .relaxed)),
+            StatusCounter(name: "server.connections.idle_timeouts", value: idleTimeouts.load(ordering: .relaxed)),
             StatusCounter(name: "server.frames.received", value: framesReceived.load(ordering: .relaxed)),
             StatusCounter(name: "server.errors.protocol", value: protocolErrors.load(ordering: .relaxed)),
             StatusCounter(name: "server.errors.frame_timeout", value: frameTimeouts.load(ordering: .relaxed)),

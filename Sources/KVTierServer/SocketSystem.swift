@@ -216,6 +216,11 @@ enum SocketSystem {
         return (ends.0, ends.1)
     }
 
+    /// read(2) from a non-blocking pipe; EAGAIN is thrown.
+    static func receivePipe(_ descriptor: Int32, into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int {
+        try retrying { Glibc.read(descriptor, buffer.baseAddress, buffer.count) }
+    }
+
     static func write(_ descriptor: Int32, byte: UInt8) throws(Errno) {
         var value = byte
         _ = try retrying { Glibc.write(descriptor, &value, 1) }
