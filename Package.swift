@@ -139,7 +139,7 @@ let package = Package(
         ),
         // kvtierd as operators run it: systemd units, socket activation and sd_notify, configuration
         // errors and SIGHUP, /metrics, `kvtier status`, `top` and the cache commands (real processes).
-        .testTarget(name: "KVTierOpsTests", dependencies: ["KVTierDaemon", "KVTierClient", "KVTierProtocol", "KVTierCore"]),
+        .testTarget(name: "KVTierOpsTests", dependencies: ["KVTierDaemon", "KVTierServer", "KVTierStore", "KVTierIO", "KVTierClient", "KVTierProtocol", "KVTierCore", .product(name: "Logging", package: "swift-log")]),
         .testTarget(
             name: "KVTierServerTests",
             dependencies: [
