@@ -71,7 +71,8 @@ public final class KVTierClient: Sendable {
         socketPath: String? = nil, clientName: String = "swift-kvtier-client", mapSharedMemory: Bool = true,
         replyTimeoutSeconds: Int = 120
     ) async throws -> KVTierClient {
-        let path = socketPath ?? KVTierPaths.defaultSocketPath()
+        let path: String
+        do { path = try socketPath ?? KVTierPaths.defaultSocketPath() } catch { throw KVTierClientError.connection("\(error)") }
         let transport = try await Transport.connect(path: path, replyTimeoutSeconds: replyTimeoutSeconds)
         do {
             let hello = Hello(capabilities: mapSharedMemory ? .sharedMemory : [], clientName: clientName)

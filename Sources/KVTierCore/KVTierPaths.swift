@@ -10,21 +10,44 @@
 ///   `<state directory>/kvtierd.sock`.
 /// - state: `$XDG_STATE_HOME/kvtier`, else `$HOME/.local/state/kvtier`; as root without
 ///   `XDG_STATE_HOME`, `/var/lib/kvtier`.
+///
+/// There is no fallback into /tmp: a non-root process with none of `XDG_RUNTIME_DIR`,
+/// `XDG_STATE_HOME` and `HOME` (set, absolute) gets `NoDefault`, naming what to set. A shared
+/// /tmp path is one any local user can create first, and then read what is kept there.
 public enum KVTierPaths {
     /// The system service's socket (systemd/kvtierd.socket, RuntimeDirectory=kvtier).
     public static let systemSocketPath = "/run/kvtier/kvtierd.sock"
 
-    public static func defaultSocketPath(environment: [String: String] = currentEnvironment(), uid: UInt32 = getuid()) -> String {
-        if let runtime = environment["XDG_RUNTIME_DIR"], !runtime.isEmpty { return "\(runtime)/kvtier/kvtierd.sock" }
-        if uid == 0, (environment["XDG_STATE_HOME"] ?? "").isEmpty { return systemSocketPath }
-        return "\(defaultStateDirectory(environment: environment, uid: uid))/kvtierd.sock"
+    /// No default location can be derived from the environment.
+    public struct NoDefault: Error, CustomStringConvertible, Equatable {
+        public var what: String
+        public var description: String {
+            "no default \(what): none of XDG_RUNTIME_DIR, XDG_STATE_HOME and HOME is set to an absolute path, and KVTier never defaults into /tmp (any local user could create it first); set one of them, or pass the path (kvtierd --socket and --state-dir, the client's socket path, KVTIER_SOCKET for the Python client)"
+        }
     }
 
-    public static func defaultStateDirectory(environment: [String: String] = currentEnvironment(), uid: UInt32 = getuid()) -> String {
-        if let state = environment["XDG_STATE_HOME"], !state.isEmpty { return "\(state)/kvtier" }
+    public static func defaultSocketPath(environment: [String: String] = currentEnvironment(), uid: UInt32 = getuid()) throws(NoDefault) -> String {
+        if let runtime = absolute(environment["XDG_RUNTIME_DIR"]) { return "\(runtime)/kvtier/kvtierd.sock" }
+        if uid == 0, absolute(environment["XDG_STATE_HOME"]) == nil { return systemSocketPath }
+        do {
+            return "\(try defaultStateDirectory(environment: environment, uid: uid))/kvtierd.sock"
+        } catch {
+            throw NoDefault(what: "socket path")
+        }
+    }
+
+    public static func defaultStateDirectory(environment: [String: String] = currentEnvironment(), uid: UInt32 = getuid()) throws(NoDefault) -> String {
+        if let state = absolute(environment["XDG_STATE_HOME"]) { return "\(state)/kvtier" }
         if uid == 0 { return "/var/lib/kvtier" }
-        let home = environment["HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp"
+        guard let home = absolute(environment["HOME"]) else { throw NoDefault(what: "state directory") }
         return "\(home)/.local/state/kvtier"
+    }
+
+    /// `value` when it is an absolute path; an empty or relative one counts as unset (the XDG
+    /// base directory specification says to ignore relative paths).
+    private static func absolute(_ value: String?) -> String? {
+        guard let value, value.hasPrefix("/") else { return nil }
+        return value
     }
 
     /// The process environment as a dictionary.

@@ -63,8 +63,10 @@ public final class Daemon: Sendable {
         defer { selection.reader.close() }
         let operations = try DaemonOperations(configuration: c, ioPath: selection.reader.path, reload: reload, logLevel: logLevel, logger: logger)
         operations.notifier.status("recovering the disk tier")
+        // The state directory (and every directory created for it) must be ours and writable by
+        // no one else: another user who made it first could read the catalog or plant links.
+        try DirectoryTrust.prepare(c.stateDir, mode: 0o750)
         let storage = PosixStorage(root: c.stateDir, reader: selection.reader, logger: logger)
-        try storage.makeDirectory("")
         var diskConfiguration = DiskTierConfiguration()
         diskConfiguration.budgetBytes = c.diskBudgetBytes
         let disk = try DiskTier(storage: storage, configuration: diskConfiguration, logger: logger)
@@ -80,8 +82,13 @@ public final class Daemon: Sendable {
             try ArenaPageMemory(name: "kvtier-arena-\(tenant)", capacity: arenaBytes, logger: logger)
         }
 
-        let socketDirectory = String(c.socket[..<(c.socket.lastIndex(of: "/") ?? c.socket.startIndex)])
-        if !socketDirectory.isEmpty { try? PosixStorage(root: "/", reader: selection.reader, logger: logger).makeDirectory(socketDirectory) }
+        // The socket's directory likewise, unless systemd passes the socket (its RuntimeDirectory
+        // is made by systemd). 0755: every local user must reach the socket.
+        if SystemdListenDescriptors.passed(environment: KVTierPaths.currentEnvironment()).isEmpty {
+            let slash = c.socket.lastIndex(of: "/")
+            let socketDirectory = slash.map { String(c.socket[..<$0]) } ?? "."
+            try DirectoryTrust.prepare(socketDirectory.isEmpty ? "/" : socketDirectory, mode: 0o755)
+        }
         let listener = try operations.makeListener(socketPath: c.socket)
         let server = KVServer(
             listener: listener, handler: operations.instrument(StoreRequestHandler(store: store, defaultPageTokens: c.pageTokens)),

@@ -320,7 +320,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         if let stateDir, stateDir.isEmpty {
             throw Invalid(key: "stateDir", value: stateDir, allowed: "a path such as /var/lib/kvtier; leave the key out for the default")
         }
-        let state = stateDir ?? KVTierPaths.defaultStateDirectory()
+        let state = try stateDir ?? KVTierPaths.defaultStateDirectory()
         var gids: [UInt32] = []
         for group in sharedTenantGroups {
             if let gid = UInt32(group), gid < TenantID.groupBit {
@@ -332,7 +332,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             }
         }
         var resolved = Resolved(
-            socket: socket ?? KVTierPaths.defaultSocketPath(),
+            socket: try socket ?? KVTierPaths.defaultSocketPath(),
             stateDir: state,
             ramBudgetBytes: try size("ramBudget", ramBudget),
             diskBudgetBytes: try diskBudget.flatMap { $0.isEmpty ? nil : try size("diskBudget", $0) },

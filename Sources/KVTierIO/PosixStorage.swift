@@ -50,9 +50,14 @@ public final class PosixStorage: Storage {
 
     public func open(_ path: String, _ mode: OpenMode) throws(StorageError) -> any StorageFile {
         let full = absolute(path)
-        let flags: Int32 = mode == .read ? O_RDONLY | O_CLOEXEC : O_RDWR | O_CREAT | O_CLOEXEC
+        // O_NOFOLLOW: a symbolic link planted in the state directory is refused (ELOOP), never
+        // followed to a file someone else chose.
+        let flags: Int32 = (mode == .read ? O_RDONLY | O_CLOEXEC : O_RDWR | O_CREAT | O_CLOEXEC) | O_NOFOLLOW
         let fd = Glibc.open(full, flags, 0o640)
-        guard fd >= 0 else { throw Self.error(errno, "open", full) }
+        guard fd >= 0 else {
+            if errno == ELOOP { throw Self.error(ELOOP, "open (a symbolic link: kvtierd never follows links in its state directory; remove it)", full) }
+            throw Self.error(errno, "open", full)
+        }
         return PosixFile(descriptor: fd, path: full, logger: logger)
     }
 

@@ -40,7 +40,7 @@ public struct SegmentFile: ~Copyable {
         preferDirect: Bool,
         open: (FilePath, FileDescriptor.OpenOptions) throws(Errno) -> FileDescriptor
     ) throws(Errno) {
-        let options: FileDescriptor.OpenOptions = [.closeOnExec]
+        let options: FileDescriptor.OpenOptions = [.closeOnExec, .noFollow]
         if preferDirect {
             do throws(Errno) {
                 descriptor = try open(path, options.union(Self.directOption))

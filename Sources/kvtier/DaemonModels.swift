@@ -140,7 +140,7 @@ extension DaemonConnectionOptions {
     /// (export, import); falls back to inline transfer otherwise.
     func connectForTransfer() async throws -> KVTierClient {
         do {
-            return try await KVTierClient.connect(socketPath: socketPath, clientName: "kvtier-cli", mapSharedMemory: true,
+            return try await KVTierClient.connect(socketPath: try socketPath, clientName: "kvtier-cli", mapSharedMemory: true,
                                                   replyTimeoutSeconds: 600)
         } catch {
             throw DaemonUnreachable(detail: "\(error)")

@@ -8,12 +8,14 @@ struct DaemonConnectionOptions: ParsableArguments {
     @Option(help: "kvtierd's socket (default: the daemon's default, e.g. /run/kvtier/kvtierd.sock as root).")
     var socket: String?
 
-    var socketPath: String { socket ?? KVTierPaths.defaultSocketPath() }
+    var socketPath: String {
+        get throws { try socket ?? KVTierPaths.defaultSocketPath() }
+    }
 
     /// A control connection: no shared arena is mapped, nothing but small requests are sent.
     func connect() async throws -> KVTierClient {
         do {
-            return try await KVTierClient.connect(socketPath: socketPath, clientName: "kvtier-cli", mapSharedMemory: false,
+            return try await KVTierClient.connect(socketPath: try socketPath, clientName: "kvtier-cli", mapSharedMemory: false,
                                                   replyTimeoutSeconds: 10)
         } catch {
             throw DaemonUnreachable(detail: "\(error)")
@@ -42,7 +44,7 @@ struct StatusCommand: AsyncParsableCommand {
         let client = try await connection.connect()
         let counters = try await client.status()
         await client.close()
-        let view = DaemonStatusView(socket: connection.socketPath, counters: counters)
+        let view = DaemonStatusView(socket: try connection.socketPath, counters: counters)
         if json {
             try printJSON(view)
             return
@@ -105,7 +107,7 @@ struct TopCommand: AsyncParsableCommand {
         while iterations.map({ frame < $0 }) ?? true {
             let counters = try await client.status()
             let now = Clocks.monotonicMicros()
-            let view = DaemonStatusView(socket: connection.socketPath, counters: counters)
+            let view = DaemonStatusView(socket: try connection.socketPath, counters: counters)
             var rates: [String] = []
             for column in Self.rateColumns {
                 guard let previous, now > previous.micros else { rates.append("-"); continue }

@@ -61,7 +61,7 @@ struct SystemdTests {
             }
         }
         #expect(values("ListenStream", in: socket) == [KVTierPaths.systemSocketPath])
-        #expect(KVTierPaths.defaultSocketPath(environment: [:], uid: 0) == KVTierPaths.systemSocketPath)
+        #expect(try KVTierPaths.defaultSocketPath(environment: [:], uid: 0) == KVTierPaths.systemSocketPath)
         #expect(values("Type", in: service) == ["notify"])
         #expect(values("RuntimeDirectory", in: service) == ["kvtier"])
         #expect(values("StateDirectory", in: service) == ["kvtier"])
@@ -70,7 +70,7 @@ struct SystemdTests {
         let execStart = values("ExecStart", in: service).first ?? ""
         #expect(execStart.contains("--socket \(KVTierPaths.systemSocketPath)"), "ExecStart: \(execStart)")
         #expect(execStart.contains("--state-dir /var/lib/kvtier"), "ExecStart: \(execStart)")
-        #expect(KVTierPaths.defaultStateDirectory(environment: [:], uid: 0) == "/var/lib/kvtier")
+        #expect(try KVTierPaths.defaultStateDirectory(environment: [:], uid: 0) == "/var/lib/kvtier")
     }
 
     /// Hardening must leave io_uring and memfd alone: the only syscall filter is a deny list,
