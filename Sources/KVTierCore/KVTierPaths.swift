@@ -22,7 +22,7 @@ public enum KVTierPaths {
     public struct NoDefault: Error, CustomStringConvertible, Equatable {
         public var what: String
         public var description: String {
-            "no default \(what): none of XDG_RUNTIME_DIR, XDG_STATE_HOME and HOME is set to an absolute path, and KVTier never defaults into /tmp (any local user could create it first); set one of them, or pass the path (kvtierd --socket and --state-dir, the client's socket path, KVTIER_SOCKET for the Python client)"
+            "no default \(what): none of XDG_RUNTIME_DIR, XDG_STATE_HOME and HOME is set to an absolute path, and KVTier never defaults into /tmp (any local user could create it first); set one of them, or pass the path (kvtierd --socket and --state-dir, or the socket path to the client)"
         }
     }
 

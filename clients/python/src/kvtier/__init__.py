@@ -12,7 +12,7 @@ from ._wire import EvictResult, Extent, PageInfo, RegisteredModel, SessionInfo
 from .client import Client, LookupResult, PutResult
 from .errors import KVTierConnectionError, KVTierError, ProtocolViolation
 from .model import ModelSpec
-from .paths import default_socket_path, default_state_dir
+from .paths import NoDefaultPath, default_socket_path, default_state_dir
 from .prefix import PrefixCache
 
 __version__ = "0.1.0"
@@ -31,6 +31,7 @@ __all__ = [
     "PutResult",
     "RegisteredModel",
     "SessionInfo",
+    "NoDefaultPath",
     "default_socket_path",
     "default_state_dir",
 ]
