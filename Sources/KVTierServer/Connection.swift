@@ -37,6 +37,12 @@ final class Connection {
     private let uid: UInt32
     /// Bytes of `budget` this connection holds for the frame being assembled (or just answered).
     private var reservedBytes = 0
+    /// Whether this connection counts in `budget.waitingFrames`.
+    private var waitingForBudget = false {
+        didSet {
+            if waitingForBudget != oldValue { budget.waitingFrames.wrappingAdd(waitingForBudget ? 1 : -1, ordering: .relaxed) }
+        }
+    }
     /// How long a frame waiting for room in the budget sleeps between checks.
     static let budgetRecheck: Duration = .milliseconds(20)
     private var decoder: FrameDecoder
@@ -62,6 +68,7 @@ final class Connection {
     deinit {
         receiveBuffer.deallocate()
         budget.release(reservedBytes, uid: uid)
+        waitingForBudget = false
     }
 
     private var unfinishedFrameBytes: Int { bytesAppended - bytesDelivered }
@@ -75,6 +82,8 @@ final class Connection {
     /// reading; so does the idle clock. A frame larger than the receive buffer is read only
     /// once the `FrameBudget` holds room for all of it.
     func nextEvent() -> Event {
+        // Whatever ends the wait, this connection no longer waits for room.
+        defer { waitingForBudget = false }
         // The previous frame was answered: its bytes are gone.
         budget.release(reservedBytes, uid: uid)
         reservedBytes = 0
@@ -109,7 +118,8 @@ final class Connection {
                 let frameBytes = ProtocolLimits.frameHeaderBytes + Int(header.bodyBytes)
                 if frameBytes > receiveBuffer.count {
                     if reservedBytes < frameBytes {
-                        guard budget.tryReserve(frameBytes - reservedBytes, uid: uid) else {
+                        waitingForBudget = !budget.tryReserve(frameBytes - reservedBytes, uid: uid)
+                        guard !waitingForBudget else {
                             // No room: leave the socket unread (the sender blocks) and look again
                             // shortly; the frame clock keeps running.
                             let pause = min(deadline.map { $0 - now } ?? Self.budgetRecheck, Self.budgetRecheck)

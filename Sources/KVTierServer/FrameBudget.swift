@@ -16,11 +16,16 @@ public final class FrameBudget: Sendable {
         var byUID: [UInt32: Int] = [:]
     }
     private let state = Mutex(State())
+    /// Frames waiting for room now (a gauge, for tests and metrics).
+    let waitingFrames = Atomic<Int>(0)
 
     public init(totalBytes: Int, perUIDBytes: Int) {
         self.totalBytes = totalBytes
         self.perUIDBytes = perUIDBytes
     }
+
+    /// Frames waiting for room now.
+    public var framesWaiting: Int { waitingFrames.load(ordering: .relaxed) }
 
     /// Bytes reserved now, over all connections.
     public var usedBytes: Int { state.withLock { $0.used } }
