@@ -244,7 +244,13 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             if metricsListen != other.metricsListen { keys.append("metricsListen") }
             if metricsAllowNonLoopback != other.metricsAllowNonLoopback { keys.append("metricsAllowNonLoopback") }
             if sharedTenantGids != other.sharedTenantGids { keys.append("sharedTenantGroups") }
-            if transport != other.transport { keys.append("transportLimits") }
+            let (t, o) = (transport, other.transport)
+            if t.maxConnections != o.maxConnections { keys.append("maxConnections") }
+            if t.maxConnectionsPerUID != o.maxConnectionsPerUID { keys.append("maxConnectionsPerUID") }
+            if t.handshakeTimeoutSeconds != o.handshakeTimeoutSeconds { keys.append("handshakeTimeoutSeconds") }
+            if t.idleTimeoutSeconds != o.idleTimeoutSeconds { keys.append("idleTimeoutSeconds") }
+            if t.maxBufferedFrameBytes != o.maxBufferedFrameBytes { keys.append("maxBufferedFrameBytes") }
+            if t.maxBufferedFrameBytesPerUID != o.maxBufferedFrameBytesPerUID { keys.append("maxBufferedFrameBytesPerUID") }
             return keys
         }
     }
