@@ -112,6 +112,7 @@ extension DiskTier {
             let files = s.segments.values.reduce(0) { $0 + $1.fileBytes }
             let overBudget = configuration.budgetBytes.map { files > $0 } ?? false
             let sealed = s.segments.values.filter { $0.state == .sealed }
+            if let damaged = sealed.first(where: \.damaged) { return damaged.id }
             guard let sparsest = sealed.min(by: { fraction($0) < fraction($1) }) else { return nil }
             if fraction(sparsest) < configuration.compactionLiveFraction || (overBudget && fraction(sparsest) < 1) || (force && fraction(sparsest) < 1) {
                 return sparsest.id
@@ -149,7 +150,8 @@ extension DiskTier {
         for entry in keep {
             let buffer = PageBuffer(byteCount: Block.roundUp(entry.header.recordBytes))
             guard (try? segment.file.read(into: buffer.bytes, at: entry.offset)) ?? 0 >= entry.header.recordBytes,
-                  let header = try? PageRecord.verify(UnsafeRawBufferPointer(rebasing: buffer.readOnly[0..<entry.header.recordBytes])),
+                  let header = try? PageRecord.verify(UnsafeRawBufferPointer(rebasing: buffer.readOnly[0..<entry.header.recordBytes]),
+                                                      format: segment.format),
                   header.sequence == entry.header.sequence
             else {
                 logger.error("record failed verification during compaction; dropping it", metadata: [
@@ -166,10 +168,22 @@ extension DiskTier {
             copies.append(PendingWrite(address: header.address, body: body, createdMicros: header.createdMicros) { _ in })
         }
         guard commitInternal(copies) else { return false }
-        // Copies are durable; the old segment can go.
+        // Copies are durable; the old segment can go (a damaged one to quarantine/, kept for
+        // inspection: it holds acknowledged records that could not be read).
         state.withLock { s in
             s.segments[id] = nil
             s.stats.compactions += 1
+            if segment.damaged { s.manifest.segments.append(Manifest.Segment(id: id, state: .quarantined)) }
+        }
+        if segment.damaged {
+            let name = SegmentHeader.fileName(id)
+            do {
+                try storage.rename("\(configuration.directory)/\(name)", "\(configuration.directory)/quarantine/\(name)")
+                try storage.syncDirectory("\(configuration.directory)/quarantine")
+            } catch {
+                logger.error("could not move a damaged segment to quarantine/", metadata: ["segment": "\(id)", "error": "\(error)"])
+            }
+            logger.error("damaged segment quarantined after its readable records were copied", metadata: ["segment": "\(id)"])
         }
         do {
             do {
