@@ -72,39 +72,6 @@ extension DiskTier {
         }
     }
 
-    /// Deletes the least recently used pages while live bytes exceed 90% of the budget: pages
-    /// no session holds first, then those of unpinned sessions; never a pinned session's.
-    private func enforceBudget() {
-        guard let budget = configuration.budgetBytes else { return }
-        let holds = self.holds.withLock { $0 }
-        let (victims, pinnedShortfall) = state.withLock { s -> ([PageAddress], Bool) in
-            var live = s.segments.values.reduce(0) { $0 + $1.liveBytes }
-            let files = s.segments.values.reduce(0) { $0 + $1.fileBytes }
-            guard files > budget || live > budget * 9 / 10 else { return ([], false) }
-            let ranked = s.index.map { (address: $0.key, location: $0.value, hold: holds?($0.key) ?? .none) }
-                .filter { $0.hold != .pinned }
-                .sorted { ($0.hold, $0.location.lastAccessMicros) < ($1.hold, $1.location.lastAccessMicros) }
-            var chosen: [PageAddress] = []
-            for candidate in ranked {
-                guard live > budget * 8 / 10 else { break }
-                chosen.append(candidate.address)
-                live -= Block.roundUp(candidate.location.recordBytes)
-            }
-            return (chosen, live > budget * 8 / 10)
-        }
-        if pinnedShortfall {
-            logger.warning("pinned sessions alone fill the disk budget; unpin sessions or raise the budget", metadata: ["budget": "\(budget)"])
-        }
-        guard !victims.isEmpty else { return }
-        let now = Clocks.wallMicros()
-        let tombstones = victims.map { address in
-            PendingWrite(address: address, body: .tombstone, createdMicros: now) { _ in }
-        }
-        state.withLock { $0.stats.evictions += victims.count }
-        logger.info("disk budget exceeded; evicting coldest pages", metadata: ["pages": "\(victims.count)", "budget": "\(budget)"])
-        commitInternal(tombstones)
-    }
-
     /// The sealed segment with the lowest live fraction, if it is below the threshold (or the
     /// files are over budget, or `force`).
     private func compactionCandidate(force: Bool) -> UInt64? {

@@ -117,7 +117,13 @@ extension DiskTier {
             var staged: [(PendingWrite, RecordHeader, Int)] = []
             var skipped: [PendingWrite] = []
             var groupSequences: [PageAddress: UInt64] = [:]
-            for item in group {
+            var refused: [(PendingWrite, DiskTierError)] = []
+            let refusals = self.refusals(group)
+            for (i, item) in group.enumerated() {
+                if let error = refusals[i] {
+                    refused.append((item, error))
+                    continue
+                }
                 guard let (bytes, header) = buildRecord(item, groupSequences, segment: segment, groupStart: start) else {
                     skipped.append(item)
                     continue
@@ -137,6 +143,7 @@ extension DiskTier {
             let results = apply(staged, in: segment, end: offset)
             for (item, result) in zip(staged.map(\.0), results) { item.completion(.success(result)) }
             for item in skipped { item.completion(.success(nil)) }
+            for (item, error) in refused { item.completion(.failure(error)) }
         } catch {
             state.withLock { $0.stats.writeFailures += group.count }
             for item in group { item.completion(.failure(error)) }
@@ -207,6 +214,7 @@ extension DiskTier {
                         lastAccessMicros: copied ? (old?.lastAccessMicros ?? header.createdMicros) : header.createdMicros)
                     s.index[header.address] = location
                     segment.liveBytes += header.paddedBytes
+                    if !copied { s.recentWriters.insert(header.address.tenant) }
                     return DiskTier.describe(header.address, location)
                 case .tombstone:
                     if let old = s.index[header.address], old.sequence <= header.deletesSequence {

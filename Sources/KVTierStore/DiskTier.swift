@@ -69,6 +69,9 @@ public final class DiskTier: Sendable {
         var stats = DiskTierStats()
         var closed = false
         var maintenanceScheduled = false
+        /// Tenants whose pages were written since the budget was last enforced: over the
+        /// budget, their own pages go first.
+        var recentWriters = Set<TenantID>()
     }
 
     let storage: any Storage
