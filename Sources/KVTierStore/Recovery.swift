@@ -132,16 +132,14 @@ struct Recovery {
         }
 
         // Apply in write order (the rule `kvtier verify` shares).
-        let replay = RecordReplay.replay(entries)
-        state.nextSequence = max(state.nextSequence, replay.nextSequence)
-        state.index.reserveCapacity(replay.live.count)
-        for (address, entry) in replay.live {
+        let next = RecordReplay.replay(entries, into: &state.index, sequence: { $0.sequence }) { entry in
             let h = entry.header
-            state.index[address] = DiskTier.Location(
+            return DiskTier.Location(
                 segment: entry.segment, offset: entry.offset, recordBytes: h.recordBytes, sequence: h.sequence,
                 modelID: h.modelID, codecTag: h.codecTag, shape: h.shape, createdMicros: h.createdMicros,
                 lastAccessMicros: h.createdMicros)
         }
+        state.nextSequence = max(state.nextSequence, next)
         for location in state.index.values { state.segments[location.segment]?.liveBytes += Block.roundUp(location.recordBytes) }
 
         report.pages = state.index.count

@@ -114,8 +114,10 @@ public struct SegmentScanner {
                 }
                 offset += Block.size
             case .indexBlock(let bytes):
+                // Not part of what is kept: in a segment the manifest does not call sealed (a
+                // crash between writing it and the manifest), recovery cuts it with the tail and
+                // appends after the last record; sealing writes a new one.
                 offset += bytes
-                end = offset
             }
         }
         if size < acknowledgedEnd {

@@ -151,7 +151,7 @@ public struct DiskInspector {
         }
 
         // Apply in write order with recovery's own replay.
-        let pages = RecordReplay.replay(replayed).live.values.map { (header: $0.header, segment: $0.segment, offset: $0.offset) }
+        let pages = RecordReplay.live(replayed).values.map { (header: $0.header, segment: $0.segment, offset: $0.offset) }
             .sorted { ($0.segment, $0.offset) < ($1.segment, $1.offset) }
         var livePerSegment: [UInt64: Int] = [:]
         for page in pages {
