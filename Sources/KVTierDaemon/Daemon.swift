@@ -69,6 +69,7 @@ public final class Daemon: Sendable {
         let storage = PosixStorage(root: c.stateDir, reader: selection.reader, logger: logger)
         var diskConfiguration = DiskTierConfiguration()
         diskConfiguration.budgetBytes = c.diskBudgetBytes
+        diskConfiguration.tenantBudgetBytes = c.diskTenantQuotaBytes
         let disk = try DiskTier(storage: storage, configuration: diskConfiguration, logger: logger)
         if let metrics = operations.metrics { disk.observe(with: metrics.diskObserver()) }
         let catalog = try SessionCatalog(storage: storage, logger: logger)

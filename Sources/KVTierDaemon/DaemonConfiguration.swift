@@ -27,6 +27,9 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     public var ramBudget: String = "1GiB"
     /// Most bytes of page files on disk; empty for no limit. Default: no limit.
     public var diskBudget: String?
+    /// Most bytes of page files one tenant may hold; empty: no quota besides `diskBudget`.
+    /// Default: no quota.
+    public var diskTenantQuota: String?
     /// Codec of pages written to disk. Default k4v4.
     public var diskCodec: String = "k4v4"
     /// Virtual size of each tenant's shared arena (committed only as used). Default 64GiB.
@@ -65,7 +68,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case socket, stateDir, ramBudget, diskBudget, diskCodec, arenaSize, pageTokens, ioQueueDepth
-        case logLevel, metricsListen, metricsAllowNonLoopback, sharedTenantGroups
+        case logLevel, metricsListen, metricsAllowNonLoopback, sharedTenantGroups, diskTenantQuota
         case maxConnections, maxConnectionsPerUID, handshakeTimeoutSeconds, idleTimeoutSeconds
         case maxBufferedFrameBytes, maxBufferedFrameBytesPerUID
     }
@@ -88,6 +91,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         stateDir = try value(.stateDir, String.self, "a string: the state directory")
         ramBudget = try value(.ramBudget, String.self, "a size string such as \"8GiB\"") ?? ramBudget
         diskBudget = try value(.diskBudget, String.self, "a size string such as \"100GiB\", or empty for no limit")
+        diskTenantQuota = try value(.diskTenantQuota, String.self, "a size string such as \"20GiB\", or empty for no quota")
         diskCodec = try value(.diskCodec, String.self, "a codec name string") ?? diskCodec
         arenaSize = try value(.arenaSize, String.self, "a size string such as \"64GiB\"") ?? arenaSize
         pageTokens = try value(.pageTokens, Int.self, "an integer") ?? pageTokens
@@ -156,6 +160,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         public var stateDir: String
         public var ramBudgetBytes: Int
         public var diskBudgetBytes: Int?
+        public var diskTenantQuotaBytes: Int?
         public var diskCodec: Codec
         public var arenaBytes: Int
         public var pageTokens: Int
@@ -216,6 +221,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             let fields: [(String, String)] = [
                 ("socket", quoted(socket)), ("stateDir", quoted(stateDir)), ("ramBudget", quoted("\(ByteCount(ramBudgetBytes))")),
                 ("diskBudget", diskBudgetBytes.map { quoted("\(ByteCount($0))") } ?? "null"),
+                ("diskTenantQuota", diskTenantQuotaBytes.map { quoted("\(ByteCount($0))") } ?? "null"),
                 ("diskCodec", quoted("\(diskCodec)")), ("arenaSize", quoted("\(ByteCount(arenaBytes))")),
                 ("pageTokens", "\(pageTokens)"), ("ioQueueDepth", "\(ioQueueDepth)"), ("logLevel", quoted(logLevel.rawValue)),
                 ("metricsListen", metricsListen.map { quoted("\($0)") } ?? "null"),
@@ -236,6 +242,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             if stateDir != other.stateDir { keys.append("stateDir") }
             if ramBudgetBytes != other.ramBudgetBytes { keys.append("ramBudget") }
             if diskBudgetBytes != other.diskBudgetBytes { keys.append("diskBudget") }
+            if diskTenantQuotaBytes != other.diskTenantQuotaBytes { keys.append("diskTenantQuota") }
             if diskCodec != other.diskCodec { keys.append("diskCodec") }
             if arenaBytes != other.arenaBytes { keys.append("arenaSize") }
             if pageTokens != other.pageTokens { keys.append("pageTokens") }
@@ -342,6 +349,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             stateDir: state,
             ramBudgetBytes: try size("ramBudget", ramBudget),
             diskBudgetBytes: try diskBudget.flatMap { $0.isEmpty ? nil : try size("diskBudget", $0) },
+            diskTenantQuotaBytes: try diskTenantQuota.flatMap { $0.isEmpty ? nil : try size("diskTenantQuota", $0) },
             diskCodec: codec,
             arenaBytes: try size("arenaSize", arenaSize),
             pageTokens: pageTokens,

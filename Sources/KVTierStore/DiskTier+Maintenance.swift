@@ -72,39 +72,6 @@ extension DiskTier {
         }
     }
 
-    /// Deletes the least recently used pages while live bytes exceed 90% of the budget: pages
-    /// no session holds first, then those of unpinned sessions; never a pinned session's.
-    private func enforceBudget() {
-        guard let budget = configuration.budgetBytes else { return }
-        let holds = self.holds.withLock { $0 }
-        let (victims, pinnedShortfall) = state.withLock { s -> ([PageAddress], Bool) in
-            var live = s.segments.values.reduce(0) { $0 + $1.liveBytes }
-            let files = s.segments.values.reduce(0) { $0 + $1.fileBytes }
-            guard files > budget || live > budget * 9 / 10 else { return ([], false) }
-            let ranked = s.index.map { (address: $0.key, location: $0.value, hold: holds?($0.key) ?? .none) }
-                .filter { $0.hold != .pinned }
-                .sorted { ($0.hold, $0.location.lastAccessMicros) < ($1.hold, $1.location.lastAccessMicros) }
-            var chosen: [PageAddress] = []
-            for candidate in ranked {
-                guard live > budget * 8 / 10 else { break }
-                chosen.append(candidate.address)
-                live -= Block.roundUp(candidate.location.recordBytes)
-            }
-            return (chosen, live > budget * 8 / 10)
-        }
-        if pinnedShortfall {
-            logger.warning("pinned sessions alone fill the disk budget; unpin sessions or raise the budget", metadata: ["budget": "\(budget)"])
-        }
-        guard !victims.isEmpty else { return }
-        let now = Clocks.wallMicros()
-        let tombstones = victims.map { address in
-            PendingWrite(address: address, body: .tombstone, createdMicros: now) { _ in }
-        }
-        state.withLock { $0.stats.evictions += victims.count }
-        logger.info("disk budget exceeded; evicting coldest pages", metadata: ["pages": "\(victims.count)", "budget": "\(budget)"])
-        commitInternal(tombstones)
-    }
-
     /// The sealed segment with the lowest live fraction, if it is below the threshold (or the
     /// files are over budget, or `force`).
     private func compactionCandidate(force: Bool) -> UInt64? {
@@ -112,6 +79,7 @@ extension DiskTier {
             let files = s.segments.values.reduce(0) { $0 + $1.fileBytes }
             let overBudget = configuration.budgetBytes.map { files > $0 } ?? false
             let sealed = s.segments.values.filter { $0.state == .sealed }
+            if let damaged = sealed.first(where: \.damaged) { return damaged.id }
             guard let sparsest = sealed.min(by: { fraction($0) < fraction($1) }) else { return nil }
             if fraction(sparsest) < configuration.compactionLiveFraction || (overBudget && fraction(sparsest) < 1) || (force && fraction(sparsest) < 1) {
                 return sparsest.id
@@ -149,7 +117,8 @@ extension DiskTier {
         for entry in keep {
             let buffer = PageBuffer(byteCount: Block.roundUp(entry.header.recordBytes))
             guard (try? segment.file.read(into: buffer.bytes, at: entry.offset)) ?? 0 >= entry.header.recordBytes,
-                  let header = try? PageRecord.verify(UnsafeRawBufferPointer(rebasing: buffer.readOnly[0..<entry.header.recordBytes])),
+                  let header = try? PageRecord.verify(UnsafeRawBufferPointer(rebasing: buffer.readOnly[0..<entry.header.recordBytes]),
+                                                      format: segment.format),
                   header.sequence == entry.header.sequence
             else {
                 logger.error("record failed verification during compaction; dropping it", metadata: [
@@ -166,10 +135,22 @@ extension DiskTier {
             copies.append(PendingWrite(address: header.address, body: body, createdMicros: header.createdMicros) { _ in })
         }
         guard commitInternal(copies) else { return false }
-        // Copies are durable; the old segment can go.
+        // Copies are durable; the old segment can go (a damaged one to quarantine/, kept for
+        // inspection: it holds acknowledged records that could not be read).
         state.withLock { s in
             s.segments[id] = nil
             s.stats.compactions += 1
+            if segment.damaged { s.manifest.segments.append(Manifest.Segment(id: id, state: .quarantined)) }
+        }
+        if segment.damaged {
+            let name = SegmentHeader.fileName(id)
+            do {
+                try storage.rename("\(configuration.directory)/\(name)", "\(configuration.directory)/quarantine/\(name)")
+                try storage.syncDirectory("\(configuration.directory)/quarantine")
+            } catch {
+                logger.error("could not move a damaged segment to quarantine/", metadata: ["segment": "\(id)", "error": "\(error)"])
+            }
+            logger.error("damaged segment quarantined after its readable records were copied", metadata: ["segment": "\(id)"])
         }
         do {
             do {

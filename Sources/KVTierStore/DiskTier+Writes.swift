@@ -117,8 +117,14 @@ extension DiskTier {
             var staged: [(PendingWrite, RecordHeader, Int)] = []
             var skipped: [PendingWrite] = []
             var groupSequences: [PageAddress: UInt64] = [:]
-            for item in group {
-                guard let (bytes, header) = buildRecord(item, groupSequences) else {
+            var refused: [(PendingWrite, DiskTierError)] = []
+            let refusals = self.refusals(group)
+            for (i, item) in group.enumerated() {
+                if let error = refusals[i] {
+                    refused.append((item, error))
+                    continue
+                }
+                guard let (bytes, header) = buildRecord(item, groupSequences, segment: segment, groupStart: start) else {
                     skipped.append(item)
                     continue
                 }
@@ -137,6 +143,7 @@ extension DiskTier {
             let results = apply(staged, in: segment, end: offset)
             for (item, result) in zip(staged.map(\.0), results) { item.completion(.success(result)) }
             for item in skipped { item.completion(.success(nil)) }
+            for (item, error) in refused { item.completion(.failure(error)) }
         } catch {
             state.withLock { $0.stats.writeFailures += group.count }
             for item in group { item.completion(.failure(error)) }
@@ -146,22 +153,25 @@ extension DiskTier {
     /// The record for `item`, or nil when it has become pointless: a tombstone or a compaction
     /// copy whose page is no longer live. `inGroup` holds the sequences this group has written so
     /// far (0: deleted).
-    private func buildRecord(_ item: PendingWrite, _ inGroup: [PageAddress: UInt64]) -> ([UInt8], RecordHeader)? {
+    /// Every record carries `groupStart` (in blocks): all before it is synced and acknowledged,
+    /// so recovery and verify can tell damage to acknowledged records from the torn last group.
+    private func buildRecord(_ item: PendingWrite, _ inGroup: [PageAddress: UInt64], segment: Segment, groupStart: Int) -> ([UInt8], RecordHeader)? {
         let (sequence, live) = state.withLock { s -> (UInt64, UInt64?) in
             let live = inGroup[item.address].map { $0 == 0 ? nil : $0 } ?? s.index[item.address]?.sequence
             return (s.nextSequence, live)
         }
-        let bytes: [UInt8]
+        let unsealed: [UInt8]
         switch item.body {
         case .page(let record):
-            bytes = PageRecord.resequenced(record, sequence: sequence)
+            unsealed = record
         case .tombstone:
             guard let live else { return nil }
-            bytes = PageRecord.tombstone(sequence: sequence, address: item.address, deletes: live, createdMicros: item.createdMicros)
+            unsealed = PageRecord.tombstone(sequence: sequence, address: item.address, deletes: live, createdMicros: item.createdMicros)
         case .copy(let record, let original):
             if let original, live != original { return nil }
-            bytes = PageRecord.resequenced(record, sequence: sequence)
+            unsealed = record
         }
+        let bytes = PageRecord.sealed(unsealed, sequence: sequence, acknowledgedBlocks: UInt32(groupStart / Block.size), format: segment.format)
         state.withLock { $0.nextSequence = sequence + 1 }
         let header = bytes.withUnsafeBytes { try! RecordHeader(decoding: $0) }  // we just built it
         return (bytes, header)
@@ -204,6 +214,7 @@ extension DiskTier {
                         lastAccessMicros: copied ? (old?.lastAccessMicros ?? header.createdMicros) : header.createdMicros)
                     s.index[header.address] = location
                     segment.liveBytes += header.paddedBytes
+                    if !copied { s.recentWriters.insert(header.address.tenant) }
                     return DiskTier.describe(header.address, location)
                 case .tombstone:
                     if let old = s.index[header.address], old.sequence <= header.deletesSequence {
@@ -252,12 +263,13 @@ extension DiskTier {
         do {
             let file = try storage.open(path, .readWriteCreate)
             try file.truncate(to: 0)
-            let header = SegmentHeader(segmentID: id, storeID: storeID, createdMicros: Clocks.wallMicros()).encoded()
+            let format = SegmentFormat.current()
+            let header = SegmentHeader(segmentID: id, storeID: storeID, createdMicros: Clocks.wallMicros(), format: format).encoded()
             try file.write(header, at: 0)
             try file.sync()
             try storage.syncDirectory(configuration.directory)
             state.withLock { s in
-                s.segments[id] = Segment(id: id, file: file, state: .active, entries: [], appendOffset: Block.size)
+                s.segments[id] = Segment(id: id, file: file, format: format, state: .active, entries: [], appendOffset: Block.size)
                 s.activeSegment = id
             }
             try writeManifest()
@@ -293,17 +305,5 @@ extension DiskTier {
         try file.sync()
         try storage.rename(temporary, "\(configuration.directory)/\(Manifest.fileName)")
         try storage.syncDirectory(configuration.directory)
-    }
-}
-
-extension PageRecord {
-    /// `record` with a new sequence number and checksum (compaction copies).
-    static func resequenced(_ record: [UInt8], sequence: UInt64) -> [UInt8] {
-        var copy = record
-        withUnsafeBytes(of: sequence.littleEndian) { for i in 0..<8 { copy[16 + i] = $0[i] } }
-        let recordBytes = Int(UInt32(copy[8]) | UInt32(copy[9]) << 8 | UInt32(copy[10]) << 16 | UInt32(copy[11]) << 24)
-        let crc = copy.withUnsafeBytes { checksum(UnsafeRawBufferPointer(rebasing: $0[0..<recordBytes])) }
-        withUnsafeBytes(of: crc.littleEndian) { for i in 0..<4 { copy[RecordHeader.checksumOffset + i] = $0[i] } }
-        return copy
     }
 }

@@ -31,18 +31,24 @@ public final class DiskTier: Sendable {
         // Invariant: mutated only under DiskTier.state's lock; `file` is safe to share.
         let id: UInt64
         let file: any StorageFile
+        /// The segment's format and record key (from its header; never leaves the daemon).
+        let format: SegmentFormat
         var state: Manifest.SegmentState
         /// Every record appended, live or not: the index block written at seal time.
         var entries: [IndexEntry]
         var appendOffset: Int
         var liveBytes = 0
         var checksumFailures = 0
+        /// Recovery found acknowledged records in it unreadable: compaction copies what is
+        /// readable out and moves the file to quarantine/ instead of deleting it.
+        var damaged = false
         var indexOffset = 0
         var indexBytes = 0
 
-        init(id: UInt64, file: any StorageFile, state: Manifest.SegmentState, entries: [IndexEntry], appendOffset: Int) {
+        init(id: UInt64, file: any StorageFile, format: SegmentFormat, state: Manifest.SegmentState, entries: [IndexEntry], appendOffset: Int) {
             self.id = id
             self.file = file
+            self.format = format
             self.state = state
             self.entries = entries
             self.appendOffset = appendOffset
@@ -63,6 +69,9 @@ public final class DiskTier: Sendable {
         var stats = DiskTierStats()
         var closed = false
         var maintenanceScheduled = false
+        /// Tenants whose pages were written since the budget was last enforced: over the
+        /// budget, their own pages go first.
+        var recentWriters = Set<TenantID>()
     }
 
     let storage: any Storage
@@ -159,7 +168,7 @@ public final class DiskTier: Sendable {
     /// new buffer.
     public func read(_ address: PageAddress, into destination: PageBuffer? = nil) async -> Result<DiskPage, DiskMiss> {
         for _ in 0..<2 {
-            guard let (location, file) = lookUp(address) else { return .failure(.notStored) }
+            guard let (location, file, format) = lookUp(address) else { return .failure(.notStored) }
             let buffer = readBuffers.take(Block.roundUp(location.recordBytes))
             defer { readBuffers.give(buffer) }
             let span = UnsafeMutableRawBufferPointer(rebasing: buffer.bytes[0..<Block.roundUp(location.recordBytes)])
@@ -177,7 +186,7 @@ public final class DiskTier: Sendable {
                 logger.warning("disk read failed", metadata: ["page": "\(address)", "error": "\(error)"])
                 return .failure(.readFailed(error))
             case .success(let got):
-                switch decode(address, location, buffer, got, into: destination) {
+                switch decode(address, location, format, buffer, got, into: destination) {
                 case .success(let page): return .success(page)
                 case .failure(let miss):
                     if relocated(address, from: location) { continue }
@@ -223,13 +232,13 @@ public final class DiskTier: Sendable {
         }
     }
 
-    private func lookUp(_ address: PageAddress) -> (Location, any StorageFile)? {
+    private func lookUp(_ address: PageAddress) -> (Location, any StorageFile, SegmentFormat)? {
         state.withLock { s in
             guard var location = s.index[address], let segment = s.segments[location.segment] else { return nil }
             location.lastAccessMicros = Clocks.wallMicros()
             s.index[address] = location
             s.stats.reads += 1
-            return (location, segment.file)
+            return (location, segment.file, segment.format)
         }
     }
 
@@ -241,12 +250,12 @@ public final class DiskTier: Sendable {
     }
 
     private func decode(
-        _ address: PageAddress, _ location: Location, _ buffer: PageBuffer, _ got: Int, into destination: PageBuffer?
+        _ address: PageAddress, _ location: Location, _ format: SegmentFormat, _ buffer: PageBuffer, _ got: Int, into destination: PageBuffer?
     ) -> Result<DiskPage, DiskMiss> {
         guard got >= location.recordBytes else { return .failure(.damaged("record is cut short at \(got) of \(location.recordBytes) bytes")) }
         let record = UnsafeRawBufferPointer(rebasing: buffer.readOnly[0..<location.recordBytes])
         do {
-            let header = try PageRecord.verify(record)
+            let header = try PageRecord.verify(record, format: format)
             guard header.kind == .page, header.address == address, header.sequence == location.sequence else {
                 return .failure(.damaged("record at offset \(location.offset) is not the indexed page"))
             }

@@ -11,6 +11,10 @@ public struct DiskTierConfiguration: Sendable {
     /// Most bytes the segment files may take; nil for no limit. Over it, the coldest pages are
     /// deleted and segments compacted.
     public var budgetBytes: Int?
+    /// Most bytes of page records one tenant may hold on disk; nil: no quota besides the budget
+    /// (docs/configuration.md, `diskTenantQuota`). A tenant over it gives back its own pages;
+    /// a write that would need another tenant's session pages is refused (`overBudget`).
+    public var tenantBudgetBytes: Int?
     /// Sealed segments whose live fraction drops below this are compacted.
     public var compactionLiveFraction = 0.5
     /// Checksum failures in one segment that take it out of service.
@@ -75,6 +79,8 @@ public enum DiskTierError: Error, Equatable, CustomStringConvertible {
     case codec(CodecError)
     case format(FormatError)
     case invalidPage(String)
+    /// The disk budget or the tenant's disk quota has no room that this write may make.
+    case overBudget(String)
     case closed
 
     public var description: String {
@@ -85,6 +91,7 @@ public enum DiskTierError: Error, Equatable, CustomStringConvertible {
         case .codec(let e): "disk tier: \(e)"
         case .format(let e): "disk tier: \(e)"
         case .invalidPage(let why): "disk tier: invalid page: \(why)"
+        case .overBudget(let why): why
         case .closed: "disk tier is closed"
         }
     }

@@ -45,7 +45,7 @@ struct Recovery {
         }
         if report.orphanSegmentsRemoved > 0 { try? storage.syncDirectory(directory) }
 
-        var entries: [(entry: IndexEntry, segment: UInt64)] = []
+        var entries: [RecordReplay.Entry] = []
         let newestActive = state.manifest.segments.filter { $0.state == .active }.map(\.id).max()
         for described in state.manifest.segments where described.state != .quarantined {
             guard onDisk.contains(described.id) else {
@@ -55,21 +55,45 @@ struct Recovery {
             }
             let file: any StorageFile
             do { file = try storage.open(path(described.id), .readWriteCreate) } catch { throw .storage(error) }
+            // The segment header names the format, and the key that checks its records.
+            let block = PageBuffer(byteCount: Block.size)
+            guard (try? file.read(into: block.bytes, at: 0)) == Block.size,
+                  let segmentHeader = try? SegmentHeader(decoding: block.readOnly) else {
+                // Nothing in it can be checked: keep the file for inspection, out of service.
+                logger.error("segment header is unreadable; the segment is quarantined", metadata: ["segment": "\(described.id)"])
+                report.damagedRecords += 1
+                file.close()
+                try? storage.rename(path(described.id), "\(directory)/quarantine/\(SegmentHeader.fileName(described.id))")
+                try? storage.syncDirectory("\(directory)/quarantine")
+                if let i = state.manifest.segments.firstIndex(where: { $0.id == described.id }) { state.manifest.segments[i].state = .quarantined }
+                continue
+            }
+            if segmentHeader.storeID != state.manifest.storeID {
+                logger.error("segment belongs to another store; ignoring it", metadata: ["segment": "\(described.id)"])
+                continue
+            }
             var loaded: [IndexEntry]? = nil
             if described.state == .sealed, described.indexBytes > 0 {
                 loaded = loadIndex(file, described)
                 if loaded != nil { report.indexBlocksLoaded += 1 }
             }
             var appendOffset = described.sealedBytes
+            var damaged = false
             if loaded == nil {
                 let scan: SegmentScanner.Result
-                do { scan = try SegmentScanner(file: file).scan() } catch { throw .storage(error) }
-                if let header = scan.segmentHeader, header.storeID != state.manifest.storeID {
-                    logger.error("segment belongs to another store; ignoring it", metadata: ["segment": "\(described.id)"])
-                    continue
-                }
+                let acknowledged = described.state == .sealed ? described.sealedBytes : 0
+                do { scan = try SegmentScanner(file: file).scan(acknowledged: acknowledged) } catch { throw .storage(error) }
                 report.recordsScanned += scan.records.count
-                report.damagedRecords += scan.damaged.count
+                if !scan.damaged.isEmpty {
+                    // Acknowledged records are unreadable: count them, keep the segment as it is
+                    // (never cut below what was acknowledged) and take it out of appends.
+                    damaged = true
+                    report.damagedRecords += scan.damaged.count
+                    logger.error("acknowledged records are damaged; the segment is kept and sealed, run kvtier verify", metadata: [
+                        "segment": "\(described.id)", "damaged": "\(scan.damaged.count)",
+                        "firstOffset": "\(scan.damaged[0].offset)", "error": "\(scan.damaged[0].error)",
+                    ])
+                }
                 if scan.tailBytes > 0 {
                     do {
                         try file.truncate(to: scan.validEnd)
@@ -78,12 +102,18 @@ struct Recovery {
                     report.truncatedBytes += scan.tailBytes
                 }
                 loaded = scan.records.map { IndexEntry($0.header, offset: $0.offset) }
+                entries += scan.damaged.compactMap { d in
+                    d.header.map { RecordReplay.Entry(header: $0, segment: described.id, offset: d.offset, damaged: true) }
+                }
                 appendOffset = max(scan.validEnd, Block.size)
             }
             let records = loaded ?? []
-            // The newest active segment takes new writes; any other unsealed one gets sealed below.
-            let isActive = described.state == .active && described.id == newestActive && !report.manifestRebuilt
-            let segment = DiskTier.Segment(id: described.id, file: file, state: isActive ? .active : .sealed,
+            // The newest active segment takes new writes; any other unsealed one gets sealed
+            // below, and so does a damaged one or one of an older format (records are written
+            // only in the current one).
+            let current = segmentHeader.format.version == SegmentHeader.version
+            let isActive = described.state == .active && described.id == newestActive && !report.manifestRebuilt && current && !damaged
+            let segment = DiskTier.Segment(id: described.id, file: file, format: segmentHeader.format, state: isActive ? .active : .sealed,
                                            entries: records, appendOffset: appendOffset)
             if described.state == .sealed {
                 segment.indexOffset = described.indexOffset
@@ -95,30 +125,21 @@ struct Recovery {
                     logger.warning("could not index a recovered segment", metadata: ["segment": "\(described.id)", "error": "\(error)"])
                 }
             }
+            segment.damaged = damaged
             state.segments[described.id] = segment
             if isActive { state.activeSegment = described.id }
-            entries += records.map { ($0, described.id) }
+            entries += records.map { RecordReplay.Entry(header: $0.header, segment: described.id, offset: $0.offset) }
         }
 
-        // Apply in write order: later page records replace earlier ones; a tombstone deletes the
-        // record it names and any older one.
-        entries.sort { $0.entry.header.sequence < $1.entry.header.sequence }
-        state.index.reserveCapacity(entries.count)
-        for (entry, segmentID) in entries {
+        // Apply in write order (the rule `kvtier verify` shares).
+        let next = RecordReplay.replay(entries, into: &state.index, sequence: { $0.sequence }) { entry in
             let h = entry.header
-            state.nextSequence = max(state.nextSequence, h.sequence + 1)
-            switch h.kind {
-            case .page:
-                state.index[h.address] = DiskTier.Location(
-                    segment: segmentID, offset: entry.offset, recordBytes: h.recordBytes, sequence: h.sequence,
-                    modelID: h.modelID, codecTag: h.codecTag, shape: h.shape, createdMicros: h.createdMicros,
-                    lastAccessMicros: h.createdMicros)
-            case .tombstone:
-                // Deletes the page's record if it is the one named or older (an older record can
-                // outlive a compacted newer one).
-                if let live = state.index[h.address], live.sequence <= h.deletesSequence { state.index[h.address] = nil }
-            }
+            return DiskTier.Location(
+                segment: entry.segment, offset: entry.offset, recordBytes: h.recordBytes, sequence: h.sequence,
+                modelID: h.modelID, codecTag: h.codecTag, shape: h.shape, createdMicros: h.createdMicros,
+                lastAccessMicros: h.createdMicros)
         }
+        state.nextSequence = max(state.nextSequence, next)
         for location in state.index.values { state.segments[location.segment]?.liveBytes += Block.roundUp(location.recordBytes) }
 
         report.pages = state.index.count

@@ -90,7 +90,9 @@ extension TieredStore {
         do {
             try await disk.write(address, modelID: page.modelID, codec: codec, shape: shape, data: memory.buffer(page.extent))
         } catch let error {
-            if case .codec(.nonFiniteInput) = error {
+            if case .overBudget(let why) = error {
+                throw .overBudget(why)
+            } else if case .codec(.nonFiniteInput) = error {
                 // Quantizers refuse NaN/Inf; such pages keep every bit as fp16.
                 do {
                     try await disk.write(address, modelID: page.modelID, codec: Codec(.fp16, codec.lossless), shape: shape, data: memory.buffer(page.extent))
@@ -150,6 +152,9 @@ extension TieredStore {
             for (address, page) in victims {
                 if needsWrite(page, address) {
                     do { try await persist(address) } catch {
+                        // A tenant without disk room keeps this page in RAM; others' pages may
+                        // still move, so one full quota does not stop eviction for everyone.
+                        if case .overBudget = error { continue }
                         logger.warning("cannot evict a page to disk; RAM stays over budget", metadata: ["page": "\(address)", "error": "\(error)"])
                         return
                     }

@@ -4,8 +4,9 @@ import KVTierStore
 import Logging
 
 /// The reference reader of the disk format (docs/format.md): reads every record of every segment
-/// with `SegmentScanner`, checks each sealed segment's index block against the records and the
-/// manifest against the files, and works out the live pages as recovery would. It only reads:
+/// with `SegmentScanner` and works out the live pages with `RecordReplay` (the scanner and the
+/// replay rule recovery uses, so the two cannot drift), checks each sealed segment's index block
+/// against the records and the manifest against the files. It only reads:
 /// nothing is truncated, sealed, rebuilt or removed, so it is safe on a store a daemon has open.
 /// The engine of `kvtier verify` and `kvtier pages`.
 public struct DiskInspector {
@@ -131,9 +132,12 @@ public struct DiskInspector {
         let totalBytes = plan.reduce(0) { $0 + $1.size }
         var bytesDone = 0
         var live: [(header: RecordHeader, segment: UInt64, offset: Int)] = []
+        var replayed: [RecordReplay.Entry] = []
         for (done, item) in plan.enumerated() {
-            let records = try check(item, storeID: storeID, into: &report)
+            let (records, lost) = try check(item, storeID: storeID, into: &report)
             live += records.map { ($0.header, item.id, $0.offset) }
+            replayed += records.map { RecordReplay.Entry(header: $0.header, segment: item.id, offset: $0.offset) }
+            replayed += lost.map { RecordReplay.Entry(header: $0.header, segment: item.id, offset: $0.offset, damaged: true) }
             bytesDone += item.size
             report.fileBytes += item.size
             progress(DiskInspectionProgress(segmentsDone: done + 1, segments: plan.count, bytesDone: bytesDone, bytes: totalBytes))
@@ -146,17 +150,9 @@ public struct DiskInspector {
             report.problems.append("\(SegmentHeader.fileName(live[i].segment)) offset \(live[i].offset): sequence \(live[i].header.sequence) is also used at \(SegmentHeader.fileName(live[i - 1].segment)) offset \(live[i - 1].offset)")
         }
 
-        // Apply in write order, exactly as recovery does.
-        var index: [PageAddress: (header: RecordHeader, segment: UInt64, offset: Int)] = [:]
-        index.reserveCapacity(live.count)
-        for record in live {
-            switch record.header.kind {
-            case .page: index[record.header.address] = record
-            case .tombstone:
-                if index[record.header.address]?.header.sequence == record.header.deletesSequence { index[record.header.address] = nil }
-            }
-        }
-        let pages = index.values.sorted { ($0.segment, $0.offset) < ($1.segment, $1.offset) }
+        // Apply in write order with recovery's own replay.
+        let pages = RecordReplay.live(replayed).values.map { (header: $0.header, segment: $0.segment, offset: $0.offset) }
+            .sorted { ($0.segment, $0.offset) < ($1.segment, $1.offset) }
         var livePerSegment: [UInt64: Int] = [:]
         for page in pages {
             livePerSegment[page.segment, default: 0] += 1
@@ -229,8 +225,10 @@ public struct DiskInspector {
     // MARK: one segment
 
     /// Scans one file, adds its findings to `report`, and returns the records that count towards
-    /// the live pages (none for orphans, quarantined and foreign segments).
-    private func check(_ item: Planned, storeID: PageKey?, into report: inout DiskVerifyReport) throws(StorageError) -> [SegmentScanner.Record] {
+    /// the live pages and the damaged records whose page is known lost (none for orphans,
+    /// quarantined and foreign segments).
+    private func check(_ item: Planned, storeID: PageKey?, into report: inout DiskVerifyReport) throws(StorageError)
+        -> (records: [SegmentScanner.Record], lost: [SegmentScanner.Record]) {
         var described: Manifest.Segment?
         var counted = false
         var state: String
@@ -255,14 +253,15 @@ public struct DiskInspector {
             }
             limit = min(described.sealedBytes, item.size)
         }
-        let scan = try SegmentScanner(file: item.file).scan(limit: limit)
+        // A sealed segment was wholly durable; an active one as far as its records say.
+        let scan = try SegmentScanner(file: item.file).scan(limit: limit, acknowledged: sealed ? (limit ?? 0) : 0)
 
         guard let header = scan.segmentHeader else {
             let why = scan.damaged.first.map { "\($0.error)" } ?? "unreadable"
             problems.append("\(item.name) offset 0: segment header: \(why)")
             if counted { report.corruptSegments += 1 } else if case .quarantined = item.role { report.quarantine.corruptRecords += 1 }
             finish(item, summary, problems, into: &report, quarantineRecords: 0)
-            return []
+            return ([], [])
         }
         var foreign = false
         if header.segmentID != item.id {
@@ -286,7 +285,7 @@ public struct DiskInspector {
             } else if counted {
                 summary.tornTailBytes = scan.tailBytes
                 report.tornTailBytes += scan.tailBytes
-                problems.append("\(item.name) offset \(scan.validEnd): torn tail of \(scan.tailBytes) bytes (a write never acknowledged; the next start cuts it)")
+                problems.append("\(item.name) offset \(scan.validEnd): torn tail of \(scan.tailBytes) bytes after the acknowledged end \(scan.acknowledgedEnd) (a write never acknowledged; the next start cuts it)")
             }
         }
 
@@ -320,7 +319,8 @@ public struct DiskInspector {
         case .quarantined: report.quarantine.corruptRecords += corruptRecords
         }
         finish(item, summary, problems, into: &report, quarantineRecords: scan.records.count)
-        return counted && !foreign ? scan.records : []
+        let lost = scan.damaged.compactMap { d in d.header.map { SegmentScanner.Record(header: $0, offset: d.offset) } }
+        return counted && !foreign ? (scan.records, lost) : ([], [])
     }
 
     private func finish(_ item: Planned, _ summary: DiskVerifyReport.SegmentSummary, _ problems: [String],
@@ -388,22 +388,11 @@ public struct DiskInspector {
         return entries.count
     }
 
-    /// Groups the scanner's damage (one finding per bad block) into ranges that each end at the
-    /// next valid record.
+    /// The scanner's damage as ranges: each ends at the next record start (a run of unreadable
+    /// blocks counts once; a damaged record whose header checks is one range of its own).
     static func damagedRanges(_ scan: SegmentScanner.Result) -> [DamagedRange] {
-        let starts = scan.records.map(\.offset)
-        var ranges: [DamagedRange] = []
-        for damage in scan.damaged.sorted(by: { $0.offset < $1.offset }) where damage.offset > 0 {
-            var low = 0, high = starts.count
-            while low < high {
-                let mid = (low + high) / 2
-                if starts[mid] > damage.offset { high = mid } else { low = mid + 1 }
-            }
-            let end = low < starts.count ? starts[low] : scan.validEnd
-            if let last = ranges.last, last.end == end { continue }
-            ranges.append(DamagedRange(offset: damage.offset, end: end, error: damage.error))
-        }
-        return ranges
+        scan.damaged.filter { $0.offset > 0 }.sorted { $0.offset < $1.offset }
+            .map { DamagedRange(offset: $0.offset, end: $0.end, error: $0.error) }
     }
 }
 

@@ -96,15 +96,22 @@ public struct SessionArchive: Equatable, Sendable {
                 let modelID = try r.u64()
                 let modelName = try Self.string(&r)
                 let layers = Int(try r.u16()), kvHeads = Int(try r.u16()), headDim = Int(try r.u16())
+                // Checked before any size is computed from them: their product must not overflow.
+                guard (1...Limits.maxLayers).contains(layers), (1...Limits.maxKVHeads).contains(kvHeads),
+                      (1...Limits.maxHeadDim).contains(headDim) else {
+                    return .failure(.invalid("model shape \(layers) layers × \(kvHeads) KV heads × \(headDim) head dim is out of range"))
+                }
                 guard let elementType = ElementType(rawValue: try r.u8()) else { return .failure(.invalid("unknown element type")) }
-                _ = try r.u8()
+                guard try r.u8() == 0 else { return .failure(.invalid("a reserved byte is set")) }
                 let pageTokens = Int(try r.u16())
                 let rope = Float(bitPattern: try r.u32())
                 let model = ModelSpecification(name: modelName, layers: layers, kvHeads: kvHeads, headDim: headDim,
                                                elementType: elementType, pageTokens: pageTokens, ropeTheta: rope)
                 let name = try Self.string(&r)
                 let ttl = try r.u32()
-                let pinned = try r.u8() != 0
+                let pinnedByte = try r.u8()
+                guard pinnedByte <= 1 else { return .failure(.invalid("pinned is \(pinnedByte), not 0 or 1")) }
+                let pinned = pinnedByte == 1
                 let count = Int(try r.u32())
                 guard count * 4 <= r.remaining else { return .failure(.invalid("\(count) tokens do not fit the file")) }
                 var tokens = [UInt32]()

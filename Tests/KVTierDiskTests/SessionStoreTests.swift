@@ -269,3 +269,72 @@ import Testing
         await disk.close()
     }
 }
+
+/// Finding 6 (disk part): one tenant's writes must not delete another tenant's session pages.
+@Suite struct DiskQuotaTests {
+    typealias S = SessionStoreTests
+
+    static func open(_ storage: SimulatedStorage, diskBudget: Int, tenantQuota: Int? = nil) throws -> (TieredStore, DiskTier) {
+        var diskConfiguration = DiskTierConfiguration()
+        diskConfiguration.budgetBytes = diskBudget
+        diskConfiguration.segmentBytes = 64 << 10
+        if let tenantQuota { diskConfiguration.tenantBudgetBytes = tenantQuota }
+        let disk = try DiskTier(storage: storage, configuration: diskConfiguration, logger: S.T.logger)
+        let catalog = try SessionCatalog(storage: storage, logger: S.T.logger)
+        var configuration = TieredStore.Configuration()
+        configuration.ramBudgetBytes = 64 << 20
+        configuration.arenaBytes = 256 << 20
+        configuration.diskCodec = Codec(.fp16, .lz4)
+        let store = TieredStore(configuration: configuration, disk: disk, catalog: catalog, logger: S.T.logger) { tenant in
+            try ArenaPageMemory(name: "kvtier-quota-test-\(tenant)", capacity: 256 << 20, logger: S.T.logger)
+        }
+        try store.register(S.model)
+        return (store, disk)
+    }
+
+    static func sequence(_ n: Int) -> [UInt32] { S.T.tokens[0..<48].map { $0 &+ UInt32(n * 7919) } }
+
+    @Test func anotherTenantsWritesNeverDeleteASessionsPages() async throws {
+        let storage = SimulatedStorage(seed: 60)
+        let budget = 320 << 10
+        let victim = Array(S.T.tokens[0..<40])
+        do {
+            let (store, disk) = try Self.open(storage, diskBudget: budget)
+            try await S.put(store, victim, from: 0, session: "alice-chat")
+            // Bob writes sessions worth three times the budget, one after another.
+            var refused = 0
+            for n in 0..<20 {
+                do { try await S.put(store, Self.sequence(n), from: 0, session: "bob-\(n)", tenant: S.bob) } catch { refused += 1 }
+            }
+            #expect(refused < 20, "bob's own older pages make room for his newer ones")
+            // The budget is enforced after each group: closing waits for the writer's last pass.
+            await disk.close()
+            #expect(disk.stats.liveBytes <= budget, "the disk budget holds")
+        }
+        // After a restart nothing is in RAM: every token must come from Alice's disk pages.
+        let (store, disk) = try Self.open(storage, diskBudget: budget)
+        #expect(try store.sessionDetail(S.alice, name: "alice-chat").diskTokens == 40)
+        #expect(try await S.servesExactly(store, victim), "alice's session must serve all its tokens byte-exact")
+        await disk.close()
+    }
+
+    @Test func aTenantOverItsQuotaEvictsItsOwnPagesOrIsRefused() async throws {
+        let storage = SimulatedStorage(seed: 61)
+        let quota = 96 << 10
+        let (store, disk) = try Self.open(storage, diskBudget: 4 << 20, tenantQuota: quota)
+        try await S.put(store, Array(S.T.tokens[0..<40]), from: 0, session: "alice-chat")
+        var refusals: [String] = []
+        for n in 0..<12 {
+            do { try await S.put(store, Self.sequence(n), from: 0, session: "bob-\(n)", tenant: S.bob) } catch {
+                refusals.append("\(error)")
+            }
+        }
+        #expect(refusals.allSatisfy { $0.contains("quota") }, "\(refusals)")
+        #expect(try await S.servesExactly(store, Array(S.T.tokens[0..<40])))
+        // The quota is enforced after each group: closing waits for the writer's last pass.
+        await disk.close()
+        let bobBytes = disk.pages().filter { $0.address.tenant == S.bob }.reduce(0) { $0 + $1.diskBytes }
+        #expect(bobBytes <= quota, "bob holds \(bobBytes) bytes on disk, over his quota of \(quota)")
+        #expect(disk.pages().contains { $0.address.tenant == S.alice }, "alice's pages are not bob's to evict")
+    }
+}

@@ -154,6 +154,80 @@ struct DiskStoreFixture {
         #expect(try file.size() == size, "verify must not truncate the torn tail as recovery would")
     }
 
+    /// "Also broken today": flips spread over every record of the active segment, with no valid
+    /// record after them, were called a torn tail (`ok: true`). Every record but the last was
+    /// synced before the last group was written: damage there is corruption.
+    @Test func damageBelowTheAcknowledgedEndOfTheActiveSegmentIsCorruption() async throws {
+        let fixture = try await DiskStoreFixture.make(seed: 9, pages: 4)
+        let segment = try #require(fixture.written.first?.segment)
+        #expect(fixture.written.allSatisfy { $0.segment == segment })
+        let path = fixture.segmentPath(segment)
+        let end = try fixture.storage.open(path, .read).size()
+        let step = (end - Block.size) / 16
+        for i in 0..<16 { fixture.storage.corrupt(path, at: Block.size + 1000 + i * step, bit: i % 8) }
+        let r = try fixture.inspect().report
+        #expect(!r.ok, "\(r.problems)")
+        #expect(r.corruptRecords >= 1)
+        #expect(r.pages < 4)
+
+        // Recovery keeps what was acknowledged: it counts the damage instead of cutting it off.
+        let tier = try DiskTier(storage: fixture.storage, logger: diskTestLogger)
+        #expect(tier.recovery.damagedRecords >= 1)
+        let lastAcknowledged = fixture.written[2]
+        #expect(try fixture.storage.open(path, .read).size() >= lastAcknowledged.offset + lastAcknowledged.recordBytes,
+                "acknowledged records must not be truncated away")
+        await tier.close()
+        // The damaged segment is kept for inspection, out of service: its readable records
+        // were copied, the file moved to quarantine/.
+        let after = try fixture.inspect().report
+        #expect(after.quarantine.segments == 1 && after.quarantine.corruptRecords >= 1, "\(after)")
+        #expect(tier.stats.quarantinedSegments == 1)
+    }
+
+    /// `kvtier pages` must list exactly what recovery serves: a tombstone deletes the record it
+    /// names and any older one (an older record survives in a segment compaction kept).
+    @Test func theInspectorAndRecoveryAgreeOnWhatATombstoneDeletes() async throws {
+        let storage = SimulatedStorage(seed: 10)
+        var configuration = DiskTierConfiguration()
+        configuration.segmentBytes = 64 << 10
+        let tier = try DiskTier(storage: storage, configuration: configuration, logger: diskTestLogger)
+        let codec = Codec(.fp16, .zstd(level: 1))
+        let shape = DiskStoreFixture.shape
+        var next = 1
+        func fill(until segment: UInt64) async throws -> [Int] {
+            var written: [Int] = []
+            while true {
+                let page = try await tier.write(DiskStoreFixture.address(next), modelID: 1, codec: codec, shape: shape,
+                                                data: DiskStoreFixture.data(next))
+                written.append(next)
+                next += 1
+                if page.segment != segment { return written }
+            }
+        }
+        let first = try await tier.write(DiskStoreFixture.address(0), modelID: 1, codec: codec, shape: shape, data: DiskStoreFixture.data(0))
+        _ = try await fill(until: first.segment)
+        let rewritten = try await tier.write(DiskStoreFixture.address(0), modelID: 1, codec: codec, shape: shape, data: DiskStoreFixture.data(0))
+        #expect(rewritten.segment != first.segment)
+        let second = try await fill(until: rewritten.segment)
+        // Delete the page and everything else in its second segment: compaction drops that
+        // segment (nothing live), the first segment keeps the stale record, the tombstone stays.
+        try await tier.delete(DiskStoreFixture.address(0))
+        for n in second {
+            if tier.page(DiskStoreFixture.address(n))?.segment == rewritten.segment { try await tier.delete(DiskStoreFixture.address(n)) }
+        }
+        await tier.close()
+
+        let inspection = try DiskInspector(storage: storage, directory: "store").inspect()
+        #expect(!inspection.report.segmentDetails.contains { $0.id == rewritten.segment }, "the rewritten record's segment was compacted")
+        #expect(inspection.report.segmentDetails.contains { $0.id == first.segment }, "the stale record's segment is still there")
+        let recovered = try DiskTier(storage: storage, configuration: configuration, logger: diskTestLogger)
+        #expect(!recovered.contains(DiskStoreFixture.address(0)))
+        let listed = Set(inspection.pages.map(\.key))
+        let served = Set(recovered.pages().map { $0.address.key.description })
+        #expect(listed == served, "listed but not served: \(listed.subtracting(served)); served but not listed: \(served.subtracting(listed))")
+        await recovered.close()
+    }
+
     @Test func aDamagedManifestIsReportedAndThePagesStillCount() async throws {
         let fixture = try await DiskStoreFixture.make(seed: 6, pages: 8)
         fixture.storage.corrupt("\(DiskStoreFixture.directory)/\(Manifest.fileName)", at: 20)

@@ -5,6 +5,8 @@ public enum FormatError: Error, Equatable, CustomStringConvertible {
     case checksumMismatch(String, stored: UInt32, computed: UInt32)
     case inconsistent(String)
     case truncated(String)
+    /// A version 2 record header whose tag does not check: not written by the daemon into this segment.
+    case unauthenticated(String)
 
     public var description: String {
         switch self {
@@ -14,6 +16,7 @@ public enum FormatError: Error, Equatable, CustomStringConvertible {
             "\(what) is damaged: checksum 0x\(String(stored, radix: 16)) stored, 0x\(String(computed, radix: 16)) computed"
         case .inconsistent(let why): "inconsistent structure: \(why)"
         case .truncated(let what): "\(what) ends early"
+        case .unauthenticated(let what): "\(what) is not a record this segment's writer made (its tag does not check)"
         }
     }
 }

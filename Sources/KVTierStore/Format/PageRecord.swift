@@ -50,7 +50,8 @@ public enum PageRecord {
         return record
     }
 
-    /// A tombstone deleting the page record of `address` with sequence `deletes`.
+    /// A tombstone deleting the page record of `address` with sequence `deletes`; sealed by the
+    /// writer (`sealed`) like every record.
     public static func tombstone(sequence: UInt64, address: PageAddress, deletes: UInt64, createdMicros: UInt64) -> [UInt8] {
         let header = RecordHeader(
             kind: .tombstone, recordBytes: RecordHeader.size, sequence: sequence, address: address, modelID: 0,
@@ -58,34 +59,75 @@ public enum PageRecord {
             createdMicros: createdMicros, deletesSequence: deletes)
         var writer = ByteWriter(capacity: Block.size)
         header.encode(into: &writer)
-        return sealed(writer, header)
-    }
-
-    private static func sealed(_ unpadded: ByteWriter, _ header: RecordHeader) -> [UInt8] {
-        var writer = unpadded
-        precondition(writer.count == header.recordBytes, "record length bookkeeping is wrong")
-        writer.patchU32(CRC32C.checksum(writer.bytes), at: RecordHeader.checksumOffset)
         writer.zeros(header.paddedBytes - header.recordBytes)
         return writer.bytes
     }
 
-    /// Checks a record held in `bytes` (at least `recordBytes` long) and returns its header.
-    public static func verify(_ bytes: UnsafeRawBufferPointer) throws(FormatError) -> RecordHeader {
+    /// `record` (any version, e.g. a compaction copy of a version 1 record) made a record of a
+    /// segment in `format` (version 2): its sequence, the acknowledged end of its group, its CRC
+    /// and its tag. Only the writer calls this; it is the one place tags are made.
+    public static func sealed(_ record: [UInt8], sequence: UInt64, acknowledgedBlocks: UInt32, format: SegmentFormat) -> [UInt8] {
+        precondition(format.version == UInt32(RecordHeader.version), "records are written only into current-version segments")
+        let key = format.recordKey!
+        var copy = record
+        copy.withUnsafeMutableBytes { out in
+            let recordBytes = Int(UInt32(littleEndian: out.loadUnaligned(fromByteOffset: 8, as: UInt32.self)))
+            out.storeBytes(of: RecordHeader.version.littleEndian, toByteOffset: 4, as: UInt16.self)
+            out.storeBytes(of: sequence.littleEndian, toByteOffset: 16, as: UInt64.self)
+            out.storeBytes(of: acknowledgedBlocks.littleEndian, toByteOffset: RecordHeader.acknowledgedOffset, as: UInt32.self)
+            out.storeBytes(of: UInt64(0), toByteOffset: RecordHeader.tagOffset, as: UInt64.self)
+            let crc = checksum(UnsafeRawBufferPointer(rebasing: out[0..<recordBytes]), version: RecordHeader.version)
+            out.storeBytes(of: crc.littleEndian, toByteOffset: RecordHeader.checksumOffset, as: UInt32.self)
+            let tag = KeyedDigest.tag(key: key, UnsafeRawBufferPointer(rebasing: out[0..<RecordHeader.tagOffset]))
+            out.storeBytes(of: tag.littleEndian, toByteOffset: RecordHeader.tagOffset, as: UInt64.self)
+        }
+        return copy
+    }
+
+    /// Checks a record header at a record start of a segment in `format`: its fields, that its
+    /// version is the segment's, and (version 2) its tag. A header that passes was written by
+    /// the daemon into this segment, so its length can be trusted to find the next record;
+    /// bytes a client chose (a page's payload) never pass.
+    public static func authenticate(_ bytes: UnsafeRawBufferPointer, format: SegmentFormat) throws(FormatError) -> RecordHeader {
         let header = try RecordHeader(decoding: bytes)
-        guard header.recordBytes <= bytes.count else { throw .truncated("record") }
-        let computed = checksum(UnsafeRawBufferPointer(rebasing: bytes[0..<header.recordBytes]))
-        guard computed == header.checksum else {
-            throw .checksumMismatch("record \(header.address) (sequence \(header.sequence))", stored: header.checksum, computed: computed)
+        guard UInt32(header.version) == format.version else {
+            throw .inconsistent("a version \(header.version) record in a version \(format.version) segment")
+        }
+        if let key = format.recordKey {
+            let computed = KeyedDigest.tag(key: key, UnsafeRawBufferPointer(rebasing: bytes[0..<RecordHeader.tagOffset]))
+            guard computed == header.tag else { throw .unauthenticated("record header at this offset") }
         }
         return header
     }
 
-    /// The CRC of a record with its checksum field taken as zero.
-    static func checksum(_ record: UnsafeRawBufferPointer) -> UInt32 {
-        let zero = [UInt8](repeating: 0, count: 4)
+    /// Checks a record held in `bytes` (at least `recordBytes` long) of a segment in `format`
+    /// and returns its header.
+    public static func verify(_ bytes: UnsafeRawBufferPointer, format: SegmentFormat) throws(FormatError) -> RecordHeader {
+        let header = try authenticate(bytes, format: format)
+        try verifyPayload(bytes, header)
+        return header
+    }
+
+    /// Checks the CRC of a record whose header `authenticate` accepted.
+    public static func verifyPayload(_ bytes: UnsafeRawBufferPointer, _ header: RecordHeader) throws(FormatError) {
+        guard header.recordBytes <= bytes.count else { throw .truncated("record") }
+        let computed = checksum(UnsafeRawBufferPointer(rebasing: bytes[0..<header.recordBytes]), version: header.version)
+        guard computed == header.checksum else {
+            throw .checksumMismatch("record \(header.address) (sequence \(header.sequence))", stored: header.checksum, computed: computed)
+        }
+    }
+
+    /// The CRC of a record with its checksum field (and, from version 2, its tag) taken as zero.
+    static func checksum(_ record: UnsafeRawBufferPointer, version: UInt16) -> UInt32 {
+        let zero = [UInt8](repeating: 0, count: 8)
         var crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: record[0..<RecordHeader.checksumOffset]))
+        crc = CRC32C.checksum([0, 0, 0, 0], continuing: crc)
+        guard version >= 2, record.count >= RecordHeader.size else {
+            return CRC32C.checksum(UnsafeRawBufferPointer(rebasing: record[(RecordHeader.checksumOffset + 4)...]), continuing: crc)
+        }
+        crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: record[(RecordHeader.checksumOffset + 4)..<RecordHeader.tagOffset]), continuing: crc)
         crc = CRC32C.checksum(zero, continuing: crc)
-        return CRC32C.checksum(UnsafeRawBufferPointer(rebasing: record[(RecordHeader.checksumOffset + 4)...]), continuing: crc)
+        return CRC32C.checksum(UnsafeRawBufferPointer(rebasing: record[RecordHeader.size...]), continuing: crc)
     }
 
     /// The encoded sections of a verified page record, in layer order.

@@ -36,10 +36,15 @@ public struct RecordHeader: Equatable, Sendable {
     }
 
     public static let magic: UInt32 = 0x5250_564B  // "KVPR"
-    public static let version: UInt16 = 1
+    /// Version 2 (in version 2 segments): field 68 holds the acknowledged end, field 88 the tag.
+    public static let version: UInt16 = 2
     public static let size = 96
     public static let checksumOffset = 12
+    public static let acknowledgedOffset = 68
+    public static let tagOffset = 88
 
+    /// 1 or 2: the version of the segment that holds the record.
+    public var version: UInt16
     public var kind: Kind
     /// Header + section table + sections, without block padding.
     public var recordBytes: Int
@@ -53,10 +58,20 @@ public struct RecordHeader: Equatable, Sendable {
     public var createdMicros: UInt64
     /// For a tombstone: the sequence of the page record it deletes.
     public var deletesSequence: UInt64
+    /// Version 2: where the segment's synced bytes ended when this record's group was written, in
+    /// blocks. Everything below was durable (acknowledged) before this record existed, so damage
+    /// there is corruption, never a torn write.
+    public var acknowledgedBlocks: UInt32
+    /// Version 2: BLAKE2b-64 keyed by the segment's secret over header bytes 0..<88 (the CRC
+    /// included): a record only the daemon can have written. Clients never see the key.
+    public var tag: UInt64
 
     public init(kind: Kind, recordBytes: Int, checksum: UInt32 = 0, sequence: UInt64, address: PageAddress,
                 modelID: UInt64, codecTag: UInt32, shape: PageShape, payloadBytes: Int, createdMicros: UInt64,
-                deletesSequence: UInt64 = 0) {
+                deletesSequence: UInt64 = 0, version: UInt16 = RecordHeader.version, acknowledgedBlocks: UInt32 = 0, tag: UInt64 = 0) {
+        self.version = version
+        self.acknowledgedBlocks = acknowledgedBlocks
+        self.tag = tag
         self.kind = kind
         self.recordBytes = recordBytes
         self.checksum = checksum
@@ -75,7 +90,7 @@ public struct RecordHeader: Equatable, Sendable {
 
     public func encode(into writer: inout ByteWriter) {
         writer.u32(Self.magic)
-        writer.u16(Self.version)
+        writer.u16(version)
         writer.u16(kind.rawValue)
         writer.u32(UInt32(recordBytes))
         writer.u32(checksum)
@@ -90,10 +105,10 @@ public struct RecordHeader: Equatable, Sendable {
         writer.u16(UInt16(shape.headDim))
         writer.u8(kind == .page ? shape.elementType.rawValue : 0)
         writer.u8(0)
-        writer.u32(UInt32(payloadBytes))
+        writer.u32(version == 1 ? UInt32(payloadBytes) : acknowledgedBlocks)
         writer.u64(createdMicros)
         writer.u64(deletesSequence)
-        writer.zeros(8)
+        writer.u64(version == 1 ? 0 : tag)
     }
 
     /// Parses and checks the header's own fields; the checksum over the record is checked by
@@ -104,7 +119,8 @@ public struct RecordHeader: Equatable, Sendable {
         do {
             guard try r.u32() == Self.magic else { throw FormatError.badMagic("record") }
             let version = try r.u16()
-            guard version == Self.version else { throw FormatError.unsupportedVersion("record", UInt32(version)) }
+            guard version == 1 || version == Self.version else { throw FormatError.unsupportedVersion("record", UInt32(version)) }
+            self.version = version
             guard let kind = Kind(rawValue: try r.u16()) else { throw FormatError.inconsistent("unknown record kind") }
             self.kind = kind
             recordBytes = Int(try r.u32())
@@ -122,9 +138,20 @@ public struct RecordHeader: Equatable, Sendable {
             // No flags are defined in version 1; a set bit means a newer writer's feature.
             let flags = try r.u8()
             guard flags == 0 else { throw FormatError.unsupportedVersion("record flags", UInt32(flags)) }
-            payloadBytes = Int(try r.u32())
+            let field68 = try r.u32()
             createdMicros = try r.u64()
             deletesSequence = try r.u64()
+            let field88 = try r.u64()
+            if version == 1 {
+                payloadBytes = Int(field68)
+                acknowledgedBlocks = 0
+                tag = 0
+            } else {
+                // Version 2 derives the payload length from the record length (it was redundant).
+                acknowledgedBlocks = field68
+                tag = field88
+                payloadBytes = kind == .page ? recordBytes - Self.size - 4 * layers : 0
+            }
             switch kind {
             case .page:
                 guard let elementType = ElementType(rawValue: elementRaw) else {
@@ -134,7 +161,7 @@ public struct RecordHeader: Equatable, Sendable {
                       kvHeads >= 1, kvHeads <= Limits.maxKVHeads, headDim >= 1, headDim <= Limits.maxHeadDim
                 else { throw FormatError.inconsistent("page shape \(layers)×[\(tokens), \(kvHeads), \(headDim)] is out of range") }
                 shape = PageShape(tokens: tokens, layers: layers, kvHeads: kvHeads, headDim: headDim, elementType: elementType)
-                guard recordBytes == Self.size + 4 * layers + payloadBytes else {
+                guard payloadBytes >= 0, recordBytes == Self.size + 4 * layers + payloadBytes else {
                     throw FormatError.inconsistent("record length \(recordBytes) does not match \(layers) layers and \(payloadBytes) payload bytes")
                 }
             case .tombstone:

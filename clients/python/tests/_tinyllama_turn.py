@@ -7,7 +7,8 @@ restores the longest cached prefix from kvtierd with ``kvtier.PrefixCache``, com
 tokens after it with ``tinyllama.forward(..., past=...)``, and writes the whole conversation's KV
 back (``durable``, so it survives a daemon restart). Saves the new tokens' logits to
 OUT_DIR/logits.npy; with ``--recompute`` also times a full forward pass over all TOKENS and saves
-its logits to OUT_DIR/full-logits.npy. ``--repeats N`` times both forward passes N times more,
+its logits to OUT_DIR/full-logits.npy. The KV it restored and the KV it put (float16) go to
+OUT_DIR/restored-{keys,values}.npy and OUT_DIR/put-{keys,values}.npy. ``--repeats N`` times both forward passes N times more,
 alternating, and reports their medians too (the restore itself is timed once: a second get would
 be served from RAM). Prints one JSON line.
 """
@@ -69,6 +70,11 @@ def main():
                       cached_after=cached, put_sent=cache.last_put.sent_tokens,
                       put_new_pages=cache.last_put.new_pages)
     np.save(os.path.join(args.out, "logits.npy"), logits)
+    # The bytes themselves, so a test can prove a lossless codec on bits rather than on logits.
+    np.save(os.path.join(args.out, "restored-keys.npy"), keys)
+    np.save(os.path.join(args.out, "restored-values.npy"), values)
+    np.save(os.path.join(args.out, "put-keys.npy"), all_keys)
+    np.save(os.path.join(args.out, "put-values.npy"), all_values)
     if args.recompute:
         start, start_cpu = time.perf_counter(), time.process_time()
         full = tinyllama.forward(model, tokens)
