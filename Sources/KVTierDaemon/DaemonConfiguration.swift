@@ -27,8 +27,12 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     public var diskBudget: String?
     /// Codec of pages written to disk. Default k4v4.
     public var diskCodec: String = "k4v4"
-    /// Virtual size of each tenant's shared arena (committed only as used). Default 64GiB.
+    /// Most virtual size of each tenant's page arena (sized tenantRAMQuota + 25%). Default 64GiB.
     public var arenaSize: String = "64GiB"
+    /// Most bytes of pages one tenant may hold in RAM, leased ones included. Default: ramBudget.
+    public var tenantRAMQuota: String?
+    /// Size of each tenant's staging arena (client-writable shared memory for PUTs). Default 256MiB.
+    public var stagingSize: String = "256MiB"
     /// Tokens per page for models that do not ask for another size. Default 256.
     public var pageTokens: Int = Limits.defaultPageTokens
     /// io_uring queue depth of disk reads. Default 64.
@@ -49,7 +53,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     public static let reloadableKeys: Set<String> = ["logLevel"]
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case socket, stateDir, ramBudget, diskBudget, diskCodec, arenaSize, pageTokens, ioQueueDepth
+        case socket, stateDir, ramBudget, diskBudget, diskCodec, arenaSize, tenantRAMQuota, stagingSize, pageTokens, ioQueueDepth
         case logLevel, metricsListen, metricsAllowNonLoopback, sharedTenantGroups
     }
 
@@ -73,6 +77,8 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         diskBudget = try value(.diskBudget, String.self, "a size string such as \"100GiB\", or empty for no limit")
         diskCodec = try value(.diskCodec, String.self, "a codec name string") ?? diskCodec
         arenaSize = try value(.arenaSize, String.self, "a size string such as \"64GiB\"") ?? arenaSize
+        tenantRAMQuota = try value(.tenantRAMQuota, String.self, "a size string such as \"2GiB\"")
+        stagingSize = try value(.stagingSize, String.self, "a size string such as \"256MiB\"") ?? stagingSize
         pageTokens = try value(.pageTokens, Int.self, "an integer") ?? pageTokens
         ioQueueDepth = try value(.ioQueueDepth, Int.self, "an integer") ?? ioQueueDepth
         logLevel = try value(.logLevel, String.self, "a string: " + Self.logLevels.joined(separator: ", ")) ?? logLevel
@@ -135,6 +141,8 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         public var diskBudgetBytes: Int?
         public var diskCodec: Codec
         public var arenaBytes: Int
+        public var tenantRAMQuotaBytes: Int
+        public var stagingBytes: Int
         public var pageTokens: Int
         public var ioQueueDepth: Int
         public var logLevel: Logger.Level
@@ -170,6 +178,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
                 ("socket", quoted(socket)), ("stateDir", quoted(stateDir)), ("ramBudget", quoted("\(ByteCount(ramBudgetBytes))")),
                 ("diskBudget", diskBudgetBytes.map { quoted("\(ByteCount($0))") } ?? "null"),
                 ("diskCodec", quoted("\(diskCodec)")), ("arenaSize", quoted("\(ByteCount(arenaBytes))")),
+                ("tenantRAMQuota", quoted("\(ByteCount(tenantRAMQuotaBytes))")), ("stagingSize", quoted("\(ByteCount(stagingBytes))")),
                 ("pageTokens", "\(pageTokens)"), ("ioQueueDepth", "\(ioQueueDepth)"), ("logLevel", quoted(logLevel.rawValue)),
                 ("metricsListen", metricsListen.map { quoted("\($0)") } ?? "null"),
                 ("metricsAllowNonLoopback", "\(metricsAllowNonLoopback)"),
@@ -187,6 +196,8 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             if diskBudgetBytes != other.diskBudgetBytes { keys.append("diskBudget") }
             if diskCodec != other.diskCodec { keys.append("diskCodec") }
             if arenaBytes != other.arenaBytes { keys.append("arenaSize") }
+            if tenantRAMQuotaBytes != other.tenantRAMQuotaBytes { keys.append("tenantRAMQuota") }
+            if stagingBytes != other.stagingBytes { keys.append("stagingSize") }
             if pageTokens != other.pageTokens { keys.append("pageTokens") }
             if ioQueueDepth != other.ioQueueDepth { keys.append("ioQueueDepth") }
             if logLevel != other.logLevel { keys.append("logLevel") }
@@ -279,13 +290,24 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
                 throw Invalid(key: "sharedTenantGroups", value: group, allowed: "names of groups that exist on this host, or numeric gids below 2^31")
             }
         }
+        let ramBudgetBytes = try size("ramBudget", ramBudget)
+        let quota = try tenantRAMQuota.map { try size("tenantRAMQuota", $0) } ?? ramBudgetBytes
+        guard quota <= ramBudgetBytes else {
+            throw Invalid(key: "tenantRAMQuota", value: tenantRAMQuota ?? "", allowed: "a size no larger than ramBudget (\(ByteCount(ramBudgetBytes)))")
+        }
+        let staging = try size("stagingSize", stagingSize)
+        guard staging >= 1 << 20, staging <= 64 << 30 else {
+            throw Invalid(key: "stagingSize", value: stagingSize, allowed: "a size from 1MiB to 64GiB")
+        }
         var resolved = Resolved(
             socket: socket ?? KVTierPaths.defaultSocketPath(),
             stateDir: state,
-            ramBudgetBytes: try size("ramBudget", ramBudget),
+            ramBudgetBytes: ramBudgetBytes,
             diskBudgetBytes: try diskBudget.flatMap { $0.isEmpty ? nil : try size("diskBudget", $0) },
             diskCodec: codec,
             arenaBytes: try size("arenaSize", arenaSize),
+            tenantRAMQuotaBytes: quota,
+            stagingBytes: staging,
             pageTokens: pageTokens,
             ioQueueDepth: ioQueueDepth,
             logLevel: level,

@@ -14,6 +14,7 @@ extension TieredStore {
     public func get(_ tenant: TenantID, owner: UInt64, modelID: UInt64, tokens: [UInt32], maxTokens: Int) async throws(StoreError) -> GetResult {
         let model = try model(modelID)
         let memory = try memory(for: tenant)
+        if let refusal = state.withLock({ $0.leases.refusal(tenant: tenant, owner: owner, configuration) }) { throw .overBudget(refusal) }
         var located = locate(tenant, model, tokens)
         if maxTokens > 0 {
             located = located.filter { $0.tokens.lowerBound < maxTokens }
@@ -29,13 +30,16 @@ extension TieredStore {
             addresses.append(page.address)
             servedTokens = maxTokens > 0 ? min(page.tokens.upperBound, maxTokens) : page.tokens.upperBound
         }
-        let id = state.withLock { s -> UInt64 in
-            let id = s.nextLease
-            s.nextLease += 1
-            s.leases[id] = Lease(tenant: tenant, owner: owner, pages: addresses, staging: [])
+        let id = state.withLock { s -> UInt64? in
+            // Checked again: the connection's other requests may have taken leases meanwhile.
+            guard s.leases.refusal(tenant: tenant, owner: owner, configuration) == nil else {
+                for address in addresses { s.resident[address]?.leases -= 1 }
+                return nil
+            }
             s.counters.gets += 1
-            return id
+            return s.leases.add(Lease(tenant: tenant, owner: owner, pages: addresses, staging: []))
         }
+        guard let id else { throw .overBudget(state.withLock { $0.leases.refusal(tenant: tenant, owner: owner, configuration) } ?? "too many leases: RELEASE some") }
         await makeRoom()
         return GetResult(tokens: servedTokens, leaseID: id, pages: served)
     }

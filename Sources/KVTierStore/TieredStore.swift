@@ -16,8 +16,18 @@ public final class TieredStore: Sendable {
     public struct Configuration: Sendable {
         /// Most bytes of pages held in RAM, over all tenants.
         public var ramBudgetBytes = 1 << 30
-        /// Virtual size of each tenant's arena (memory is committed only as pages are written).
+        /// Virtual size of each tenant's page arena (memory is committed only as pages are
+        /// written, and never given back: docs/security/arena.md). The daemon derives it from
+        /// the tenant RAM quota.
         public var arenaBytes = 64 << 30
+        /// Most bytes of pages one tenant may hold in RAM, leased ones included; a tenant at its
+        /// quota evicts its own pages.
+        public var tenantRAMQuotaBytes = 1 << 30
+        /// Size of each tenant's staging arena (client-writable memory for shared-memory PUTs).
+        public var stagingBytes = TenantLimits.defaultStagingBytes
+        /// Leases one connection, and all of one tenant's connections, may hold at once.
+        public var maxLeasesPerConnection = TenantLimits.maxLeasesPerConnection
+        public var maxLeasesPerTenant = TenantLimits.maxLeasesPerTenant
         /// Codec of pages written to disk.
         public var diskCodec = Codec(.k4v4)
         /// A page promoted to RAM or written there stays at least this long before eviction.
@@ -57,15 +67,17 @@ public final class TieredStore: Sendable {
         /// The connection holding it; its leases end when it closes.
         var owner: UInt64
         var pages: [PageAddress]
-        var staging: [Extent]
+        /// Staging extents of an ALLOC not yet consumed by a PUT.
+        var staging: Set<Extent>
     }
 
     struct State {
         var models: [UInt64: ModelSpec] = [:]
         var resident: [PageAddress: Resident] = [:]
         var memories: [TenantID: any PageMemory] = [:]
-        var leases: [UInt64: Lease] = [:]
-        var nextLease: UInt64 = 1
+        /// Leases, indexed by owner and tenant and their staging extents by offset, so no
+        /// request does work in proportion to the leases others hold (TieredStore+Leases).
+        var leases = LeaseTable()
         var ramBytes = 0
         /// Heat of pages when they left RAM, so prefetch can load the hottest first.
         var evictedHeat: [PageAddress: Double] = [:]
@@ -119,6 +131,15 @@ public final class TieredStore: Sendable {
             for model in catalog.models { s.models[model.id] = model }
         }
         disk?.holds.withLock { $0 = { [catalog] address in catalog.hold(on: address) } }
+    }
+
+    /// The size of a tenant's page arena for a RAM quota: the quota plus fragmentation slack
+    /// (`TenantLimits.pageArenaSlackPer1024` of it, plus `pageArenaSlackBytes`), at most `ceiling`.
+    public static func pageArenaBytes(quota: Int, ceiling: Int) -> Int {
+        let slack = quota / 1024 * TenantLimits.pageArenaSlackPer1024 + TenantLimits.pageArenaSlackBytes
+        let wanted = quota.addingReportingOverflow(slack).partialValue
+        let granule = ExtentAllocator.granuleBytes
+        return max(granule, min(ceiling, max(wanted, quota)) / granule * granule)
     }
 
     // MARK: models

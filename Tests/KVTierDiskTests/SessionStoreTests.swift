@@ -26,7 +26,7 @@ import Testing
         configuration.diskCodec = Codec(.fp16, .lz4)
         configuration.minResidenceMicros = minResidenceMicros
         let store = TieredStore(configuration: configuration, disk: disk, catalog: catalog, logger: T.logger) { tenant in
-            try ArenaPageMemory(name: "kvtier-session-test-\(tenant)", capacity: 256 << 20, logger: T.logger)
+            try ArenaPageMemory(name: "kvtier-session-test-\(tenant)", capacity: 256 << 20, stagingCapacity: 64 << 20, logger: T.logger)
         }
         try store.register(model)
         return (store, disk)
