@@ -1,0 +1,84 @@
+import Foundation
+import KVTierCore
+import KVTierStore
+import Synchronization
+import Testing
+
+private final class Finished: Sendable {
+    let flag = Mutex(false)
+}
+
+/// Finding 3 (docs/security/arena.md): a tenant that never releases its GETs must neither hold
+/// unbounded leases nor make anyone's request do work in proportion to them. Before the fix,
+/// 30,000 leases made one PUT of 4,096 staging extents scan the lease table per extent under the
+/// store's lock (22 s), and every tenant's LOOKUP and the watchdog's status call waited on it.
+@Suite struct LeaseFloodTests {
+    typealias Store = TieredStoreTests
+    static let attempts = 30_000
+    static let connections = 15
+
+    @Test func aLeaseFloodIsRefusedAtItsLimitsAndStallsNoOtherTenant() async throws {
+        let store = try Store.store(ramBudget: 128 << 20)
+        let model = Store.model
+        let page = Array(Store.tokens[0..<16])
+        _ = try await store.put(Store.alice, owner: 1, modelID: model.id, tokens: page, dataStart: 0, chunks: Store.chunks(from: 0, to: 16), durable: false)
+        _ = try await store.put(Store.bob, owner: 2, modelID: model.id, tokens: page, dataStart: 0, chunks: Store.chunks(from: 0, to: 16), durable: false)
+
+        // The flood: 30,000 GETs from 15 connections of alice, none released.
+        var granted = 0
+        var refusals: [String: Int] = [:]
+        for attempt in 0..<Self.attempts {
+            let owner = UInt64(100 + attempt % Self.connections)
+            do {
+                _ = try await store.get(Store.alice, owner: owner, modelID: model.id, tokens: page, maxTokens: 0)
+                granted += 1
+            } catch {
+                guard case .overBudget(let message) = error else { throw error }
+                let limit = message.contains("maxLeasesPerConnection") ? "maxLeasesPerConnection" : message.contains("maxLeasesPerTenant") ? "maxLeasesPerTenant" : message
+                refusals[limit, default: 0] += 1
+            }
+        }
+        print("LeaseFloodTests: \(granted) of \(Self.attempts) GET leases granted; refused: \(refusals)")
+        #expect(granted <= TenantLimits.maxLeasesPerTenant, "the tenant's leases are bounded")
+        #expect(refusals["maxLeasesPerTenant", default: 0] > 0, "refusals name the limit: \(refusals)")
+        // One connection alone stops at its own limit.
+        for _ in 0..<(TenantLimits.maxLeasesPerConnection + 1) {
+            if (try? await store.get(Store.bob, owner: 7, modelID: model.id, tokens: page, maxTokens: 0)) == nil { break }
+        }
+        await #expect(throws: StoreError.self) { _ = try await store.get(Store.bob, owner: 7, modelID: model.id, tokens: page, maxTokens: 0) }
+        store.releaseAll(owner: 7)
+
+        // Room for one ALLOC: a new connection of alice stages 4,096 pages and PUTs them while
+        // bob looks up and the watchdog reads status.
+        store.releaseAll(owner: 100)
+        let (_, extents) = try store.allocate(Store.alice, owner: 999, sizes: Array(repeating: model.pageTokens * model.bytesPerToken, count: 4096))
+        let tokens = (0..<4096 * model.pageTokens).map { UInt32($0 % 50_000 + 1) }
+        let start = Date()
+        let finished = Finished()
+        let put = Task {
+            defer { finished.flag.withLock { $0 = true } }
+            return try await store.put(Store.alice, owner: 999, modelID: model.id, tokens: tokens, dataStart: 0, chunks: extents.map { .extent($0) }, durable: false)
+        }
+        var slowestLookup = 0.0, slowestStatus = 0.0, lookups = 0
+        repeat {
+            let before = Date()
+            #expect(try store.lookup(Store.bob, modelID: model.id, tokens: page).cachedTokens == 16)
+            slowestLookup = max(slowestLookup, Date().timeIntervalSince(before))
+            let beforeStatus = Date()
+            #expect(!store.status().isEmpty)
+            slowestStatus = max(slowestStatus, Date().timeIntervalSince(beforeStatus))
+            lookups += 1
+            await Task.yield()
+        } while Date().timeIntervalSince(start) < 120 && !finished.flag.withLock({ $0 })
+        let result = try await put.value
+        let seconds = Date().timeIntervalSince(start)
+        print("LeaseFloodTests: PUT of 4096 staged pages took \(seconds) s; \(lookups) LOOKUPs of another tenant meanwhile, slowest \(slowestLookup) s; slowest status \(slowestStatus) s")
+        #expect(result.newPages == 4096)
+        // Generous bounds for a loaded 2-core machine: the flood made these 20+ s before.
+        #expect(seconds < 10, "a PUT of 4096 extents must not scale with others' leases")
+        #expect(slowestLookup < 5 && slowestStatus < 5, "no request waits on work proportional to the leases")
+        for connection in 0..<UInt64(Self.connections) { store.releaseAll(owner: 100 + connection) }
+        #expect(store.status().first { $0.name == "leases" }?.value == 0, "closing every connection ends every lease")
+    }
+
+}
