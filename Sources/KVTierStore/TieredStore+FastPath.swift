@@ -40,11 +40,15 @@ extension TieredStore {
                   s.leases.refusal(tenant: tenant, owner: owner, configuration) == nil else { return .some(nil) }
             var served: [ServedPage] = []
             served.reserveCapacity(pageCount)
+            var leasedBytes = s.tenantLeased[tenant] ?? 0
             for address in addresses {
                 // Not in RAM: on disk, or the cached prefix ends here; `locate` tells which.
                 guard let resident = s.resident[address] else { return nil }
                 served.append(ServedPage(extent: resident.extent, tokens: resident.tokens))
+                if resident.leases == 0 { leasedBytes += resident.extent.length }
             }
+            // Over the tenant's quota: the async path serves what fits.
+            guard leasedBytes <= configuration.tenantRAMQuotaBytes else { return .some(nil) }
             for address in addresses { _ = s.lease(address, now: now) }
             let id = s.leases.add(Lease(tenant: tenant, owner: owner, pages: addresses, staging: []))
             s.counters.gets += 1
@@ -72,10 +76,13 @@ extension TieredStore {
             var served: [ServedPage] = []
             served.reserveCapacity(located.count)
             // All or nothing: a page evicted since `locate` sends the request down the async path.
+            var leasedBytes = s.tenantLeased[tenant] ?? 0
             for page in located {
                 guard let resident = s.resident[page.address] else { return nil }
                 served.append(ServedPage(extent: resident.extent, tokens: resident.tokens))
+                if resident.leases == 0 { leasedBytes += resident.extent.length }
             }
+            guard leasedBytes <= configuration.tenantRAMQuotaBytes else { return nil }
             for page in located { _ = s.lease(page.address, now: now) }
             let id = s.leases.add(Lease(tenant: tenant, owner: owner, pages: located.map(\.address), staging: []))
             s.counters.gets += 1
@@ -127,7 +134,10 @@ extension TieredStore {
                 projectedBytes += (chunkBytes + 4095) & ~4095
             }
         }
-        let fits = state.withLock { $0.ramBytes + projectedBytes <= configuration.ramBudgetBytes }
+        let fits = state.withLock {
+            $0.ramBytes + projectedBytes <= configuration.ramBudgetBytes
+                && ($0.tenantRAM[tenant] ?? 0) + projectedBytes <= configuration.tenantRAMQuotaBytes
+        }
         guard fits else { return nil }
         guard (try? claimStaging(tenant, owner: owner, chunks, memory)) != nil else { return nil }
 

@@ -58,7 +58,7 @@ extension TieredStore {
         let lease = state.withLock { s -> Lease? in
             guard let lease = s.leases[leaseID], lease.tenant == tenant else { return nil }
             _ = s.leases.remove(leaseID)
-            for address in lease.pages { s.resident[address]?.leases -= 1 }
+            for address in lease.pages { s.endLease(address) }
             return lease
         }
         guard let lease else { throw .notFound("lease \(leaseID) of this tenant (already released, or its connection closed): release each lease once") }
@@ -224,8 +224,7 @@ extension TieredStore {
                     raced.append(page.extent)
                     continue
                 }
-                s.resident[address] = page
-                s.ramBytes += page.extent.length
+                s.insertResident(address, page)
             }
             s.counters.puts += 1
             s.counters.pagesStored += newPages.count - raced.count

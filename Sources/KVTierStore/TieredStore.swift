@@ -79,6 +79,10 @@ public final class TieredStore: Sendable {
         /// request does work in proportion to the leases others hold (TieredStore+Leases).
         var leases = LeaseTable()
         var ramBytes = 0
+        /// Bytes of each tenant's RAM pages (leased ones included): what its quota limits.
+        var tenantRAM: [TenantID: Int] = [:]
+        /// Bytes of each tenant's RAM pages that some lease holds (cannot be evicted).
+        var tenantLeased: [TenantID: Int] = [:]
         /// Heat of pages when they left RAM, so prefetch can load the hottest first.
         var evictedHeat: [PageAddress: Double] = [:]
         /// Disk pages being read into RAM, with whoever waits for them (`load`).
@@ -88,8 +92,9 @@ public final class TieredStore: Sendable {
         /// Leases a resident page to a client's GET: counts the use (and a prefetch that paid
         /// off). Nil when the page is not in RAM.
         mutating func lease(_ address: PageAddress, now: UInt64) -> Resident? {
-            guard var page = resident[address] else { return nil }
-            page.leases += 1
+            guard resident[address] != nil else { return nil }
+            addLease(address)
+            var page = resident[address]!
             page.uses += 1
             page.lastAccessMicros = now
             if page.prefetched {
@@ -98,6 +103,44 @@ public final class TieredStore: Sendable {
             }
             resident[address] = page
             return page
+        }
+
+        // Every change of residency and leases goes through these four, which keep the
+        // per-tenant figures the quotas read.
+
+        mutating func insertResident(_ address: PageAddress, _ page: Resident) {
+            precondition(resident[address] == nil, "a page made resident twice")
+            resident[address] = page
+            ramBytes += page.extent.length
+            tenantRAM[address.tenant, default: 0] += page.extent.length
+            if page.leases > 0 { tenantLeased[address.tenant, default: 0] += page.extent.length }
+        }
+
+        mutating func removeResident(_ address: PageAddress) -> Resident? {
+            guard let page = resident.removeValue(forKey: address) else { return nil }
+            ramBytes -= page.extent.length
+            Self.subtract(page.extent.length, from: &tenantRAM, address.tenant)
+            if page.leases > 0 { Self.subtract(page.extent.length, from: &tenantLeased, address.tenant) }
+            return page
+        }
+
+        mutating func addLease(_ address: PageAddress) {
+            guard var page = resident[address] else { return }
+            if page.leases == 0 { tenantLeased[address.tenant, default: 0] += page.extent.length }
+            page.leases += 1
+            resident[address] = page
+        }
+
+        mutating func endLease(_ address: PageAddress) {
+            guard var page = resident[address] else { return }
+            page.leases -= 1
+            if page.leases == 0 { Self.subtract(page.extent.length, from: &tenantLeased, address.tenant) }
+            resident[address] = page
+        }
+
+        private static func subtract(_ bytes: Int, from table: inout [TenantID: Int], _ tenant: TenantID) {
+            let left = (table[tenant] ?? 0) - bytes
+            table[tenant] = left > 0 ? left : nil
         }
     }
 
