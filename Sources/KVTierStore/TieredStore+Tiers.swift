@@ -271,11 +271,36 @@ extension TieredStore {
         }
     }
 
-    /// Counters and gauges, named as in `kvtier status`.
+    /// Counters and gauges, named as in `kvtier status`. Never waits for the store's lock:
+    /// when a request holds it, the figures are those of the last call that got it (and
+    /// `status_stale` is 1), so the watchdog and STATUS answer whatever requests do.
     public func status() -> [(name: String, value: UInt64)] {
         // Read before taking the store's lock: the catalog's lock may be held across a journal sync.
         let sessions = catalog.count, pinnedBytes = catalog.pinnedBytes
-        return state.withLock { s in
+        var gauges: [(name: String, value: UInt64)]? = nil
+        for attempt in 0..<Self.statusLockAttempts {
+            if attempt > 0 { usleep(Self.statusLockRetryMicros) }
+            gauges = state.withLockIfAvailable { s in storeGauges(s, sessions: sessions, pinnedBytes: pinnedBytes) }
+            if let gauges {
+                statusSnapshot.withLock { $0 = gauges }
+                break
+            }
+        }
+        let stale: UInt64 = gauges == nil ? 1 : 0
+        let figures = gauges ?? statusSnapshot.withLock { $0 }
+        return figures + [("status_stale", stale)] + (disk.map { d -> [(String, UInt64)] in
+            let stats = d.stats
+            return [("disk_pages", UInt64(stats.pages)), ("disk_live_bytes", UInt64(stats.liveBytes)),
+                    ("disk_file_bytes", UInt64(stats.fileBytes)), ("disk_checksum_failures", UInt64(stats.checksumFailures))]
+        } ?? [])
+    }
+
+    /// How often, and how far apart, `status` tries the store's lock before answering from its
+    /// last snapshot (about 10 ms in all).
+    static let statusLockAttempts = 10
+    static let statusLockRetryMicros: UInt32 = 1_000
+
+    private func storeGauges(_ s: borrowing State, sessions: Int, pinnedBytes: Int) -> [(name: String, value: UInt64)] {
             let c = s.counters
             return [
                 ("ram_pages", UInt64(s.resident.count)), ("ram_bytes", UInt64(s.ramBytes)),
@@ -290,11 +315,6 @@ extension TieredStore {
                 ("prefetch_issued", UInt64(c.prefetchIssued)), ("prefetch_loaded", UInt64(c.prefetchLoaded)),
                 ("prefetch_useful", UInt64(c.prefetchUseful)), ("sessions", UInt64(sessions)),
                 ("sessions_expired", UInt64(c.sessionsExpired)), ("pinned_bytes", UInt64(pinnedBytes)),
-            ] + (disk.map { d -> [(String, UInt64)] in
-                let stats = d.stats
-                return [("disk_pages", UInt64(stats.pages)), ("disk_live_bytes", UInt64(stats.liveBytes)),
-                        ("disk_file_bytes", UInt64(stats.fileBytes)), ("disk_checksum_failures", UInt64(stats.checksumFailures))]
-            } ?? [])
-        }
+            ]
     }
 }

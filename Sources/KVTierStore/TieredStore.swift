@@ -156,6 +156,9 @@ public final class TieredStore: Sendable {
     let makeMemory: @Sendable (TenantID) throws -> any PageMemory
     let logger: Logger
     let state = Mutex(State())
+    /// The store's counters and gauges as `status` last read them, served while the store's
+    /// lock is busy so that STATUS and the watchdog never queue behind requests.
+    let statusSnapshot = Mutex<[(name: String, value: UInt64)]>([])
     /// Registered models and named sessions (persisted when the catalog has storage).
     public let catalog: SessionCatalog
 

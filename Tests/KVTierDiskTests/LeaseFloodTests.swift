@@ -1,6 +1,6 @@
 import Foundation
 import KVTierCore
-import KVTierStore
+@testable import KVTierStore
 import Synchronization
 import Testing
 
@@ -81,4 +81,26 @@ private final class Finished: Sendable {
         #expect(store.status().first { $0.name == "leases" }?.value == 0, "closing every connection ends every lease")
     }
 
+
+    /// STATUS and the watchdog read `status()`: it must answer while a request holds the store's
+    /// lock (from its last snapshot, flagged stale), not queue behind it.
+    @Test func statusNeverWaitsForTheStoresLock() async throws {
+        let store = try Store.store()
+        #expect(store.status().first { $0.name == "status_stale" }?.value == 0)
+        let holding = Finished()
+        let holder = Thread {
+            store.state.withLock { _ in
+                holding.flag.withLock { $0 = true }
+                usleep(5_000_000)  // a long request; the test measures status() against it
+            }
+        }
+        holder.start()
+        let deadline = Date().addingTimeInterval(30)
+        while !holding.flag.withLock({ $0 }) && Date() < deadline { usleep(1_000) }
+        let start = Date()
+        let status = store.status()
+        let seconds = Date().timeIntervalSince(start)
+        #expect(seconds < 2.5, "status() waited \(seconds) s for the store's lock")
+        #expect(status.first { $0.name == "status_stale" }?.value == 1 && status.contains { $0.name == "ram_bytes" })
+    }
 }
