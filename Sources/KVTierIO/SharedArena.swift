@@ -13,6 +13,9 @@ import SystemPackage
 /// Seals: the daemon's memfd is sealed against shrinking and growing (then the seals are sealed),
 /// so a client holding the descriptor cannot truncate it and make the daemon's next access to
 /// the arena fault with SIGBUS. `map` insists on that seal for the same reason in the client.
+/// A `.clientsRead` arena (a tenant's page arena) is also sealed F_SEAL_FUTURE_WRITE once the
+/// daemon has mapped it, so only the daemon's own mapping can write it; such an arena can no
+/// longer `release` memory (EPERM), and clients map it read-only.
 // Invariant for @unchecked Sendable: the value is non-copyable, so the mapping and descriptor
 // have one owner; `base`, `capacity` and the descriptor never change while it lives, and the
 // memory they reach is shared with other processes by design (extent ownership is the caller's).

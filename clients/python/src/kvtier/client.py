@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import array
-import fcntl
 import mmap
 import os
 import socket
-import stat
 import struct
 import sys
 import threading
@@ -18,6 +16,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _wire
+from ._arena import arena_problem
 from ._wire import Extent, Op, SessionInfo
 from .errors import CLOSING_CODES, KVTierConnectionError, KVTierError, ProtocolViolation
 from .model import ModelSpec
@@ -29,36 +28,6 @@ ModelRef = Union[ModelSpec, int]
 # staging memory between ALLOC and PUT (and at most maxExtents pages, and a quarter of the
 # tenant's staging arena, which the tenant's connections share).
 SHM_BATCH_BYTES = 512 << 20
-
-# Seals (fcntl F_GET_SEALS; constants from linux/fcntl.h where Python lacks them).
-_F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
-_F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
-_F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
-
-
-def _arena_problem(fd: int, length: int, read_only: bool, what: str) -> Optional[str]:
-    """Why an arena descriptor from the daemon must not be mapped, or None. Never trusts the
-    peer: a memfd it could still shrink would kill this process with SIGBUS on the next access,
-    and a page arena without F_SEAL_FUTURE_WRITE could be rewritten by other clients while we
-    read it. The same checks as the Swift client's SharedArena.map."""
-    try:
-        st = os.fstat(fd)
-    except OSError as e:
-        return f"the {what} descriptor cannot be examined: {e.strerror or e}"
-    if not stat.S_ISREG(st.st_mode):
-        return f"the {what} descriptor is not a memfd (not a regular file)"
-    if st.st_size < length:
-        return f"the {what} memfd holds {st.st_size} bytes, fewer than the {length} announced"
-    try:
-        seals = fcntl.fcntl(fd, _F_GET_SEALS)
-    except OSError as e:
-        return f"the {what} memfd has no seals (F_GET_SEALS: {e.strerror or e})"
-    if not seals & _F_SEAL_SHRINK:
-        return f"the {what} memfd is not sealed against shrinking (F_SEAL_SHRINK), so it could be cut short under the mapping"
-    if read_only and not seals & _F_SEAL_FUTURE_WRITE:
-        return f"the {what} memfd is not sealed against writes (F_SEAL_FUTURE_WRITE), so other processes could change pages it serves"
-    return None
-
 
 @dataclass(frozen=True)
 class LookupResult:
@@ -339,8 +308,8 @@ class Client:
             return f"the HELLO reply carried {len(fds)} descriptors, not two (page arena, staging arena)"
         if not (0 < reply.arena_bytes <= sys.maxsize and 0 < reply.staging_bytes <= sys.maxsize):
             return f"the arenas are {reply.arena_bytes} and {reply.staging_bytes} bytes"
-        problem = (_arena_problem(fds[0], reply.arena_bytes, True, "page arena")
-                   or _arena_problem(fds[1], reply.staging_bytes, False, "staging arena"))
+        problem = (arena_problem(fds[0], reply.arena_bytes, True, "page arena")
+                   or arena_problem(fds[1], reply.staging_bytes, False, "staging arena"))
         if problem is not None:
             return problem
         try:
