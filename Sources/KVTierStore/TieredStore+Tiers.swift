@@ -26,6 +26,12 @@ extension TieredStore {
             throw .overBudget("this tenant's leases hold \(ByteCount(state.withLock { $0.tenantLeased[tenant] ?? 0 })) of RAM, its quota (tenantRAMQuota \(ByteCount(configuration.tenantRAMQuotaBytes))) leaves no room for another page: RELEASE leases, or raise tenantRAMQuota")
         }
         located = fitting
+        // Room for the disk pages among the tenant's own pages first, so its arena has space.
+        let loading = located.filter { $0.tier == .disk }.count
+        if loading > 0 {
+            let granule = ExtentAllocator.granuleBytes
+            await makeRoom(reserving: (tenant, loading * ((model.pageTokens * model.bytesPerToken + granule - 1) / granule * granule)))
+        }
         // Disk pages come in one batched read (or with a load already under way, e.g. prefetch).
         await load(located.filter { $0.tier == .disk }.map(\.address), model, memory, prefetch: false)
         var served: [ServedPage] = []
@@ -171,9 +177,12 @@ extension TieredStore {
     /// Moves the coldest unleased pages to disk until RAM is within budget (`evictionPolicy`).
     /// By heat, pages younger than the minimum residence go last, so a page just promoted is
     /// not evicted at once; by LRU, the least recently accessed page goes first.
-    public func makeRoom() async {
+    ///
+    /// `reserving` makes room in advance for bytes a tenant is about to load: its own pages go
+    /// first, so its page arena (sized to its quota) has the space.
+    public func makeRoom(reserving: (tenant: TenantID, bytes: Int)? = nil) async {
         while true {
-            let victims = chooseVictims()
+            let victims = chooseVictims(reserving: reserving)
             guard !victims.isEmpty else { return }
             var evicted = 0
             for (address, page) in victims {
@@ -215,19 +224,23 @@ extension TieredStore {
     /// budget over the tenants with pages in RAM) give up pages, so one tenant's pressure never
     /// pushes out a tenant that keeps to its share. Heat prefers pages past their minimum
     /// residence; LRU orders by last access alone. Pinned sessions' pages and leased pages stay.
-    private func chooseVictims() -> [(PageAddress, Resident)] {
+    private func chooseVictims(reserving: (tenant: TenantID, bytes: Int)?) -> [(PageAddress, Resident)] {
         // Asking the catalog about every resident page is only needed while something is pinned.
         let anyPinned = catalog.pinnedBytes > 0
         return state.withLock { s in
             let quota = configuration.tenantRAMQuotaBytes
             var tenantExcess = s.tenantRAM.compactMapValues { $0 > quota ? $0 - quota : nil }
+            if let reserving {
+                let wanted = (s.tenantRAM[reserving.tenant] ?? 0) + reserving.bytes - quota
+                if wanted > 0 { tenantExcess[reserving.tenant] = wanted }
+            }
             var excess = s.ramBytes - configuration.ramBudgetBytes
             guard excess > 0 || !tenantExcess.isEmpty else { return [] }
             let fairShare = configuration.ramBudgetBytes / max(1, s.tenantRAM.count)
             var aboveFair = s.tenantRAM.compactMapValues { $0 > fairShare ? $0 - fairShare : nil }
             let now = Clocks.monotonicMicros()
             var candidates: [(address: PageAddress, page: Resident, young: Bool, score: Double)] = []
-            for (address, page) in s.resident where page.leases == 0 && aboveFair[address.tenant] != nil
+            for (address, page) in s.resident where page.leases == 0 && (aboveFair[address.tenant] != nil || tenantExcess[address.tenant] != nil)
                 && !(anyPinned && catalog.hold(on: address) == .pinned) {
                 switch configuration.evictionPolicy {
                 case .lru:

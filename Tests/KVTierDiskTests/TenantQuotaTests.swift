@@ -68,4 +68,37 @@ import Testing
         #expect(status["ram_bytes"]! <= UInt64(Self.budget + 4 * (1 << 20) + pageBytes), "RAM stays within budget plus alice's leased share")
         try store.release(Store.alice, leaseID: got.leaseID)
     }
+
+    /// A tenant past its quota evicts its own pages even when RAM as a whole has room.
+    @Test func aTenantOverItsQuotaEvictsItsOwnPages() async throws {
+        let disk = try DiskTier(storage: SimulatedStorage(seed: 5), logger: Store.logger)
+        let pageBytes = 16 * Store.model.bytesPerToken  // 8 KiB
+        var configuration = TieredStore.Configuration()
+        configuration.ramBudgetBytes = 64 * pageBytes
+        configuration.tenantRAMQuotaBytes = 8 * pageBytes
+        configuration.diskCodec = Codec(.fp16, .none)
+        configuration.minResidenceMicros = 0
+        let store = TieredStore(configuration: configuration, disk: disk, logger: Store.logger) { tenant in
+            try ArenaPageMemory(name: "kvtier-quota-own-\(tenant)", capacity: 16 << 20, stagingCapacity: 1 << 20, logger: Store.logger)
+        }
+        try store.register(Store.model)
+        let bobTokens = Array(Store.tokens[0..<64])
+        _ = try await store.put(Store.bob, owner: 1, modelID: Store.model.id, tokens: bobTokens, dataStart: 0,
+                                chunks: Store.chunks(from: 0, to: 64), durable: false)
+        let aliceTokens = (0..<320).map { UInt32($0 + 5_000) }
+        _ = try await store.put(Store.alice, owner: 2, modelID: Store.model.id, tokens: aliceTokens, dataStart: 0,
+                                chunks: Store.chunks(from: 0, to: 320), durable: false)
+        let alice = try store.lookup(Store.alice, modelID: Store.model.id, tokens: aliceTokens)
+        #expect(alice.cachedTokens == 320 && alice.ramTokens <= 8 * 16, "alice keeps at most her quota in RAM: \(alice)")
+        let bob = try store.lookup(Store.bob, modelID: Store.model.id, tokens: bobTokens)
+        #expect(bob.ramTokens == 64, "bob keeps his pages: \(bob)")
+        // Her GET of everything serves what fits her quota, from disk, exact.
+        let got = try await store.get(Store.alice, owner: 2, modelID: Store.model.id, tokens: aliceTokens, maxTokens: 0)
+        #expect(got.tokens == 8 * 16 && got.pages.count == 8)
+        let memory = try store.memory(for: Store.alice)
+        for (index, page) in got.pages.enumerated() {
+            #expect(memory.buffer(page.extent).copyBytes().prefix(pageBytes) == Store.rows(index * 16, 16).copyBytes()[...], "page \(index)")
+        }
+        try store.release(Store.alice, leaseID: got.leaseID)
+    }
 }
