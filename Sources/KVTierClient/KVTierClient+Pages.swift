@@ -120,7 +120,7 @@ extension KVTierClient {
             guard let arena else { throw KVTierClientError.protocolViolation("GET answered an inline request with extents") }
             for extent in extents {
                 let holds = Int(extent.tokens)
-                guard let bytes = arena.bytes(offset: extent.offset, length: extent.bytes), holds * bytesPerToken <= bytes.count else {
+                guard let bytes = arena.pageBytes(offset: extent.offset, length: extent.bytes), holds * bytesPerToken <= bytes.count else {
                     throw KVTierClientError.protocolViolation("GET extent at \(extent.offset) of \(extent.bytes) bytes, \(extent.tokens) tokens, "
                                                               + "does not fit the arena or the model's \(bytesPerToken) bytes per token")
                 }

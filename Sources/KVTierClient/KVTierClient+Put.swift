@@ -32,13 +32,13 @@ extension KVTierClient {
     }
 
     /// Groups chunks into `PUT`s: each within `maxExtents` chunks, and within `maxInlineBody`
-    /// (inline) or a quarter of the arena (shared memory) in bytes. An empty group when there is
+    /// (inline) or a quarter of the staging arena (shared memory) in bytes. An empty group when there is
     /// nothing to send (a put that only names a session or asks for durability).
     private func batches(of ranges: [Range<Int>], model: RegisteredModel, tokens: Int, session: String?) throws -> [[Range<Int>]] {
         guard !ranges.isEmpty else { return [[]] }
         // PUT body without data: modelID, session, flags, tokens, dataStart, data length/count.
         let overhead = 8 + 2 + (session?.utf8.count ?? 0) + 1 + 4 + 4 * tokens + 4 + 8
-        let budget = arena.map { max($0.arena.capacity / 4, 1) } ?? (maxInlineBody - overhead)
+        let budget = arena.map { max($0.stagingCapacity / 4, 1) } ?? (maxInlineBody - overhead)
         var batches: [[Range<Int>]] = []
         var current: [Range<Int>] = []
         var currentBytes = 0
@@ -100,8 +100,8 @@ extension KVTierClient {
             }
             var extents: [WireExtent] = []
             for (index, extent) in staging.extents.enumerated() {
-                guard let destination = arena.bytes(offset: extent.offset, length: extent.bytes), destination.count >= sizes[index] else {
-                    throw KVTierClientError.protocolViolation("ALLOC extent at \(extent.offset) of \(extent.bytes) bytes is outside the arena "
+                guard let destination = arena.stagingBytes(offset: extent.offset, length: extent.bytes), destination.count >= sizes[index] else {
+                    throw KVTierClientError.protocolViolation("ALLOC extent at \(extent.offset) of \(extent.bytes) bytes is outside the staging arena "
                                                               + "or shorter than the \(sizes[index]) bytes asked for")
                 }
                 pack(batch[index], UnsafeMutableRawBufferPointer(rebasing: destination[0..<sizes[index]]))

@@ -3,27 +3,44 @@ import KVTierCore
 import KVTierIO
 import KVTierProtocol
 
-/// The tenant's arena as this process maps it, shared by the client and the closures it lends
-/// pages to (so the mapping outlives a `close` that races them).
-// Invariant for @unchecked Sendable: `arena` is immutable and itself Sendable; `base` is its
-// mapping, which lives exactly as long as this object (SharedArena unmaps in its deinit).
+/// The tenant's arenas as this process maps them (the page arena read-only, the staging arena
+/// read-write), shared by the client and the closures it lends pages to (so the mappings outlive
+/// a `close` that races them).
+// Invariant for @unchecked Sendable: the arenas are immutable and themselves Sendable; the bases
+// are their mappings, which live exactly as long as this object (SharedArena unmaps in deinit).
 final class MappedArena: @unchecked Sendable {
-    let arena: SharedArena
-    /// The first byte of the mapping: `withBytes` lends one extent per closure, but a `GET`
+    let pages: SharedArena
+    let staging: SharedArena
+    /// The first byte of each mapping: `withBytes` lends one extent per closure, but a `GET`
     /// lends many pages at once. Valid while this object lives.
-    let base: UnsafeMutableRawPointer
+    private let pagesBase: UnsafeMutableRawPointer
+    private let stagingBase: UnsafeMutableRawPointer
 
-    init(_ arena: consuming SharedArena) {
-        base = arena.withBytes(SharedArena.Extent(offset: 0, length: arena.capacity)) { $0.baseAddress! }
-        self.arena = arena
+    init(pages: consuming SharedArena, staging: consuming SharedArena) {
+        pagesBase = pages.withBytes(SharedArena.Extent(offset: 0, length: pages.capacity)) { $0.baseAddress! }
+        stagingBase = staging.withBytes(SharedArena.Extent(offset: 0, length: staging.capacity)) { $0.baseAddress! }
+        self.pages = pages
+        self.staging = staging
     }
 
-    /// The bytes of an extent a peer named, or nil when it is not inside the arena and aligned.
-    func bytes(offset: UInt64, length: UInt64) -> UnsafeMutableRawBufferPointer? {
+    var stagingCapacity: Int { staging.capacity }
+
+    /// The bytes of a page extent a peer named (read-only: the mapping faults on a write), or
+    /// nil when it is not inside the page arena and aligned.
+    func pageBytes(offset: UInt64, length: UInt64) -> UnsafeRawBufferPointer? {
+        Self.extent(offset, length, in: pages).map { UnsafeRawBufferPointer(start: pagesBase + $0.offset, count: $0.length) }
+    }
+
+    /// The bytes of a staging extent a peer named, or nil when it is not inside the staging
+    /// arena and aligned.
+    func stagingBytes(offset: UInt64, length: UInt64) -> UnsafeMutableRawBufferPointer? {
+        Self.extent(offset, length, in: staging).map { UnsafeMutableRawBufferPointer(start: stagingBase + $0.offset, count: $0.length) }
+    }
+
+    private static func extent(_ offset: UInt64, _ length: UInt64, in arena: borrowing SharedArena) -> SharedArena.Extent? {
         guard offset <= UInt64(Int.max), length <= UInt64(Int.max) else { return nil }
         let extent = SharedArena.Extent(offset: Int(offset), length: Int(length))
-        guard arena.contains(extent) else { return nil }
-        return UnsafeMutableRawBufferPointer(start: base + extent.offset, count: extent.length)
+        return arena.contains(extent) ? extent : nil
     }
 }
 
@@ -94,17 +111,27 @@ public final class KVTierClient: Sendable {
         }
     }
 
-    /// Maps the arena a `HELLO` reply offered, closing the received descriptor either way.
+    /// Maps the arenas a `HELLO` reply offered (the page arena read-only, insisting on its write
+    /// seal; the staging arena read-write), closing the received descriptors either way.
     private static func mapArena(_ reply: HelloReply, descriptors: [Int32], wanted: Bool) -> (MappedArena?, String?) {
         defer { Transport.closeAll(descriptors) }
         guard wanted else { return (nil, nil) }
         guard reply.capabilities.contains(.sharedMemory) else { return (nil, "kvtierd offers no shared memory") }
-        guard descriptors.count == 1 else { return (nil, "the HELLO reply carried \(descriptors.count) descriptors, not one") }
-        guard reply.arenaBytes > 0, reply.arenaBytes <= UInt64(Int.max) else { return (nil, "the arena is \(reply.arenaBytes) bytes") }
+        guard descriptors.count == 2 else { return (nil, "the HELLO reply carried \(descriptors.count) descriptors, not two") }
+        guard reply.arenaBytes > 0, reply.arenaBytes <= UInt64(Int.max), reply.stagingBytes > 0, reply.stagingBytes <= UInt64(Int.max) else {
+            return (nil, "the arenas are \(reply.arenaBytes) and \(reply.stagingBytes) bytes")
+        }
+        let pages: SharedArena
         do {
-            return (MappedArena(try SharedArena.map(descriptor: descriptors[0], capacity: Int(reply.arenaBytes))), nil)
+            pages = try SharedArena.map(descriptor: descriptors[0], capacity: Int(reply.arenaBytes), sharing: .clientsRead)
         } catch {
-            return (nil, "cannot map the arena (\(reply.arenaBytes) bytes): \(error) (errno \(error.rawValue))")
+            return (nil, "cannot map the page arena (\(reply.arenaBytes) bytes) read-only with its size and write seals: \(error) (errno \(error.rawValue))")
+        }
+        do {
+            let staging = try SharedArena.map(descriptor: descriptors[1], capacity: Int(reply.stagingBytes), sharing: .clientsWrite)
+            return (MappedArena(pages: pages, staging: staging), nil)
+        } catch {
+            return (nil, "cannot map the staging arena (\(reply.stagingBytes) bytes) with its size seals: \(error) (errno \(error.rawValue))")
         }
     }
 

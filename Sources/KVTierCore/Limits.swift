@@ -14,3 +14,20 @@ public enum Limits {
     /// Largest fp16 size of one section (one layer of one page, keys plus values).
     public static let maxSectionBytes = 1 << 30
 }
+
+/// Limits of what one client or tenant may hold in the RAM tier (docs/security/arena.md). The
+/// store's configuration starts from these; the daemon's configuration may change the ones
+/// docs/configuration.md lists.
+public enum TenantLimits {
+    /// Leases (unreleased GETs and ALLOCs) one connection may hold at once.
+    public static let maxLeasesPerConnection = 1024
+    /// Leases all connections of one tenant may hold at once.
+    public static let maxLeasesPerTenant = 8192
+    /// Default size of a tenant's staging arena (client-writable shared memory for PUTs).
+    public static let defaultStagingBytes = 256 << 20
+    /// Fragmentation slack of a tenant's page arena, in parts per 1024 of its RAM quota: the page
+    /// arena is `quota + quota × slack / 1024 + pageArenaSlackBytes` bytes.
+    public static let pageArenaSlackPer1024 = 256
+    /// Fixed fragmentation slack of a tenant's page arena (room for a few large pages).
+    public static let pageArenaSlackBytes = 64 << 20
+}

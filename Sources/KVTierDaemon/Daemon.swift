@@ -76,11 +76,14 @@ public final class Daemon: Sendable {
 
         var storeConfiguration = TieredStore.Configuration()
         storeConfiguration.ramBudgetBytes = c.ramBudgetBytes
-        storeConfiguration.arenaBytes = c.arenaBytes
+        storeConfiguration.tenantRAMQuotaBytes = c.tenantRAMQuotaBytes
+        storeConfiguration.stagingBytes = c.stagingBytes
+        // The page arena never gives memory back (docs/security/arena.md): sized to the quota.
+        storeConfiguration.arenaBytes = TieredStore.pageArenaBytes(quota: c.tenantRAMQuotaBytes, ceiling: c.arenaBytes)
         storeConfiguration.diskCodec = c.diskCodec
-        let arenaBytes = c.arenaBytes
+        let arenaBytes = storeConfiguration.arenaBytes, stagingBytes = c.stagingBytes
         let store = TieredStore(configuration: storeConfiguration, disk: disk, catalog: catalog, logger: logger) { tenant in
-            try ArenaPageMemory(name: "kvtier-arena-\(tenant)", capacity: arenaBytes, logger: logger)
+            try ArenaPageMemory(name: "kvtier-arena-\(tenant)", capacity: arenaBytes, stagingCapacity: stagingBytes, logger: logger)
         }
 
         // The socket's directory likewise, unless systemd passes the socket (its RuntimeDirectory
@@ -97,8 +100,8 @@ public final class Daemon: Sendable {
             tenantFor: { peer in c.tenant(uid: peer.uid, gid: peer.gid) },
             arenaProvider: { tenant in
                 let memory = try store.memory(for: tenant)
-                guard let descriptor = memory.shareableDescriptor else { return nil }
-                return (descriptor, memory.capacity)
+                guard let pages = memory.shareableDescriptor, let staging = memory.stagingDescriptor else { return nil }
+                return KVServer.TenantArenas(pages: (pages, memory.capacity), staging: (staging, memory.stagingCapacity))
             },
             logger: logger)
 

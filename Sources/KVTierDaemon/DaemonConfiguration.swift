@@ -32,8 +32,12 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     public var diskTenantQuota: String?
     /// Codec of pages written to disk. Default k4v4.
     public var diskCodec: String = "k4v4"
-    /// Virtual size of each tenant's shared arena (committed only as used). Default 64GiB.
+    /// Most virtual size of each tenant's page arena (sized tenantRAMQuota + 25%). Default 64GiB.
     public var arenaSize: String = "64GiB"
+    /// Most bytes of pages one tenant may hold in RAM, leased ones included. Default: ramBudget.
+    public var tenantRAMQuota: String?
+    /// Size of each tenant's staging arena (client-writable shared memory for PUTs). Default 256MiB.
+    public var stagingSize: String = "256MiB"
     /// Tokens per page for models that do not ask for another size. Default 256.
     public var pageTokens: Int = Limits.defaultPageTokens
     /// io_uring queue depth of disk reads. Default 64.
@@ -67,7 +71,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     public static let reloadableKeys: Set<String> = ["logLevel"]
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case socket, stateDir, ramBudget, diskBudget, diskCodec, arenaSize, pageTokens, ioQueueDepth
+        case socket, stateDir, ramBudget, diskBudget, diskCodec, arenaSize, tenantRAMQuota, stagingSize, pageTokens, ioQueueDepth
         case logLevel, metricsListen, metricsAllowNonLoopback, sharedTenantGroups, diskTenantQuota
         case maxConnections, maxConnectionsPerUID, handshakeTimeoutSeconds, idleTimeoutSeconds
         case maxBufferedFrameBytes, maxBufferedFrameBytesPerUID
@@ -94,6 +98,8 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         diskTenantQuota = try value(.diskTenantQuota, String.self, "a size string such as \"20GiB\", or empty for no quota")
         diskCodec = try value(.diskCodec, String.self, "a codec name string") ?? diskCodec
         arenaSize = try value(.arenaSize, String.self, "a size string such as \"64GiB\"") ?? arenaSize
+        tenantRAMQuota = try value(.tenantRAMQuota, String.self, "a size string such as \"2GiB\"")
+        stagingSize = try value(.stagingSize, String.self, "a size string such as \"256MiB\"") ?? stagingSize
         pageTokens = try value(.pageTokens, Int.self, "an integer") ?? pageTokens
         ioQueueDepth = try value(.ioQueueDepth, Int.self, "an integer") ?? ioQueueDepth
         logLevel = try value(.logLevel, String.self, "a string: " + Self.logLevels.joined(separator: ", ")) ?? logLevel
@@ -163,6 +169,8 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         public var diskTenantQuotaBytes: Int?
         public var diskCodec: Codec
         public var arenaBytes: Int
+        public var tenantRAMQuotaBytes: Int
+        public var stagingBytes: Int
         public var pageTokens: Int
         public var ioQueueDepth: Int
         public var logLevel: Logger.Level
@@ -223,6 +231,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
                 ("diskBudget", diskBudgetBytes.map { quoted("\(ByteCount($0))") } ?? "null"),
                 ("diskTenantQuota", diskTenantQuotaBytes.map { quoted("\(ByteCount($0))") } ?? "null"),
                 ("diskCodec", quoted("\(diskCodec)")), ("arenaSize", quoted("\(ByteCount(arenaBytes))")),
+                ("tenantRAMQuota", quoted("\(ByteCount(tenantRAMQuotaBytes))")), ("stagingSize", quoted("\(ByteCount(stagingBytes))")),
                 ("pageTokens", "\(pageTokens)"), ("ioQueueDepth", "\(ioQueueDepth)"), ("logLevel", quoted(logLevel.rawValue)),
                 ("metricsListen", metricsListen.map { quoted("\($0)") } ?? "null"),
                 ("metricsAllowNonLoopback", "\(metricsAllowNonLoopback)"),
@@ -245,6 +254,8 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             if diskTenantQuotaBytes != other.diskTenantQuotaBytes { keys.append("diskTenantQuota") }
             if diskCodec != other.diskCodec { keys.append("diskCodec") }
             if arenaBytes != other.arenaBytes { keys.append("arenaSize") }
+            if tenantRAMQuotaBytes != other.tenantRAMQuotaBytes { keys.append("tenantRAMQuota") }
+            if stagingBytes != other.stagingBytes { keys.append("stagingSize") }
             if pageTokens != other.pageTokens { keys.append("pageTokens") }
             if ioQueueDepth != other.ioQueueDepth { keys.append("ioQueueDepth") }
             if logLevel != other.logLevel { keys.append("logLevel") }
@@ -344,14 +355,25 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
                 throw Invalid(key: "sharedTenantGroups", value: group, allowed: "names of groups that exist on this host, or numeric gids below 2^31")
             }
         }
+        let ramBudgetBytes = try size("ramBudget", ramBudget)
+        let quota = try tenantRAMQuota.map { try size("tenantRAMQuota", $0) } ?? ramBudgetBytes
+        guard quota <= ramBudgetBytes else {
+            throw Invalid(key: "tenantRAMQuota", value: tenantRAMQuota ?? "", allowed: "a size no larger than ramBudget (\(ByteCount(ramBudgetBytes)))")
+        }
+        let staging = try size("stagingSize", stagingSize)
+        guard staging >= 1 << 20, staging <= 64 << 30 else {
+            throw Invalid(key: "stagingSize", value: stagingSize, allowed: "a size from 1MiB to 64GiB")
+        }
         var resolved = Resolved(
             socket: try socket ?? KVTierPaths.defaultSocketPath(),
             stateDir: state,
-            ramBudgetBytes: try size("ramBudget", ramBudget),
+            ramBudgetBytes: ramBudgetBytes,
             diskBudgetBytes: try diskBudget.flatMap { $0.isEmpty ? nil : try size("diskBudget", $0) },
             diskTenantQuotaBytes: try diskTenantQuota.flatMap { $0.isEmpty ? nil : try size("diskTenantQuota", $0) },
             diskCodec: codec,
             arenaBytes: try size("arenaSize", arenaSize),
+            tenantRAMQuotaBytes: quota,
+            stagingBytes: staging,
             pageTokens: pageTokens,
             ioQueueDepth: ioQueueDepth,
             logLevel: level,

@@ -3,49 +3,75 @@ import Logging
 import Synchronization
 import SystemPackage
 
-/// `PageMemory` over a `SharedArena`: a tenant's RAM-tier pages live in a sealed memfd that its
-/// clients map, so `GET` hands out offsets and `PUT` adopts what clients wrote.
+/// `PageMemory` over two `SharedArena`s per tenant: the page arena (sealed F_SEAL_FUTURE_WRITE,
+/// clients map it read-only, so `GET` hands out offsets of bytes no client can change) and the
+/// staging arena (clients write pages there for `PUT`, which copies them into the page arena).
+///
+/// Neither arena gives memory back to the system: the page arena cannot (the write seal makes
+/// the kernel refuse hole punching), and the staging arena is populated once so client writes
+/// hit committed memory. Both are therefore sized to bounds: the page arena to the tenant's
+/// RAM quota plus fragmentation slack, the staging arena to the staging limit.
 public final class ArenaPageMemory: PageMemory, @unchecked Sendable {
-    // Invariant: `arena` is immutable after init and unmapped only in deinit, after every
-    // borrowing PageBuffer (which retains self) is gone; `allocator` is used under its mutex.
-    private let arena: SharedArena
-    private let allocator: Mutex<ExtentAllocator>
-    private let logger: Logger
+    // Invariant: the arenas are immutable after init and unmapped only in deinit, after every
+    // borrowing PageBuffer (which retains self) is gone; each allocator is used under its mutex.
+    private let pages: SharedArena
+    private let staging: SharedArena
+    private let pageAllocator: Mutex<ExtentAllocator>
+    private let stagingAllocator: Mutex<ExtentAllocator>
 
-    /// Creates the memfd (`name` shows in /proc/PID/fd) and maps it; `capacity` is virtual:
-    /// memory is committed only as pages are written.
-    public init(name: String, capacity: Int, logger: Logger) throws(Errno) {
-        let rounded = (capacity + ExtentAllocator.granuleBytes - 1) / ExtentAllocator.granuleBytes * ExtentAllocator.granuleBytes
-        arena = try SharedArena(name: name, capacity: rounded)
-        allocator = Mutex(ExtentAllocator(capacity: rounded))
-        self.logger = logger
+    /// Creates both memfds (`name` and `name-staging` show in /proc/PID/fd) and maps them. The
+    /// page arena's `capacity` is virtual (committed as pages are stored); the staging arena is
+    /// committed now (`populateStaging`, default true).
+    public init(name: String, capacity: Int, stagingCapacity: Int, populateStaging: Bool = true, logger: Logger) throws(Errno) {
+        pages = try SharedArena(name: name, capacity: Self.rounded(capacity), sharing: .clientsRead)
+        staging = try SharedArena(name: "\(name)-staging", capacity: Self.rounded(stagingCapacity), sharing: .clientsWrite,
+                                  populate: populateStaging)
+        pageAllocator = Mutex(ExtentAllocator(capacity: pages.capacity))
+        stagingAllocator = Mutex(ExtentAllocator(capacity: staging.capacity))
     }
 
-    public var capacity: Int { arena.capacity }
-    public var allocatedBytes: Int { allocator.withLock { $0.allocatedBytes } }
-    public var shareableDescriptor: Int32? { arena.descriptor }
+    private static func rounded(_ bytes: Int) -> Int {
+        let granule = ExtentAllocator.granuleBytes
+        return max(granule, (bytes + granule - 1) / granule * granule)
+    }
 
-    public func allocate(_ bytes: Int) -> Extent? { allocator.withLock { $0.allocate(bytes) } }
+    public var capacity: Int { pages.capacity }
+    public var allocatedBytes: Int { pageAllocator.withLock { $0.allocatedBytes } }
+    public var shareableDescriptor: Int32? { pages.descriptor }
+
+    public func allocate(_ bytes: Int) -> Extent? { pageAllocator.withLock { $0.allocate(bytes) } }
 
     public func isAllocated(_ extent: Extent) -> Bool {
-        arena.contains(extent) && allocator.withLock { $0.isAllocated(extent) }
+        pages.contains(extent) && pageAllocator.withLock { $0.isAllocated(extent) }
     }
 
-    public func free(_ extent: Extent) {
-        do { try arena.release(extent) } catch {
-            // The extent is still reusable; only its memory was not returned to the kernel.
-            logger.warning("could not return arena memory to the kernel", metadata: ["extent": "\(extent)", "errno": "\(error)"])
-        }
+    public func free(_ extent: Extent) { Self.release(extent, in: pageAllocator) }
+
+    public func buffer(_ extent: Extent) -> PageBuffer {
+        pages.withBytes(extent) { PageBuffer(borrowing: $0, owner: self) }
+    }
+
+    public var stagingCapacity: Int { staging.capacity }
+    public var stagingDescriptor: Int32? { staging.descriptor }
+
+    public func allocateStaging(_ bytes: Int) -> Extent? { stagingAllocator.withLock { $0.allocate(bytes) } }
+
+    public func freeStaging(_ extent: Extent) { Self.release(extent, in: stagingAllocator) }
+
+    public func stagingBuffer(_ extent: Extent) -> PageBuffer {
+        staging.withBytes(extent) { PageBuffer(borrowing: $0, owner: self) }
+    }
+
+    private static func release(_ extent: Extent, in allocator: borrowing Mutex<ExtentAllocator>) {
         let outcome = allocator.withLock { allocator in Result { () throws(ExtentAllocator.Error) in try allocator.free(extent) } }
         if case .failure(let error) = outcome {
             preconditionFailure("freeing an extent the RAM tier does not own: \(error)")
         }
     }
 
-    public func buffer(_ extent: Extent) -> PageBuffer {
-        arena.withBytes(extent) { PageBuffer(borrowing: $0, owner: self) }
-    }
+    /// Memory committed to both arenas right now (pages touched by any process).
+    public func residentBytes() -> Int { ((try? pages.residentBytes()) ?? 0) + ((try? staging.residentBytes()) ?? 0) }
 
-    /// Memory committed to the arena right now.
-    public func residentBytes() -> Int { (try? arena.residentBytes()) ?? 0 }
+    /// Seals of the page and staging arenas (for tests).
+    public var seals: (pages: Int32, staging: Int32) { (pages.seals, staging.seals) }
 }

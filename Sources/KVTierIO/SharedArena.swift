@@ -13,6 +13,9 @@ import SystemPackage
 /// Seals: the daemon's memfd is sealed against shrinking and growing (then the seals are sealed),
 /// so a client holding the descriptor cannot truncate it and make the daemon's next access to
 /// the arena fault with SIGBUS. `map` insists on that seal for the same reason in the client.
+/// A `.clientsRead` arena (a tenant's page arena) is also sealed F_SEAL_FUTURE_WRITE once the
+/// daemon has mapped it, so only the daemon's own mapping can write it; such an arena can no
+/// longer `release` memory (EPERM), and clients map it read-only.
 // Invariant for @unchecked Sendable: the value is non-copyable, so the mapping and descriptor
 // have one owner; `base`, `capacity` and the descriptor never change while it lives, and the
 // memory they reach is shared with other processes by design (extent ownership is the caller's).
@@ -35,19 +38,47 @@ public struct SharedArena: ~Copyable, @unchecked Sendable {
     /// closed by the caller.
     public var descriptor: Int32 { fileDescriptor }
 
+    /// Who may write an arena besides the daemon.
+    public enum Sharing: Sendable, Equatable {
+        /// Clients map it read-write (the staging arena: where they write pages before a PUT).
+        case clientsWrite
+        /// Clients can only read it (the page arena: pages served to every process of the
+        /// tenant). Sealed with F_SEAL_FUTURE_WRITE after the daemon mapped it read-write, so
+        /// no process can make a new writable shared mapping, write(2) it or reopen it for
+        /// writing through /proc. The kernel then also refuses to punch holes in it
+        /// (`release` fails with EPERM): its memory is never given back, so it must be sized
+        /// to what the tenant may hold.
+        case clientsRead
+    }
+
     /// Creates a memfd named `name` (visible in /proc/PID/fd as `memfd:NAME`; use
     /// `kvtier-arena-<tenant>`), sizes it to `capacity` without committing memory, seals its size
-    /// and maps it.
+    /// and maps it. With `populate`, every page is committed now (MAP_POPULATE): writes to a
+    /// fresh memfd page fault at ~0.9 GB/s, to a populated one they run at memory speed.
     /// - Throws: `Errno.invalidArgument` when `capacity` is not a positive multiple of
     ///   `alignment`, or when `name` holds a NUL or is longer than the kernel allows (249 bytes);
     ///   otherwise the failing call's error (`memfd_create`, `ftruncate`, `fcntl`, `mmap`).
-    public init(name: String, capacity: Int) throws(Errno) {
+    public init(name: String, capacity: Int, sharing: Sharing = .clientsWrite, populate: Bool = false) throws(Errno) {
         guard Self.isValidCapacity(capacity), !name.utf8.contains(0) else { throw .invalidArgument }
         let descriptor = try ArenaSystem.createMemoryFile(name: name)
         do throws(Errno) {
             try ArenaSystem.truncate(descriptor, to: capacity)
-            try ArenaSystem.addSeals(descriptor, ArenaSystem.sealShrink | ArenaSystem.sealGrow | ArenaSystem.sealSeal)
-            self.base = try ArenaSystem.mapShared(descriptor, bytes: capacity)
+            switch sharing {
+            case .clientsWrite:
+                try ArenaSystem.addSeals(descriptor, ArenaSystem.sealShrink | ArenaSystem.sealGrow | ArenaSystem.sealSeal)
+                self.base = try ArenaSystem.mapShared(descriptor, bytes: capacity, writable: true, populate: populate)
+            case .clientsRead:
+                try ArenaSystem.addSeals(descriptor, ArenaSystem.sealShrink | ArenaSystem.sealGrow)
+                // Mapped before the write seal: the seal keeps existing writable mappings (ours).
+                let base = try ArenaSystem.mapShared(descriptor, bytes: capacity, writable: true, populate: populate)
+                do throws(Errno) {
+                    try ArenaSystem.addSeals(descriptor, ArenaSystem.sealFutureWrite | ArenaSystem.sealSeal)
+                } catch {
+                    ArenaSystem.unmap(base, bytes: capacity)
+                    throw error
+                }
+                self.base = base
+            }
         } catch {
             ArenaSystem.close(descriptor)
             throw error
@@ -69,11 +100,13 @@ public struct SharedArena: ~Copyable, @unchecked Sendable {
     ///
     /// Never trusts the peer: the descriptor must be a regular file (a memfd) at least `capacity`
     /// bytes long, and sealed against shrinking so it cannot be cut short under the mapping.
+    /// `.clientsRead` maps it read-only and also insists on F_SEAL_FUTURE_WRITE, so bytes read
+    /// from it are bytes no other client can change (writing through such a mapping faults).
     /// - Throws: `Errno.invalidArgument` when `capacity` is not a positive multiple of
     ///   `alignment`, the descriptor is not a regular file, or it is shorter than `capacity`;
-    ///   `Errno.notPermitted` when it is not sealed against shrinking; otherwise the
-    ///   failing call's error (`EBADF` for a closed descriptor).
-    public static func map(descriptor: Int32, capacity: Int) throws(Errno) -> SharedArena {
+    ///   `Errno.notPermitted` when it lacks a seal it needs; otherwise the failing call's error
+    ///   (`EBADF` for a closed descriptor).
+    public static func map(descriptor: Int32, capacity: Int, sharing: Sharing = .clientsWrite) throws(Errno) -> SharedArena {
         guard isValidCapacity(capacity) else { throw .invalidArgument }
         let status = try ArenaSystem.status(descriptor)
         guard status.st_mode & S_IFMT == S_IFREG, Int(status.st_size) >= capacity else { throw .invalidArgument }
@@ -84,15 +117,19 @@ public struct SharedArena: ~Copyable, @unchecked Sendable {
             throw .notPermitted  // A file that cannot be sealed (not a memfd).
         }
         guard seals & ArenaSystem.sealShrink != 0 else { throw .notPermitted }
+        if sharing == .clientsRead, seals & ArenaSystem.sealFutureWrite == 0 { throw .notPermitted }
         let owned = try ArenaSystem.duplicate(descriptor)
         do throws(Errno) {
-            let base = try ArenaSystem.mapShared(owned, bytes: capacity)
+            let base = try ArenaSystem.mapShared(owned, bytes: capacity, writable: sharing == .clientsWrite, populate: false)
             return SharedArena(base: base, descriptor: owned, capacity: capacity)
         } catch {
             ArenaSystem.close(owned)
             throw error
         }
     }
+
+    /// The seals of an arena's descriptor (F_GET_SEALS), for tests and diagnostics.
+    public var seals: Int32 { (try? ArenaSystem.seals(fileDescriptor)) ?? 0 }
 
     private static func isValidCapacity(_ capacity: Int) -> Bool {
         capacity > 0 && capacity % alignment == 0
@@ -178,6 +215,8 @@ enum ArenaSystem {
     static let sealSeal: Int32 = 0x1  // F_SEAL_SEAL
     static let sealShrink: Int32 = 0x2  // F_SEAL_SHRINK
     static let sealGrow: Int32 = 0x4  // F_SEAL_GROW
+    static let sealFutureWrite: Int32 = 0x10  // F_SEAL_FUTURE_WRITE (Linux 5.1)
+    static let mapPopulate: Int32 = 0x8000  // MAP_POPULATE
 
     private typealias MemfdCreate = @convention(c) (UnsafePointer<CChar>, UInt32) -> Int32
 
@@ -212,8 +251,8 @@ enum ArenaSystem {
         return status
     }
 
-    static func mapShared(_ descriptor: Int32, bytes: Int) throws(Errno) -> UnsafeMutableRawPointer {
-        let address = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, descriptor, 0)
+    static func mapShared(_ descriptor: Int32, bytes: Int, writable: Bool, populate: Bool) throws(Errno) -> UnsafeMutableRawPointer {
+        let address = mmap(nil, bytes, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED | (populate ? mapPopulate : 0), descriptor, 0)
         guard let address, address != MAP_FAILED else { throw Errno(rawValue: errno) }
         return address
     }

@@ -43,8 +43,9 @@ public struct Hello: WireBody {
 }
 
 /// `HELLO` reply: `u16 version`, `u32 tenant`, `u32 capabilities`, `u32 maxControlBody`,
-/// `u32 maxInlineBody`, `u32 maxTokensPerRequest`, `u64 arenaBytes`. With `.sharedMemory` the
-/// frame carries the arena's memfd (`FrameFlags.fileDescriptors`).
+/// `u32 maxInlineBody`, `u32 maxTokensPerRequest`, `u64 arenaBytes`, `u64 stagingBytes`. With
+/// `.sharedMemory` the frame carries two memfds (`FrameFlags.fileDescriptors`): the page arena
+/// (`arenaBytes`, clients map it read-only) then the staging arena (`stagingBytes`, read-write).
 public struct HelloReply: WireBody {
     public var version: UInt16
     public var tenant: TenantID
@@ -52,13 +53,16 @@ public struct HelloReply: WireBody {
     public var maxControlBody: UInt32
     public var maxInlineBody: UInt32
     public var maxTokensPerRequest: UInt32
-    /// 0 without shared memory.
+    /// Length of the page arena (GET extents); 0 without shared memory.
     public var arenaBytes: UInt64
+    /// Length of the staging arena (ALLOC extents); 0 without shared memory.
+    public var stagingBytes: UInt64
 
     public init(version: UInt16 = ProtocolVersion.current, tenant: TenantID, capabilities: Capabilities,
                 maxControlBody: UInt32 = UInt32(ProtocolLimits.maxControlBody),
                 maxInlineBody: UInt32 = UInt32(ProtocolLimits.maxInlineBody),
-                maxTokensPerRequest: UInt32 = UInt32(ProtocolLimits.maxTokensPerRequest), arenaBytes: UInt64) {
+                maxTokensPerRequest: UInt32 = UInt32(ProtocolLimits.maxTokensPerRequest), arenaBytes: UInt64,
+                stagingBytes: UInt64 = 0) {
         self.version = version
         self.tenant = tenant
         self.capabilities = capabilities
@@ -66,6 +70,7 @@ public struct HelloReply: WireBody {
         self.maxInlineBody = maxInlineBody
         self.maxTokensPerRequest = maxTokensPerRequest
         self.arenaBytes = arenaBytes
+        self.stagingBytes = stagingBytes
     }
 
     public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
@@ -76,6 +81,7 @@ public struct HelloReply: WireBody {
         writer.u32(maxInlineBody)
         writer.u32(maxTokensPerRequest)
         writer.u64(arenaBytes)
+        writer.u64(stagingBytes)
     }
 
     public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
@@ -87,6 +93,7 @@ public struct HelloReply: WireBody {
         maxInlineBody = try reader.u32()
         maxTokensPerRequest = try reader.u32()
         arenaBytes = try reader.u64()
+        stagingBytes = try reader.u64()
         try reader.finish()
     }
 }

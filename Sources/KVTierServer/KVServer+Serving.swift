@@ -9,7 +9,7 @@ extension KVServer {
     /// What answering one frame produced.
     struct Response {
         var reply: Reply
-        /// Sent with SCM_RIGHTS (the arena, on a `HELLO` reply offering shared memory).
+        /// Sent with SCM_RIGHTS (the arenas, on a `HELLO` reply offering shared memory).
         var descriptors: [Int32] = []
         /// Close the connection after the reply: the stream can no longer be trusted.
         var closes = false
@@ -120,16 +120,16 @@ extension KVServer {
         guard let tenant = tenantFor(peer) else {
             return Response(reply: .failure(.permissionDenied, "uid \(peer.uid) (gid \(peer.gid)) is refused by this kvtierd's tenant mapping (docs/configuration.md, sharedTenantGroups: uids of 2^31 and above cannot connect while groups share tenants)", to: request))
         }
-        var arena: (descriptor: Int32, bytes: Int)?
+        var arena: TenantArenas?
         if hello.capabilities.contains(.sharedMemory), let arenaProvider {
             do {
                 arena = try arenaProvider(tenant)
             } catch {
                 logger.error("tenant arena unavailable; connection goes on without shared memory", metadata: ["tenant": "\(tenant)", "error": "\(error)"])
             }
-            if let offered = arena, offered.descriptor < 0 || offered.bytes <= 0 {
+            if let offered = arena, !offered.isUsable {
                 logger.error("arena provider returned an unusable arena; connection goes on without shared memory", metadata: [
-                    "tenant": "\(tenant)", "descriptor": "\(offered.descriptor)", "bytes": "\(offered.bytes)",
+                    "tenant": "\(tenant)", "pages": "\(offered.pages)", "staging": "\(offered.staging)",
                 ])
                 arena = nil
             }
@@ -140,8 +140,8 @@ extension KVServer {
         let reply = HelloReply(version: version, tenant: tenant, capabilities: arena == nil ? [] : .sharedMemory,
                                maxControlBody: UInt32(clamping: configuration.maxControlBody),
                                maxInlineBody: UInt32(clamping: configuration.maxInlineBody),
-                               arenaBytes: UInt64(arena?.bytes ?? 0))
-        return Response(reply: .hello(reply), descriptors: arena.map { [$0.descriptor] } ?? [])
+                               arenaBytes: UInt64(arena?.pages.bytes ?? 0), stagingBytes: UInt64(arena?.staging.bytes ?? 0))
+        return Response(reply: .hello(reply), descriptors: arena.map { [$0.pages.descriptor, $0.staging.descriptor] } ?? [])
     }
 
     /// Runs the handler for one request: on this thread when it can answer at once, otherwise as

@@ -12,11 +12,27 @@ import SystemPackage
 /// stops accepting, lets requests in progress finish for up to `shutdownGracePeriod`, shuts the
 /// rest down, closes the listener (removing its socket file) and returns.
 public final class KVServer: Sendable {
-    /// Returns the tenant's arena, shared with its clients in the `HELLO` reply: a memfd the
-    /// daemon keeps open for as long as the tenant exists (the server sends it, never closes
-    /// it) and its length. nil: no shared memory for this tenant. A throw is logged and the
-    /// connection goes on without shared memory (inline data).
-    public typealias ArenaProvider = @Sendable (TenantID) throws -> (descriptor: Int32, bytes: Int)?
+    /// A tenant's shared memory as the `HELLO` reply offers it: two memfds the daemon keeps open
+    /// for as long as the tenant exists (the server sends them, never closes them) and their
+    /// lengths: the page arena (clients map it read-only) and the staging arena (read-write).
+    public struct TenantArenas: Sendable, Equatable {
+        public var pages: (descriptor: Int32, bytes: Int)
+        public var staging: (descriptor: Int32, bytes: Int)
+
+        public init(pages: (descriptor: Int32, bytes: Int), staging: (descriptor: Int32, bytes: Int)) {
+            self.pages = pages
+            self.staging = staging
+        }
+
+        public static func == (a: Self, b: Self) -> Bool { a.pages == b.pages && a.staging == b.staging }
+
+        var isUsable: Bool { pages.descriptor >= 0 && pages.bytes > 0 && staging.descriptor >= 0 && staging.bytes > 0 }
+    }
+
+    /// Returns the tenant's arenas, shared with its clients in the `HELLO` reply. nil: no
+    /// shared memory for this tenant. A throw is logged and the connection goes on without
+    /// shared memory (inline data).
+    public typealias ArenaProvider = @Sendable (TenantID) throws -> TenantArenas?
 
     /// How long `run()` still waits for connections after forcing them closed.
     static let forcedCloseWait: Duration = .seconds(1)

@@ -36,18 +36,21 @@ extension TieredStore {
         }
         let now = Clocks.monotonicMicros()
         let leased = state.withLock { s -> GetResult?? in
-            guard s.ramBytes <= configuration.ramBudgetBytes else { return .some(nil) }
+            guard s.ramBytes <= configuration.ramBudgetBytes,
+                  s.leases.refusal(tenant: tenant, owner: owner, configuration) == nil else { return .some(nil) }
             var served: [ServedPage] = []
             served.reserveCapacity(pageCount)
+            var leasedBytes = s.tenantLeased[tenant] ?? 0
             for address in addresses {
                 // Not in RAM: on disk, or the cached prefix ends here; `locate` tells which.
                 guard let resident = s.resident[address] else { return nil }
                 served.append(ServedPage(extent: resident.extent, tokens: resident.tokens))
+                if resident.leases == 0 { leasedBytes += resident.extent.length }
             }
+            // Over the tenant's quota: the async path serves what fits.
+            guard leasedBytes <= configuration.tenantRAMQuotaBytes else { return .some(nil) }
             for address in addresses { _ = s.lease(address, now: now) }
-            let id = s.nextLease
-            s.nextLease += 1
-            s.leases[id] = Lease(tenant: tenant, owner: owner, pages: addresses, staging: [])
+            let id = s.leases.add(Lease(tenant: tenant, owner: owner, pages: addresses, staging: []))
             s.counters.gets += 1
             let servedTokens = maxTokens > 0 ? min(pageCount * size, maxTokens) : pageCount * size
             return GetResult(tokens: servedTokens, leaseID: id, pages: served)
@@ -68,18 +71,20 @@ extension TieredStore {
         guard located.allSatisfy({ $0.tier == .ram }) else { return nil }
         let now = Clocks.monotonicMicros()
         return state.withLock { s -> GetResult? in
-            guard s.ramBytes <= configuration.ramBudgetBytes else { return nil }
+            guard s.ramBytes <= configuration.ramBudgetBytes,
+                  s.leases.refusal(tenant: tenant, owner: owner, configuration) == nil else { return nil }
             var served: [ServedPage] = []
             served.reserveCapacity(located.count)
             // All or nothing: a page evicted since `locate` sends the request down the async path.
+            var leasedBytes = s.tenantLeased[tenant] ?? 0
             for page in located {
                 guard let resident = s.resident[page.address] else { return nil }
                 served.append(ServedPage(extent: resident.extent, tokens: resident.tokens))
+                if resident.leases == 0 { leasedBytes += resident.extent.length }
             }
+            guard leasedBytes <= configuration.tenantRAMQuotaBytes else { return nil }
             for page in located { _ = s.lease(page.address, now: now) }
-            let id = s.nextLease
-            s.nextLease += 1
-            s.leases[id] = Lease(tenant: tenant, owner: owner, pages: located.map(\.address), staging: [])
+            let id = s.leases.add(Lease(tenant: tenant, owner: owner, pages: located.map(\.address), staging: []))
             s.counters.gets += 1
             let servedTokens = located.last.map { maxTokens > 0 ? min($0.tokens.upperBound, maxTokens) : $0.tokens.upperBound } ?? 0
             return GetResult(tokens: servedTokens, leaseID: id, pages: served)
@@ -123,13 +128,16 @@ extension TieredStore {
             switch chunk {
             case .extent(let e):
                 guard e.length >= chunkBytes else { return nil }
-                projectedBytes += e.length
+                projectedBytes += (chunkBytes + 4095) & ~4095
             case .bytes(let b):
                 guard b.count == chunkBytes else { return nil }
                 projectedBytes += (chunkBytes + 4095) & ~4095
             }
         }
-        let fits = state.withLock { $0.ramBytes + projectedBytes <= configuration.ramBudgetBytes }
+        let fits = state.withLock {
+            $0.ramBytes + projectedBytes <= configuration.ramBudgetBytes
+                && ($0.tenantRAM[tenant] ?? 0) + projectedBytes <= configuration.tenantRAMQuotaBytes
+        }
         guard fits else { return nil }
         guard (try? claimStaging(tenant, owner: owner, chunks, memory)) != nil else { return nil }
 
@@ -137,11 +145,9 @@ extension TieredStore {
         var newPages: [(PageAddress, Resident)] = []
         var stored = false
         defer {
-            for case .extent(let e) in chunks where !(stored && newPages.contains(where: { $0.1.extent == e })) { memory.free(e) }
+            for case .extent(let e) in chunks { memory.freeStaging(e) }
             if !stored {
-                for (_, page) in newPages where !chunks.contains(where: { if case .extent(let e) = $0 { e == page.extent } else { false } }) {
-                    memory.free(page.extent)
-                }
+                for (_, page) in newPages { memory.free(page.extent) }
             }
         }
         var deduplicated = 0
@@ -150,21 +156,20 @@ extension TieredStore {
                 deduplicated += 1
                 continue
             }
-            let extent: Extent
-            switch chunk {
-            case .extent(let e):
-                extent = e  // a whole page written by the client: adopt it
-            case .bytes(let b):
-                guard let fresh = memory.allocate(b.count) else { throw .overBudget("the tenant's shared memory is full") }
-                memory.buffer(fresh).bytes.copyMemory(from: b.readOnly)
-                extent = fresh
+            // Copied, never adopted: the client can write its staging memory at any time.
+            let chunkBytes = page.tokens.count * model.bytesPerToken
+            guard let extent = memory.allocate(chunkBytes) else { throw .overBudget(pageArenaFull(memory)) }
+            let source = switch chunk {
+            case .extent(let e): memory.stagingBuffer(e)
+            case .bytes(let b): b
             }
+            memory.buffer(extent).bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: source.readOnly[0..<chunkBytes]))
             let now = Clocks.monotonicMicros()
             newPages.append((page.address, Resident(extent: extent, modelID: model.id, tokens: page.tokens.count,
                                                     lastAccessMicros: now, residentSinceMicros: now, onDisk: false)))
         }
         stored = true
-        let overBudget = commit(&newPages, deduplicated: deduplicated, chunks: chunks, memory)
+        let overBudget = commit(&newPages, deduplicated: deduplicated, memory)
         // Concurrent puts passed the budget check together: evict off this thread, as the
         // async path would have before replying.
         if overBudget { Task { await self.makeRoom() } }

@@ -62,8 +62,7 @@ extension TieredStore {
                 var resident = Resident(extent: target.extent, modelID: model.id, tokens: page.page.shape.tokens,
                                         lastAccessMicros: now, residentSinceMicros: now, onDisk: true, prefetched: prefetch)
                 if let heat = s.evictedHeat.removeValue(forKey: target.address) { resident.attention = heat }
-                s.resident[target.address] = resident
-                s.ramBytes += target.extent.length
+                s.insertResident(target.address, resident)
                 loaded += 1
                 if prefetch { s.counters.prefetchLoaded += 1 } else { s.counters.promotions += 1 }
             }

@@ -30,22 +30,25 @@ extension TieredStore {
     // MARK: allocate / release
 
     /// Staging extents for a put, owned by a lease of `owner` (a connection) until consumed by
-    /// `put` or released.
+    /// `put` or released. They lie in the tenant's staging arena, bounded by its staging limit.
     public func allocate(_ tenant: TenantID, owner: UInt64, sizes: [Int]) throws(StoreError) -> (leaseID: UInt64, extents: [Extent]) {
         let memory = try memory(for: tenant)
+        if let refusal = state.withLock({ $0.leases.refusal(tenant: tenant, owner: owner, configuration) }) { throw .overBudget(refusal) }
         var extents: [Extent] = []
         for size in sizes {
-            guard size > 0, let extent = memory.allocate(size) else {
-                for e in extents { memory.free(e) }
-                throw .overBudget("the tenant's shared memory has no free extent of \(size) bytes")
+            guard size > 0, let extent = memory.allocateStaging(size) else {
+                for e in extents { memory.freeStaging(e) }
+                throw .overBudget("the tenant's staging arena (\(ByteCount(memory.stagingCapacity)), the staging limit stagingSize) has no free extent of \(size) bytes: PUT or RELEASE what is staged first, put in smaller batches, or raise stagingSize")
             }
             extents.append(extent)
         }
-        let id = state.withLock { s -> UInt64 in
-            let id = s.nextLease
-            s.nextLease += 1
-            s.leases[id] = Lease(tenant: tenant, owner: owner, pages: [], staging: extents)
-            return id
+        let id = state.withLock { s -> UInt64? in
+            guard s.leases.refusal(tenant: tenant, owner: owner, configuration) == nil else { return nil }
+            return s.leases.add(Lease(tenant: tenant, owner: owner, pages: [], staging: Set(extents)))
+        }
+        guard let id else {
+            for e in extents { memory.freeStaging(e) }
+            throw .overBudget(state.withLock { $0.leases.refusal(tenant: tenant, owner: owner, configuration) } ?? "too many leases: RELEASE some")
         }
         return (id, extents)
     }
@@ -54,19 +57,19 @@ extension TieredStore {
     public func release(_ tenant: TenantID, leaseID: UInt64) throws(StoreError) {
         let lease = state.withLock { s -> Lease? in
             guard let lease = s.leases[leaseID], lease.tenant == tenant else { return nil }
-            s.leases[leaseID] = nil
-            for address in lease.pages { s.resident[address]?.leases -= 1 }
+            _ = s.leases.remove(leaseID)
+            for address in lease.pages { s.endLease(address) }
             return lease
         }
         guard let lease else { throw .notFound("lease \(leaseID) of this tenant (already released, or its connection closed): release each lease once") }
         if !lease.staging.isEmpty, let memory = try? memory(for: tenant) {
-            for extent in lease.staging { memory.free(extent) }
+            for extent in lease.staging { memory.freeStaging(extent) }
         }
     }
 
-    /// Releases every lease `owner` holds (its connection closed).
+    /// Releases every lease `owner` holds (its connection closed): work in proportion to those.
     public func releaseAll(owner: UInt64) {
-        let ids = state.withLock { s in s.leases.filter { $0.value.owner == owner }.map { ($0.key, $0.value.tenant) } }
+        let ids = state.withLock { s in s.leases.ids(of: owner).compactMap { id in s.leases[id].map { (id, $0.tenant) } } }
         for (id, tenant) in ids { try? release(tenant, leaseID: id) }
     }
 
@@ -108,14 +111,14 @@ extension TieredStore {
         // Every page the data covers, new or stored already: what durability is about.
         var covered: [PageAddress] = []
         var deduplicated = 0
-        // Claimed staging extents belong to this put now: whatever is not stored is freed, and
-        // on failure everything prepared is.
+        // Claimed staging extents belong to this put now and are freed when it ends (their
+        // bytes are copied, never adopted: clients can write staging memory at any time); on
+        // failure the page extents prepared are freed too.
         var stored = false
         defer {
-            for case .extent(let e) in chunks where !(stored && newPages.contains(where: { $0.1.extent == e })) { memory.free(e) }
+            for case .extent(let e) in chunks { memory.freeStaging(e) }
             if !stored {
-                let adopted = Set(chunks.compactMap { if case .extent(let e) = $0 { e } else { nil } })
-                for (_, page) in newPages where !adopted.contains(page.extent) { memory.free(page.extent) }
+                for (_, page) in newPages { memory.free(page.extent) }
             }
         }
         for (index, chunk) in chunks.enumerated() {
@@ -148,38 +151,32 @@ extension TieredStore {
             switch chunk {
             case .extent(let e):
                 guard e.length >= chunkBytes else { throw .invalidArgument("extent \(e) holds \(e.length) bytes, chunk needs \(chunkBytes)") }
-                source = memory.buffer(e)
+                source = memory.stagingBuffer(e)
             case .bytes(let b):
                 guard b.count == chunkBytes else { throw .invalidArgument("inline chunk \(index) holds \(b.count) bytes, needs \(chunkBytes)") }
                 source = b
             }
-            let extent: Extent
-            if chunkStart == pageStart, case .extent(let e) = chunk {
-                extent = e  // a whole page written by the client: adopt it
+            guard let extent = memory.allocate((pageEnd - pageStart) * model.bytesPerToken) else {
+                throw .overBudget(pageArenaFull(memory))
+            }
+            // Rows before `chunkStart` come from the stored partial page being completed.
+            if chunkStart > pageStart {
+                guard let stored = completed, let buffer = await residentBuffer(stored.address, model, memory) else {
+                    memory.free(extent)
+                    throw .notFound("the cached partial page at token \(pageStart) (evicted or replaced since LOOKUP): look up again and put from the cached length")
+                }
+                Self.merge(model: model, head: buffer.buffer, headStored: buffer.tokens, headUsed: chunkStart - pageStart,
+                           tail: source, tailTokens: pageEnd - chunkStart, into: memory.buffer(extent))
+                if buffer.leased { unlease(stored.address) }
             } else {
-                guard let fresh = memory.allocate((pageEnd - pageStart) * model.bytesPerToken) else {
-                    throw .overBudget("the tenant's shared memory is full")
-                }
-                extent = fresh
-                // Rows before `chunkStart` come from the stored partial page being completed.
-                if chunkStart > pageStart {
-                    guard let stored = completed, let buffer = await residentBuffer(stored.address, model, memory) else {
-                        memory.free(fresh)
-                        throw .notFound("the cached partial page at token \(pageStart) (evicted or replaced since LOOKUP): look up again and put from the cached length")
-                    }
-                    Self.merge(model: model, head: buffer.buffer, headStored: buffer.tokens, headUsed: chunkStart - pageStart,
-                               tail: source, tailTokens: pageEnd - chunkStart, into: memory.buffer(fresh))
-                    if buffer.leased { unlease(stored.address) }
-                } else {
-                    memory.buffer(fresh).bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: source.readOnly[0..<chunkBytes]))
-                }
+                memory.buffer(extent).bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: source.readOnly[0..<chunkBytes]))
             }
             let now = Clocks.monotonicMicros()
             newPages.append((address, Resident(extent: extent, modelID: model.id, tokens: pageEnd - pageStart,
                                                lastAccessMicros: now, residentSinceMicros: now, onDisk: false)))
         }
         stored = true
-        commit(&newPages, deduplicated: deduplicated, chunks: chunks, memory)
+        commit(&newPages, deduplicated: deduplicated, memory)
         if let session {
             // Every page of the session, stored by this put or before (by anyone), must be on
             // disk before the catalog names it (without a disk tier, sessions last as long as
@@ -216,10 +213,10 @@ extension TieredStore {
     }
 
     /// Makes a put's prepared pages resident and counts the put. A page another put stored
-    /// meanwhile keeps that copy: this put's copy leaves `newPages` and, unless it is a staging
-    /// extent (the put's cleanup frees those), is freed here. Returns whether RAM is over budget.
+    /// meanwhile keeps that copy: this put's copy leaves `newPages` and is freed here. Returns
+    /// whether RAM is over budget.
     @discardableResult
-    func commit(_ newPages: inout [(PageAddress, Resident)], deduplicated: Int, chunks: [PutChunk], _ memory: any PageMemory) -> Bool {
+    func commit(_ newPages: inout [(PageAddress, Resident)], deduplicated: Int, _ memory: any PageMemory) -> Bool {
         let (raced, overBudget) = state.withLock { s -> ([Extent], Bool) in
             var raced: [Extent] = []
             for (address, page) in newPages {
@@ -227,21 +224,21 @@ extension TieredStore {
                     raced.append(page.extent)
                     continue
                 }
-                s.resident[address] = page
-                s.ramBytes += page.extent.length
+                s.insertResident(address, page)
             }
             s.counters.puts += 1
             s.counters.pagesStored += newPages.count - raced.count
             s.counters.pagesDeduplicated += deduplicated + raced.count
             return (raced, s.ramBytes > configuration.ramBudgetBytes)
         }
-        let staged = Set(chunks.compactMap { if case .extent(let e) = $0 { e } else { nil } })
-        for extent in raced where !staged.contains(extent) { memory.free(extent) }
-        newPages.removeAll { raced.contains($0.1.extent) }
+        for extent in raced { memory.free(extent) }
+        let racedSet = Set(raced)
+        newPages.removeAll { racedSet.contains($0.1.extent) }
         return overBudget
     }
 
-    /// Takes the staging extents a put names out of the owner's leases; refuses any other.
+    /// Takes the staging extents a put names out of the owner's leases; refuses any other. Costs
+    /// a hash lookup per extent, whatever leases others hold.
     func claimStaging(_ tenant: TenantID, owner: UInt64, _ chunks: [PutChunk], _ memory: any PageMemory) throws(StoreError) {
         let named = chunks.compactMap { if case .extent(let e) = $0 { e } else { nil } }
         guard !named.isEmpty else { return }
@@ -251,19 +248,16 @@ extension TieredStore {
             throw .invalidArgument("extent \(extent) is named twice in one PUT: give every chunk its own extent from ALLOC")
         }
         let missing = state.withLock { s -> Extent? in
-            for extent in named where !s.leases.values.contains(where: { $0.tenant == tenant && $0.owner == owner && $0.staging.contains(extent) }) {
-                return extent
-            }
-            for extent in named {
-                for (id, lease) in s.leases where lease.tenant == tenant && lease.owner == owner {
-                    s.leases[id]?.staging.removeAll { $0 == extent }
-                    // An ALLOC lease whose extents are all consumed is over.
-                    if let left = s.leases[id], left.staging.isEmpty, left.pages.isEmpty { s.leases[id] = nil }
-                }
-            }
+            if let missing = named.first(where: { !s.leases.holdsStaging($0, tenant: tenant, owner: owner) }) { return missing }
+            for extent in named { s.leases.consumeStaging(extent, tenant: tenant) }
             return nil
         }
         if let missing { throw .invalidArgument("extent \(missing) is not a staging extent of this connection: get it from ALLOC") }
+    }
+
+    /// The error of a page arena with no room: names the limit behind it.
+    func pageArenaFull(_ memory: any PageMemory) -> String {
+        "the tenant's page arena (\(ByteCount(memory.capacity)), sized from the tenant RAM quota tenantRAMQuota) has no free extent: release leases, evict pages, or raise tenantRAMQuota"
     }
 
     /// Copies `headUsed` rows of a stored page (which holds `headStored` rows) and then

@@ -42,15 +42,23 @@ extension TieredStore {
     }
 
     /// Pins or unpins a session. A pinned session's pages stay in RAM (they are loaded now) and
-    /// on disk, and it never expires; pinned sessions together may hold half the RAM budget.
+    /// on disk, and it never expires; pinned sessions together may hold half the RAM budget, and
+    /// one tenant's half its RAM quota.
     public func setSessionPinned(_ tenant: TenantID, name: String, pinned: Bool) throws(StoreError) -> ResumedSession {
         let id = SessionID(tenant: tenant, name: name)
         let session = try liveSession(id)
         if pinned {
             let limit = configuration.ramBudgetBytes / 2
-            let after = catalog.pinnedBytes + catalog.unpinnedBytes(of: id)
+            let adding = catalog.unpinnedBytes(of: id)
+            let after = catalog.pinnedBytes + adding
             guard after <= limit else {
                 throw .overBudget("pinning '\(name)' would hold \(ByteCount(after)) in RAM; pinned sessions may hold half the RAM budget, \(ByteCount(limit)): unpin others or raise --ram-budget")
+            }
+            // Per tenant too, so one tenant's pins cannot take the whole pinned share.
+            let tenantLimit = min(configuration.tenantRAMQuotaBytes, configuration.ramBudgetBytes) / 2
+            let tenantAfter = catalog.pinnedBytes(of: tenant) + adding
+            guard tenantAfter <= tenantLimit else {
+                throw .overBudget("pinning '\(name)' would hold \(ByteCount(tenantAfter)) of this tenant's pages in RAM; a tenant's pinned sessions may hold half its RAM quota (tenantRAMQuota), \(ByteCount(tenantLimit)): unpin others or raise tenantRAMQuota")
             }
         }
         try catalog.setPinned(id, pinned, now: Clocks.wallMicros())

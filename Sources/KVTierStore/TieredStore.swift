@@ -16,8 +16,18 @@ public final class TieredStore: Sendable {
     public struct Configuration: Sendable {
         /// Most bytes of pages held in RAM, over all tenants.
         public var ramBudgetBytes = 1 << 30
-        /// Virtual size of each tenant's arena (memory is committed only as pages are written).
+        /// Virtual size of each tenant's page arena (memory is committed only as pages are
+        /// written, and never given back: docs/security/arena.md). The daemon derives it from
+        /// the tenant RAM quota.
         public var arenaBytes = 64 << 30
+        /// Most bytes of pages one tenant may hold in RAM, leased ones included; a tenant at its
+        /// quota evicts its own pages.
+        public var tenantRAMQuotaBytes = 1 << 30
+        /// Size of each tenant's staging arena (client-writable memory for shared-memory PUTs).
+        public var stagingBytes = TenantLimits.defaultStagingBytes
+        /// Leases one connection, and all of one tenant's connections, may hold at once.
+        public var maxLeasesPerConnection = TenantLimits.maxLeasesPerConnection
+        public var maxLeasesPerTenant = TenantLimits.maxLeasesPerTenant
         /// Codec of pages written to disk.
         public var diskCodec = Codec(.k4v4)
         /// A page promoted to RAM or written there stays at least this long before eviction.
@@ -57,16 +67,22 @@ public final class TieredStore: Sendable {
         /// The connection holding it; its leases end when it closes.
         var owner: UInt64
         var pages: [PageAddress]
-        var staging: [Extent]
+        /// Staging extents of an ALLOC not yet consumed by a PUT.
+        var staging: Set<Extent>
     }
 
     struct State {
         var models: [UInt64: ModelSpec] = [:]
         var resident: [PageAddress: Resident] = [:]
         var memories: [TenantID: any PageMemory] = [:]
-        var leases: [UInt64: Lease] = [:]
-        var nextLease: UInt64 = 1
+        /// Leases, indexed by owner and tenant and their staging extents by offset, so no
+        /// request does work in proportion to the leases others hold (TieredStore+Leases).
+        var leases = LeaseTable()
         var ramBytes = 0
+        /// Bytes of each tenant's RAM pages (leased ones included): what its quota limits.
+        var tenantRAM: [TenantID: Int] = [:]
+        /// Bytes of each tenant's RAM pages that some lease holds (cannot be evicted).
+        var tenantLeased: [TenantID: Int] = [:]
         /// Heat of pages when they left RAM, so prefetch can load the hottest first.
         var evictedHeat: [PageAddress: Double] = [:]
         /// Disk pages being read into RAM, with whoever waits for them (`load`).
@@ -76,8 +92,9 @@ public final class TieredStore: Sendable {
         /// Leases a resident page to a client's GET: counts the use (and a prefetch that paid
         /// off). Nil when the page is not in RAM.
         mutating func lease(_ address: PageAddress, now: UInt64) -> Resident? {
-            guard var page = resident[address] else { return nil }
-            page.leases += 1
+            guard resident[address] != nil else { return nil }
+            addLease(address)
+            var page = resident[address]!
             page.uses += 1
             page.lastAccessMicros = now
             if page.prefetched {
@@ -86,6 +103,44 @@ public final class TieredStore: Sendable {
             }
             resident[address] = page
             return page
+        }
+
+        // Every change of residency and leases goes through these four, which keep the
+        // per-tenant figures the quotas read.
+
+        mutating func insertResident(_ address: PageAddress, _ page: Resident) {
+            precondition(resident[address] == nil, "a page made resident twice")
+            resident[address] = page
+            ramBytes += page.extent.length
+            tenantRAM[address.tenant, default: 0] += page.extent.length
+            if page.leases > 0 { tenantLeased[address.tenant, default: 0] += page.extent.length }
+        }
+
+        mutating func removeResident(_ address: PageAddress) -> Resident? {
+            guard let page = resident.removeValue(forKey: address) else { return nil }
+            ramBytes -= page.extent.length
+            Self.subtract(page.extent.length, from: &tenantRAM, address.tenant)
+            if page.leases > 0 { Self.subtract(page.extent.length, from: &tenantLeased, address.tenant) }
+            return page
+        }
+
+        mutating func addLease(_ address: PageAddress) {
+            guard var page = resident[address] else { return }
+            if page.leases == 0 { tenantLeased[address.tenant, default: 0] += page.extent.length }
+            page.leases += 1
+            resident[address] = page
+        }
+
+        mutating func endLease(_ address: PageAddress) {
+            guard var page = resident[address] else { return }
+            page.leases -= 1
+            if page.leases == 0 { Self.subtract(page.extent.length, from: &tenantLeased, address.tenant) }
+            resident[address] = page
+        }
+
+        private static func subtract(_ bytes: Int, from table: inout [TenantID: Int], _ tenant: TenantID) {
+            let left = (table[tenant] ?? 0) - bytes
+            table[tenant] = left > 0 ? left : nil
         }
     }
 
@@ -101,6 +156,9 @@ public final class TieredStore: Sendable {
     let makeMemory: @Sendable (TenantID) throws -> any PageMemory
     let logger: Logger
     let state = Mutex(State())
+    /// The store's counters and gauges as `status` last read them, served while the store's
+    /// lock is busy so that STATUS and the watchdog never queue behind requests.
+    let statusSnapshot = Mutex<[(name: String, value: UInt64)]>([])
     /// Registered models and named sessions (persisted when the catalog has storage).
     public let catalog: SessionCatalog
 
@@ -119,6 +177,15 @@ public final class TieredStore: Sendable {
             for model in catalog.models { s.models[model.id] = model }
         }
         disk?.holds.withLock { $0 = { [catalog] address in catalog.hold(on: address) } }
+    }
+
+    /// The size of a tenant's page arena for a RAM quota: the quota plus fragmentation slack
+    /// (`TenantLimits.pageArenaSlackPer1024` of it, plus `pageArenaSlackBytes`), at most `ceiling`.
+    public static func pageArenaBytes(quota: Int, ceiling: Int) -> Int {
+        let slack = quota / 1024 * TenantLimits.pageArenaSlackPer1024 + TenantLimits.pageArenaSlackBytes
+        let wanted = quota.addingReportingOverflow(slack).partialValue
+        let granule = ExtentAllocator.granuleBytes
+        return max(granule, min(ceiling, max(wanted, quota)) / granule * granule)
     }
 
     // MARK: models

@@ -227,7 +227,7 @@ public struct TraceReplay: Sendable {
         configuration.arenaBytes = arenaBytes
         let name = "kvtier-trace-\(getpid())-\(policy.rawValue)"
         let store = TieredStore(configuration: configuration, disk: disk, logger: logger) { tenant in
-            try ArenaPageMemory(name: "\(name)-\(tenant)", capacity: arenaBytes, logger: logger)
+            try ArenaPageMemory(name: "\(name)-\(tenant)", capacity: arenaBytes, stagingCapacity: 64 << 20, logger: logger)
         }
         try store.register(model)
         do {

@@ -16,17 +16,18 @@ import Testing
     static let pageBytes = 16 * T.model.bytesPerToken  // 8 KiB
 
     /// A store over `storage`: disk tier and catalog both kept there, as kvtierd does.
-    static func open(_ storage: SimulatedStorage, ramBudget: Int = 64 << 20,
+    static func open(_ storage: SimulatedStorage, ramBudget: Int = 64 << 20, tenantRAMQuota: Int? = nil,
                      minResidenceMicros: UInt64 = 0) throws -> (TieredStore, DiskTier) {
         let disk = try DiskTier(storage: storage, logger: T.logger)
         let catalog = try SessionCatalog(storage: storage, logger: T.logger)
         var configuration = TieredStore.Configuration()
         configuration.ramBudgetBytes = ramBudget
+        configuration.tenantRAMQuotaBytes = tenantRAMQuota ?? ramBudget
         configuration.arenaBytes = 256 << 20
         configuration.diskCodec = Codec(.fp16, .lz4)
         configuration.minResidenceMicros = minResidenceMicros
         let store = TieredStore(configuration: configuration, disk: disk, catalog: catalog, logger: T.logger) { tenant in
-            try ArenaPageMemory(name: "kvtier-session-test-\(tenant)", capacity: 256 << 20, logger: T.logger)
+            try ArenaPageMemory(name: "kvtier-session-test-\(tenant)", capacity: 256 << 20, stagingCapacity: 64 << 20, logger: T.logger)
         }
         try store.register(model)
         return (store, disk)
@@ -209,6 +210,26 @@ import Testing
         #expect(throws: StoreError.self) { try store.setSessionPinned(Self.alice, name: "big", pinned: true) }
         _ = try store.setSessionPinned(Self.alice, name: "pinned", pinned: false)
         #expect(try store.setSessionPinned(Self.alice, name: "big", pinned: true).session.name == "big")
+        await disk.close()
+    }
+
+    /// Finding 6, RAM side: one tenant's pins may hold half its RAM quota, not the whole pinned
+    /// share of the budget, so other tenants can still pin.
+    @Test func aTenantsPinsAreBoundedByItsQuota() async throws {
+        // Budget 16 pages, quota 8: pins of all tenants 8 pages, of one tenant 4.
+        let (store, disk) = try Self.open(SimulatedStorage(seed: 18), ramBudget: 16 * Self.pageBytes, tenantRAMQuota: 8 * Self.pageBytes)
+        try await Self.put(store, Array(T.tokens[0..<48]), from: 0, session: "first")  // 3 pages
+        _ = try store.setSessionPinned(Self.alice, name: "first", pinned: true)
+        try await Self.put(store, Array(T.tokens[100..<132]), from: 0, session: "second")  // 2 more
+        do {
+            _ = try store.setSessionPinned(Self.alice, name: "second", pinned: true)
+            Issue.record("alice pinned 5 pages with a quota of 8 (half: 4)")
+        } catch {
+            guard case .overBudget(let message) = error else { throw error }
+            #expect(message.contains("tenantRAMQuota"), "the refusal names the limit: \(message)")
+        }
+        try await Self.put(store, Array(T.tokens[0..<48]), from: 0, session: "bobs", tenant: Self.bob)
+        #expect(try store.setSessionPinned(Self.bob, name: "bobs", pinned: true).session.name == "bobs", "bob pins within his own share")
         await disk.close()
     }
 

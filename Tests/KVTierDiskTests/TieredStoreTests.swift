@@ -25,7 +25,7 @@ import Testing
         configuration.diskCodec = Codec(.fp16, .lz4)
         configuration.minResidenceMicros = 0
         let store = TieredStore(configuration: configuration, disk: disk, logger: logger) { tenant in
-            try ArenaPageMemory(name: "kvtier-test-\(tenant)", capacity: 256 << 20, logger: logger)
+            try ArenaPageMemory(name: "kvtier-test-\(tenant)", capacity: 256 << 20, stagingCapacity: 64 << 20, logger: logger)
         }
         try store.register(model)
         return store

@@ -114,15 +114,18 @@ struct IdentityTests {
         let pattern = (0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
         box.arena.withBytes(SharedArena.Extent(offset: 8192, length: 4096)) { $0.copyBytes(from: pattern) }
         let harness = try TestServer(arenaProvider: { tenant in
-            tenant == TenantID(getuid()) ? (box.arena.descriptor, box.arena.capacity) : nil
+            // The transport passes whatever arenas it is given: the same memfd twice will do here.
+            tenant == TenantID(getuid())
+                ? KVServer.TenantArenas(pages: (box.arena.descriptor, box.arena.capacity), staging: (box.arena.descriptor, box.arena.capacity)) : nil
         })
         let client = try TestClient(path: harness.path)
         let (reply, _, descriptors) = try await client.call(.hello(Hello(capabilities: .sharedMemory, clientName: "mapper")))
         guard case .hello(let hello) = reply else { throw TestFailure("HELLO failed: \(reply)") }
         #expect(hello.capabilities.contains(.sharedMemory))
-        #expect(hello.arenaBytes == UInt64(capacity))
+        #expect(hello.arenaBytes == UInt64(capacity) && hello.stagingBytes == UInt64(capacity))
         let descriptor = try #require(descriptors.first)
-        #expect(descriptors.count == 1)
+        #expect(descriptors.count == 2, "the page arena and the staging arena")
+        for extra in descriptors.dropFirst() { SocketSystem.close(extra) }
         #expect(descriptor != box.arena.descriptor, "the client gets its own descriptor for the same memfd")
         let mapped = try SharedArena.map(descriptor: descriptor, capacity: Int(hello.arenaBytes))
         SocketSystem.close(descriptor)

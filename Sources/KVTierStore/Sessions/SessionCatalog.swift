@@ -44,6 +44,8 @@ public final class SessionCatalog: Sendable {
         var pages: [PageAddress: PageHold] = [:]
         /// Bytes of pages held by pinned sessions (each page counted once).
         var pinnedBytes = 0
+        /// The same per tenant (pages are per tenant, so each counts for its own).
+        var pinnedBytesByTenant: [TenantID: Int] = [:]
         /// Pages the store is dropping now (`beginDrop`): no session may take a hold on them.
         var dropping: Set<PageAddress> = []
     }
@@ -116,6 +118,9 @@ public final class SessionCatalog: Sendable {
     }
 
     public var pinnedBytes: Int { holds.withLock { $0.pinnedBytes } }
+
+    /// Bytes of `tenant`'s pages held by its pinned sessions.
+    public func pinnedBytes(of tenant: TenantID) -> Int { holds.withLock { $0.pinnedBytesByTenant[tenant] ?? 0 } }
 
     /// Bytes `id`'s pages would add to the pinned bytes if it were pinned.
     public func unpinnedBytes(of id: SessionID) -> Int {
@@ -315,7 +320,12 @@ public final class SessionCatalog: Sendable {
             let wasPinned = hold.pinned > 0
             hold.sessions += delta
             if entry.session.pinned { hold.pinned += delta }
-            if wasPinned != (hold.pinned > 0) { h.pinnedBytes += hold.pinned > 0 ? bytes : -bytes }
+            if wasPinned != (hold.pinned > 0) {
+                let change = hold.pinned > 0 ? bytes : -bytes
+                h.pinnedBytes += change
+                let left = (h.pinnedBytesByTenant[address.tenant] ?? 0) + change
+                h.pinnedBytesByTenant[address.tenant] = left > 0 ? left : nil
+            }
             h.pages[address] = hold.sessions > 0 ? hold : nil
         }
     }

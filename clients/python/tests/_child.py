@@ -45,7 +45,7 @@ def main():
         elif mode == "alloc-and-wait":
             lease, extents = c.alloc([MODEL.bytes_per_token * MODEL.page_tokens] * 4)
             for e in extents:
-                np.frombuffer(c._mm, dtype=np.uint8, count=e.bytes, offset=e.offset)[:] = 7
+                np.frombuffer(c._staging, dtype=np.uint8, count=e.bytes, offset=e.offset)[:] = 7
             print(json.dumps({"allocated": len(extents), "lease": lease}), flush=True)
             time.sleep(60)
         else:

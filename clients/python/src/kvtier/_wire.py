@@ -222,6 +222,7 @@ class HelloReply:
     max_inline_body: int
     max_tokens_per_request: int
     arena_bytes: int
+    staging_bytes: int
 
 
 def hello_request(shared_memory: bool, client_name: str) -> bytes:
@@ -231,7 +232,7 @@ def hello_request(shared_memory: bool, client_name: str) -> bytes:
 
 def hello_reply(body) -> HelloReply:
     r = Reader(body, "HELLO reply")
-    out = HelloReply(r.u16(), r.u32(), r.u32(), r.u32(), r.u32(), r.u32(), r.u64())
+    out = HelloReply(r.u16(), r.u32(), r.u32(), r.u32(), r.u32(), r.u32(), r.u64(), r.u64())
     r.finish()
     if out.version != PROTOCOL_VERSION:
         raise ProtocolViolation(f"HELLO reply: version {out.version}, but this client asked for {PROTOCOL_VERSION} only")

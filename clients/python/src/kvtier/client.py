@@ -9,12 +9,14 @@ import socket
 import struct
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _wire
+from ._arena import arena_problem
 from ._wire import Extent, Op, SessionInfo
 from .errors import CLOSING_CODES, KVTierConnectionError, KVTierError, ProtocolViolation
 from .model import ModelSpec
@@ -23,9 +25,9 @@ from .paths import default_socket_path
 ModelRef = Union[ModelSpec, int]
 
 # Staging bytes per shared-memory PUT: bigger puts go as several PUTs, each at most this much
-# arena memory between ALLOC and PUT (and at most maxExtents pages).
+# staging memory between ALLOC and PUT (and at most maxExtents pages, and a quarter of the
+# tenant's staging arena, which the tenant's connections share).
 SHM_BATCH_BYTES = 512 << 20
-
 
 @dataclass(frozen=True)
 class LookupResult:
@@ -83,13 +85,18 @@ class Client:
         self._pid = os.getpid()
         self._next_id = 0
         self._broken: Optional[str] = None
+        # The page arena (read-only: GET extents) and the staging arena (read-write: ALLOC).
         self._mm: Optional[mmap.mmap] = None
+        self._staging: Optional[mmap.mmap] = None
+        #: Why page bytes travel inline although shared memory was asked for (None otherwise).
+        self.shared_memory_unavailable_reason: Optional[str] = None
         self._models: Dict[ModelSpec, _Registered] = {}
         self._by_id: Dict[int, Tuple[ModelSpec, _Registered]] = {}
         self.max_control_body = _wire.MAX_CONTROL_BODY
         self.max_inline_body = _wire.MAX_INLINE_BODY
         self.max_tokens_per_request = _wire.MAX_TOKENS_PER_REQUEST
         self.arena_bytes = 0
+        self.staging_bytes = 0
         self.tenant: Optional[int] = None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -126,12 +133,14 @@ class Client:
             sock, self._sock = getattr(self, "_sock", None), None
             if sock is not None:
                 sock.close()
-            mm, self._mm = getattr(self, "_mm", None), None
-            if mm is not None:
-                try:
-                    mm.close()
-                except BufferError:
-                    pass  # an array still views the arena; it is unmapped when the last one goes
+            for name in ("_mm", "_staging"):
+                mm = getattr(self, name, None)
+                setattr(self, name, None)
+                if mm is not None:
+                    try:
+                        mm.close()
+                    except BufferError:
+                        pass  # an array still views the arena; it is unmapped when the last one goes
             if getattr(self, "_broken", None) is None:
                 self._broken = "the client was closed"
 
@@ -142,7 +151,7 @@ class Client:
     @property
     def shared_memory(self) -> bool:
         """Whether page bytes travel through the mapped arena (else inline on the socket)."""
-        return self._mm is not None
+        return self._mm is not None and self._staging is not None
 
     # ------------------------------------------------------------ transport
 
@@ -281,21 +290,40 @@ class Client:
         self.max_control_body = min(reply.max_control_body, _wire.MAX_CONTROL_BODY) or _wire.MAX_CONTROL_BODY
         self.max_inline_body = min(reply.max_inline_body, _wire.MAX_INLINE_BODY) or _wire.MAX_INLINE_BODY
         self.max_tokens_per_request = min(reply.max_tokens_per_request, _wire.MAX_TOKENS_PER_REQUEST) or _wire.MAX_TOKENS_PER_REQUEST
-        arena_fd = fds[0] if fds else None
-        for fd in fds[1:]:
-            os.close(fd)
-        if arena_fd is None:
-            return
         try:
-            if shared_memory and reply.capabilities & _wire.CAP_SHARED_MEMORY and 0 < reply.arena_bytes <= sys.maxsize:
-                try:
-                    self._mm = mmap.mmap(arena_fd, reply.arena_bytes, flags=mmap.MAP_SHARED,
-                                         prot=mmap.PROT_READ | mmap.PROT_WRITE)
-                    self.arena_bytes = reply.arena_bytes
-                except (OSError, ValueError, OverflowError):
-                    self._mm = None  # go on inline
+            if shared_memory:
+                self.shared_memory_unavailable_reason = self._map_arenas(reply, fds)
+                if self.shared_memory_unavailable_reason is not None and fds:
+                    warnings.warn(f"kvtier: page bytes go inline: {self.shared_memory_unavailable_reason}", RuntimeWarning, stacklevel=3)
         finally:
-            os.close(arena_fd)  # mmap keeps its own duplicate
+            for fd in fds:
+                os.close(fd)  # mmap keeps its own duplicate
+
+    def _map_arenas(self, reply, fds: List[int]) -> Optional[str]:
+        """Maps the page arena read-only and the staging arena read-write, each after checking
+        its seals; returns why not (the connection then goes on inline)."""
+        if not reply.capabilities & _wire.CAP_SHARED_MEMORY:
+            return "kvtierd offers no shared memory"
+        if len(fds) != 2:
+            return f"the HELLO reply carried {len(fds)} descriptors, not two (page arena, staging arena)"
+        if not (0 < reply.arena_bytes <= sys.maxsize and 0 < reply.staging_bytes <= sys.maxsize):
+            return f"the arenas are {reply.arena_bytes} and {reply.staging_bytes} bytes"
+        problem = (arena_problem(fds[0], reply.arena_bytes, True, "page arena")
+                   or arena_problem(fds[1], reply.staging_bytes, False, "staging arena"))
+        if problem is not None:
+            return problem
+        try:
+            pages = mmap.mmap(fds[0], reply.arena_bytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except (OSError, ValueError, OverflowError) as e:
+            return f"cannot map the page arena read-only: {e}"
+        try:
+            staging = mmap.mmap(fds[1], reply.staging_bytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError, OverflowError) as e:
+            pages.close()
+            return f"cannot map the staging arena: {e}"
+        self._mm, self._staging = pages, staging
+        self.arena_bytes, self.staging_bytes = reply.arena_bytes, reply.staging_bytes
+        return None
 
     # ------------------------------------------------------------ models
 
@@ -370,7 +398,7 @@ class Client:
     # ------------------------------------------------------------ alloc / release
 
     def alloc(self, sizes: Sequence[int]) -> Tuple[int, List[Extent]]:
-        """Low level: staging extents in the arena (``ALLOC``); returns ``(lease_id, extents)``.
+        """Low level: staging extents in the staging arena (``ALLOC``); returns ``(lease_id, extents)``.
         ``put`` does this itself."""
         if not self.shared_memory:
             raise KVTierError("invalidArgument", "this connection has no shared memory; ALLOC needs an arena")
@@ -385,13 +413,13 @@ class Client:
         if len(extents) != len(sizes):
             raise self._protocol(f"ALLOC reply: {len(extents)} extents for {len(sizes)} sizes")
         for e, want in zip(extents, sizes):
-            self._check_extent(e, want, "ALLOC reply")
+            self._check_extent(e, want, "ALLOC reply", self.staging_bytes)
         return lease, extents
 
-    def _check_extent(self, e: Extent, need: int, context: str) -> None:
-        if (e.offset % _wire.ARENA_ALIGNMENT or e.bytes < need or e.offset + e.bytes > self.arena_bytes):
+    def _check_extent(self, e: Extent, need: int, context: str, arena_bytes: int) -> None:
+        if (e.offset % _wire.ARENA_ALIGNMENT or e.bytes < need or e.offset + e.bytes > arena_bytes):
             raise self._protocol(f"{context}: extent at {e.offset} of {e.bytes} bytes does not hold {need} bytes "
-                                 f"inside the {self.arena_bytes}-byte arena")
+                                 f"inside the {arena_bytes}-byte arena")
 
     def release(self, lease_id: int) -> None:
         """Low level: ends a lease (``RELEASE``). ``get`` and ``put`` release their own."""
@@ -478,12 +506,14 @@ class Client:
     def _put_shared(self, spec, reg, toks, k16, v16, start, session_field, flags) -> PutResult:
         bpt = spec.bytes_per_token
         chunks = _chunks(start, len(toks), reg.page_tokens)
-        # Batches of whole chunks: at most maxExtents and about SHM_BATCH_BYTES each.
+        # Batches of whole chunks: at most maxExtents and about SHM_BATCH_BYTES each, and a
+        # quarter of the staging arena (the tenant's other connections stage there too).
+        batch_bytes = max(1, min(SHM_BATCH_BYTES, self.staging_bytes // 4))
         batches: List[List[Tuple[int, int]]] = [[]]
         size = 0
         for c in chunks:
             cb = (c[1] - c[0]) * bpt
-            if batches[-1] and (len(batches[-1]) >= _wire.MAX_EXTENTS or size + cb > SHM_BATCH_BYTES):
+            if batches[-1] and (len(batches[-1]) >= _wire.MAX_EXTENTS or size + cb > batch_bytes):
                 batches.append([])
                 size = 0
             batches[-1].append(c)
@@ -495,7 +525,7 @@ class Client:
             try:
                 for (a, b), e in zip(batch, extents):
                     count = spec.layers * 2 * (b - a) * spec.kv_heads * spec.head_dim
-                    dest = np.frombuffer(self._mm, dtype=np.uint16, count=count, offset=e.offset)
+                    dest = np.frombuffer(self._staging, dtype=np.uint16, count=count, offset=e.offset)
                     self._write_chunk(dest.reshape(spec.layers, 2, b - a, *shape_tail), k16, v16, a, b)
                     del dest
                 wire_extents = [Extent(e.offset, e.bytes, b - a) for (a, b), e in zip(batch, extents)]
@@ -603,7 +633,7 @@ class Client:
             for i, e in enumerate(extents):
                 if not 1 <= e.tokens <= page or (i < len(extents) - 1 and e.tokens != page):
                     raise self._protocol(f"GET reply: page {i} holds {e.tokens} tokens (pages hold {page})")
-                self._check_extent(e, e.tokens * bpt, "GET reply")
+                self._check_extent(e, e.tokens * bpt, "GET reply", self.arena_bytes)
             held = (len(extents) - 1) * page + extents[-1].tokens if extents else 0
             if served > held or (extents and served <= (len(extents) - 1) * page):
                 raise self._protocol(f"GET reply: {served} tokens served from {len(extents)} pages holding {held}")
