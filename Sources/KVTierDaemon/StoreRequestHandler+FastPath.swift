@@ -22,7 +22,7 @@ extension StoreRequestHandler {
                 return try immediateGet(r, context)
             case .put(let r):
                 // Sessions and durability are the async path's business.
-                guard r.session.isEmpty, !r.durable, let chunks = try? chunks(of: r) else { return nil }
+                guard r.session.isEmpty, !r.durable, let chunks = try? chunks(of: r, tenant: tenant) else { return nil }
                 guard let result = try store.putResident(tenant, owner: context.connectionID, modelID: r.modelID, tokens: r.tokens,
                                                          dataStart: Int(r.dataStart), chunks: chunks) else { return nil }
                 return .put(PutReply(cachedTokens: UInt32(result.cachedTokens), newPages: UInt32(result.newPages)))

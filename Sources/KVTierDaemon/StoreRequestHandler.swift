@@ -50,7 +50,7 @@ public struct StoreRequestHandler: RequestHandler {
         case .lookup(let r):
             return try lookup(r, context)
         case .put(let r):
-            let chunks = try chunks(of: r)
+            let chunks = try chunks(of: r, tenant: tenant)
             let result = try await store.put(tenant, owner: context.connectionID, modelID: r.modelID, tokens: r.tokens,
                                              dataStart: Int(r.dataStart), chunks: chunks, durable: r.durable,
                                              session: r.session.isEmpty ? nil : r.session)
@@ -173,7 +173,17 @@ public struct StoreRequestHandler: RequestHandler {
     }
 
     func alloc(_ r: Alloc, _ context: ConnectionContext) throws(StoreError) -> Reply {
-        let (lease, extents) = try store.allocate(context.tenant, owner: context.connectionID, sizes: r.byteCounts.map { Int(clamping: $0) })
+        let arenaBytes = r.byteCounts.isEmpty ? 0 : try store.memory(for: context.tenant).capacity
+        var sizes: [Int] = []
+        sizes.reserveCapacity(r.byteCounts.count)
+        for (index, size) in r.byteCounts.enumerated() {
+            // Checked here, before any arithmetic: a u64 from the wire may not fit an Int.
+            guard size >= 1, size <= UInt64(arenaBytes) else {
+                throw .invalidArgument("ALLOC size \(index) is \(size) bytes; each must be 1 to \(arenaBytes), the tenant's arena (arenaSize)")
+            }
+            sizes.append(Int(size))
+        }
+        let (lease, extents) = try store.allocate(context.tenant, owner: context.connectionID, sizes: sizes)
         return .alloc(AllocReply(leaseID: lease, extents: extents.map { WireExtent(offset: UInt64($0.offset), bytes: UInt64($0.length), tokens: 0) }))
     }
 
@@ -197,12 +207,30 @@ public struct StoreRequestHandler: RequestHandler {
                            lastUsedMicros: s.lastUsedMicros, ramTokens: UInt32(detail.ramTokens), diskTokens: UInt32(detail.diskTokens))
     }
 
+    /// A wire extent as the store's `Extent`, once it is known to lie inside the tenant's arena:
+    /// offsets and lengths come off the wire as u64, and every later step (the store's byte
+    /// accounting, `Extent.end`, the arena's bounds) does Int arithmetic on them.
+    static func arenaExtent(_ extent: WireExtent, index: Int, arenaBytes: Int) throws(StoreError) -> Extent {
+        guard let offset = Int(exactly: extent.offset), let length = Int(exactly: extent.bytes),
+              length >= 1, offset <= arenaBytes, length <= arenaBytes - offset else {
+            throw .invalidArgument("PUT extent \(index) (offset \(extent.offset), \(extent.bytes) bytes) is not inside the tenant's arena of \(arenaBytes) bytes (arenaSize): name only extents ALLOC returned")
+        }
+        return Extent(offset: offset, length: length)
+    }
+
     /// The store's chunks for a put: arena extents as named, or inline bytes cut at page
     /// boundaries (docs/protocol.md, PUT).
-    func chunks(of put: Put) throws(StoreError) -> [TieredStore.PutChunk] {
+    func chunks(of put: Put, tenant: TenantID) throws(StoreError) -> [TieredStore.PutChunk] {
         switch put.data {
         case .extents(let extents):
-            return extents.map { .extent(Extent(offset: Int($0.offset), length: Int(clamping: $0.bytes))) }
+            guard !extents.isEmpty else { return [] }
+            let arenaBytes = try store.memory(for: tenant).capacity
+            var chunks: [TieredStore.PutChunk] = []
+            chunks.reserveCapacity(extents.count)
+            for (index, extent) in extents.enumerated() {
+                chunks.append(.extent(try Self.arenaExtent(extent, index: index, arenaBytes: arenaBytes)))
+            }
+            return chunks
         case .inline(let bytes):
             let model = try store.model(put.modelID)
             var chunks: [TieredStore.PutChunk] = []

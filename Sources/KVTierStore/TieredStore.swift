@@ -129,6 +129,12 @@ public final class TieredStore: Sendable {
         guard model.layers >= 1, model.layers <= Limits.maxLayers, model.kvHeads >= 1, model.kvHeads <= Limits.maxKVHeads,
               model.headDim >= 1, model.headDim <= Limits.maxHeadDim, model.pageTokens >= 1, model.pageTokens <= Limits.maxPageTokens
         else { throw .invalidArgument("model shape out of range: \(model.layers) layers, \(model.kvHeads) KV heads, head dim \(model.headDim), \(model.pageTokens) tokens per page") }
+        // Each factor is bounded above, so the product fits an Int; a page of one layer beyond
+        // this is more than the codecs, the disk format and an inline frame can carry.
+        let sectionBytes = model.pageTokens * 2 * model.kvHeads * model.headDim * model.elementType.byteWidth
+        guard sectionBytes <= Limits.maxSectionBytes else {
+            throw .invalidArgument("a page of one layer of this model takes \(sectionBytes) bytes, over the \(Limits.maxSectionBytes) allowed (Limits.maxSectionBytes): register fewer tokens per page")
+        }
         try catalog.record(model)
         state.withLock { $0.models[model.id] = model }
         return model
