@@ -98,11 +98,12 @@ struct HostileWireTests {
         for template in RequestTemplate.all(pageBytes: Self.pageBytes) {
             var pipeEnds: [Int32] = [-1, -1]
             #expect(pipe(&pipeEnds) == 0)
-            let memory = memfd_create("hostile-fd", 0)
+            var pair: [Int32] = [-1, -1]
+            #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
             let devNull = open("/dev/null", O_RDONLY)
-            let attached = [pipeEnds[0], pipeEnds[1], memory, devNull]
+            let attached = [pipeEnds[0], pipeEnds[1], pair[0], devNull]
             try Self.send(template, daemon, model, descriptors: attached) { $0 }
-            for descriptor in attached { close(descriptor) }
+            for descriptor in attached + [pair[1]] { close(descriptor) }
             inputs += 1
         }
         try await Self.check(daemon, model, reference, after: "frames with descriptors attached (seed \(seed))")
@@ -147,12 +148,18 @@ struct HostileWireTests {
 
     /// The daemon is running and answers PING on a fresh connection.
     static func expectServing(_ daemon: DaemonProcess, after input: String) async throws {
-        guard !hasExited(daemon.pid) else {
-            throw TestFailure("kvtierd died after \(input):\n\(daemon.logTail())")
+        do {
+            guard !hasExited(daemon.pid) else { throw TestFailure("exited") }
+            let client = try await KVTierClient.connect(socketPath: daemon.socketPath, replyTimeoutSeconds: 30)
+            try await client.ping()
+            await client.close()
+        } catch {
+            // A trap takes a moment to end the process (the runtime prints a backtrace first).
+            let deadline = Clocks.monotonicMicros() + 30_000_000
+            while !hasExited(daemon.pid), Clocks.monotonicMicros() < deadline { usleep(20_000) }
+            if hasExited(daemon.pid) { throw TestFailure("kvtierd died after \(input):\n\(daemon.logTail())") }
+            throw TestFailure("kvtierd does not answer PING after \(input): \(error)")
         }
-        let client = try await KVTierClient.connect(socketPath: daemon.socketPath, replyTimeoutSeconds: 30)
-        try await client.ping()
-        await client.close()
     }
 
     /// Serving, and the reference page reads back byte-identical.
