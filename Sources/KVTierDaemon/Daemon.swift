@@ -49,6 +49,7 @@ public final class Daemon: Sendable {
         storeConfiguration.ramBudgetBytes = c.ramBudgetBytes
         storeConfiguration.arenaBytes = c.arenaBytes
         storeConfiguration.diskCodec = c.diskCodec
+        storeConfiguration.maxModelsPerTenant = c.maxModelsPerTenant
         let arenaBytes = c.arenaBytes
         let logger = self.logger
         let store = TieredStore(configuration: storeConfiguration, disk: disk, catalog: catalog, logger: logger) { tenant in

@@ -43,6 +43,8 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     /// primary group (as SO_PEERCRED reports it) is listed gets the group's tenant instead of its
     /// uid's. Default none.
     public var sharedTenantGroups: [String] = []
+    /// Most models one tenant may register while the daemon runs. Default 256.
+    public var maxModelsPerTenant: Int = 256
 
     /// Keys that SIGHUP applies without a restart; a change to any other key is logged and
     /// waits for the next start.
@@ -50,7 +52,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case socket, stateDir, ramBudget, diskBudget, diskCodec, arenaSize, pageTokens, ioQueueDepth
-        case logLevel, metricsListen, metricsAllowNonLoopback, sharedTenantGroups
+        case logLevel, metricsListen, metricsAllowNonLoopback, sharedTenantGroups, maxModelsPerTenant
     }
 
     /// Every key a config file may hold.
@@ -75,6 +77,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         arenaSize = try value(.arenaSize, String.self, "a size string such as \"64GiB\"") ?? arenaSize
         pageTokens = try value(.pageTokens, Int.self, "an integer") ?? pageTokens
         ioQueueDepth = try value(.ioQueueDepth, Int.self, "an integer") ?? ioQueueDepth
+        maxModelsPerTenant = try value(.maxModelsPerTenant, Int.self, "an integer") ?? maxModelsPerTenant
         logLevel = try value(.logLevel, String.self, "a string: " + Self.logLevels.joined(separator: ", ")) ?? logLevel
         metricsListen = try value(.metricsListen, String.self, "a string HOST:PORT such as \"127.0.0.1:9464\"")
         metricsAllowNonLoopback = try value(.metricsAllowNonLoopback, Bool.self, "true or false") ?? metricsAllowNonLoopback
@@ -142,6 +145,8 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         public var metricsAllowNonLoopback: Bool
         /// Gids whose members share a tenant (`sharedTenantGroups`, names resolved).
         public var sharedTenantGids: [UInt32] = []
+        /// `maxModelsPerTenant`.
+        public var maxModelsPerTenant = 256
 
         /// The tenant of a peer: its primary group's shared tenant (`TenantID.group`) when that
         /// group is listed, else its uid. Nil (refused) for a uid that would collide with group
@@ -174,6 +179,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
                 ("metricsListen", metricsListen.map { quoted("\($0)") } ?? "null"),
                 ("metricsAllowNonLoopback", "\(metricsAllowNonLoopback)"),
                 ("sharedTenantGroups", "[" + sharedTenantGids.map { quoted("\($0)") }.joined(separator: ", ") + "]"),
+                ("maxModelsPerTenant", "\(maxModelsPerTenant)"),
             ]
             return "{" + fields.map { "\(quoted($0.0)): \($0.1)" }.joined(separator: ", ") + "}"
         }
@@ -193,6 +199,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             if metricsListen != other.metricsListen { keys.append("metricsListen") }
             if metricsAllowNonLoopback != other.metricsAllowNonLoopback { keys.append("metricsAllowNonLoopback") }
             if sharedTenantGids != other.sharedTenantGids { keys.append("sharedTenantGroups") }
+            if maxModelsPerTenant != other.maxModelsPerTenant { keys.append("maxModelsPerTenant") }
             return keys
         }
     }
@@ -247,6 +254,9 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         guard (1...4096).contains(ioQueueDepth) else {
             throw Invalid(key: "ioQueueDepth", value: "\(ioQueueDepth)", allowed: "1...4096")
         }
+        guard (1...65_536).contains(maxModelsPerTenant) else {
+            throw Invalid(key: "maxModelsPerTenant", value: "\(maxModelsPerTenant)", allowed: "1...65536")
+        }
         guard let level = Logger.Level(rawValue: logLevel) else {
             throw Invalid(key: "logLevel", value: logLevel, allowed: Self.logLevels.joined(separator: ", "))
         }
@@ -292,6 +302,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             metricsListen: metrics,
             metricsAllowNonLoopback: metricsAllowNonLoopback)
         resolved.sharedTenantGids = gids
+        resolved.maxModelsPerTenant = maxModelsPerTenant
         return resolved
     }
 }

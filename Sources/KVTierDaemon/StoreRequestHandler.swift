@@ -45,7 +45,7 @@ public struct StoreRequestHandler: RequestHandler {
             let id: UInt64
             do { id = try r.modelID(pageTokensInForce: pageTokens) } catch { throw .invalidArgument("\(error)") }
             try store.register(ModelSpec(id: id, name: r.name, layers: Int(r.layers), kvHeads: Int(r.kvHeads), headDim: Int(r.headDim),
-                                         elementType: r.elementType, pageTokens: Int(pageTokens), ropeTheta: r.ropeTheta))
+                                         elementType: r.elementType, pageTokens: Int(pageTokens), ropeTheta: r.ropeTheta), for: tenant)
             return .registerModel(RegisterModelReply(modelID: id, pageTokens: pageTokens))
         case .lookup(let r):
             return try lookup(r, context)
@@ -72,13 +72,15 @@ public struct StoreRequestHandler: RequestHandler {
             return .attention
         case .status:
             return .status(StatusReply(counters: store.status().map { StatusCounter(name: $0.name, value: $0.value) }))
-        case .models:
-            let models = store.catalog.models.sorted { $0.id < $1.id }.map { m in
+        case .models(let r):
+            // Only the asking tenant's models: another tenant's model names are its own.
+            let models = store.models(of: tenant)
+            let page = models[r.range(in: models.count)].map { m in
                 ModelEntry(modelID: m.id, registration: RegisterModel(
-                    name: m.name, layers: UInt16(m.layers), kvHeads: UInt16(m.kvHeads), headDim: UInt16(m.headDim),
-                    elementType: m.elementType, pageTokens: UInt16(m.pageTokens), ropeTheta: m.ropeTheta))
+                    name: m.name, layers: UInt16(clamping: m.layers), kvHeads: UInt16(clamping: m.kvHeads), headDim: UInt16(clamping: m.headDim),
+                    elementType: m.elementType, pageTokens: UInt16(clamping: m.pageTokens), ropeTheta: m.ropeTheta))
             }
-            return .models(ModelsReply(models: models))
+            return .models(ModelsReply(total: UInt32(clamping: models.count), models: page))
         case .pages(let r):
             let all = store.pageSummaries(tenant, modelID: r.modelID == 0 ? nil : r.modelID)
             let start = min(all.count, Int(r.offset))
@@ -97,17 +99,14 @@ public struct StoreRequestHandler: RequestHandler {
             }
             return .evict(EvictReply(evicted: UInt32(clamping: result.evicted), deleted: UInt32(clamping: result.deleted),
                                      skipped: UInt32(clamping: result.skipped)))
-        case .sessionList:
-            // Most recently used first, as many as fit one control frame.
-            var room = ProtocolLimits.maxControlBody - 4
-            var infos: [SessionInfo] = []
-            for detail in store.sessions(tenant) {
-                let info = Self.info(detail)
-                room -= SessionInfo.minimumBytes + info.name.utf8.count
-                guard room >= 0 else { break }
-                infos.append(info)
-            }
-            return .sessionList(SessionListReply(sessions: infos))
+        case .sessionList(let r):
+            // One page, most recently used first; no page of any session is looked at (that is
+            // SESSION_INFO's), so a reply costs a sort of the tenant's sessions at most.
+            let (total, sessions) = store.sessionList(tenant, offset: Int(r.offset), limit: Int(r.limit))
+            return .sessionList(SessionListReply(total: UInt32(clamping: total), sessions: sessions.map { s in
+                SessionEntry(name: s.name, modelID: s.modelID, tokens: UInt32(clamping: s.tokens.count), pinned: s.pinned,
+                             ttlSeconds: s.ttlSeconds, lastUsedMicros: s.lastUsedMicros)
+            }))
         case .sessionInfo(let r):
             return .sessionInfo(Self.info(try store.sessionDetail(tenant, name: r.name)))
         case .sessionPin(let r):

@@ -53,11 +53,11 @@ struct HostileWireTests {
     /// to each boundary value; every frame cut at every byte; seeded random bodies; and valid
     /// frames sent with descriptors attached, which the daemon must not keep. After each batch
     /// the daemon answers PING and a pinned page stored first reads back byte-identical.
-    /// `KVTIER_FUZZ_RANDOM_BODIES` (default 8 per opcode) raises the random share.
+    /// `KVTIER_FUZZ_RANDOM_BODIES` (default 16 per opcode) raises the random share.
     @Test func boundaryValuesTruncationsNoiseAndDescriptors() async throws {
         let seed = testSeed("HostileWireTests.boundaryValuesTruncationsNoiseAndDescriptors")
         var random = SplitMix64(seed: seed)
-        let randomBodies = getenv("KVTIER_FUZZ_RANDOM_BODIES").flatMap { Int(String(cString: $0)) } ?? 8
+        let randomBodies = getenv("KVTIER_FUZZ_RANDOM_BODIES").flatMap { Int(String(cString: $0)) } ?? 16
         let daemon = try await DaemonProcess.start()
         defer { daemon.stop() }
         let model = try await Self.register(daemon)
@@ -69,7 +69,9 @@ struct HostileWireTests {
             // Boundary values in every field.
             let (_, fields) = template.build(WireState(modelID: model.modelID, leaseID: 0, staging: Self.placeholderStaging)).frame(opcode: template.opcode)
             for field in fields {
-                for value in BoundaryValues.values(for: field) {
+                // The boundary values, and a few seeded random ones.
+                let randomValues = (0..<4).map { _ in random.next() }
+                for value in BoundaryValues.values(for: field) + randomValues {
                     try Self.send(template, daemon, model) { BoundaryValues.substitute(value, into: field, of: $0) }
                     inputs += 1
                 }
@@ -177,8 +179,15 @@ struct HostileWireTests {
     /// the stream is ended and every reply read until the daemon closes (30 s at most).
     static func send(_ template: RequestTemplate, _ daemon: DaemonProcess, _ model: RegisteredModel, ending: Bool = false,
                      descriptors: [Int32] = [], mutate: ([UInt8]) -> [UInt8]) throws {
-        guard !hasExited(daemon.pid) else { throw TestFailure("kvtierd died before a \(template.name) input:\n\(daemon.logTail())") }
-        let connection = try RawConnection(path: daemon.socketPath)
+        let connection: RawConnection
+        do {
+            guard !hasExited(daemon.pid) else { throw TestFailure("exited") }
+            connection = try RawConnection(path: daemon.socketPath)
+        } catch {
+            let deadline = Clocks.monotonicMicros() + 30_000_000
+            while !hasExited(daemon.pid), Clocks.monotonicMicros() < deadline { usleep(20_000) }
+            throw TestFailure("kvtierd \(hasExited(daemon.pid) ? "died" : "refused a connection") after the input before this \(template.name) one:\n\(daemon.logTail())")
+        }
         var state = WireState(modelID: model.modelID, leaseID: 0, staging: placeholderStaging)
         if !template.isHello {
             try connection.hello()

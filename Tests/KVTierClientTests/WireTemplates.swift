@@ -128,7 +128,9 @@ struct RequestTemplate: Sendable {
                 r.u32("count", 2); r.u64("bytes[0]", UInt64(pageBytes)); r.u64("bytes[1]", UInt64(pageBytes))
                 return r
             },
-            RequestTemplate(name: "SESSION_LIST", opcode: .sessionList) { _ in FieldRecorder() },
+            RequestTemplate(name: "SESSION_LIST", opcode: .sessionList) { _ in
+                var r = FieldRecorder(); r.u32("offset", 0); r.u32("limit", 16); return r
+            },
             RequestTemplate(name: "SESSION_INFO", opcode: .sessionInfo) { _ in
                 var r = FieldRecorder(); r.string("name", session); return r
             },
@@ -162,7 +164,9 @@ struct RequestTemplate: Sendable {
                 r.u64("modelID", s.modelID); r.tokens("tokens", tokens); r.u8("flags", 0); r.string("session", "")
                 return r
             },
-            RequestTemplate(name: "MODELS", opcode: .models) { _ in FieldRecorder() },
+            RequestTemplate(name: "MODELS", opcode: .models) { _ in
+                var r = FieldRecorder(); r.u32("offset", 0); r.u32("limit", 16); return r
+            },
         ]
     }
 }
