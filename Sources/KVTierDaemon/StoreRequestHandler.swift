@@ -73,14 +73,7 @@ public struct StoreRequestHandler: RequestHandler {
         case .status:
             return .status(StatusReply(counters: store.status().map { StatusCounter(name: $0.name, value: $0.value) }))
         case .models(let r):
-            // Only the asking tenant's models: another tenant's model names are its own.
-            let models = store.models(of: tenant)
-            let page = models[r.range(in: models.count)].map { m in
-                ModelEntry(modelID: m.id, registration: RegisterModel(
-                    name: m.name, layers: UInt16(clamping: m.layers), kvHeads: UInt16(clamping: m.kvHeads), headDim: UInt16(clamping: m.headDim),
-                    elementType: m.elementType, pageTokens: UInt16(clamping: m.pageTokens), ropeTheta: m.ropeTheta))
-            }
-            return .models(ModelsReply(total: UInt32(clamping: models.count), models: page))
+            return models(r, context)
         case .pages(let r):
             let all = store.pageSummaries(tenant, modelID: r.modelID == 0 ? nil : r.modelID)
             let start = min(all.count, Int(r.offset))
@@ -100,13 +93,7 @@ public struct StoreRequestHandler: RequestHandler {
             return .evict(EvictReply(evicted: UInt32(clamping: result.evicted), deleted: UInt32(clamping: result.deleted),
                                      skipped: UInt32(clamping: result.skipped)))
         case .sessionList(let r):
-            // One page, most recently used first; no page of any session is looked at (that is
-            // SESSION_INFO's), so a reply costs a sort of the tenant's sessions at most.
-            let (total, sessions) = store.sessionList(tenant, offset: Int(r.offset), limit: Int(r.limit))
-            return .sessionList(SessionListReply(total: UInt32(clamping: total), sessions: sessions.map { s in
-                SessionEntry(name: s.name, modelID: s.modelID, tokens: UInt32(clamping: s.tokens.count), pinned: s.pinned,
-                             ttlSeconds: s.ttlSeconds, lastUsedMicros: s.lastUsedMicros)
-            }))
+            return sessionList(r, context)
         case .sessionInfo(let r):
             return .sessionInfo(Self.info(try store.sessionDetail(tenant, name: r.name)))
         case .sessionPin(let r):
@@ -158,6 +145,29 @@ public struct StoreRequestHandler: RequestHandler {
         }
         try store.release(context.tenant, leaseID: got.leaseID)
         return .get(GetReply(tokens: UInt32(got.tokens), leaseID: 0, data: .inline(bytes)))
+    }
+
+    /// One page of the tenant's models: only the asking tenant's (another tenant's model names
+    /// are its own).
+    func models(_ r: ListPage, _ context: ConnectionContext) -> Reply {
+        let models = store.models(of: context.tenant)
+        let page = models[r.range(in: models.count)].map { m in
+            ModelEntry(modelID: m.id, registration: RegisterModel(
+                name: m.name, layers: UInt16(clamping: m.layers), kvHeads: UInt16(clamping: m.kvHeads), headDim: UInt16(clamping: m.headDim),
+                elementType: m.elementType, pageTokens: UInt16(clamping: m.pageTokens), ropeTheta: m.ropeTheta))
+        }
+        return .models(ModelsReply(total: UInt32(clamping: models.count), models: page))
+    }
+
+    /// One page of the tenant's sessions, most recently used first. No page of any session is
+    /// looked at (that is SESSION_INFO's), so a reply costs a sort of the tenant's sessions at
+    /// most, and holds no lock meanwhile.
+    func sessionList(_ r: ListPage, _ context: ConnectionContext) -> Reply {
+        let (total, sessions) = store.sessionList(context.tenant, offset: Int(r.offset), limit: Int(r.limit))
+        return .sessionList(SessionListReply(total: UInt32(clamping: total), sessions: sessions.map { s in
+            SessionEntry(name: s.name, modelID: s.modelID, tokens: UInt32(clamping: s.tokens.count), pinned: s.pinned,
+                         ttlSeconds: s.ttlSeconds, lastUsedMicros: s.lastUsedMicros)
+        }))
     }
 
     func lookup(_ r: Lookup, _ context: ConnectionContext) throws(StoreError) -> Reply {
