@@ -37,8 +37,16 @@ extension KVTierClient {
 }
 
 extension KVTierClient {
-    /// Every model registered with the daemon (host-wide: shapes only, no data).
+    /// The models this tenant registered since the daemon started, and its sessions' models,
+    /// by id; fetched `maxListEntries` at a time.
     public func models() async throws -> [ModelEntry] {
-        try await call(.models, expecting: "MODELS") { if case .models(let r) = $0 { r.models } else { nil } }
+        var models: [ModelEntry] = []
+        while true {
+            let page = ListPage(offset: UInt32(clamping: models.count))
+            let reply = try await call(.models(page), expecting: "MODELS") { if case .models(let r) = $0 { r } else { nil } }
+            models += reply.models
+            if reply.models.count < Int(page.limit) || models.count >= Int(reply.total) { break }
+        }
+        return models
     }
 }

@@ -188,8 +188,18 @@ public final class KVTierClient: Sendable {
 
     // MARK: sessions and attention
 
-    public func sessionList() async throws -> [KVTierSessionInfo] {
-        try await call(.sessionList, expecting: "SESSION_LIST") { if case .sessionList(let r) = $0 { r.sessions } else { nil } }
+    /// The tenant's sessions, most recently used first, fetched `maxListEntries` at a time
+    /// (at most `limit`). Where each session's pages are is `sessionInfo`'s.
+    public func sessionList(limit: Int = .max) async throws -> [SessionEntry] {
+        var sessions: [SessionEntry] = []
+        while sessions.count < limit {
+            let page = ListPage(offset: UInt32(clamping: sessions.count), limit: UInt32(min(ProtocolLimits.maxListEntries, limit - sessions.count)))
+            let reply = try await call(.sessionList(page), expecting: "SESSION_LIST") { if case .sessionList(let r) = $0 { r } else { nil } }
+            sessions += reply.sessions
+            // The list is taken afresh for each page: stop at its end, however it changed.
+            if reply.sessions.count < Int(page.limit) || sessions.count >= Int(reply.total) { break }
+        }
+        return sessions
     }
 
     public func sessionInfo(_ name: String) async throws -> KVTierSessionInfo {

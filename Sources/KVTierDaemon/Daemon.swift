@@ -82,6 +82,7 @@ public final class Daemon: Sendable {
         storeConfiguration.arenaBytes = TieredStore.pageArenaBytes(quota: c.tenantRAMQuotaBytes, ceiling: c.arenaBytes)
         storeConfiguration.diskCodec = c.diskCodec
         let arenaBytes = storeConfiguration.arenaBytes, stagingBytes = c.stagingBytes
+        storeConfiguration.maxModelsPerTenant = c.maxModelsPerTenant
         let store = TieredStore(configuration: storeConfiguration, disk: disk, catalog: catalog, logger: logger) { tenant in
             try ArenaPageMemory(name: "kvtier-arena-\(tenant)", capacity: arenaBytes, stagingCapacity: stagingBytes, logger: logger)
         }

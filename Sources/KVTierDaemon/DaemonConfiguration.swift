@@ -65,6 +65,8 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     public var maxBufferedFrameBytes: String = "\(ByteCount(ServerConfiguration().maxBufferedFrameBytes))"
     /// Of those, the most one uid's connections may hold. Default 128MiB.
     public var maxBufferedFrameBytesPerUID: String = "\(ByteCount(ServerConfiguration().maxBufferedFrameBytesPerUID))"
+    /// Most models one tenant may register while the daemon runs. Default 256.
+    public var maxModelsPerTenant: Int = 256
 
     /// Keys that SIGHUP applies without a restart; a change to any other key is logged and
     /// waits for the next start.
@@ -74,7 +76,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         case socket, stateDir, ramBudget, diskBudget, diskCodec, arenaSize, tenantRAMQuota, stagingSize, pageTokens, ioQueueDepth
         case logLevel, metricsListen, metricsAllowNonLoopback, sharedTenantGroups, diskTenantQuota
         case maxConnections, maxConnectionsPerUID, handshakeTimeoutSeconds, idleTimeoutSeconds
-        case maxBufferedFrameBytes, maxBufferedFrameBytesPerUID
+        case maxBufferedFrameBytes, maxBufferedFrameBytesPerUID, maxModelsPerTenant
     }
 
     /// Every key a config file may hold.
@@ -102,6 +104,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         stagingSize = try value(.stagingSize, String.self, "a size string such as \"256MiB\"") ?? stagingSize
         pageTokens = try value(.pageTokens, Int.self, "an integer") ?? pageTokens
         ioQueueDepth = try value(.ioQueueDepth, Int.self, "an integer") ?? ioQueueDepth
+        maxModelsPerTenant = try value(.maxModelsPerTenant, Int.self, "an integer") ?? maxModelsPerTenant
         logLevel = try value(.logLevel, String.self, "a string: " + Self.logLevels.joined(separator: ", ")) ?? logLevel
         metricsListen = try value(.metricsListen, String.self, "a string HOST:PORT such as \"127.0.0.1:9464\"")
         metricsAllowNonLoopback = try value(.metricsAllowNonLoopback, Bool.self, "true or false") ?? metricsAllowNonLoopback
@@ -202,6 +205,8 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
                 return server
             }
         }
+        /// `maxModelsPerTenant`.
+        public var maxModelsPerTenant = 256
 
         /// The tenant of a peer: its primary group's shared tenant (`TenantID.group`) when that
         /// group is listed, else its uid. Nil (refused) for a uid that would collide with group
@@ -240,6 +245,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
                 ("handshakeTimeoutSeconds", "\(transport.handshakeTimeoutSeconds)"), ("idleTimeoutSeconds", "\(transport.idleTimeoutSeconds)"),
                 ("maxBufferedFrameBytes", quoted("\(ByteCount(transport.maxBufferedFrameBytes))")),
                 ("maxBufferedFrameBytesPerUID", quoted("\(ByteCount(transport.maxBufferedFrameBytesPerUID))")),
+                ("maxModelsPerTenant", "\(maxModelsPerTenant)"),
             ]
             return "{" + fields.map { "\(quoted($0.0)): \($0.1)" }.joined(separator: ", ") + "}"
         }
@@ -269,6 +275,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             if t.idleTimeoutSeconds != o.idleTimeoutSeconds { keys.append("idleTimeoutSeconds") }
             if t.maxBufferedFrameBytes != o.maxBufferedFrameBytes { keys.append("maxBufferedFrameBytes") }
             if t.maxBufferedFrameBytesPerUID != o.maxBufferedFrameBytesPerUID { keys.append("maxBufferedFrameBytesPerUID") }
+            if maxModelsPerTenant != other.maxModelsPerTenant { keys.append("maxModelsPerTenant") }
             return keys
         }
     }
@@ -322,6 +329,9 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         }
         guard (1...4096).contains(ioQueueDepth) else {
             throw Invalid(key: "ioQueueDepth", value: "\(ioQueueDepth)", allowed: "1...4096")
+        }
+        guard (1...65_536).contains(maxModelsPerTenant) else {
+            throw Invalid(key: "maxModelsPerTenant", value: "\(maxModelsPerTenant)", allowed: "1...65536")
         }
         guard let level = Logger.Level(rawValue: logLevel) else {
             throw Invalid(key: "logLevel", value: logLevel, allowed: Self.logLevels.joined(separator: ", "))
@@ -381,6 +391,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             metricsAllowNonLoopback: metricsAllowNonLoopback)
         resolved.sharedTenantGids = gids
         resolved.transport = try resolvedTransport()
+        resolved.maxModelsPerTenant = maxModelsPerTenant
         return resolved
     }
 

@@ -4,7 +4,7 @@ import KVTierServer
 import KVTierStore
 
 /// The requests the store can answer at once, on the connection's thread: `LOOKUP`, `RELEASE`,
-/// `ALLOC`, a `GET` whose pages are all in RAM and a non-durable `PUT` of whole pages without a
+/// `ALLOC`, `SESSION_LIST`, `MODELS`, a `GET` whose pages are all in RAM and a non-durable `PUT` of whole pages without a
 /// session. Anything that may touch the disk, evict, or name a session returns nil and takes
 /// `handle`, which gives the same reply.
 extension StoreRequestHandler {
@@ -18,11 +18,17 @@ extension StoreRequestHandler {
                 return try release(r, context)
             case .alloc(let r):
                 return try alloc(r, context)
+            case .sessionList(let r):
+                // Waits on nothing: answered here, so listers never occupy the task pool that
+                // other tenants' durable puts need.
+                return sessionList(r, context)
+            case .models(let r):
+                return models(r, context)
             case .get(let r):
                 return try immediateGet(r, context)
             case .put(let r):
                 // Sessions and durability are the async path's business.
-                guard r.session.isEmpty, !r.durable, let chunks = try? chunks(of: r) else { return nil }
+                guard r.session.isEmpty, !r.durable, let chunks = try? chunks(of: r, tenant: tenant) else { return nil }
                 guard let result = try store.putResident(tenant, owner: context.connectionID, modelID: r.modelID, tokens: r.tokens,
                                                          dataStart: Int(r.dataStart), chunks: chunks) else { return nil }
                 return .put(PutReply(cachedTokens: UInt32(result.cachedTokens), newPages: UInt32(result.newPages)))

@@ -45,12 +45,12 @@ public struct StoreRequestHandler: RequestHandler {
             let id: UInt64
             do { id = try r.modelID(pageTokensInForce: pageTokens) } catch { throw .invalidArgument("\(error)") }
             try store.register(ModelSpec(id: id, name: r.name, layers: Int(r.layers), kvHeads: Int(r.kvHeads), headDim: Int(r.headDim),
-                                         elementType: r.elementType, pageTokens: Int(pageTokens), ropeTheta: r.ropeTheta))
+                                         elementType: r.elementType, pageTokens: Int(pageTokens), ropeTheta: r.ropeTheta), for: tenant)
             return .registerModel(RegisterModelReply(modelID: id, pageTokens: pageTokens))
         case .lookup(let r):
             return try lookup(r, context)
         case .put(let r):
-            let chunks = try chunks(of: r)
+            let chunks = try chunks(of: r, tenant: tenant)
             let result = try await store.put(tenant, owner: context.connectionID, modelID: r.modelID, tokens: r.tokens,
                                              dataStart: Int(r.dataStart), chunks: chunks, durable: r.durable,
                                              session: r.session.isEmpty ? nil : r.session)
@@ -72,13 +72,8 @@ public struct StoreRequestHandler: RequestHandler {
             return .attention
         case .status:
             return .status(StatusReply(counters: store.status().map { StatusCounter(name: $0.name, value: $0.value) }))
-        case .models:
-            let models = store.catalog.models.sorted { $0.id < $1.id }.map { m in
-                ModelEntry(modelID: m.id, registration: RegisterModel(
-                    name: m.name, layers: UInt16(m.layers), kvHeads: UInt16(m.kvHeads), headDim: UInt16(m.headDim),
-                    elementType: m.elementType, pageTokens: UInt16(m.pageTokens), ropeTheta: m.ropeTheta))
-            }
-            return .models(ModelsReply(models: models))
+        case .models(let r):
+            return models(r, context)
         case .pages(let r):
             let all = store.pageSummaries(tenant, modelID: r.modelID == 0 ? nil : r.modelID)
             let start = min(all.count, Int(r.offset))
@@ -97,17 +92,8 @@ public struct StoreRequestHandler: RequestHandler {
             }
             return .evict(EvictReply(evicted: UInt32(clamping: result.evicted), deleted: UInt32(clamping: result.deleted),
                                      skipped: UInt32(clamping: result.skipped)))
-        case .sessionList:
-            // Most recently used first, as many as fit one control frame.
-            var room = ProtocolLimits.maxControlBody - 4
-            var infos: [SessionInfo] = []
-            for detail in store.sessions(tenant) {
-                let info = Self.info(detail)
-                room -= SessionInfo.minimumBytes + info.name.utf8.count
-                guard room >= 0 else { break }
-                infos.append(info)
-            }
-            return .sessionList(SessionListReply(sessions: infos))
+        case .sessionList(let r):
+            return sessionList(r, context)
         case .sessionInfo(let r):
             return .sessionInfo(Self.info(try store.sessionDetail(tenant, name: r.name)))
         case .sessionPin(let r):
@@ -161,6 +147,29 @@ public struct StoreRequestHandler: RequestHandler {
         return .get(GetReply(tokens: UInt32(got.tokens), leaseID: 0, data: .inline(bytes)))
     }
 
+    /// One page of the tenant's models: only the asking tenant's (another tenant's model names
+    /// are its own).
+    func models(_ r: ListPage, _ context: ConnectionContext) -> Reply {
+        let models = store.models(of: context.tenant)
+        let page = models[r.range(in: models.count)].map { m in
+            ModelEntry(modelID: m.id, registration: RegisterModel(
+                name: m.name, layers: UInt16(clamping: m.layers), kvHeads: UInt16(clamping: m.kvHeads), headDim: UInt16(clamping: m.headDim),
+                elementType: m.elementType, pageTokens: UInt16(clamping: m.pageTokens), ropeTheta: m.ropeTheta))
+        }
+        return .models(ModelsReply(total: UInt32(clamping: models.count), models: page))
+    }
+
+    /// One page of the tenant's sessions, most recently used first. No page of any session is
+    /// looked at (that is SESSION_INFO's), so a reply costs a sort of the tenant's sessions at
+    /// most, and holds no lock meanwhile.
+    func sessionList(_ r: ListPage, _ context: ConnectionContext) -> Reply {
+        let (total, sessions) = store.sessionList(context.tenant, offset: Int(r.offset), limit: Int(r.limit))
+        return .sessionList(SessionListReply(total: UInt32(clamping: total), sessions: sessions.map { s in
+            SessionEntry(name: s.name, modelID: s.modelID, tokens: UInt32(clamping: s.tokens.count), pinned: s.pinned,
+                         ttlSeconds: s.ttlSeconds, lastUsedMicros: s.lastUsedMicros)
+        }))
+    }
+
     func lookup(_ r: Lookup, _ context: ConnectionContext) throws(StoreError) -> Reply {
         let found = try store.lookup(context.tenant, modelID: r.modelID, tokens: r.tokens)
         return .lookup(LookupReply(cachedTokens: UInt32(found.cachedTokens), ramTokens: UInt32(found.ramTokens),
@@ -173,7 +182,17 @@ public struct StoreRequestHandler: RequestHandler {
     }
 
     func alloc(_ r: Alloc, _ context: ConnectionContext) throws(StoreError) -> Reply {
-        let (lease, extents) = try store.allocate(context.tenant, owner: context.connectionID, sizes: r.byteCounts.map { Int(clamping: $0) })
+        let stagingBytes = r.byteCounts.isEmpty ? 0 : try store.memory(for: context.tenant).stagingCapacity
+        var sizes: [Int] = []
+        sizes.reserveCapacity(r.byteCounts.count)
+        for (index, size) in r.byteCounts.enumerated() {
+            // Checked here, before any arithmetic: a u64 from the wire may not fit an Int.
+            guard size >= 1, size <= UInt64(stagingBytes) else {
+                throw .invalidArgument("ALLOC size \(index) is \(size) bytes; each must be 1 to \(stagingBytes), the tenant's staging arena (stagingSize)")
+            }
+            sizes.append(Int(size))
+        }
+        let (lease, extents) = try store.allocate(context.tenant, owner: context.connectionID, sizes: sizes)
         return .alloc(AllocReply(leaseID: lease, extents: extents.map { WireExtent(offset: UInt64($0.offset), bytes: UInt64($0.length), tokens: 0) }))
     }
 
@@ -197,12 +216,30 @@ public struct StoreRequestHandler: RequestHandler {
                            lastUsedMicros: s.lastUsedMicros, ramTokens: UInt32(detail.ramTokens), diskTokens: UInt32(detail.diskTokens))
     }
 
+    /// A wire extent as the store's `Extent`, once it is known to lie inside the tenant's staging arena:
+    /// offsets and lengths come off the wire as u64, and every later step (the store's byte
+    /// accounting, `Extent.end`, the arena's bounds) does Int arithmetic on them.
+    static func stagingExtent(_ extent: WireExtent, index: Int, stagingBytes: Int) throws(StoreError) -> Extent {
+        guard let offset = Int(exactly: extent.offset), let length = Int(exactly: extent.bytes),
+              length >= 1, offset <= stagingBytes, length <= stagingBytes - offset else {
+            throw .invalidArgument("PUT extent \(index) (offset \(extent.offset), \(extent.bytes) bytes) is not inside the tenant's staging arena of \(stagingBytes) bytes (stagingSize): name only extents ALLOC returned")
+        }
+        return Extent(offset: offset, length: length)
+    }
+
     /// The store's chunks for a put: arena extents as named, or inline bytes cut at page
     /// boundaries (docs/protocol.md, PUT).
-    func chunks(of put: Put) throws(StoreError) -> [TieredStore.PutChunk] {
+    func chunks(of put: Put, tenant: TenantID) throws(StoreError) -> [TieredStore.PutChunk] {
         switch put.data {
         case .extents(let extents):
-            return extents.map { .extent(Extent(offset: Int($0.offset), length: Int(clamping: $0.bytes))) }
+            guard !extents.isEmpty else { return [] }
+            let stagingBytes = try store.memory(for: tenant).stagingCapacity
+            var chunks: [TieredStore.PutChunk] = []
+            chunks.reserveCapacity(extents.count)
+            for (index, extent) in extents.enumerated() {
+                chunks.append(.extent(try Self.stagingExtent(extent, index: index, stagingBytes: stagingBytes)))
+            }
+            return chunks
         case .inline(let bytes):
             let model = try store.model(put.modelID)
             var chunks: [TieredStore.PutChunk] = []

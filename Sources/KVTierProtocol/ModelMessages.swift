@@ -107,32 +107,3 @@ public struct ModelEntry: Sendable, Equatable {
     /// The fewest bytes one entry takes (an empty name).
     static let minimumBytes = 8 + 2 + 2 + 2 + 2 + 1 + 1 + 2 + 4
 }
-
-/// `MODELS` reply: `u32 count`, `count × (u64 modelID, registration)`. The request is empty.
-public struct ModelsReply: WireBody {
-    public var models: [ModelEntry]
-
-    public init(models: [ModelEntry]) { self.models = models }
-
-    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
-        writer.u32(UInt32(clamping: models.count))
-        for model in models {
-            writer.u64(model.modelID)
-            try model.registration.encode(into: &writer)
-        }
-    }
-
-    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
-        var reader = BodyReader(body, context: "MODELS reply")
-        let count = try reader.count("models", limit: ProtocolLimits.maxControlBody / ModelEntry.minimumBytes,
-                                     elementBytes: ModelEntry.minimumBytes)
-        var models: [ModelEntry] = []
-        models.reserveCapacity(count)
-        for _ in 0..<count {
-            let modelID = try reader.u64()
-            models.append(ModelEntry(modelID: modelID, registration: try RegisterModel(from: &reader)))
-        }
-        self.models = models
-        try reader.finish()
-    }
-}

@@ -15,6 +15,11 @@ public enum ProtocolLimits {
     public static let maxStringBytes = 1024
     /// 4096: the most extents in one extent list, and the most sizes in one `ALLOC` request.
     public static let maxExtents = 4096
+    /// 1024: the most entries of one `SESSION_LIST` or `MODELS` reply (a request asks for a
+    /// page of at most this many). With names of at most `maxStringBytes` a full page stays
+    /// under `maxControlBody` whatever the tenant holds, so the daemon never builds a reply it
+    /// cannot send, and the work of one reply is bounded by this, not by the tenant's state.
+    public static let maxListEntries = 1024
     /// 10 s: the longest a frame may take from its first byte to its last. The decoder is pure
     /// and keeps no clock; the server times `FrameDecoder.isMidFrame`.
     public static let frameTimeout: Duration = .seconds(10)

@@ -10,7 +10,7 @@ public enum Request: Sendable, Equatable {
     case get(Get)
     case release(Release)
     case alloc(Alloc)
-    case sessionList
+    case sessionList(ListPage)
     case sessionInfo(SessionName)
     case sessionPin(SessionPin)
     case sessionTTL(SessionTTL)
@@ -21,7 +21,7 @@ public enum Request: Sendable, Equatable {
     case status
     case pages(Pages)
     case evict(Evict)
-    case models
+    case models(ListPage)
 
     public var opcode: Opcode {
         switch self {
@@ -51,7 +51,8 @@ public enum Request: Sendable, Equatable {
     /// The body alone.
     public func encodeBody(into writer: inout ByteWriter) throws(ProtocolError) {
         switch self {
-        case .ping, .sessionList, .status, .models: break
+        case .ping, .status: break
+        case .sessionList(let body), .models(let body): try body.encode(into: &writer)
         case .hello(let body): try body.encode(into: &writer)
         case .registerModel(let body): try body.encode(into: &writer)
         case .lookup(let body): try body.encode(into: &writer)
@@ -101,7 +102,7 @@ public enum Request: Sendable, Equatable {
         case .get: return .get(try Get(decoding: body))
         case .release: return .release(try Release(decoding: body))
         case .alloc: return .alloc(try Alloc(decoding: body))
-        case .sessionList: try expectEmpty(body, opcode); return .sessionList
+        case .sessionList: return .sessionList(try ListPage(decoding: body, context: "SESSION_LIST request"))
         case .sessionInfo: return .sessionInfo(try SessionName(decoding: body))
         case .sessionPin: return .sessionPin(try SessionPin(decoding: body))
         case .sessionTTL: return .sessionTTL(try SessionTTL(decoding: body))
@@ -112,7 +113,7 @@ public enum Request: Sendable, Equatable {
         case .status: try expectEmpty(body, opcode); return .status
         case .pages: return .pages(try Pages(decoding: body))
         case .evict: return .evict(try Evict(decoding: body))
-        case .models: try expectEmpty(body, opcode); return .models
+        case .models: return .models(try ListPage(decoding: body, context: "MODELS request"))
         }
     }
 }

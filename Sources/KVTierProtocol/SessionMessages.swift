@@ -143,30 +143,6 @@ public struct SessionInfo: WireBody {
     }
 }
 
-/// `SESSION_LIST` reply: `u32 count`, `count × sessionInfo`. No limit of its own: the count is
-/// bounded by `maxControlBody` (an entry takes at least 35 bytes).
-public struct SessionListReply: WireBody {
-    public var sessions: [SessionInfo]
-
-    public init(sessions: [SessionInfo]) { self.sessions = sessions }
-
-    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
-        writer.u32(UInt32(clamping: sessions.count))
-        for session in sessions { try session.encode(into: &writer) }
-    }
-
-    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
-        var reader = BodyReader(body, context: "SESSION_LIST reply")
-        let count = try reader.count("sessions", limit: ProtocolLimits.maxControlBody / SessionInfo.minimumBytes,
-                                     elementBytes: SessionInfo.minimumBytes)
-        var sessions: [SessionInfo] = []
-        sessions.reserveCapacity(count)
-        for _ in 0..<count { sessions.append(try SessionInfo(from: &reader)) }
-        self.sessions = sessions
-        try reader.finish()
-    }
-}
-
 /// `SESSION_TOKENS` reply: `u64 modelID`, `tokens`.
 public struct SessionTokensReply: WireBody {
     public var modelID: UInt64

@@ -125,18 +125,24 @@ extension TieredStore {
             pages.append((address, pageStart..<pageEnd, stored))
             guard !stored else { continue }
             let chunkBytes = (pageEnd - pageStart) * model.bytesPerToken
+            // Lengths are a client's to choose: summed with overflow checked (the async path
+            // refuses what is not an extent of this connection).
+            let chunkRAMBytes: Int
             switch chunk {
             case .extent(let e):
                 guard e.length >= chunkBytes else { return nil }
-                projectedBytes += (chunkBytes + 4095) & ~4095
+                chunkRAMBytes = (chunkBytes + 4095) & ~4095
             case .bytes(let b):
                 guard b.count == chunkBytes else { return nil }
-                projectedBytes += (chunkBytes + 4095) & ~4095
+                chunkRAMBytes = (chunkBytes + 4095) & ~4095
             }
+            let (sum, overflow) = projectedBytes.addingReportingOverflow(chunkRAMBytes)
+            guard !overflow else { return nil }
+            projectedBytes = sum
         }
         let fits = state.withLock {
-            $0.ramBytes + projectedBytes <= configuration.ramBudgetBytes
-                && ($0.tenantRAM[tenant] ?? 0) + projectedBytes <= configuration.tenantRAMQuotaBytes
+            projectedBytes <= configuration.ramBudgetBytes - $0.ramBytes
+                && projectedBytes <= configuration.tenantRAMQuotaBytes - ($0.tenantRAM[tenant] ?? 0)
         }
         guard fits else { return nil }
         guard (try? claimStaging(tenant, owner: owner, chunks, memory)) != nil else { return nil }

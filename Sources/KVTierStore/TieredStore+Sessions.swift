@@ -30,6 +30,19 @@ extension TieredStore {
             .compactMap { try? detail($0) }
     }
 
+    /// Positions `range` of the tenant's live sessions, most recently used first, and how many
+    /// it has: the work is a sort of the tenant's sessions (no page is looked at; where a
+    /// session's pages are is `sessionDetail`'s), and no lock is held while sorting.
+    public func sessionList(_ tenant: TenantID, offset: Int, limit: Int) -> (total: Int, sessions: [Session]) {
+        let now = Clocks.wallMicros()
+        // Expired ones are left to `expireSessions` (the daemon's timer, or the next use):
+        // deleting them here would journal under the catalog's lock on a read.
+        let live = catalog.sessions(of: tenant).filter { !$0.isExpired(atWallMicros: now) }
+            .sorted { ($0.lastUsedMicros, $1.name) > ($1.lastUsedMicros, $0.name) }
+        let start = min(live.count, max(0, offset))
+        return (live.count, Array(live[start..<min(live.count, start + max(0, limit))]))
+    }
+
     /// Resuming a session: marks it used and starts prefetching its disk pages (hottest
     /// first, up to half the RAM budget) so the GET that follows finds them in RAM.
     public func resumeSession(_ tenant: TenantID, name: String) throws(StoreError) -> ResumedSession {

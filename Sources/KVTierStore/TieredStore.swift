@@ -36,6 +36,8 @@ public final class TieredStore: Sendable {
         public var heatHalfLifeMicros: UInt64 = 60_000_000
         /// How `makeRoom` picks the page to move to disk.
         public var evictionPolicy = EvictionPolicy.heat
+        /// Most models one tenant may register while the daemon runs (`register(_:for:)`).
+        public var maxModelsPerTenant = 256
         public init() {}
     }
 
@@ -190,15 +192,46 @@ public final class TieredStore: Sendable {
 
     // MARK: models
 
-    /// Registers a model (idempotent) and returns it.
+    /// Registers a model on behalf of `tenant` (idempotent), which may register at most
+    /// `maxModelsPerTenant` while the daemon runs, and sees only those (and its sessions'
+    /// models) in `models(of:)`.
+    @discardableResult
+    public func register(_ model: ModelSpec, for tenant: TenantID) throws(StoreError) -> ModelSpec {
+        try Self.validate(model)
+        try catalog.register(model, for: tenant, maxModelsPerTenant: configuration.maxModelsPerTenant)
+        state.withLock { $0.models[model.id] = model }
+        return model
+    }
+
+    /// The models `tenant` registered while the daemon runs, and its sessions' models, by id.
+    public func models(of tenant: TenantID) -> [ModelSpec] {
+        catalog.models(of: tenant).sorted { $0.id < $1.id }
+    }
+
+    /// Registers a model (idempotent) and returns it, for no tenant in particular (tools, tests).
     @discardableResult
     public func register(_ model: ModelSpec) throws(StoreError) -> ModelSpec {
-        guard model.layers >= 1, model.layers <= Limits.maxLayers, model.kvHeads >= 1, model.kvHeads <= Limits.maxKVHeads,
-              model.headDim >= 1, model.headDim <= Limits.maxHeadDim, model.pageTokens >= 1, model.pageTokens <= Limits.maxPageTokens
-        else { throw .invalidArgument("model shape out of range: \(model.layers) layers, \(model.kvHeads) KV heads, head dim \(model.headDim), \(model.pageTokens) tokens per page") }
+        try Self.validate(model)
         try catalog.record(model)
         state.withLock { $0.models[model.id] = model }
         return model
+    }
+
+    static func validate(_ model: ModelSpec) throws(StoreError) {
+        try ModelSpec.validate(name: model.name)
+        // Part of the fingerprint only, but a NaN would never equal itself in the catalog.
+        guard model.ropeTheta.isFinite else {
+            throw .invalidArgument("ropeTheta \(model.ropeTheta) is not a finite number: send the model's RoPE base (0 if it has none)")
+        }
+        guard model.layers >= 1, model.layers <= Limits.maxLayers, model.kvHeads >= 1, model.kvHeads <= Limits.maxKVHeads,
+              model.headDim >= 1, model.headDim <= Limits.maxHeadDim, model.pageTokens >= 1, model.pageTokens <= Limits.maxPageTokens
+        else { throw .invalidArgument("model shape out of range: \(model.layers) layers, \(model.kvHeads) KV heads, head dim \(model.headDim), \(model.pageTokens) tokens per page") }
+        // Each factor is bounded above, so the product fits an Int; a page of one layer beyond
+        // this is more than the codecs, the disk format and an inline frame can carry.
+        let sectionBytes = model.pageTokens * 2 * model.kvHeads * model.headDim * model.elementType.byteWidth
+        guard sectionBytes <= Limits.maxSectionBytes else {
+            throw .invalidArgument("a page of one layer of this model takes \(sectionBytes) bytes, over the \(Limits.maxSectionBytes) allowed (Limits.maxSectionBytes): register fewer tokens per page")
+        }
     }
 
     public func model(_ id: UInt64) throws(StoreError) -> ModelSpec {

@@ -89,7 +89,15 @@ struct SessionsCommand: AsyncParsableCommand {
             try await connection.withClient { client in
                 let models = try await ModelDirectory(client)
                 let now = Clocks.wallMicros()
-                let views = try await client.sessionList().map { SessionView($0, models: models, nowMicros: now) }
+                // The list carries no tier counts (they walk every page): ask each session.
+                var views: [SessionView] = []
+                for entry in try await client.sessionList() {
+                    do {
+                        views.append(SessionView(try await client.sessionInfo(entry.name), models: models, nowMicros: now))
+                    } catch KVTierClientError.server(.notFound, _) {
+                        continue  // Deleted or expired since the list.
+                    }
+                }
                 if json { return try printJSON(views) }
                 guard !views.isEmpty else { return print("no sessions (a PUT with a session name creates one)") }
                 printTable(SessionView.header, views.map(\.row))

@@ -32,6 +32,25 @@ import Testing
         #expect(try Request.decode(decodeOneFrame(most.encodeFrame(requestID: 1))) == most)
     }
 
+    /// docs/protocol.md: a page of `maxListEntries` entries with the longest names fits a
+    /// control frame, so the daemon never builds a SESSION_LIST or MODELS reply it cannot send.
+    @Test func aFullListPageOfTheLongestNamesFitsAControlFrame() throws {
+        let name = String(repeating: "n", count: ProtocolLimits.maxStringBytes)
+        let sessions = Reply.sessionList(SessionListReply(total: .max, sessions: Array(repeating: SessionEntry(
+            name: name, modelID: .max, tokens: .max, pinned: true, ttlSeconds: .max, lastUsedMicros: .max), count: ProtocolLimits.maxListEntries)))
+        let models = Reply.models(ModelsReply(total: .max, models: Array(repeating: ModelEntry(modelID: .max, registration: RegisterModel(
+            name: name, layers: .max, kvHeads: .max, headDim: .max, elementType: .bfloat16, pageTokens: .max, ropeTheta: 1)),
+            count: ProtocolLimits.maxListEntries)))
+        for reply in [sessions, models] {
+            let frame = try reply.encodeFrame(requestID: 1)
+            #expect(frame.count - ProtocolLimits.frameHeaderBytes <= ProtocolLimits.maxControlBody)
+        }
+        expectError(.tooLarge) { () throws(ProtocolError) in
+            _ = try Request.sessionList(ListPage(offset: 0, limit: UInt32(ProtocolLimits.maxListEntries + 1))).encodeFrame(requestID: 1)
+        }
+        expectError(.tooLarge) { () throws(ProtocolError) in _ = try ListPage(decoding: body { $0.u32(0); $0.u32(0) }, context: "MODELS request") }
+    }
+
     @Test func hugeCountsAreRejectedFromTheCountAlone() throws {
         for count in [UInt32.max, UInt32(Self.maxTokens + 1), 1 << 31] {
             let lookup = body { $0.u64(1); $0.u32(count) }
@@ -40,9 +59,11 @@ import Testing
             expectError(.tooLarge) { () throws(ProtocolError) in _ = try Alloc(decoding: alloc) }
             let extents = body { $0.u64(1); $0.u32(count) }
             expectError(.tooLarge) { () throws(ProtocolError) in _ = try AllocReply(decoding: extents) }
-            let sessions = body { $0.u32(count) }
-            expectError(.tooLarge) { () throws(ProtocolError) in _ = try SessionListReply(decoding: sessions) }
-            expectError(.tooLarge) { () throws(ProtocolError) in _ = try StatusReply(decoding: sessions) }
+            let list = body { $0.u32(0); $0.u32(count) }  // total, then the count of a page
+            expectError(.tooLarge) { () throws(ProtocolError) in _ = try SessionListReply(decoding: list) }
+            expectError(.tooLarge) { () throws(ProtocolError) in _ = try ModelsReply(decoding: list) }
+            let counters = body { $0.u32(count) }
+            expectError(.tooLarge) { () throws(ProtocolError) in _ = try StatusReply(decoding: counters) }
         }
         // Within the limit but more than the body holds: malformed, and nothing allocated.
         let short = body { $0.u64(1); $0.u32(UInt32(Self.maxTokens)); $0.u32(5) }

@@ -79,7 +79,7 @@ struct MessageGenerator {
         case .get: .get(Get(modelID: u64(), tokens: tokens(), maxTokens: u32(), inline: bool()))
         case .release: .release(Release(leaseID: u64()))
         case .alloc: .alloc(Alloc(byteCounts: (0..<int(0...maxList)).map { _ in u64() }))
-        case .sessionList: .sessionList
+        case .sessionList: .sessionList(ListPage(offset: u32(), limit: UInt32(int(1...ProtocolLimits.maxListEntries))))
         case .sessionInfo: .sessionInfo(SessionName(string()))
         case .sessionPin: .sessionPin(SessionPin(name: string(), pinned: bool()))
         case .sessionTTL: .sessionTTL(SessionTTL(name: string(), seconds: u32()))
@@ -90,7 +90,7 @@ struct MessageGenerator {
         case .status: .status
         case .pages: .pages(Pages(modelID: u64(), offset: u32(), limit: UInt32(int(1...Pages.maxPagesPerReply))))
         case .evict: .evict(Evict(modelID: u64(), tokens: tokens(), deleteFromDisk: bool(), everyPage: bool(), session: string()))
-        case .models: .models
+        case .models: .models(ListPage(offset: u32(), limit: UInt32(int(1...ProtocolLimits.maxListEntries))))
         }
     }
 
@@ -110,7 +110,10 @@ struct MessageGenerator {
         case .get: return .get(GetReply(tokens: u32(), leaseID: u64(), data: pageData()))
         case .release: return .release
         case .alloc: return .alloc(AllocReply(leaseID: u64(), extents: extents(tokensZero: true)))
-        case .sessionList: return .sessionList(SessionListReply(sessions: (0..<int(0...maxList / 4)).map { _ in sessionInfo() }))
+        case .sessionList:
+            return .sessionList(SessionListReply(total: u32(), sessions: (0..<int(0...maxList / 4)).map { _ in
+                SessionEntry(name: string(), modelID: u64(), tokens: u32(), pinned: bool(), ttlSeconds: u32(), lastUsedMicros: u64())
+            }))
         case .sessionInfo: return .sessionInfo(sessionInfo())
         case .sessionPin: return .sessionPin
         case .sessionTTL: return .sessionTTL
@@ -127,7 +130,7 @@ struct MessageGenerator {
             }))
         case .evict: return .evict(EvictReply(evicted: u32(), deleted: u32(), skipped: u32()))
         case .models:
-            return .models(ModelsReply(models: (0..<int(0...maxList)).map { _ in
+            return .models(ModelsReply(total: u32(), models: (0..<int(0...maxList)).map { _ in
                 ModelEntry(modelID: u64(), registration: RegisterModel(name: string(), layers: u16(), kvHeads: u16(), headDim: u16(),
                                                                        elementType: bool() ? .float16 : .bfloat16, pageTokens: u16(), ropeTheta: float()))
             }))

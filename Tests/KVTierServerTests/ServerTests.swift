@@ -62,7 +62,7 @@ struct ServerTests {
         #expect(counters["server.connections.open"] == 2)
         #expect(counters["server.connections.accepted"] == 2)
         #expect(counters["server.frames.received"] == 3)
-        #expect(wireError(of: try await client!.call(.sessionList).reply) == .invalidArgument)
+        #expect(wireError(of: try await client!.call(.sessionList(ListPage())).reply) == .invalidArgument)
         let context = try #require(harness.handler.log.contexts.withLock { $0.first })
         #expect(context.tenant == TenantID(getuid()))
         #expect(context.peer == PeerCredentials(pid: getpid(), uid: getuid(), gid: getgid()))

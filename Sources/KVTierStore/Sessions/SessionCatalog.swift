@@ -31,8 +31,20 @@ public final class SessionCatalog: Sendable {
         var sessions: [SessionID: Entry] = [:]
         var perTenant: [TenantID: Int] = [:]
         var tokensPerTenant: [TenantID: Int] = [:]
-        /// Journal bytes a rewrite would take, roughly: when the file is much larger, rewrite.
+        /// Each tenant's sessions, so listing one tenant's never walks every tenant's.
+        var byTenant: [TenantID: Set<SessionID>] = [:]
+        /// The models each tenant registered since the daemon started (in memory only: a
+        /// tenant sees these and the models of its sessions; `models(of:)`).
+        var registrations: [TenantID: Set<UInt64>] = [:]
+        /// Journal bytes a rewrite would take, roughly (models and sessions): when the file is
+        /// much larger, rewrite.
         var liveBytes = 0
+        /// The journal's size after its last rewrite (or at open): a rewrite waits until the
+        /// file has at least doubled since, so whatever the estimate above says, appends cost
+        /// O(1) amortized and never rewrite the whole catalog each time.
+        var compactedBytes = 0
+        /// Rewrites since the catalog was opened.
+        var compactions = 0
     }
 
     struct PageHold {
@@ -68,6 +80,8 @@ public final class SessionCatalog: Sendable {
     private init(journal: sending CatalogJournal?, snapshot: CatalogSnapshot, logger: Logger) {
         self.logger = logger
         var initial = State(journal: journal, models: snapshot.models)
+        initial.compactedBytes = journal?.size ?? 0
+        for model in snapshot.models.values { initial.liveBytes += Self.recordBytes(model) }
         for session in snapshot.sessions.values {
             guard let model = snapshot.models[session.modelID] else {
                 logger.warning("catalog session names an unknown model; forgetting it", metadata: ["session": "\(session.id)"])
@@ -76,6 +90,7 @@ public final class SessionCatalog: Sendable {
             initial.sessions[session.id] = Entry(session: session, pages: Self.pages(of: session, model))
             initial.perTenant[session.tenant, default: 0] += 1
             initial.tokensPerTenant[session.tenant, default: 0] += session.tokens.count
+            initial.byTenant[session.tenant, default: []].insert(session.id)
             initial.liveBytes += Self.recordBytes(session)
         }
         var holds = Holds()
@@ -90,12 +105,46 @@ public final class SessionCatalog: Sendable {
 
     /// Records a model's shape (journaled once per model; made durable with the next session change).
     public func record(_ model: ModelSpec) throws(StoreError) {
+        try state.withLock { s throws(StoreError) in try Self.record(model, in: &s, self) }
+    }
+
+    /// Records `model` as registered by `tenant`, which may have registered at most
+    /// `maxModelsPerTenant` models since the daemon started (registering one again is free).
+    public func register(_ model: ModelSpec, for tenant: TenantID, maxModelsPerTenant: Int) throws(StoreError) {
         try state.withLock { s throws(StoreError) in
-            guard s.models[model.id] != model else { return }
-            try journal(&s, [.model(model)], sync: false)
-            s.models[model.id] = model
+            let registered = s.registrations[tenant] ?? []
+            if !registered.contains(model.id) {
+                guard registered.count < maxModelsPerTenant else {
+                    throw .overBudget("this tenant registered \(registered.count) models, the most allowed (maxModelsPerTenant \(maxModelsPerTenant)): reuse the models you have, or ask the operator to raise maxModelsPerTenant")
+                }
+            }
+            try Self.record(model, in: &s, self)
+            s.registrations[tenant, default: []].insert(model.id)
         }
     }
+
+    private static func record(_ model: ModelSpec, in s: inout State, _ catalog: SessionCatalog) throws(StoreError) {
+        guard s.models[model.id] != model else { return }
+        try catalog.journal(&s, [.model(model)], sync: false)
+        if let old = s.models[model.id] { s.liveBytes -= recordBytes(old) }
+        s.liveBytes += recordBytes(model)
+        s.models[model.id] = model
+    }
+
+    /// The models `tenant` may see: those it registered since the daemon started, and those
+    /// its sessions use. Other tenants' model names are theirs alone.
+    public func models(of tenant: TenantID) -> [ModelSpec] {
+        state.withLock { s in
+            var ids = s.registrations[tenant] ?? []
+            for id in s.byTenant[tenant] ?? [] {
+                if let session = s.sessions[id]?.session { ids.insert(session.modelID) }
+            }
+            return ids.compactMap { s.models[$0] }
+        }
+    }
+
+    /// Journal rewrites since the catalog was opened (compaction).
+    public var compactions: Int { state.withLock { $0.compactions } }
 
     // MARK: reading
 
@@ -105,8 +154,10 @@ public final class SessionCatalog: Sendable {
         state.withLock { $0.sessions[id]?.session }
     }
 
+    /// The tenant's sessions, in no order: O(the tenant's sessions) under the lock, never
+    /// O(their tokens) (a session's tokens are shared, not copied).
     public func sessions(of tenant: TenantID) -> [Session] {
-        state.withLock { s in s.sessions.values.filter { $0.session.tenant == tenant }.map(\.session) }
+        state.withLock { s in (s.byTenant[tenant] ?? []).compactMap { s.sessions[$0]?.session } }
     }
 
     /// How strongly sessions hold `address`.
@@ -139,10 +190,7 @@ public final class SessionCatalog: Sendable {
     public func store(_ id: SessionID, model: ModelSpec, tokens: [UInt32], now: UInt64) throws(StoreError) -> Session? {
         try Session.validate(name: id.name)
         return try state.withLock { s throws(StoreError) -> Session? in
-            if s.models[model.id] == nil {
-                try journal(&s, [.model(model)], sync: false)
-                s.models[model.id] = model
-            }
+            if s.models[model.id] == nil { try Self.record(model, in: &s, self) }
             let previous = s.sessions[id]?.session
             var session: Session
             let entry: CatalogEntry
@@ -312,6 +360,12 @@ public final class SessionCatalog: Sendable {
             s.tokensPerTenant[id.tenant, default: 0] += entry.session.tokens.count
         }
         s.sessions[id] = entry
+        if entry != nil {
+            s.byTenant[id.tenant, default: []].insert(id)
+        } else {
+            s.byTenant[id.tenant]?.remove(id)
+            if s.byTenant[id.tenant]?.isEmpty == true { s.byTenant[id.tenant] = nil }
+        }
     }
 
     private static func hold(_ entry: Entry, by delta: Int, in h: inout Holds) {
@@ -339,14 +393,20 @@ public final class SessionCatalog: Sendable {
         } catch {
             throw .unavailable("cannot write the session catalog: \(error)")
         }
-        let modelBytes = s.models.count * 64
-        guard journal.size > 1 << 20, journal.size > 4 * (s.liveBytes + modelBytes) else { return }
+        guard journal.size > 1 << 20, journal.size > 4 * s.liveBytes, journal.size > 2 * s.compactedBytes else { return }
         var snapshot = CatalogSnapshot(models: s.models)
         for (id, entry) in s.sessions { snapshot.sessions[id] = entry.session }
         // Callers apply their entries to `s` after this returns: the rewrite must already
         // describe the state after them.
         for entry in entries { _ = snapshot.apply(entry) }
-        do { try journal.rewrite(snapshot) } catch {
+        do {
+            try journal.rewrite(snapshot)
+            s.compactedBytes = journal.size
+            s.compactions += 1
+        } catch {
+            // Counted as a rewrite for the pacing above: a failing disk is not retried on
+            // every append either.
+            s.compactedBytes = journal.size
             logger.warning("cannot compact the session catalog; it keeps growing until the next try", metadata: ["error": "\(error)"])
         }
     }
@@ -355,7 +415,9 @@ public final class SessionCatalog: Sendable {
         .notFound("session '\(id.name)' (deleted, expired, or never created by a put with this name): list sessions to see the names")
     }
 
-    static func recordBytes(_ session: Session) -> Int { 40 + session.name.utf8.count + 4 * session.tokens.count }
+    /// Bytes of a session's and a model's record in the journal (docs/format.md).
+    static func recordBytes(_ session: Session) -> Int { 44 + session.name.utf8.count + 4 * session.tokens.count }
+    static func recordBytes(_ model: ModelSpec) -> Int { 34 + model.name.utf8.count }
 
     static func commonPrefix(_ a: [UInt32], _ b: [UInt32]) -> Int {
         var n = 0

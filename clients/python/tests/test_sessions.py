@@ -119,7 +119,8 @@ def _as_uid_65534(sock: str) -> dict:
                     errors.append(None)
                 except kvtier.KVTierError as e:
                     errors.append(e.code)
-            return {"names": names, "errors": errors, "tenant": c.tenant, "uid": os.getuid()}
+            return {"names": names, "errors": errors, "tenant": c.tenant, "uid": os.getuid(),
+                    "models": [m.name for m in c.models()]}
 
     return run_as_uid(65534, work)
 
@@ -137,6 +138,7 @@ def test_another_uid_sees_no_sessions(binary):
         assert "failure" not in other, other
         assert other["uid"] == 65534 and other["tenant"] != mine
         assert other["names"] == [] and other["errors"] == ["notFound"] * 4
+        assert other["models"] == [], "another tenant's model names are not listed to it"
         with kvtier.Client(d.socket) as c:
             assert [s.name for s in c.list_sessions()] == ["private"], "nothing of it was touched"
     finally:

@@ -8,7 +8,7 @@
         keys, values = kv.get(model, tokens)
 """
 
-from ._wire import EvictResult, Extent, PageInfo, RegisteredModel, SessionInfo
+from ._wire import EvictResult, Extent, PageInfo, RegisteredModel, SessionEntry, SessionInfo
 from .client import Client, LookupResult, PutResult
 from .errors import KVTierConnectionError, KVTierError, ProtocolViolation
 from .model import ModelSpec
@@ -30,6 +30,7 @@ __all__ = [
     "ProtocolViolation",
     "PutResult",
     "RegisteredModel",
+    "SessionEntry",
     "SessionInfo",
     "NoDefaultPath",
     "default_socket_path",

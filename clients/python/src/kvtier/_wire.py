@@ -278,12 +278,41 @@ def read_session_info(r: Reader) -> SessionInfo:
     return SessionInfo(name, model, tokens, pinned, ttl, last, ram, disk)
 
 
-def session_list_reply(body) -> List[SessionInfo]:
+# The most entries of one SESSION_LIST or MODELS reply (``ProtocolLimits.maxListEntries``): the
+# requests page with ``u32 offset, u32 limit``, and the replies start with ``u32 total``.
+MAX_LIST_ENTRIES = 1024
+
+
+@dataclass(frozen=True)
+class SessionEntry:
+    """One session of a ``SESSION_LIST`` page. Where its pages are (RAM, disk) is
+    ``SESSION_INFO``'s (``Client.session_info``)."""
+
+    name: str
+    model_id: int
+    tokens: int
+    pinned: bool
+    ttl_seconds: int
+    last_used_micros: int
+
+
+SESSION_ENTRY_MIN_BYTES = 2 + 8 + 4 + 1 + 4 + 8
+
+
+def session_list_reply(body) -> Tuple[int, List[SessionEntry]]:
+    """``(total, entries)`` of one SESSION_LIST page."""
     r = Reader(body, "SESSION_LIST reply")
-    n = r.count("sessions", MAX_CONTROL_BODY // SESSION_INFO_MIN_BYTES, SESSION_INFO_MIN_BYTES)
-    out = [read_session_info(r) for _ in range(n)]
+    total = r.u32()
+    n = r.count("sessions", MAX_LIST_ENTRIES, SESSION_ENTRY_MIN_BYTES)
+    out = []
+    for _ in range(n):
+        name = r.string("name")
+        model, tokens = r.u64(), r.u32()
+        pinned = r.boolean("pinned")
+        ttl, last = r.u32(), r.u64()
+        out.append(SessionEntry(name, model, tokens, pinned, ttl, last))
     r.finish()
-    return out
+    return total, out
 
 
 def session_info_reply(body, context: str) -> SessionInfo:
@@ -365,9 +394,11 @@ MODEL_ENTRY_MIN_BYTES = 8 + 2 + 2 + 2 + 2 + 1 + 1 + 2 + 4
 _DTYPES = {v: k for k, v in ELEMENT_TYPES.items()}
 
 
-def models_reply(body) -> List[RegisteredModel]:
+def models_reply(body) -> Tuple[int, List[RegisteredModel]]:
+    """``(total, models)`` of one MODELS page."""
     r = Reader(body, "MODELS reply")
-    n = r.count("models", MAX_CONTROL_BODY // MODEL_ENTRY_MIN_BYTES, MODEL_ENTRY_MIN_BYTES)
+    total = r.u32()
+    n = r.count("models", MAX_LIST_ENTRIES, MODEL_ENTRY_MIN_BYTES)
     out = []
     for _ in range(n):
         mid = r.u64()
@@ -378,7 +409,7 @@ def models_reply(body) -> List[RegisteredModel]:
             raise ProtocolViolation(f"MODELS reply: element type {etype} or reserved byte {zero} invalid")
         out.append(RegisteredModel(mid, name, layers, heads, dim, _DTYPES[etype], page, rope))
     r.finish()
-    return out
+    return total, out
 
 
 def status_reply(body) -> dict:

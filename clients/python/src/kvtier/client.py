@@ -737,9 +737,15 @@ class Client:
         return _wire.evict_reply(body)
 
     def models(self) -> List[_wire.RegisteredModel]:
-        """Every model registered with the daemon (host-wide shapes; kept across restarts)."""
-        body, _ = self._call(Op.MODELS)
-        return _wire.models_reply(body)
+        """The models this tenant registered since the daemon started, and its sessions' models
+        (another tenant's are not listed), by id; fetched a page at a time."""
+        out: List[_wire.RegisteredModel] = []
+        while True:
+            body, _ = self._call(Op.MODELS, [_wire.u32(len(out)), _wire.u32(_wire.MAX_LIST_ENTRIES)])
+            total, models = _wire.models_reply(body)
+            out += models
+            if len(models) < _wire.MAX_LIST_ENTRIES or len(out) >= total:
+                return out
 
     def ping(self) -> None:
         """A round trip; raises if the daemon is gone."""
@@ -748,9 +754,18 @@ class Client:
 
     # ------------------------------------------------------------ sessions
 
-    def list_sessions(self) -> List[SessionInfo]:
-        body, _ = self._call(Op.SESSION_LIST)
-        return _wire.session_list_reply(body)
+    def list_sessions(self, limit: int = 1 << 30) -> List[_wire.SessionEntry]:
+        """This tenant's sessions, most recently used first (at most ``limit``), fetched a page at
+        a time; ``session_info`` tells where one's pages are."""
+        out: List[_wire.SessionEntry] = []
+        while len(out) < limit:
+            batch = min(_wire.MAX_LIST_ENTRIES, limit - len(out))
+            body, _ = self._call(Op.SESSION_LIST, [_wire.u32(len(out)), _wire.u32(batch)])
+            total, entries = _wire.session_list_reply(body)
+            out += entries
+            if len(entries) < batch or len(out) >= total:
+                break
+        return out
 
     def session_info(self, name: str) -> SessionInfo:
         body, _ = self._call(Op.SESSION_INFO, [_wire.string(name, "session name")])
