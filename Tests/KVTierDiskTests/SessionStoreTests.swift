@@ -307,7 +307,7 @@ import Testing
         configuration.arenaBytes = 256 << 20
         configuration.diskCodec = Codec(.fp16, .lz4)
         let store = TieredStore(configuration: configuration, disk: disk, catalog: catalog, logger: S.T.logger) { tenant in
-            try ArenaPageMemory(name: "kvtier-quota-test-\(tenant)", capacity: 256 << 20, logger: S.T.logger)
+            try ArenaPageMemory(name: "kvtier-quota-test-\(tenant)", capacity: 256 << 20, stagingCapacity: 16 << 20, logger: S.T.logger)
         }
         try store.register(S.model)
         return (store, disk)

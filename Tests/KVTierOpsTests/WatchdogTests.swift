@@ -23,7 +23,7 @@ import Testing
         let operations = try DaemonOperations(configuration: configuration, ioPath: .preadPool(threads: 1), reload: nil, logLevel: nil, logger: logger,
                                               environment: ["NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "200000"])
         let store = TieredStore(configuration: TieredStore.Configuration(), disk: nil, logger: logger) { tenant in
-            try ArenaPageMemory(name: "kvtier-watchdog-test-\(tenant)", capacity: 16 << 20, logger: logger)
+            try ArenaPageMemory(name: "kvtier-watchdog-test-\(tenant)", capacity: 16 << 20, stagingCapacity: 4 << 20, logger: logger)
         }
         let server = KVServer(listener: try UnixListener(path: configuration.socket),
                               handler: StoreRequestHandler(store: store, defaultPageTokens: 16), logger: logger)
