@@ -52,12 +52,25 @@ final class HandlerLog: Sendable {
     let closed = Mutex<[ConnectionContext]>([])
 }
 
+/// A door a request handler waits at until the test opens it (an event, not a sleep).
+final class Gate: Sendable {
+    private let stream: AsyncStream<Void>
+    private let continuation: AsyncStream<Void>.Continuation
+
+    init() { (stream, continuation) = AsyncStream.makeStream() }
+
+    /// Returns once `open` was called (one waiter).
+    func wait() async { for await _ in stream {} }
+    func open() { continuation.finish() }
+}
+
 /// The handler of these tests: `STATUS` answered with the server's own counters, `RELEASE`
-/// after `releaseDelay` (a request that takes a while), everything else `invalidArgument`.
+/// once `releaseGate` (if any) opens (a request that takes a while),
+/// everything else `invalidArgument`.
 struct CountersHandler: RequestHandler {
     let counters: ServerCounters
     let log = HandlerLog()
-    var releaseDelay: Duration = .zero
+    var releaseGate: Gate?
 
     func handle(_ request: Request, context: ConnectionContext) async -> Reply {
         log.contexts.withLock { $0.append(context) }
@@ -65,7 +78,7 @@ struct CountersHandler: RequestHandler {
         case .status:
             return .status(StatusReply(counters: counters.snapshot()))
         case .release:
-            try? await Task.sleep(for: releaseDelay)
+            await releaseGate?.wait()
             return .release
         default:
             return .failure(.invalidArgument, "the test handler answers STATUS and RELEASE only", to: request)
@@ -85,14 +98,14 @@ final class TestServer: Sendable {
     let handler: CountersHandler
     let running: Task<Void, any Error>
 
-    init(configuration: ServerConfiguration = ServerConfiguration(), releaseDelay: Duration = .zero,
+    init(configuration: ServerConfiguration = ServerConfiguration(), releaseGate: Gate? = nil,
          tenantFor: @escaping @Sendable (PeerCredentials) -> TenantID? = { TenantID($0.uid) },
          arenaProvider: KVServer.ArenaProvider? = nil) throws {
         directory = try TemporaryDirectory()
         path = directory.path + "/kvtierd.sock"
         let counters = ServerCounters()
         var handler = CountersHandler(counters: counters)
-        handler.releaseDelay = releaseDelay
+        handler.releaseGate = releaseGate
         self.handler = handler
         let listener = try UnixListener(path: path)
         let server = KVServer(listener: listener, handler: handler, configuration: configuration, counters: counters,
