@@ -8,9 +8,10 @@ import SystemPackage
 /// staging arena (clients write pages there for `PUT`, which copies them into the page arena).
 ///
 /// Neither arena gives memory back to the system: the page arena cannot (the write seal makes
-/// the kernel refuse hole punching), and the staging arena is populated once so client writes
-/// hit committed memory. Both are therefore sized to bounds: the page arena to the tenant's
-/// RAM quota plus fragmentation slack, the staging arena to the staging limit.
+/// the kernel refuse hole punching), and the staging arena keeps what clients wrote once so later
+/// writes to reused extents hit committed memory (a fresh memfd page faults at ~0.9 GB/s). Both
+/// are therefore sized to bounds: the page arena to the tenant's RAM quota plus fragmentation
+/// slack, the staging arena to the staging limit.
 public final class ArenaPageMemory: PageMemory, @unchecked Sendable {
     // Invariant: the arenas are immutable after init and unmapped only in deinit, after every
     // borrowing PageBuffer (which retains self) is gone; each allocator is used under its mutex.
@@ -20,9 +21,10 @@ public final class ArenaPageMemory: PageMemory, @unchecked Sendable {
     private let stagingAllocator: Mutex<ExtentAllocator>
 
     /// Creates both memfds (`name` and `name-staging` show in /proc/PID/fd) and maps them. The
-    /// page arena's `capacity` is virtual (committed as pages are stored); the staging arena is
-    /// committed now (`populateStaging`, default true).
-    public init(name: String, capacity: Int, stagingCapacity: Int, populateStaging: Bool = true, logger: Logger) throws(Errno) {
+    /// page arena's `capacity` is virtual (committed as pages are stored); so is the staging
+    /// arena's unless `populateStaging` commits it now. The default is lazy: a tenant that
+    /// connects and never stages costs the daemon no memory (every local uid can connect).
+    public init(name: String, capacity: Int, stagingCapacity: Int, populateStaging: Bool = false, logger: Logger) throws(Errno) {
         pages = try SharedArena(name: name, capacity: Self.rounded(capacity), sharing: .clientsRead)
         staging = try SharedArena(name: "\(name)-staging", capacity: Self.rounded(stagingCapacity), sharing: .clientsWrite,
                                   populate: populateStaging)
