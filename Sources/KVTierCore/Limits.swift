@@ -15,7 +15,7 @@ public enum Limits {
     public static let maxSectionBytes = 1 << 30
 }
 
-/// Limits of what one client or tenant may hold in the RAM tier (docs/security/arena.md). The
+/// Limits of what one client or tenant may hold in the RAM tier (docs/security.md). The
 /// store's configuration starts from these; the daemon's configuration may change the ones
 /// docs/configuration.md lists.
 public enum TenantLimits {

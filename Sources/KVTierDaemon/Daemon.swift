@@ -78,7 +78,7 @@ public final class Daemon: Sendable {
         storeConfiguration.ramBudgetBytes = c.ramBudgetBytes
         storeConfiguration.tenantRAMQuotaBytes = c.tenantRAMQuotaBytes
         storeConfiguration.stagingBytes = c.stagingBytes
-        // The page arena never gives memory back (docs/security/arena.md): sized to the quota.
+        // The page arena never gives memory back (docs/security.md): sized to the quota.
         storeConfiguration.arenaBytes = TieredStore.pageArenaBytes(quota: c.tenantRAMQuotaBytes, ceiling: c.arenaBytes)
         storeConfiguration.diskCodec = c.diskCodec
         let arenaBytes = storeConfiguration.arenaBytes, stagingBytes = c.stagingBytes

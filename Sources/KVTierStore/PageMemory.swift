@@ -2,7 +2,7 @@
 /// put. `KVTierIO.ArenaPageMemory` is the real one: two sealed memfds the tenant's clients map.
 ///
 /// Two regions, because pages served to every process of a tenant must live in memory no client
-/// can write (docs/security/arena.md): the *page* region holds stored pages and clients may only
+/// can write (docs/security.md): the *page* region holds stored pages and clients may only
 /// read it; the *staging* region is client-writable and holds nothing but what a client is about
 /// to PUT, which the store copies into the page region.
 public protocol PageMemory: AnyObject, Sendable {

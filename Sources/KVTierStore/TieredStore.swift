@@ -17,7 +17,7 @@ public final class TieredStore: Sendable {
         /// Most bytes of pages held in RAM, over all tenants.
         public var ramBudgetBytes = 1 << 30
         /// Virtual size of each tenant's page arena (memory is committed only as pages are
-        /// written, and never given back: docs/security/arena.md). The daemon derives it from
+        /// written, and never given back: docs/security.md). The daemon derives it from
         /// the tenant RAM quota.
         public var arenaBytes = 64 << 30
         /// Most bytes of pages one tenant may hold in RAM, leased ones included; a tenant at its

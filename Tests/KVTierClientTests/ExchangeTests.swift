@@ -88,7 +88,7 @@ struct ExchangeTests {
         // The disk codec is lossy (k4v4), so pages from disk are compared with themselves: a
         // second GET (pages now promoted, or evicted and promoted again) serves the same bytes.
         // A GET leases no more than the tenant's RAM quota (here the whole budget, 1 MiB: 128
-        // pages of 16 tokens), so it serves that prefix (docs/security/arena.md).
+        // pages of 16 tokens), so it serves that prefix (docs/security.md).
         let got = try await client.get(model, tokens: tokens)
         #expect(got.tokens == 2048)
         let again = try await client.get(model, tokens: tokens)

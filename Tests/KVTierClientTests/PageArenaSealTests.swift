@@ -4,7 +4,7 @@ import KVTierCore
 import KVTierProtocol
 import Testing
 
-/// Finding 8 (docs/security/arena.md): after a PUT, another connection of the same tenant tries
+/// Finding 8 (docs/security.md): after a PUT, another connection of the same tenant tries
 /// every means it has to change the stored page's bytes: its writable mapping of the staging
 /// memory the PUT came from, a fresh writable mapping of the page arena, write(2) on it, a
 /// reopen through /proc/self/fd, mprotect of a read-only mapping. Every later GET (shared

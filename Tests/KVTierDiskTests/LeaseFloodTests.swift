@@ -19,7 +19,7 @@ private final class Observer: Sendable {
     let done = Mutex(false)
 }
 
-/// Finding 3 (docs/security/arena.md): a tenant that never releases its GETs must neither hold
+/// Finding 3 (docs/security.md): a tenant that never releases its GETs must neither hold
 /// unbounded leases nor make anyone's request do work in proportion to them. Before the fix,
 /// 30,000 leases made one PUT of 4,096 staging extents scan the lease table per extent under the
 /// store's lock (22 s), and every tenant's LOOKUP and the watchdog's status call waited on it.

@@ -5,7 +5,7 @@ import KVTierStore
 import KVTierTools
 import Testing
 
-/// Finding 4(c) (docs/security/arena.md): leased pages count against their tenant. Before the
+/// Finding 4(c) (docs/security.md): leased pages count against their tenant. Before the
 /// fix one never-released GET of 128 MiB held 128 MiB against a 16 MiB RAM budget, and the
 /// eviction it caused pushed every other tenant's pages out of RAM.
 @Suite struct TenantQuotaTests {

@@ -1,4 +1,4 @@
-"""Finding 11 (docs/security/arena.md): the client never maps an arena descriptor a daemon could
+"""Finding 11 (docs/security.md): the client never maps an arena descriptor a daemon could
 cut short or other processes could write. A fake daemon (a small socket server in this process)
 answers HELLO with memfds lacking seals, then shrinks them: the client must refuse to map them,
 say why, go on inline, and never die of SIGBUS."""

@@ -1,4 +1,4 @@
-"""Finding 4(b) (docs/security/arena.md): shared memory a client can make resident is bounded
+"""Finding 4(b) (docs/security.md): shared memory a client can make resident is bounded
 and counted. A hostile client writes every byte it can reach through its mappings, inside and
 outside any extent; the daemon's memfds must then hold no more than the tenant's staging arena
 (committed in full at HELLO) plus the pages it stored."""
