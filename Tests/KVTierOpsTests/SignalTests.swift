@@ -1,5 +1,7 @@
 @preconcurrency import Glibc
 import Foundation
+import KVTierCore
+import KVTierTestProcess
 import Testing
 @testable import KVTierDaemon
 
@@ -23,7 +25,7 @@ struct SignalTests {
         var lost: [String] = []
         let seed = UInt64.random(in: 0...UInt64.max)
         print("sigtermRightAfterReady: seed \(seed)")
-        var random = SeededRandom(seed: seed)
+        var random = SplitMix64(seed: seed)
         for round in 0..<Self.rounds {
             let notifyPath = folder.path + "/notify-\(round)"
             let notify = try NotifySocket(path: notifyPath)
@@ -72,19 +74,6 @@ func connectWhenBound(_ path: String, child: ChildProcess) async throws -> Int32
         try await Task.sleep(for: .milliseconds(10))
     }
     throw TestFailure("\(path) was not bound within \(Int(EventWaits.stuckSeconds)) s:\n\(child.log)")
-}
-
-/// SplitMix64, so a failing run's delays replay from its printed seed.
-struct SeededRandom: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
 }
 
 /// The mechanism in process: a signal raised the moment `SignalWatcher.init` returns reaches
