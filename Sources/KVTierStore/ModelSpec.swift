@@ -34,20 +34,30 @@ public struct ModelSpec: Hashable, Sendable {
     /// Bytes of one token's keys and values over all layers.
     public var bytesPerToken: Int { layers * 2 * kvHeads * headDim * elementType.byteWidth }
 
-    /// A model name: 1 to `maxNameBytes` bytes of UTF-8 without control characters (names are
-    /// kept in the catalog, listed by `MODELS` and printed by `kvtier`).
+    /// A model name: the same rule as a session's (`Name.validate`): names are kept in the
+    /// catalog, listed by `MODELS` and printed by `kvtier`.
     public static func validate(name: String) throws(StoreError) {
-        let bytes = name.utf8.count
-        guard bytes >= 1, bytes <= maxNameBytes else {
-            throw .invalidArgument("model name is \(bytes) bytes; use 1 to \(maxNameBytes) bytes of UTF-8 (ModelSpec.maxNameBytes)")
-        }
-        guard !name.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else {
-            throw .invalidArgument("model name '\(name.debugDescription)' contains control characters; use printable text")
-        }
+        try Name.validate(name, kind: "model")
     }
 
     /// 255: the longest model name, as for sessions.
-    public static let maxNameBytes = 255
+    public static let maxNameBytes = Name.maxBytes
+}
+
+/// The rule for names clients give (sessions, models): 1 to `maxBytes` bytes of UTF-8 without
+/// control characters, since names appear in logs, tables and the file names of exports.
+enum Name {
+    static let maxBytes = 255
+
+    static func validate(_ name: String, kind: String) throws(StoreError) {
+        let bytes = name.utf8.count
+        guard bytes >= 1, bytes <= maxBytes else {
+            throw .invalidArgument("\(kind) name is \(bytes) bytes; use 1 to \(maxBytes) bytes of UTF-8")
+        }
+        guard !name.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else {
+            throw .invalidArgument("\(kind) name '\(name.debugDescription)' contains control characters; use printable text")
+        }
+    }
 }
 
 /// Why the tiered store refused a request; each maps to a wire error code.

@@ -34,19 +34,12 @@ public struct Session: Sendable, Equatable {
         return now > lastUsedMicros &+ UInt64(ttlSeconds) * 1_000_000
     }
 
-    /// A session name: 1 to `maxNameBytes` bytes of UTF-8 without control characters (names
-    /// appear in logs, tables and file names of exports).
+    /// A session name: 1 to `maxNameBytes` bytes of UTF-8 without control characters (`Name`).
     public static func validate(name: String) throws(StoreError) {
-        let bytes = name.utf8.count
-        guard bytes >= 1, bytes <= maxNameBytes else {
-            throw .invalidArgument("session name is \(bytes) bytes; use 1 to \(maxNameBytes) bytes of UTF-8")
-        }
-        guard !name.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) else {
-            throw .invalidArgument("session name '\(name.debugDescription)' contains control characters; use printable text")
-        }
+        try Name.validate(name, kind: "session")
     }
 
-    public static let maxNameBytes = 255
+    public static let maxNameBytes = Name.maxBytes
     /// Most sessions one tenant may hold; a put naming a new session beyond it is refused.
     public static let maxPerTenant = 65_536
     /// Most tokens one tenant's sessions may hold together (256 MiB of token ids in memory and
