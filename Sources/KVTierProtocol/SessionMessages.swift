@@ -87,8 +87,8 @@ public struct SessionFork: WireBody {
 }
 
 /// `sessionInfo`: `string name`, `u64 modelID`, `u32 tokens`, `u8 pinned`, `u32 ttlSeconds`,
-/// `u64 lastUsedMicros`, `u32 ramTokens`, `u32 diskTokens`. The reply of `SESSION_INFO` and
-/// `SESSION_FORK`, and the entries of `SESSION_LIST`.
+/// `u64 lastUsedMicros`, `u32 ramTokens`, `u32 diskTokens`: a `SESSION_LIST` entry followed by
+/// where its pages are. The reply of `SESSION_INFO` and `SESSION_FORK`.
 public struct SessionInfo: WireBody {
     public var name: String
     public var modelID: UInt64
@@ -100,7 +100,7 @@ public struct SessionInfo: WireBody {
     public var diskTokens: UInt32
 
     /// The fewest bytes one entry takes (an empty name).
-    public static let minimumBytes = 2 + 8 + 4 + 1 + 4 + 8 + 4 + 4
+    public static let minimumBytes = SessionEntry.minimumBytes + 4 + 4
 
     public init(name: String, modelID: UInt64, tokens: UInt32, pinned: Bool, ttlSeconds: UInt32,
                 lastUsedMicros: UInt64, ramTokens: UInt32, diskTokens: UInt32) {
@@ -114,13 +114,13 @@ public struct SessionInfo: WireBody {
         self.diskTokens = diskTokens
     }
 
+    /// The fields a `SESSION_LIST` entry has too.
+    public var entry: SessionEntry {
+        SessionEntry(name: name, modelID: modelID, tokens: tokens, pinned: pinned, ttlSeconds: ttlSeconds, lastUsedMicros: lastUsedMicros)
+    }
+
     public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
-        try writer.wireString(name, field: "name")
-        writer.u64(modelID)
-        writer.u32(tokens)
-        writer.bool(pinned)
-        writer.u32(ttlSeconds)
-        writer.u64(lastUsedMicros)
+        try entry.encode(into: &writer)
         writer.u32(ramTokens)
         writer.u32(diskTokens)
     }
@@ -132,14 +132,9 @@ public struct SessionInfo: WireBody {
     }
 
     init(from reader: inout BodyReader) throws(ProtocolError) {
-        name = try reader.string("name")
-        modelID = try reader.u64()
-        tokens = try reader.u32()
-        pinned = try reader.bool("pinned")
-        ttlSeconds = try reader.u32()
-        lastUsedMicros = try reader.u64()
-        ramTokens = try reader.u32()
-        diskTokens = try reader.u32()
+        let entry = try SessionEntry(from: &reader)
+        self.init(name: entry.name, modelID: entry.modelID, tokens: entry.tokens, pinned: entry.pinned, ttlSeconds: entry.ttlSeconds,
+                  lastUsedMicros: entry.lastUsedMicros, ramTokens: try reader.u32(), diskTokens: try reader.u32())
     }
 }
 

@@ -267,15 +267,11 @@ class SessionInfo:
     disk_tokens: int
 
 
-SESSION_INFO_MIN_BYTES = 2 + 8 + 4 + 1 + 4 + 8 + 4 + 4
-
-
 def read_session_info(r: Reader) -> SessionInfo:
-    name = r.string("name")
-    model, tokens = r.u64(), r.u32()
-    pinned = r.boolean("pinned")
-    ttl, last, ram, disk = r.u32(), r.u64(), r.u32(), r.u32()
-    return SessionInfo(name, model, tokens, pinned, ttl, last, ram, disk)
+    """A ``sessionInfo``: a SESSION_LIST entry followed by ``u32 ramTokens``, ``u32 diskTokens``."""
+    e = read_session_entry(r)
+    ram, disk = r.u32(), r.u32()
+    return SessionInfo(e.name, e.model_id, e.tokens, e.pinned, e.ttl_seconds, e.last_used_micros, ram, disk)
 
 
 # The most entries of one SESSION_LIST or MODELS reply (``ProtocolLimits.maxListEntries``): the
@@ -299,6 +295,14 @@ class SessionEntry:
 SESSION_ENTRY_MIN_BYTES = 2 + 8 + 4 + 1 + 4 + 8
 
 
+def read_session_entry(r: Reader) -> SessionEntry:
+    name = r.string("name")
+    model, tokens = r.u64(), r.u32()
+    pinned = r.boolean("pinned")
+    ttl, last = r.u32(), r.u64()
+    return SessionEntry(name, model, tokens, pinned, ttl, last)
+
+
 def session_list_reply(body) -> Tuple[int, List[SessionEntry]]:
     """``(total, entries)`` of one SESSION_LIST page."""
     r = Reader(body, "SESSION_LIST reply")
@@ -306,11 +310,7 @@ def session_list_reply(body) -> Tuple[int, List[SessionEntry]]:
     n = r.count("sessions", MAX_LIST_ENTRIES, SESSION_ENTRY_MIN_BYTES)
     out = []
     for _ in range(n):
-        name = r.string("name")
-        model, tokens = r.u64(), r.u32()
-        pinned = r.boolean("pinned")
-        ttl, last = r.u32(), r.u64()
-        out.append(SessionEntry(name, model, tokens, pinned, ttl, last))
+        out.append(read_session_entry(r))
     r.finish()
     return total, out
 
