@@ -116,7 +116,9 @@ let package = Package(
             ]
         ),
         .testTarget(name: "KVTierProtocolTests", dependencies: ["KVTierProtocol", "KVTierCore"]),
-        .testTarget(name: "KVTierClientTests", dependencies: ["KVTierClient", "KVTierProtocol", "KVTierCore"]),
+        // Starting and waiting for test children (kvtierd, kvtier): one copy for the suites that do.
+        .target(name: "KVTierTestProcess", path: "Tests/KVTierTestProcess"),
+        .testTarget(name: "KVTierClientTests", dependencies: ["KVTierClient", "KVTierProtocol", "KVTierCore", "KVTierTestProcess"]),
         .testTarget(
             name: "KVTierDiskTests",
             dependencies: [
@@ -139,7 +141,7 @@ let package = Package(
         ),
         // kvtierd as operators run it: systemd units, socket activation and sd_notify, configuration
         // errors and SIGHUP, /metrics, `kvtier status`, `top` and the cache commands (real processes).
-        .testTarget(name: "KVTierOpsTests", dependencies: ["KVTierDaemon", "KVTierServer", "KVTierStore", "KVTierIO", "KVTierClient", "KVTierProtocol", "KVTierCore", .product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "KVTierOpsTests", dependencies: ["KVTierDaemon", "KVTierServer", "KVTierStore", "KVTierIO", "KVTierClient", "KVTierProtocol", "KVTierCore", "KVTierTestProcess", .product(name: "Logging", package: "swift-log")]),
         .testTarget(
             name: "KVTierServerTests",
             dependencies: [

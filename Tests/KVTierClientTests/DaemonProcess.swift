@@ -1,6 +1,7 @@
 @preconcurrency import Glibc
 import Foundation
 import KVTierClient
+import KVTierTestProcess
 import Testing
 
 /// A seed from `KVTIER_TEST_SEED` when set, otherwise random; printed so a failure replays.
@@ -61,102 +62,28 @@ final class DaemonProcess {
             guard let made = mkdtemp(&template) else { throw TestFailure("mkdtemp: errno \(errno)") }
             directory = String(cString: made)
         }
-        let notifyPath = directory + "/ready-\(UInt32.random(in: 0...UInt32.max)).notify"
-        let notify = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard notify >= 0, bindDatagram(notify, path: notifyPath) else { throw TestFailure("NOTIFY_SOCKET \(notifyPath): errno \(errno)") }
-        defer {
-            close(notify)
-            unlink(notifyPath)
-        }
-        let daemon = try DaemonProcess(binary: binary, directory: directory, ramBudget: ramBudget, extra: arguments, notifySocket: notifyPath)
-        let pid = daemon.pid
-        let outcome = await withCheckedContinuation { (continuation: CheckedContinuation<String, Never>) in
-            Thread { continuation.resume(returning: waitForReady(notify: notify, pid: pid, seconds: readyDeadlineSeconds)) }.start()
-        }
-        switch outcome {
-        case "ready":
+        let notify = try NotifySocket(path: directory + "/ready-\(UInt32.random(in: 0...UInt32.max)).notify")
+        let daemon = try DaemonProcess(binary: binary, directory: directory, ramBudget: ramBudget, extra: arguments, notifySocket: notify.path)
+        switch await notify.awaitMessage(containing: "READY=1", from: daemon.pid, seconds: Double(readyDeadlineSeconds)) {
+        case .arrived:
             return daemon
-        case "exited":
+        case .exited:
             var status: Int32 = 0
             _ = waitpid(daemon.pid, &status, 0)
             daemon.stopped = true
             throw TestFailure("kvtierd exited with status \(status) before READY=1:\n\(daemon.logTail())")
-        default:
+        case .deadline:
             throw TestFailure("kvtierd sent no READY=1 within \(readyDeadlineSeconds) s:\n\(daemon.logTail())")
-        }
-    }
-
-    /// Blocks until READY=1 arrives on `notify` ("ready"), process `pid` exits ("exited", seen
-    /// on its pidfd) or `seconds` pass ("deadline").
-    private static func waitForReady(notify: Int32, pid: pid_t, seconds: Int) -> String {
-        let pidfd = pidDescriptor(pid)
-        defer { if pidfd >= 0 { close(pidfd) } }
-        let deadline = ContinuousClock.now + .seconds(seconds)
-        var buffer = [UInt8](repeating: 0, count: 4096)
-        while ContinuousClock.now < deadline {
-            var fds = [pollfd(fd: notify, events: Int16(POLLIN), revents: 0), pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)]
-            // Without a pidfd (old kernel), look at the process every 100 ms.
-            _ = poll(&fds, pidfd >= 0 ? 2 : 1, pidfd >= 0 ? 1000 : 100)
-            if fds[0].revents != 0 {
-                let n = buffer.withUnsafeMutableBytes { recv(notify, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
-                if n > 0, String(decoding: buffer[0..<n], as: UTF8.self).contains("READY=1") { return "ready" }
-            }
-            if pidfd >= 0 ? fds[1].revents != 0 : kill(pid, 0) != 0 || hasExited(pid) { return "exited" }
-        }
-        return "deadline"
-    }
-
-    private typealias PidfdOpen = @convention(c) (pid_t, UInt32) -> Int32
-
-    /// A descriptor readable once `pid` exits, or -1 where pidfd_open is missing.
-    static func pidDescriptor(_ pid: pid_t) -> Int32 {
-        guard let symbol = dlsym(nil, "pidfd_open") else { return -1 }
-        return unsafeBitCast(symbol, to: PidfdOpen.self)(pid, 0)
-    }
-
-    /// Whether child `pid` exited, leaving it waitable.
-    static func hasExited(_ pid: pid_t) -> Bool {
-        var info = siginfo_t()
-        return waitid(P_PID, id_t(pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info._sifields._sigchld.si_pid == pid
-    }
-
-    private static func bindDatagram(_ descriptor: Int32, path: String) -> Bool {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, b) in path.utf8.enumerated() { raw[i] = b } }
-        return withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
         }
     }
 
     private init(binary: String, directory: String, ramBudget: String, extra: [String], notifySocket: String) throws {
         self.directory = directory
         let arguments = [binary, "--socket", directory + "/s.sock", "--state-dir", directory + "/state", "--ram-budget", ramBudget] + extra
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, directory + "/kvtierd.log", O_WRONLY | O_CREAT | O_APPEND, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO)
-        posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0)
-        let argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
-        defer { for pointer in argv { free(pointer) } }
         var environment = ProcessInfo.processInfo.environment
         environment["NOTIFY_SOCKET"] = notifySocket
         environment.removeValue(forKey: "WATCHDOG_USEC")
-        let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer { for pointer in envp { free(pointer) } }
-        // As systemd starts it: no blocked signals (the test thread blocks nearly all).
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attributes, &empty)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK))
-        var child: pid_t = 0
-        let status = posix_spawn(&child, binary, &actions, &attributes, argv, envp)
-        guard status == 0 else { throw TestFailure("posix_spawn \(binary): errno \(status)") }
-        pid = child
+        pid = try ChildSpawn.spawn(arguments, environment: environment, logPath: directory + "/kvtierd.log")
     }
 
     /// SIGTERM, up to 60 s for a clean exit, then SIGKILL. Returns the wait status. The folder
@@ -170,16 +97,9 @@ final class DaemonProcess {
         var exited = false
         // Up to 60 s for a clean stop (a loaded machine flushes RAM pages slowly), waiting on
         // the pidfd rather than in a sleep loop.
-        let pidfd = Self.pidDescriptor(pid)
-        defer { if pidfd >= 0 { close(pidfd) } }
-        let deadline = ContinuousClock.now + .seconds(60)
-        while ContinuousClock.now < deadline {
-            if waitpid(pid, &status, WNOHANG) == pid {
-                exited = true
-                break
-            }
-            var fds = [pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)]
-            if pidfd >= 0 { _ = poll(&fds, 1, 1000) } else { usleep(50_000) }
+        if EventWaits.exit(of: pid, until: Date().addingTimeInterval(60)) {
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+            exited = true
         }
         if !exited {
             _ = kill(pid, SIGKILL)

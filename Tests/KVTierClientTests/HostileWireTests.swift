@@ -1,7 +1,9 @@
 @preconcurrency import Glibc
+import Foundation
 import KVTierClient
 import KVTierCore
 import KVTierProtocol
+import KVTierTestProcess
 import Testing
 
 /// Finding 1 of the hardening issue: whatever integers a client puts on the wire, a real kvtierd
@@ -151,15 +153,15 @@ struct HostileWireTests {
     /// The daemon is running and answers PING on a fresh connection.
     static func expectServing(_ daemon: DaemonProcess, after input: String) async throws {
         do {
-            guard !hasExited(daemon.pid) else { throw TestFailure("exited") }
+            guard !EventWaits.hasExited(daemon.pid) else { throw TestFailure("exited") }
             let client = try await KVTierClient.connect(socketPath: daemon.socketPath, replyTimeoutSeconds: 30)
             try await client.ping()
             await client.close()
         } catch {
-            // A trap takes a moment to end the process (the runtime prints a backtrace first).
-            let deadline = Clocks.monotonicMicros() + 30_000_000
-            while !hasExited(daemon.pid), Clocks.monotonicMicros() < deadline { usleep(20_000) }
-            if hasExited(daemon.pid) { throw TestFailure("kvtierd died after \(input):\n\(daemon.logTail())") }
+            // A trap takes a moment to end the process (the runtime prints a backtrace first):
+            // wait for its exit on a thread of its own, not the cooperative pool.
+            let pid = daemon.pid
+            if await EventWaits.onThread({ EventWaits.exit(of: pid, until: Date().addingTimeInterval(30)) }) { throw TestFailure("kvtierd died after \(input):\n\(daemon.logTail())") }
             throw TestFailure("kvtierd does not answer PING after \(input): \(error)")
         }
     }
@@ -181,12 +183,11 @@ struct HostileWireTests {
                      descriptors: [Int32] = [], mutate: ([UInt8]) -> [UInt8]) throws {
         let connection: RawConnection
         do {
-            guard !hasExited(daemon.pid) else { throw TestFailure("exited") }
+            guard !EventWaits.hasExited(daemon.pid) else { throw TestFailure("exited") }
             connection = try RawConnection(path: daemon.socketPath)
         } catch {
-            let deadline = Clocks.monotonicMicros() + 30_000_000
-            while !hasExited(daemon.pid), Clocks.monotonicMicros() < deadline { usleep(20_000) }
-            throw TestFailure("kvtierd \(hasExited(daemon.pid) ? "died" : "refused a connection") after the input before this \(template.name) one:\n\(daemon.logTail())")
+            let died = EventWaits.exit(of: daemon.pid, until: Date().addingTimeInterval(30))
+            throw TestFailure("kvtierd \(died ? "died" : "refused a connection") after the input before this \(template.name) one:\n\(daemon.logTail())")
         }
         var state = WireState(modelID: model.modelID, leaseID: 0, staging: placeholderStaging)
         if !template.isHello {

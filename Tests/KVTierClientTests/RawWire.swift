@@ -150,9 +150,3 @@ func openDescriptorCount(_ pid: pid_t) -> Int? {
     return count
 }
 
-/// Whether process `pid` (a child of this one) has exited, leaving it for `DaemonProcess` to reap.
-func hasExited(_ pid: pid_t) -> Bool {
-    var info = siginfo_t()
-    guard waitid(P_PID, id_t(pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 else { return true }
-    return info._sifields._sigchld.si_pid == pid
-}

@@ -1,6 +1,7 @@
 @preconcurrency import Glibc
 import Foundation
 import KVTierClient
+import KVTierTestProcess
 import Testing
 
 struct TestFailure: Error, CustomStringConvertible {
@@ -66,35 +67,7 @@ final class ChildProcess {
 
     init(_ arguments: [String], environment: [String: String]? = nil, logPath: String) throws {
         self.logPath = logPath
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO)
-        posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0)
-        let argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
-        defer { for pointer in argv { free(pointer) } }
-        let env = environment ?? ProcessInfo.processInfo.environment
-        let envp: [UnsafeMutablePointer<CChar>?] = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer { for pointer in envp { free(pointer) } }
-        // Start the child as systemd would: no blocked signals, default dispositions. The test
-        // runs on a dispatch thread that blocks almost every signal, and a child inheriting
-        // that mask hid a lost-SIGTERM race that systemd-started daemons had.
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attributes, &empty)
-        var defaults = sigset_t()
-        sigemptyset(&defaults)
-        for number in [SIGTERM, SIGINT, SIGHUP, SIGPIPE] { sigaddset(&defaults, number) }
-        posix_spawnattr_setsigdefault(&attributes, &defaults)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-        var child: pid_t = 0
-        let status = posix_spawn(&child, arguments[0], &actions, &attributes, argv, envp)
-        guard status == 0 else { throw TestFailure("posix_spawn \(arguments[0]): errno \(status)") }
-        pid = child
+        pid = try ChildSpawn.spawn(arguments, environment: environment ?? ProcessInfo.processInfo.environment, logPath: logPath)
     }
 
     /// The exit status once the process ended, without waiting.
@@ -109,13 +82,7 @@ final class ChildProcess {
     /// status, or nil on timeout. Blocks the calling thread: async tests use `awaitExit`.
     func wait(seconds: Double) -> Int32? {
         if let status = poll() { return status }
-        let deadline = Date().addingTimeInterval(seconds)
-        let pidfd = EventWaits.pidDescriptor(pid)
-        defer { if pidfd >= 0 { close(pidfd) } }
-        while Date() < deadline {
-            if let status = poll() { return status }
-            if pidfd >= 0 { _ = EventWaits.poll([pidfd], until: deadline) } else { usleep(20_000) }
-        }
+        _ = EventWaits.exit(of: pid, until: Date().addingTimeInterval(seconds))
         return poll()
     }
 
@@ -186,46 +153,6 @@ func waitUntilServing(socket: String, child: ChildProcess, notify: NotifySocket)
     let client = try await KVTierClient.connect(socketPath: socket, mapSharedMemory: false, replyTimeoutSeconds: 60)
     try await client.ping()
     await client.close()
-}
-
-/// An AF_UNIX datagram socket bound at `path`, standing in for systemd's NOTIFY_SOCKET.
-final class NotifySocket {
-    let path: String
-    let descriptor: Int32
-
-    init(path: String) throws {
-        self.path = path
-        descriptor = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard descriptor >= 0 else { throw TestFailure("socket: errno \(errno)") }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (index, byte) in path.utf8.enumerated() { raw[index] = byte }
-        }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard bound == 0 else { throw TestFailure("bind \(path): errno \(errno)") }
-    }
-
-    deinit { close(descriptor) }
-
-    /// Collects messages until one satisfies `done` or `seconds` pass; every message received.
-    func receive(until done: (String) -> Bool, seconds: Double) -> [String] {
-        var messages: [String] = []
-        let deadline = Date().addingTimeInterval(seconds)
-        var buffer = [UInt8](repeating: 0, count: 4096)
-        while Date() < deadline {
-            var poller = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
-            guard Glibc.poll(&poller, 1, 100) > 0 else { continue }
-            let n = buffer.withUnsafeMutableBytes { recv(descriptor, $0.baseAddress, $0.count, 0) }
-            guard n > 0 else { continue }
-            let message = String(decoding: buffer[0..<n], as: UTF8.self)
-            messages.append(message)
-            if done(message) { break }
-        }
-        return messages
-    }
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).

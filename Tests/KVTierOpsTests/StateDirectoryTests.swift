@@ -1,5 +1,6 @@
 @preconcurrency import Glibc
 import Foundation
+import KVTierTestProcess
 import Testing
 
 /// Finding 9: kvtierd keeps its state only in a directory of its own. A directory another

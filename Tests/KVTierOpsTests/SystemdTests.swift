@@ -2,6 +2,7 @@
 import Foundation
 import KVTierClient
 import KVTierCore
+import KVTierTestProcess
 import Testing
 
 /// The systemd units as shipped, and kvtierd under systemd's protocols without a running

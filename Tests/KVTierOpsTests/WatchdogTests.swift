@@ -2,6 +2,7 @@
 import Foundation
 import KVTierIO
 import Logging
+import KVTierTestProcess
 import Testing
 @testable import KVTierDaemon
 @testable import KVTierServer
