@@ -142,6 +142,15 @@ def run_as_uid(uid: int, work, gid: int = None):
     return json.loads(data)
 
 
+@pytest.fixture
+def binary():
+    """The kvtierd binary; skips the test when it is not built."""
+    b = daemon_binary()
+    if b is None:
+        pytest.skip("kvtierd is not built: run `swift build --product kvtierd` or set KVTIER_DAEMON")
+    return b
+
+
 @pytest.fixture(scope="module")
 def start_daemon():
     """A factory: ``start_daemon("--ram-budget", "256MiB")``; stopped at the module's end."""

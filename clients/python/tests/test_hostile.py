@@ -22,21 +22,13 @@ import numpy.random  # noqa: F401  (children that drop to uid 65534 may not be a
 import pytest
 
 import kvtier
-from conftest import Daemon, daemon_binary
+from conftest import Daemon
 from kvtier import _wire
 from kvtier._wire import Op
 from kvtier.errors import KVTierError
 
 NOBODY = 65534
 ROOT = os.geteuid() == 0
-
-
-@pytest.fixture
-def binary():
-    b = daemon_binary()
-    if b is None:
-        pytest.skip("kvtierd is not built: swift build --product kvtierd")
-    return b
 
 
 def drop_to_nobody() -> None:
@@ -212,7 +204,9 @@ def test_a_lease_flood_neither_grows_without_bound_nor_stalls_other_tenants(bina
         # the store's lock, so every other tenant's LOOKUP waited that long.
         assert out["refused"] is not None and out["held"] < 30_000, "leases are not bounded"
         assert out["put"] == "ok", f"a PUT of 4,096 pages beside {out['held_during_put']} held leases failed: {out['put']}"
-        assert slowest < 2.0, f"another tenant's LOOKUP waited {slowest:.1f} s behind the flood"
+        # 5 s: an order of magnitude under what the flood cost before, and far above what a
+        # loaded two-core machine adds to one LOOKUP.
+        assert slowest < 5.0, f"another tenant's LOOKUP waited {slowest:.1f} s behind the flood"
         alive(d)
     finally:
         d.stop()

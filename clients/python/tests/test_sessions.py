@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import kvtier
-from conftest import Daemon, daemon_binary, run_as_uid
+from conftest import Daemon, run_as_uid
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 MODEL = kvtier.ModelSpec("pytest-sessions", layers=2, kv_heads=2, head_dim=32, page_tokens=16)
@@ -55,14 +55,6 @@ def restart(d: Daemon, binary: str, *args: str, kill: bool = False) -> Daemon:
     if os.path.exists(d.socket):  # left behind by SIGKILL: the wait below must see the new one
         os.unlink(d.socket)
     return Daemon(binary, *args, directory=d.dir)
-
-
-@pytest.fixture
-def binary():
-    b = daemon_binary()
-    if b is None:
-        pytest.skip("kvtierd is not built: run `swift build --product kvtierd` or set KVTIER_DAEMON")
-    return b
 
 
 def test_a_session_resumes_in_another_process_after_restart_and_sigkill(binary):
