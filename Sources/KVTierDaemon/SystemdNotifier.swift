@@ -127,7 +127,11 @@ public final class SystemdNotifier: Sendable {
                 bytes.withUnsafeBytes { buffer in
                     var result: Int
                     repeat {
-                        result = sendto(descriptor, buffer.baseAddress, buffer.count, Int32(MSG_NOSIGNAL), address, length)
+                        // Never blocks: a Unix datagram socket whose reader lags (its queue holds
+                        // max_dgram_qlen, 10 by default) would otherwise stall the caller, a
+                        // watchdog tick or a request thread, until the manager reads again. A
+                        // notification that does not fit is dropped and logged.
+                        result = sendto(descriptor, buffer.baseAddress, buffer.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT), address, length)
                     } while result < 0 && errno == EINTR
                     return result
                 }
