@@ -63,7 +63,12 @@ import Testing
         hog.standardInput = input
         try hog.run()
         defer {
-            try? input.fileHandleForWriting.close()
+            // Ended by SIGKILL, not by the EOF on its stdin nor by SIGTERM: a child another test
+            // spawns at the same moment can inherit the pipe's write end and keep it open, and
+            // Process starts the hog with the test thread's signal mask, which blocks SIGTERM.
+            // Either way the hog never exited and waitUntilExit here blocked a thread of the
+            // cooperative pool for good, stalling the whole parallel suite.
+            kill(hog.processIdentifier, SIGKILL)
             hog.waitUntilExit()
         }
         let lines = try await onThread { () -> [String] in
@@ -85,7 +90,6 @@ import Testing
         let (status, _, _) = try await client.call(.status)
         #expect(wireError(of: status) == nil)
         #expect(harness.server.counters.value(of: "server.connections.rejected_per_uid") == 22)
-        try? input.fileHandleForWriting.close()
         try await harness.stop()
     }
 

@@ -20,6 +20,9 @@ public enum ChildSpawn {
         posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
         posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO)
         posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0)
+        // Nothing else of the test process: a test's pipes and sockets inherited by a long-lived
+        // daemon would never see their EOF (another test's child waiting on its stdin hung so).
+        closeFrom(3, &actions)
         let argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
         defer { for pointer in argv { free(pointer) } }
         let envp: [UnsafeMutablePointer<CChar>?] = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
@@ -39,5 +42,14 @@ public enum ChildSpawn {
         let status = posix_spawn(&child, arguments[0], &actions, &attributes, argv, envp)
         guard status == 0 else { throw ProcessFailure("posix_spawn \(arguments[0]): errno \(status)") }
         return child
+    }
+
+    private typealias AddCloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
+
+    /// `posix_spawn_file_actions_addclosefrom_np` (glibc 2.34+; not in Swift's Glibc module),
+    /// where libc has it.
+    private static func closeFrom(_ first: Int32, _ actions: inout posix_spawn_file_actions_t) {
+        guard let symbol = dlsym(nil, "posix_spawn_file_actions_addclosefrom_np") else { return }
+        _ = unsafeBitCast(symbol, to: AddCloseFrom.self)(&actions, first)
     }
 }
