@@ -11,7 +11,7 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -464,13 +464,35 @@ class Client:
     def put_detail(self, model: ModelSpec, tokens, keys, values, session: Optional[str] = None,
                    durable: bool = False) -> PutResult:
         """``put``, returning what was done (pages added, tokens sent, requests made)."""
+        spec, _ = self._spec(model)
+        n = len(_wire.token_array(tokens))
+        if n == 0:
+            raise ValueError("put needs at least one token")
+        k16 = self._as_bits("keys", keys, spec, n)
+        v16 = self._as_bits("values", values, spec, n)
+
+        def fill(a: int, b: int, dest: np.ndarray) -> None:
+            np.copyto(dest[:, 0], k16[:, a:b])
+            np.copyto(dest[:, 1], v16[:, a:b])
+
+        return self.put_pages(model, tokens, fill, session=session, durable=durable)
+
+    def put_pages(self, model: ModelSpec, tokens, fill: Callable[[int, int, np.ndarray], None], *,
+                  session: Optional[str] = None, durable: bool = False) -> PutResult:
+        """Stores the KV of ``tokens``, asking ``fill`` for the bytes of what is not cached yet.
+
+        ``fill(a, b, dest)`` writes the KV of tokens ``a..<b`` into ``dest``, a writable uint16
+        array ``[layers, 2, b - a, kv_heads, head_dim]`` (keys at ``[:, 0]``, values at
+        ``[:, 1]``, 16-bit patterns of the model's dtype). With shared memory ``dest`` lies in
+        the staging arena, so the bytes are written once, where the daemon takes them; ``dest``
+        is only valid during the call. Ranges never cross a page boundary and come in order.
+        Engines use this to copy straight from their own KV layout (``kvtier.engine``).
+        """
         spec, reg = self._spec(model)
         toks = self._tokens(tokens, truncate=False)
         n = len(toks)
         if n == 0:
             raise ValueError("put needs at least one token")
-        k16 = self._as_bits("keys", keys, spec, n)
-        v16 = self._as_bits("values", values, spec, n)
         session_field = _wire.string(session or "", "session")
         flags = _wire.PUT_DURABLE if durable else 0
         # The cached prefix can shrink between LOOKUP and PUT (a concurrent put completing a
@@ -481,8 +503,8 @@ class Client:
                 return PutResult(cached, 0, 0, 0)
             try:
                 if self.shared_memory:
-                    return self._put_shared(spec, reg, toks, k16, v16, cached, session_field, flags)
-                return self._put_inline(spec, reg, toks, k16, v16, cached, session_field, flags)
+                    return self._put_shared(spec, reg, toks, fill, cached, session_field, flags)
+                return self._put_inline(spec, reg, toks, fill, cached, session_field, flags)
             except KVTierError as e:
                 if e.code != "invalidArgument" or attempt == 2 or "cached" not in e.message:
                     raise
@@ -497,13 +519,7 @@ class Client:
         r.finish()
         return cached, new_pages
 
-    @staticmethod
-    def _write_chunk(dest: np.ndarray, k16: np.ndarray, v16: np.ndarray, a: int, b: int) -> None:
-        # dest: [layers, 2, b - a, kv_heads, head_dim] in the page layout.
-        np.copyto(dest[:, 0], k16[:, a:b])
-        np.copyto(dest[:, 1], v16[:, a:b])
-
-    def _put_shared(self, spec, reg, toks, k16, v16, start, session_field, flags) -> PutResult:
+    def _put_shared(self, spec, reg, toks, fill, start, session_field, flags) -> PutResult:
         bpt = spec.bytes_per_token
         chunks = _chunks(start, len(toks), reg.page_tokens)
         # Batches of whole chunks: at most maxExtents and about SHM_BATCH_BYTES each, and a
@@ -526,7 +542,7 @@ class Client:
                 for (a, b), e in zip(batch, extents):
                     count = spec.layers * 2 * (b - a) * spec.kv_heads * spec.head_dim
                     dest = np.frombuffer(self._staging, dtype=np.uint16, count=count, offset=e.offset)
-                    self._write_chunk(dest.reshape(spec.layers, 2, b - a, *shape_tail), k16, v16, a, b)
+                    fill(a, b, dest.reshape(spec.layers, 2, b - a, *shape_tail))
                     del dest
                 wire_extents = [Extent(e.offset, e.bytes, b - a) for (a, b), e in zip(batch, extents)]
                 end = batch[-1][1]
@@ -541,7 +557,7 @@ class Client:
                     self._release_quietly(lease)
         return PutResult(cached, new_pages, len(toks) - start, requests)
 
-    def _put_inline(self, spec, reg, toks, k16, v16, start, session_field, flags) -> PutResult:
+    def _put_inline(self, spec, reg, toks, fill, start, session_field, flags) -> PutResult:
         bpt, page = spec.bytes_per_token, reg.page_tokens
         n = len(toks)
         overhead = len(self._put_request(reg.model_id, session_field, flags, toks, 0)) + 8
@@ -560,7 +576,7 @@ class Client:
             for a, b in _chunks(s, e, page):
                 count = spec.layers * 2 * (b - a) * spec.kv_heads * spec.head_dim
                 dest = np.frombuffer(data, dtype=np.uint16, count=count, offset=at)
-                self._write_chunk(dest.reshape(spec.layers, 2, b - a, spec.kv_heads, spec.head_dim), k16, v16, a, b)
+                fill(a, b, dest.reshape(spec.layers, 2, b - a, spec.kv_heads, spec.head_dim))
                 del dest
                 at += count * 2
             body, _ = self._call(Op.PUT, [head, _wire.u64(len(data)), data])
@@ -585,13 +601,11 @@ class Client:
         allocating (T at least ``len(tokens)``, or ``max_tokens``); the result is then
         ``out[i][:, :served]``. Reusing buffers avoids first-touch page faults on every call.
         """
-        spec, reg = self._spec(model)
-        toks = self._tokens(tokens, truncate=True)
-        max_tokens = int(max_tokens)
-        if not 0 <= max_tokens <= 0xFFFFFFFF:
-            raise ValueError("max_tokens must be in 0...2**32-1")
+        spec, _ = self._spec(model)
         if out is not None:
-            most = min(len(toks), max_tokens) if max_tokens else len(toks)
+            most = len(_wire.token_array(tokens))
+            if max_tokens:
+                most = min(most, int(max_tokens))
             if len(out) != 2:
                 raise ValueError("out must be a pair (keys, values)")
             bits = []
@@ -599,28 +613,48 @@ class Client:
                 if not isinstance(arr, np.ndarray) or arr.ndim != 4 or arr.shape[1] < most or not arr.flags.writeable:
                     raise ValueError(f"{name} must be a writable array [layers, >= {most}, kv_heads, head_dim]")
                 bits.append(self._as_bits(name, arr, spec, arr.shape[1]))
-            served_keys, served_values = (self._get_shared if self.shared_memory else self._get_inline)(
-                spec, reg, toks, max_tokens, tuple(bits))
-            served = served_keys.shape[1]
-            return out[0][:, :served], out[1][:, :served]
-        if self.shared_memory:
-            return self._get_shared(spec, reg, toks, max_tokens, None)
-        return self._get_inline(spec, reg, toks, max_tokens, None)
+            keys, values = bits
+        else:
+            keys = values = None
+        shape = [spec.layers, 0, spec.kv_heads, spec.head_dim]
 
-    @staticmethod
-    def _output(spec: ModelSpec, served: int, out) -> Tuple[np.ndarray, np.ndarray]:
+        def begin(served: int) -> None:
+            nonlocal keys, values
+            if keys is None:
+                shape[1] = served
+                keys, values = np.empty(shape, dtype=np.uint16), np.empty(shape, dtype=np.uint16)
+
+        def visit(a: int, page: np.ndarray) -> None:
+            t = page.shape[2]
+            keys[:, a:a + t] = page[:, 0]
+            values[:, a:a + t] = page[:, 1]
+
+        served = self.get_pages(model, tokens, visit, max_tokens=max_tokens, begin=begin)
         if out is not None:
             return out[0][:, :served], out[1][:, :served]
-        shape = (spec.layers, served, spec.kv_heads, spec.head_dim)
-        return np.empty(shape, dtype=np.uint16), np.empty(shape, dtype=np.uint16)
-
-    @staticmethod
-    def _result(spec: ModelSpec, keys: np.ndarray, values: np.ndarray, out):
-        if out is not None:
-            return keys, values
         return keys.view(spec.numpy_dtype), values.view(spec.numpy_dtype)
 
-    def _get_shared(self, spec, reg, toks, max_tokens, out):
+    def get_pages(self, model: ModelSpec, tokens, visit: Callable[[int, np.ndarray], None], *,
+                  max_tokens: int = 0, begin: Optional[Callable[[int], None]] = None) -> int:
+        """Serves the longest cached prefix of ``tokens`` page by page; returns how many tokens.
+
+        ``visit(a, page)`` is called for each page in order, ``a`` its first token and ``page`` a
+        read-only uint16 array ``[layers, 2, t, kv_heads, head_dim]`` (keys at ``[:, 0]``, values
+        at ``[:, 1]``) holding tokens ``a..<a + t`` of the served prefix. With shared memory the
+        page is a view of the daemon's page arena under a lease, so ``visit`` copies straight
+        from it into wherever the engine keeps KV; the view is only valid during the call.
+        ``begin(served)``, when given, is called once before the first page. Engines use this to
+        restore into their own KV layout (``kvtier.engine``).
+        """
+        spec, reg = self._spec(model)
+        toks = self._tokens(tokens, truncate=True)
+        max_tokens = int(max_tokens)
+        if not 0 <= max_tokens <= 0xFFFFFFFF:
+            raise ValueError("max_tokens must be in 0...2**32-1")
+        fetch = self._get_shared if self.shared_memory else self._get_inline
+        return fetch(spec, reg, toks, max_tokens, begin or (lambda served: None), visit)
+
+    def _get_shared(self, spec, reg, toks, max_tokens, begin, visit) -> int:
         page, bpt = reg.page_tokens, spec.bytes_per_token
         body, _ = self._call(Op.GET, [_wire.u64(reg.model_id), _wire.tokens_field(toks), _wire.u32(max_tokens), _wire.u8(0)])
         served, lease, r = _wire.get_reply_head(body, inline=False)
@@ -637,22 +671,20 @@ class Client:
             held = (len(extents) - 1) * page + extents[-1].tokens if extents else 0
             if served > held or (extents and served <= (len(extents) - 1) * page):
                 raise self._protocol(f"GET reply: {served} tokens served from {len(extents)} pages holding {held}")
-            keys, values = self._output(spec, served, out)
+            begin(served)
             for i, e in enumerate(extents):
                 a = i * page
-                s = min(e.tokens, served - a)
                 count = spec.layers * 2 * e.tokens * spec.kv_heads * spec.head_dim
                 src = np.frombuffer(self._mm, dtype=np.uint16, count=count, offset=e.offset)
                 src = src.reshape(spec.layers, 2, e.tokens, spec.kv_heads, spec.head_dim)
-                keys[:, a:a + s] = src[:, 0, :s]
-                values[:, a:a + s] = src[:, 1, :s]
+                visit(a, src[:, :, :min(e.tokens, served - a)])
                 del src
         finally:
             if self._sock is not None:
                 self._release_quietly(lease)
-        return self._result(spec, keys, values, out)
+        return served
 
-    def _get_inline(self, spec, reg, toks, max_tokens, out):
+    def _get_inline(self, spec, reg, toks, max_tokens, begin, visit) -> int:
         page, bpt = reg.page_tokens, spec.bytes_per_token
         # The reply holds whole pages: cap what we ask for so it fits the inline limit.
         cap = ((self.max_inline_body - 20) // (page * bpt)) * page
@@ -671,21 +703,19 @@ class Client:
         last = held - (pages - 1) * page if pages else 0
         if served > limit or rem or (pages == 0 and length) or (pages and not (served - (pages - 1) * page <= last <= page)):
             raise self._protocol(f"GET reply: {served} tokens served in {length} inline bytes (pages of {page} tokens, {bpt} bytes a token)")
-        keys, values = self._output(spec, served, out)
+        begin(served)
         at = r.at
         for i in range(pages):
             t = page if i < pages - 1 else last
             a = i * page
-            s = min(t, served - a)
             count = spec.layers * 2 * t * spec.kv_heads * spec.head_dim
             src = np.frombuffer(body, dtype=np.uint16, count=count, offset=at).reshape(spec.layers, 2, t, spec.kv_heads, spec.head_dim)
-            keys[:, a:a + s] = src[:, 0, :s]
-            values[:, a:a + s] = src[:, 1, :s]
+            visit(a, src[:, :, :min(t, served - a)])
             del src
             at += count * 2
         if lease:
             self._release_quietly(lease)
-        return self._result(spec, keys, values, out)
+        return served
 
     # ------------------------------------------------------------ attention, status
 
