@@ -43,8 +43,8 @@ public struct StoreRequestHandler: RequestHandler {
         case .registerModel(let r):
             let pageTokens = r.pageTokens == 0 ? UInt16(clamping: defaultPageTokens) : r.pageTokens
             var canonical = r
-            let codec = try Self.diskCodec(named: r.diskCodec)
-            canonical.diskCodec = codec?.name ?? ""
+            let codec = try Self.diskCodec(named: r.diskCodec ?? "")
+            canonical.diskCodec = codec?.name
             let id: UInt64
             do { id = try canonical.modelID(pageTokensInForce: pageTokens) } catch { throw .invalidArgument("\(error)") }
             try store.register(ModelSpec(id: id, name: r.name, layers: Int(r.layers), kvHeads: Int(r.kvHeads), headDim: Int(r.headDim),
@@ -167,7 +167,7 @@ public struct StoreRequestHandler: RequestHandler {
             ModelEntry(modelID: m.id, registration: RegisterModel(
                 name: m.name, layers: UInt16(clamping: m.layers), kvHeads: UInt16(clamping: m.kvHeads), headDim: UInt16(clamping: m.headDim),
                 elementType: m.elementType, pageTokens: UInt16(clamping: m.pageTokens), ropeTheta: m.ropeTheta,
-                diskCodec: m.diskCodec?.name ?? ""))
+                diskCodec: m.diskCodec?.name))
         }
         return .models(ModelsReply(total: UInt32(clamping: models.count), models: page))
     }

@@ -10,7 +10,7 @@ import KVTierCore
 ///     "kvtier-model-v1" 00
 ///     u16 len(name) ‖ name (UTF-8) ‖ u16 layers ‖ u16 kvHeads ‖ u16 headDim
 ///     ‖ u8 elementType ‖ u8 0 ‖ u16 pageTokens ‖ f32 ropeTheta (IEEE bits)
-///     [‖ u16 len(diskCodec) ‖ diskCodec (UTF-8)]   only when the model names a disk codec
+///     [‖ u16 len(diskCodec) ‖ diskCodec (UTF-8)]   only when the model names a disk codec (not empty)
 ///
 /// all little-endian. Without a disk codec the bytes are those of a body from before the field
 /// existed, so those ids never change; with one, the same shape is another model (its pages are
@@ -26,8 +26,9 @@ public enum ModelFingerprint {
     /// The exact bytes hashed (see the type's documentation).
     public static func hashedBytes(name: String, layers: UInt16, kvHeads: UInt16, headDim: UInt16,
                                    elementType: ElementType, pageTokens: UInt16, ropeTheta: Float,
-                                   diskCodec: String = "") throws(ProtocolError) -> [UInt8] {
-        var writer = ByteWriter(capacity: 34 + name.utf8.count + diskCodec.utf8.count)
+                                   diskCodec: String? = nil) throws(ProtocolError) -> [UInt8] {
+        let diskCodec = diskCodec?.isEmpty == false ? diskCodec : nil
+        var writer = ByteWriter(capacity: 34 + name.utf8.count + (diskCodec?.utf8.count ?? 0))
         writer.raw(domain.utf8)
         writer.u8(0)
         let body = RegisterModel(name: name, layers: layers, kvHeads: kvHeads, headDim: headDim,
@@ -39,7 +40,7 @@ public enum ModelFingerprint {
     /// The model id; throws only for a name or codec over `maxStringBytes` (which no request can carry).
     public static func modelID(name: String, layers: UInt16, kvHeads: UInt16, headDim: UInt16,
                                elementType: ElementType, pageTokens: UInt16, ropeTheta: Float,
-                               diskCodec: String = "") throws(ProtocolError) -> UInt64 {
+                               diskCodec: String? = nil) throws(ProtocolError) -> UInt64 {
         let input = try hashedBytes(name: name, layers: layers, kvHeads: kvHeads, headDim: headDim,
                                     elementType: elementType, pageTokens: pageTokens, ropeTheta: ropeTheta, diskCodec: diskCodec)
         var state = kvt_blake2b_state()

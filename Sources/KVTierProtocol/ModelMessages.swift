@@ -13,13 +13,15 @@ public struct RegisterModel: WireBody {
     public var elementType: ElementType
     public var pageTokens: UInt16
     public var ropeTheta: Float
-    /// The codec this model's pages are written to disk with (a `Codec(name:)` name); empty for
-    /// the daemon's configured one. Sent only when non-empty, so a request without it is byte for
-    /// byte what clients sent before the field existed, and fingerprints the same.
-    public var diskCodec: String
+    /// The codec this model's pages are written to disk with (a `Codec(name:)` name); nil (the
+    /// field absent) or empty: the daemon's configured one. Nil is not sent at all, so such a
+    /// request is byte for byte what clients sent before the field existed, and fingerprints
+    /// the same; an empty name is kept apart from nil only so that every body re-encodes to the
+    /// bytes it was decoded from.
+    public var diskCodec: String?
 
     public init(name: String, layers: UInt16, kvHeads: UInt16, headDim: UInt16, elementType: ElementType,
-                pageTokens: UInt16 = 0, ropeTheta: Float, diskCodec: String = "") {
+                pageTokens: UInt16 = 0, ropeTheta: Float, diskCodec: String? = nil) {
         self.name = name
         self.layers = layers
         self.kvHeads = kvHeads
@@ -30,17 +32,23 @@ public struct RegisterModel: WireBody {
         self.diskCodec = diskCodec
     }
 
-    /// The request body: the fixed fields, then `string diskCodec` when it is not empty.
+    /// The request body: the fixed fields, then `string diskCodec` unless it is nil.
     public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
         try encodeFixed(into: &writer, reserved: 0)
-        if !diskCodec.isEmpty { try writer.wireString(diskCodec, field: "diskCodec") }
+        if let diskCodec { try writer.wireString(diskCodec, field: "diskCodec") }
     }
 
     /// As a `MODELS` entry: the reserved byte after `elementType` says whether `string diskCodec`
     /// follows `ropeTheta` (1) or not (0), since in a list the entry's end is not the body's.
     func encodeListed(into writer: inout ByteWriter) throws(ProtocolError) {
-        try encodeFixed(into: &writer, reserved: diskCodec.isEmpty ? 0 : Self.listedCodecFollows)
-        if !diskCodec.isEmpty { try writer.wireString(diskCodec, field: "diskCodec") }
+        try encodeFixed(into: &writer, reserved: diskCodec == nil ? 0 : Self.listedCodecFollows)
+        if let diskCodec { try writer.wireString(diskCodec, field: "diskCodec") }
+    }
+
+    /// The codec name that counts: nil when none was named (absent or empty).
+    public var namedDiskCodec: String? {
+        guard let diskCodec, !diskCodec.isEmpty else { return nil }
+        return diskCodec
     }
 
     private func encodeFixed(into writer: inout ByteWriter, reserved: UInt8) throws(ProtocolError) {
@@ -63,7 +71,7 @@ public struct RegisterModel: WireBody {
         (self, reserved) = try Self.decodeFixed(from: &reader)
         guard reserved == 0 else { throw .malformed("REGISTER_MODEL request: the byte after elementType is \(reserved), must be 0") }
         // The optional trailing field: present exactly when bytes remain.
-        diskCodec = reader.remaining > 0 ? try reader.string("diskCodec") : ""
+        diskCodec = reader.remaining > 0 ? try reader.string("diskCodec") : nil
         try reader.finish()
     }
 
@@ -72,11 +80,8 @@ public struct RegisterModel: WireBody {
         let reserved: UInt8
         (self, reserved) = try Self.decodeFixed(from: &reader)
         switch reserved {
-        case 0:
-            diskCodec = ""
-        case Self.listedCodecFollows:
-            diskCodec = try reader.string("diskCodec")
-            guard !diskCodec.isEmpty else { throw .malformed("MODELS reply: an entry announces a disk codec but its name is empty") }
+        case 0: diskCodec = nil
+        case Self.listedCodecFollows: diskCodec = try reader.string("diskCodec")
         default:
             throw .malformed("MODELS reply: the byte after elementType is \(reserved), must be 0 (no disk codec follows) or 1 (one follows)")
         }
@@ -105,11 +110,11 @@ public struct RegisterModel: WireBody {
     }
 
     /// The id the daemon answers once `pageTokens` in force is known. `diskCodec` is hashed as
-    /// given: the daemon first replaces it by the codec's canonical name.
+    /// given (when named): the daemon first replaces it by the codec's canonical name.
     public func modelID(pageTokensInForce: UInt16) throws(ProtocolError) -> UInt64 {
         try ModelFingerprint.modelID(name: name, layers: layers, kvHeads: kvHeads, headDim: headDim,
                                      elementType: elementType, pageTokens: pageTokensInForce, ropeTheta: ropeTheta,
-                                     diskCodec: diskCodec)
+                                     diskCodec: namedDiskCodec)
     }
 }
 
