@@ -16,8 +16,10 @@ import KVTierCore
 /// existed, so those ids never change; with one, the same shape is another model (its pages are
 /// stored differently, and a lossy copy must never answer a client that asked for a lossless
 /// one). The daemon hashes the codec's canonical name (`Codec.name`: `fp16+zstd`, never
-/// `fp16+zstd(1)` or `FP16+ZSTD`), so every spelling of one codec gives one id. The hash is BLAKE2b with an 8-byte digest (digest length 8 in the parameter
-/// block, not a truncated BLAKE2b-512), and the id is those 8 bytes read as a little-endian u64.
+/// `fp16+zstd(1)` or `FP16+ZSTD`), so every spelling of one codec gives one id.
+///
+/// The hash is BLAKE2b with an 8-byte digest (digest length 8 in the parameter block, not a
+/// truncated BLAKE2b-512), and the id is those 8 bytes read as a little-endian u64.
 /// Python: `int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")`.
 public enum ModelFingerprint {
     /// The domain prefix, followed by one zero byte.
