@@ -40,9 +40,14 @@ public struct ModelSpecification: Sendable, Hashable {
     /// Tokens per page; 0 asks for the daemon's default (256).
     public var pageTokens: Int
     public var ropeTheta: Float
+    /// The codec the daemon writes this model's pages to disk with, e.g. `fp16` to keep every
+    /// bit, `k4v4` or `tq3m+zstd(3)` to save space (docs/codecs.md); empty: the daemon's
+    /// configured `diskCodec`. Part of the model id: the same shape with another codec is
+    /// another model. The daemon checks the name (`invalidArgument` lists the valid ones).
+    public var diskCodec: String
 
     public init(name: String, layers: Int, kvHeads: Int, headDim: Int, elementType: ElementType,
-                pageTokens: Int = 0, ropeTheta: Float) {
+                pageTokens: Int = 0, ropeTheta: Float, diskCodec: String = "") {
         self.name = name
         self.layers = layers
         self.kvHeads = kvHeads
@@ -50,6 +55,7 @@ public struct ModelSpecification: Sendable, Hashable {
         self.elementType = elementType
         self.pageTokens = pageTokens
         self.ropeTheta = ropeTheta
+        self.diskCodec = diskCodec
     }
 
     public var shape: KVShape { KVShape(layers: layers, kvHeads: kvHeads, headDim: headDim) }

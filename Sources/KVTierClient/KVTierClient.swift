@@ -154,7 +154,8 @@ public final class KVTierClient: Sendable {
         }
         let request = RegisterModel(name: spec.name, layers: try field(spec.layers, "layers"), kvHeads: try field(spec.kvHeads, "kvHeads"),
                                     headDim: try field(spec.headDim, "headDim"), elementType: spec.elementType,
-                                    pageTokens: try field(spec.pageTokens, "pageTokens"), ropeTheta: spec.ropeTheta)
+                                    pageTokens: try field(spec.pageTokens, "pageTokens"), ropeTheta: spec.ropeTheta,
+                                    diskCodec: spec.diskCodec.isEmpty ? nil : spec.diskCodec)
         let reply = try await call(.registerModel(request), expecting: "REGISTER_MODEL") { if case .registerModel(let r) = $0 { r } else { nil } }
         guard reply.pageTokens > 0, spec.pageTokens == 0 || Int(reply.pageTokens) == spec.pageTokens else {
             throw KVTierClientError.protocolViolation("REGISTER_MODEL put \(reply.pageTokens) tokens per page in force; asked for \(spec.pageTokens)")

@@ -42,10 +42,14 @@ public struct StoreRequestHandler: RequestHandler {
             throw .invalidArgument("HELLO and PING are answered by the server")
         case .registerModel(let r):
             let pageTokens = r.pageTokens == 0 ? UInt16(clamping: defaultPageTokens) : r.pageTokens
+            var canonical = r
+            let codec = try Self.diskCodec(named: r.diskCodec ?? "")
+            canonical.diskCodec = codec?.name
             let id: UInt64
-            do { id = try r.modelID(pageTokensInForce: pageTokens) } catch { throw .invalidArgument("\(error)") }
+            do { id = try canonical.modelID(pageTokensInForce: pageTokens) } catch { throw .invalidArgument("\(error)") }
             try store.register(ModelSpec(id: id, name: r.name, layers: Int(r.layers), kvHeads: Int(r.kvHeads), headDim: Int(r.headDim),
-                                         elementType: r.elementType, pageTokens: Int(pageTokens), ropeTheta: r.ropeTheta), for: tenant)
+                                         elementType: r.elementType, pageTokens: Int(pageTokens), ropeTheta: r.ropeTheta,
+                                         diskCodec: codec), for: tenant)
             return .registerModel(RegisterModelReply(modelID: id, pageTokens: pageTokens))
         case .lookup(let r):
             return try lookup(r, context)
@@ -114,6 +118,14 @@ public struct StoreRequestHandler: RequestHandler {
         }
     }
 
+    /// The codec a `REGISTER_MODEL` names (nil for none: the configured `diskCodec`).
+    static func diskCodec(named name: String) throws(StoreError) -> Codec? {
+        guard !name.isEmpty else { return nil }
+        do { return try Codec(name: name) } catch {
+            throw .invalidArgument("disk codec \(String(name.prefix(64)).debugDescription) is not a codec name; use one of \(Codec.all.map(\.name).joined(separator: ", ")) (zstd also as zstd(N), N 1-19), or send none for the daemon's diskCodec")
+        }
+    }
+
     // MARK: requests both paths answer the same way (never waiting on anything)
 
     /// The most tokens an inline GET reply serves: whole pages that fit one frame (0: all).
@@ -154,7 +166,8 @@ public struct StoreRequestHandler: RequestHandler {
         let page = models[r.range(in: models.count)].map { m in
             ModelEntry(modelID: m.id, registration: RegisterModel(
                 name: m.name, layers: UInt16(clamping: m.layers), kvHeads: UInt16(clamping: m.kvHeads), headDim: UInt16(clamping: m.headDim),
-                elementType: m.elementType, pageTokens: UInt16(clamping: m.pageTokens), ropeTheta: m.ropeTheta))
+                elementType: m.elementType, pageTokens: UInt16(clamping: m.pageTokens), ropeTheta: m.ropeTheta,
+                diskCodec: m.diskCodec?.name))
         }
         return .models(ModelsReply(total: UInt32(clamping: models.count), models: page))
     }

@@ -118,7 +118,7 @@ public struct SessionListReply: WireBody {
 }
 
 /// `MODELS` reply: `u32 total` (models the asking tenant registered), `u32 count`, `count ×
-/// (u64 modelID, registration)` from position `offset`, by model id.
+/// (u64 modelID, registration)` from position `offset`, by model id (`ModelEntry`).
 public struct ModelsReply: WireBody {
     public var total: UInt32
     public var models: [ModelEntry]
@@ -136,7 +136,7 @@ public struct ModelsReply: WireBody {
         writer.u32(UInt32(models.count))
         for model in models {
             writer.u64(model.modelID)
-            try model.registration.encode(into: &writer)
+            try model.registration.encodeListed(into: &writer)
         }
     }
 
@@ -148,7 +148,7 @@ public struct ModelsReply: WireBody {
         models.reserveCapacity(count)
         for _ in 0..<count {
             let modelID = try reader.u64()
-            models.append(ModelEntry(modelID: modelID, registration: try RegisterModel(from: &reader)))
+            models.append(ModelEntry(modelID: modelID, registration: try RegisterModel(listedFrom: &reader)))
         }
         self.models = models
         try reader.finish()

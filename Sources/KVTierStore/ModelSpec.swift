@@ -1,3 +1,4 @@
+import KVTierCodec
 import KVTierCore
 
 /// A model as the store knows it: the shape of its KV cache. `id` is the protocol's fingerprint
@@ -13,9 +14,12 @@ public struct ModelSpec: Hashable, Sendable {
     /// The RoPE base it was registered with (part of the fingerprint; kept so a registration can
     /// be repeated elsewhere, as `kvtier import` does).
     public var ropeTheta: Float
+    /// The codec its pages are written to disk with, chosen at registration (part of the
+    /// fingerprint); nil: the store's configured `diskCodec`, whatever it is when a page is written.
+    public var diskCodec: Codec?
 
     public init(id: UInt64, name: String, layers: Int, kvHeads: Int, headDim: Int, elementType: ElementType, pageTokens: Int,
-                ropeTheta: Float = 0) {
+                ropeTheta: Float = 0, diskCodec: Codec? = nil) {
         self.id = id
         self.name = name
         self.layers = layers
@@ -24,6 +28,7 @@ public struct ModelSpec: Hashable, Sendable {
         self.elementType = elementType
         self.pageTokens = pageTokens
         self.ropeTheta = ropeTheta
+        self.diskCodec = diskCodec
     }
 
     /// The shape of a page holding `tokens` tokens.

@@ -121,7 +121,8 @@ extension TieredStore {
         guard let model = state.withLock({ $0.models[page.modelID] }),
               let memory = state.withLock({ $0.memories[address.tenant] }) else { return }
         let shape = model.pageShape(tokens: page.tokens)
-        var codec = configuration.diskCodec
+        // The model's own codec when it chose one at registration, else the daemon's.
+        var codec = model.diskCodec ?? configuration.diskCodec
         if (try? codec.quantizer.check(shape.section)) == nil { codec = Codec(.fp16, codec.lossless) }
         do {
             try await disk.write(address, modelID: page.modelID, codec: codec, shape: shape, data: memory.buffer(page.extent))

@@ -232,6 +232,13 @@ public final class TieredStore: Sendable {
         guard sectionBytes <= Limits.maxSectionBytes else {
             throw .invalidArgument("a page of one layer of this model takes \(sectionBytes) bytes, over the \(Limits.maxSectionBytes) allowed (Limits.maxSectionBytes): register fewer tokens per page")
         }
+        // A codec the client chose is a promise about every page of the model: one that cannot
+        // encode this head dimension is refused now rather than replaced by fp16 at each write.
+        if let codec = model.diskCodec {
+            do { try codec.quantizer.check(model.pageShape(tokens: 1).section) } catch {
+                throw .invalidArgument("disk codec \(codec.name) cannot store this model (head dim \(model.headDim); \(codec.quantizer.name) takes head dims: \(codec.quantizer.headDimRule)): choose another codec, e.g. fp16 or q8")
+            }
+        }
     }
 
     public func model(_ id: UInt64) throws(StoreError) -> ModelSpec {

@@ -10,6 +10,9 @@ import KVTierCore
 public struct SessionArchive: Equatable, Sendable {
     public static let magic: UInt64 = 0x0158_5345_5354_564B  // "KVTSESX\1"
     public static let version: UInt32 = 1
+    /// Header flag: the model has a disk codec, whose name (a string) follows `ropeTheta`. Only
+    /// set when it has one, so an archive of any other model is as version 1 always wrote it.
+    public static let flagDiskCodec: UInt32 = 1 << 0
     /// Largest archive `read` accepts (bounds the allocation a damaged length could ask for).
     public static let maxBytes = 64 << 30
 
@@ -53,10 +56,10 @@ public struct SessionArchive: Equatable, Sendable {
         guard keys.count == elements, values.count == elements else {
             throw .invalid("\(tokens.count) tokens of this model need \(elements) key and value elements, not \(keys.count) and \(values.count)")
         }
-        var w = ByteWriter(capacity: 128 + name.utf8.count + model.name.utf8.count + 4 * tokens.count + 4 * elements)
+        var w = ByteWriter(capacity: 128 + name.utf8.count + model.name.utf8.count + model.diskCodec.utf8.count + 4 * tokens.count + 4 * elements)
         w.u64(Self.magic)
         w.u32(Self.version)
-        w.u32(0)
+        w.u32(model.diskCodec.isEmpty ? 0 : Self.flagDiskCodec)
         w.u64(modelID)
         Self.string(model.name, &w)
         w.u16(UInt16(model.layers))
@@ -66,6 +69,7 @@ public struct SessionArchive: Equatable, Sendable {
         w.u8(0)
         w.u16(UInt16(model.pageTokens))
         w.u32(model.ropeTheta.bitPattern)
+        if !model.diskCodec.isEmpty { Self.string(model.diskCodec, &w) }
         Self.string(name, &w)
         w.u32(ttlSeconds)
         w.u8(pinned ? 1 : 0)
@@ -89,7 +93,8 @@ public struct SessionArchive: Equatable, Sendable {
                 guard try r.u64() == Self.magic else { return .failure(.invalid("wrong magic (not written by kvtier export)")) }
                 let version = try r.u32()
                 guard version == Self.version else { return .failure(.invalid("version \(version); this kvtier reads version \(Self.version)")) }
-                guard try r.u32() == 0 else { return .failure(.invalid("flags set that this version does not know")) }
+                let flags = try r.u32()
+                guard flags & ~Self.flagDiskCodec == 0 else { return .failure(.invalid("flags set that this version does not know")) }
                 guard stored == computed else {
                     return .failure(.invalid("checksum mismatch (stored 0x\(String(stored, radix: 16)), computed 0x\(String(computed, radix: 16))): the file is damaged"))
                 }
@@ -105,8 +110,10 @@ public struct SessionArchive: Equatable, Sendable {
                 guard try r.u8() == 0 else { return .failure(.invalid("a reserved byte is set")) }
                 let pageTokens = Int(try r.u16())
                 let rope = Float(bitPattern: try r.u32())
+                let diskCodec = flags & Self.flagDiskCodec != 0 ? try Self.string(&r) : ""
+                guard flags & Self.flagDiskCodec == 0 || !diskCodec.isEmpty else { return .failure(.invalid("the disk codec flag is set but its name is empty")) }
                 let model = ModelSpecification(name: modelName, layers: layers, kvHeads: kvHeads, headDim: headDim,
-                                               elementType: elementType, pageTokens: pageTokens, ropeTheta: rope)
+                                               elementType: elementType, pageTokens: pageTokens, ropeTheta: rope, diskCodec: diskCodec)
                 let name = try Self.string(&r)
                 let ttl = try r.u32()
                 let pinnedByte = try r.u8()

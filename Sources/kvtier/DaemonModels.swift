@@ -31,7 +31,8 @@ extension ModelEntry {
     var specification: ModelSpecification {
         ModelSpecification(name: registration.name, layers: Int(registration.layers), kvHeads: Int(registration.kvHeads),
                            headDim: Int(registration.headDim), elementType: registration.elementType,
-                           pageTokens: Int(registration.pageTokens), ropeTheta: registration.ropeTheta)
+                           pageTokens: Int(registration.pageTokens), ropeTheta: registration.ropeTheta,
+                           diskCodec: registration.diskCodec ?? "")
     }
 
     /// Models are host-wide and known to every connection, so no `REGISTER_MODEL` is needed to
@@ -61,7 +62,10 @@ struct ModelDirectory {
     /// The model, or an error listing the ones the daemon has.
     func require(_ id: UInt64) throws -> ModelEntry {
         if let entry = entry(id) { return entry }
-        let known = entries.map { "\(modelHex($0.modelID)) \($0.registration.name) (\($0.registration.pageTokens) tokens per page)" }
+        let known = entries.map {
+            "\(modelHex($0.modelID)) \($0.registration.name) (\($0.registration.pageTokens) tokens per page"
+                + ($0.registration.namedDiskCodec.map { ", disk codec \($0))" } ?? ")")
+        }
         throw CommandFailure("model \(modelHex(id)) is not registered with kvtierd; "
                              + (known.isEmpty ? "no model is registered yet" : "registered: " + known.joined(separator: "; ")))
     }

@@ -39,6 +39,43 @@ struct DaemonTests {
         await #expect(throws: KVTierClientError.self) { try await client.ping() }
     }
 
+    /// `ModelSpecification.diskCodec`: part of the id (hashed by its canonical name), listed by
+    /// MODELS, used for the model's disk pages over the daemon's `k4v4`, and checked by the daemon.
+    @Test func aModelsDiskCodecIsPartOfItsIdAndItsPagesCodec() async throws {
+        var random = SplitMix64(seed: testSeed("DaemonTests.aModelsDiskCodecIsPartOfItsIdAndItsPagesCodec"))
+        let daemon = try await DaemonProcess.start(arguments: ["--disk-codec", "k4v4"])
+        defer { daemon.stop() }
+        let client = try await KVTierClient.connect(socketPath: daemon.socketPath, clientName: "client-tests")
+        var spec = Self.spec
+        spec.diskCodec = "FP16+zstd(1)"
+        let model = try await client.registerModel(spec)
+        let request = RegisterModel(name: "client-test", layers: 2, kvHeads: 2, headDim: 32, elementType: .float16, pageTokens: 16,
+                                    ropeTheta: 10_000, diskCodec: "fp16+zstd")
+        #expect(model.modelID == (try request.modelID(pageTokensInForce: 16)), "the canonical name is hashed")
+        #expect(model.modelID != (try await client.registerModel(Self.spec)).modelID)
+        let listed = try await client.models().first { $0.modelID == model.modelID }
+        #expect(listed?.registration.diskCodec == "fp16+zstd")
+
+        let tokens = Self.randomTokens(40, &random)
+        let kv = Self.randomKV(tokens: 40, &random)
+        #expect(try await client.put(model, tokens: tokens, keys: kv.keys, values: kv.values) == 40)
+        #expect(try await client.evictAll(modelID: model.modelID).evicted == 3)
+        let pages = try await client.pages(modelID: model.modelID).pages
+        #expect(pages.count == 3 && pages.allSatisfy { !$0.tiers.contains(.ram) && $0.codecTag == 0x0001_0201 },
+                "fp16+zstd(1) is tag 0x10201: \(pages.map { String($0.codecTag, radix: 16) })")
+        let got = try await client.get(model, tokens: tokens)
+        #expect(got.keys == kv.keys && got.values == kv.values, "read back from disk bit for bit")
+
+        spec.diskCodec = "fp32"
+        do {
+            _ = try await client.registerModel(spec)
+            Issue.record("a codec name the daemon does not know was accepted")
+        } catch let error as KVTierClientError {
+            #expect(error.wireError == .invalidArgument && "\(error)".contains("fp16+lz4"), "\(error)")
+        }
+        await client.close()
+    }
+
     /// Turn 1 stores 40 tokens; turn 2 extends to 70. Turn 2's keys and values for the cached
     /// 40 tokens are garbage: if the client sent any of them (say from the page start at 32),
     /// the GET would return garbage for tokens 32..<40.

@@ -267,6 +267,33 @@ struct CacheCommandTests {
         }
     }
 
+    /// An archive keeps its model's disk codec, so `kvtier import` on another daemon registers
+    /// the same model id (and that daemon writes its pages with that codec, not its default).
+    @Test func aModelsDiskCodecTravelsWithItsArchive() async throws {
+        try await Fixture.with { f in
+            var spec = Self.spec
+            spec.diskCodec = "FP16+zstd(1)"  // not the canonical spelling: the daemon's is what counts
+            let model = try await f.client.registerModel(spec)
+            #expect(model.modelID != f.model.modelID)
+            let s = f.sequence(40, seed: 10)
+            #expect(try await f.client.put(model, tokens: s.tokens, keys: s.keys, values: s.values, session: "coded") == 40)
+            let file = f.folder.path + "/coded.kvts"
+            #expect(try f.cli(["export", "coded", file]).code == 0)
+            try await Fixture.with { g in
+                let imported = try g.cli(["import", file])
+                #expect(imported.code == 0, "\(imported.output)")
+                let listed = try await g.client.models().first { $0.modelID == model.modelID }
+                #expect(listed?.registration.diskCodec == "fp16+zstd", "\(String(describing: listed))")
+                #expect(try await g.client.evictAll(modelID: model.modelID).evicted == 3)
+                let pages = try await g.client.pages(modelID: model.modelID).pages
+                #expect(pages.count == 3 && pages.allSatisfy { $0.codecTag == 0x0001_0201 },
+                        "written as fp16+zstd (tag 0x10201), not the daemon's fp16: \(pages.map { String($0.codecTag, radix: 16) })")
+                let kv = try await g.client.get(RegisteredModel(modelID: model.modelID, specification: spec, pageTokens: 16), tokens: s.tokens)
+                #expect(kv.keys == s.keys && kv.values == s.values)
+            }
+        }
+    }
+
     @Test func aDamagedArchiveIsRefused() async throws {
         try await Fixture.with { f in
             try await f.put(24, seed: 9, session: "orig")

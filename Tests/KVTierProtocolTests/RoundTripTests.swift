@@ -52,6 +52,43 @@ import Testing
         }
     }
 
+    /// `REGISTER_MODEL`'s optional trailing `diskCodec`: absent is the body of before, byte for
+    /// byte; present (even empty) it is a trailing string; in a `MODELS` entry the reserved
+    /// byte after `elementType` says whether it follows.
+    @Test func registerModelsDiskCodecIsATrailingStringOnlyWhenGiven() throws {
+        let fixed = body { w in
+            w.u16(2); w.raw("m7".utf8); w.u16(4); w.u16(8); w.u16(128); w.u8(2); w.u8(0); w.u16(0); w.u32(Float(10_000).bitPattern)
+        }
+        let old = RegisterModel(name: "m7", layers: 4, kvHeads: 8, headDim: 128, elementType: .bfloat16, ropeTheta: 10_000)
+        #expect(try old.encodedBody() == fixed, "no codec: exactly the old body")
+        #expect(try RegisterModel(decoding: fixed) == old)
+        #expect(try RegisterModel(decoding: fixed).diskCodec == nil)
+        for codec in ["", "fp16", "tq3m+zstd(3)"] {
+            var model = old
+            model.diskCodec = codec
+            let bytes = fixed + body { w in w.u16(UInt16(codec.utf8.count)); w.raw(codec.utf8) }
+            #expect(try model.encodedBody() == bytes, "\(codec)")
+            #expect(try RegisterModel(decoding: bytes) == model, "\(codec)")
+        }
+        expectError(.malformed, "half a length") { () throws(ProtocolError) in _ = try RegisterModel(decoding: fixed + [4]) }
+        expectError(.malformed, "shorter than its length") { () throws(ProtocolError) in _ = try RegisterModel(decoding: fixed + [4, 0, 0x66]) }
+        expectError(.malformed, "bytes after the codec") { () throws(ProtocolError) in _ = try RegisterModel(decoding: fixed + [1, 0, 0x66, 0]) }
+
+        // MODELS: an entry without a codec is as before; one with it sets the reserved byte.
+        var coded = old
+        coded.diskCodec = "fp16"
+        let reply = ModelsReply(total: 2, models: [ModelEntry(modelID: 1, registration: coded), ModelEntry(modelID: 2, registration: old)])
+        var entryWithCodec = fixed
+        entryWithCodec[2 + 2 + 7] = 1
+        let expected = body { w in w.u32(2); w.u32(2); w.u64(1) } + entryWithCodec + [4, 0] + Array("fp16".utf8)
+            + body { w in w.u64(2) } + fixed
+        #expect(try reply.encodedBody() == expected)
+        #expect(try ModelsReply(decoding: expected) == reply)
+        var bad = expected
+        bad[8 + 8 + 2 + 2 + 7] = 2
+        expectError(.malformed, "reserved byte 2") { () throws(ProtocolError) in _ = try ModelsReply(decoding: bad) }
+    }
+
     @Test func helloReplyCarriesADescriptorExactlyWhenItOffersSharedMemory() throws {
         let offered = Reply.hello(HelloReply(tenant: TenantID(1000), capabilities: .sharedMemory, arenaBytes: 1 << 30))
         let plain = Reply.hello(HelloReply(tenant: TenantID(1000), capabilities: [], arenaBytes: 0))

@@ -49,6 +49,14 @@ struct MessageGenerator {
         return result
     }
 
+    /// Absent (most often, as old clients send), empty, or a name.
+    mutating func diskCodec() -> String? {
+        switch int(0...3) {
+        case 0, 1: nil
+        case 2: ""
+        default: string()
+        }
+    }
     mutating func tokens() -> [UInt32] { (0..<int(0...maxList)).map { _ in u32() } }
 
     mutating func extents(tokensZero: Bool = false) -> [WireExtent] {
@@ -73,7 +81,8 @@ struct MessageGenerator {
         case .ping: .ping
         case .registerModel:
             .registerModel(RegisterModel(name: string(), layers: u16(), kvHeads: u16(), headDim: u16(),
-                                         elementType: bool() ? .float16 : .bfloat16, pageTokens: u16(), ropeTheta: float()))
+                                         elementType: bool() ? .float16 : .bfloat16, pageTokens: u16(), ropeTheta: float(),
+                                         diskCodec: diskCodec()))
         case .lookup: .lookup(Lookup(modelID: u64(), tokens: tokens()))
         case .put: .put(Put(modelID: u64(), session: string(), durable: bool(), tokens: tokens(), dataStart: u32(), data: pageData()))
         case .get: .get(Get(modelID: u64(), tokens: tokens(), maxTokens: u32(), inline: bool()))
@@ -132,7 +141,8 @@ struct MessageGenerator {
         case .models:
             return .models(ModelsReply(total: u32(), models: (0..<int(0...maxList)).map { _ in
                 ModelEntry(modelID: u64(), registration: RegisterModel(name: string(), layers: u16(), kvHeads: u16(), headDim: u16(),
-                                                                       elementType: bool() ? .float16 : .bfloat16, pageTokens: u16(), ropeTheta: float()))
+                                                                       elementType: bool() ? .float16 : .bfloat16, pageTokens: u16(), ropeTheta: float(),
+                                                                       diskCodec: diskCodec()))
             }))
         }
     }

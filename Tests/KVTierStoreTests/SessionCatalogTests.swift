@@ -1,3 +1,4 @@
+import KVTierCodec
 import KVTierCore
 import KVTierStore
 import Testing
@@ -206,5 +207,93 @@ import Testing
         #expect(try storage.list("").contains { $0.hasPrefix("CATALOG.unreadable-") })
         try catalog.store(Self.id("fresh"), model: Self.model, tokens: [1, 2], now: 1)
         #expect(try SessionCatalog(storage: storage, logger: quietLogger).count == 1)
+    }
+
+    // MARK: a model's disk codec (an optional trailing field of the model record)
+
+    /// A catalog file as docs/format.md describes it, built by hand: header, then records.
+    static func catalogFile(_ bodies: [[UInt8]]) -> [UInt8] {
+        var w = ByteWriter()
+        w.u64(0x0100_5441_4354_564B)  // "KVTCAT\0\1"
+        w.u32(1)
+        w.u32(CRC32C.checksum(w.bytes))
+        for body in bodies {
+            w.u32(UInt32(body.count))
+            w.u32(body.withUnsafeBytes { CRC32C.checksum($0) })
+            w.raw(body)
+        }
+        return w.bytes
+    }
+
+    /// The body of a model record in the format of every catalog before disk codecs.
+    static func modelRecordBody(_ m: ModelSpec) -> [UInt8] {
+        var w = ByteWriter()
+        w.u8(1)
+        w.u64(m.id)
+        w.u16(UInt16(m.name.utf8.count))
+        w.raw(m.name.utf8)
+        w.u16(UInt16(m.layers))
+        w.u16(UInt16(m.kvHeads))
+        w.u16(UInt16(m.headDim))
+        w.u8(m.elementType.rawValue)
+        w.u32(UInt32(m.pageTokens))
+        w.u32(m.ropeTheta.bitPattern)
+        return w.bytes
+    }
+
+    static func fileBytes(_ storage: SimulatedStorage) throws -> [UInt8] {
+        let file = try storage.open("CATALOG", .read)
+        var bytes = [UInt8](repeating: 0, count: try file.size())
+        _ = try bytes.withUnsafeMutableBytes { try file.read(into: $0, at: 0) }
+        return bytes
+    }
+
+    @Test func aCatalogFromBeforeDiskCodecsLoadsAndAModelsCodecIsKept() throws {
+        let old = ModelSpec(id: 0x61, name: "old", layers: 2, kvHeads: 2, headDim: 32, elementType: .float16, pageTokens: 16, ropeTheta: 10_000)
+        let oldFile = Self.catalogFile([Self.modelRecordBody(old)])
+        let storage = SimulatedStorage(seed: 9)
+        let file = try storage.open("CATALOG", .readWriteCreate)
+        try file.write(oldFile, at: 0)
+        try file.sync()
+        file.close()
+        try storage.syncDirectory("")  // as an earlier daemon left it: durable
+        var lossless = old
+        lossless.id = 0x62
+        lossless.diskCodec = Codec(.fp16, .zstd(level: 1))
+        do {
+            let catalog = try SessionCatalog(storage: storage, logger: quietLogger)
+            #expect(catalog.models == [old], "the old record loads, with no codec")
+            try catalog.record(lossless)
+            try catalog.store(Self.id("s"), model: lossless, tokens: Array(0..<20), now: 1)  // syncs the model record too
+            // Appended after the old bytes, untouched: the model record is the old layout plus
+            // the codec's canonical name as a string.
+            let bytes = try Self.fileBytes(storage)
+            let codecBody = Self.modelRecordBody(lossless) + [9, 0] + Array("fp16+zstd".utf8)
+            #expect(Array(bytes.prefix(oldFile.count + 8 + codecBody.count)) == Self.catalogFile([Self.modelRecordBody(old), codecBody]))
+        }
+        storage.crash()
+        let catalog = try SessionCatalog(storage: storage, logger: quietLogger)
+        #expect(Set(catalog.models) == [old, lossless], "the codec survives a restart")
+        #expect(catalog.session(Self.id("s"))?.modelID == lossless.id)
+    }
+
+    @Test func aModelWithoutCodecIsWrittenAsBefore() throws {
+        let storage = SimulatedStorage(seed: 10)
+        let catalog = try SessionCatalog(storage: storage, logger: quietLogger)
+        try catalog.record(Self.model)
+        try catalog.store(Self.id("s"), model: Self.model, tokens: [1, 2, 3], now: 1)
+        let expected = Self.catalogFile([Self.modelRecordBody(Self.model)])
+        #expect(Array(try Self.fileBytes(storage).prefix(expected.count)) == expected)
+    }
+
+    /// A codec this build cannot parse is damage, never a model silently stored with another codec.
+    @Test func anUnknownCodecNameDoesNotLoad() throws {
+        let storage = SimulatedStorage(seed: 11)
+        let file = try storage.open("CATALOG", .readWriteCreate)
+        let bad = Self.modelRecordBody(Self.model) + [4, 0] + Array("fp32".utf8)
+        try file.write(Self.catalogFile([bad]), at: 0)
+        try file.sync()
+        file.close()
+        #expect(try SessionCatalog(storage: storage, logger: quietLogger).models.isEmpty)
     }
 }

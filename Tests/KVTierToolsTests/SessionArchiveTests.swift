@@ -35,6 +35,25 @@ import Testing
         }
     }
 
+    /// The model's disk codec rides in the archive (header flag bit 0, a string after
+    /// ropeTheta); an archive of a model without one is as version 1 always wrote it.
+    @Test func aDiskCodecIsKeptAndOnlyThenFlagged() throws {
+        let plain = try Self.archive(tokens: 3).encoded()
+        #expect(plain[12..<16] == [0, 0, 0, 0], "no flags without a codec")
+        var coded = Self.archive(tokens: 3)
+        coded.model.diskCodec = "tq3m+zstd(3)"
+        let bytes = try coded.encoded()
+        #expect(bytes[12..<16] == [1, 0, 0, 0])
+        #expect(try SessionArchive(decoding: bytes) == coded)
+        // The codec string sits right after ropeTheta: header 16, modelID 8, name "m" 3, shape 14.
+        let after = 16 + 8 + 3 + 14
+        #expect(Array(bytes[after..<after + 14]) == [12, 0] + Array("tq3m+zstd(3)".utf8))
+        #expect(bytes.count == plain.count + 14)
+        var unknown = bytes
+        unknown[12] = 2  // a flag this version does not know: refused before the checksum is looked at
+        #expect(throws: SessionArchive.ArchiveError.invalid("flags set that this version does not know")) { try SessionArchive(decoding: unknown) }
+    }
+
     @Test func kvOfTheWrongSizeIsNotWritten() {
         var archive = Self.archive()
         archive.keys.removeLast()

@@ -1,9 +1,11 @@
+import KVTierCodec
 import KVTierCore
 import Logging
 
 /// One change to the catalog of models and sessions (docs/format.md, "Catalog journal").
 enum CatalogEntry: Equatable, Sendable {
-    /// A model registered (its shape is needed to find a session's pages after a restart).
+    /// A model registered (its shape is needed to find a session's pages after a restart, its
+    /// disk codec to write them as the client asked).
     case model(ModelSpec)
     /// A session created, replaced or forked: everything about it.
     case session(Session)
@@ -220,6 +222,9 @@ final class CatalogJournal {
             w.u8(m.elementType.rawValue)
             w.u32(UInt32(m.pageTokens))
             w.u32(m.ropeTheta.bitPattern)
+            // Only when the model chose one: the record of a model without is as it always was,
+            // so a journal that never saw a codec stays readable by earlier daemons.
+            if let codec = m.diskCodec { string(codec.name) }
         case .session(let s):
             w.u8(CatalogEntry.Kind.session.rawValue)
             id(s.id)
@@ -326,8 +331,15 @@ final class CatalogJournal {
                 let layers = Int(try r.u16()), kvHeads = Int(try r.u16()), headDim = Int(try r.u16())
                 guard let element = ElementType(rawValue: try r.u8()) else { return nil }
                 let pageTokens = Int(try r.u32())
+                let ropeTheta = Float(bitPattern: try r.u32())
+                // The optional trailing field: the model's disk codec, by canonical name.
+                var codec: Codec? = nil
+                if r.remaining > 0 {
+                    guard let parsed = try? Codec(name: try string()) else { return nil }
+                    codec = parsed
+                }
                 entry = .model(ModelSpec(id: modelID, name: name, layers: layers, kvHeads: kvHeads, headDim: headDim,
-                                         elementType: element, pageTokens: pageTokens, ropeTheta: Float(bitPattern: try r.u32())))
+                                         elementType: element, pageTokens: pageTokens, ropeTheta: ropeTheta, diskCodec: codec))
             case .session:
                 let sid = try id()
                 let modelID = try r.u64()

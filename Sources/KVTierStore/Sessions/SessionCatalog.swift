@@ -1,3 +1,4 @@
+import KVTierCodec
 import KVTierCore
 import Logging
 import Synchronization
@@ -417,7 +418,7 @@ public final class SessionCatalog: Sendable {
 
     /// Bytes of a session's and a model's record in the journal (docs/format.md).
     static func recordBytes(_ session: Session) -> Int { 44 + session.name.utf8.count + 4 * session.tokens.count }
-    static func recordBytes(_ model: ModelSpec) -> Int { 34 + model.name.utf8.count }
+    static func recordBytes(_ model: ModelSpec) -> Int { 34 + model.name.utf8.count + (model.diskCodec.map { 2 + $0.name.utf8.count } ?? 0) }
 
     static func commonPrefix(_ a: [UInt32], _ b: [UInt32]) -> Int {
         var n = 0

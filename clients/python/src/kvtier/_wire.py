@@ -8,6 +8,7 @@ not parse, since a reply that does not parse means the stream cannot be trusted.
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
@@ -239,18 +240,66 @@ def hello_reply(body) -> HelloReply:
     return out
 
 
-def register_body(name: str, layers: int, kv_heads: int, head_dim: int, element_type: int, page_tokens: int, rope_theta: float) -> bytes:
-    return (string(name, "model name") + struct.pack("<HHHBBH", layers, kv_heads, head_dim, element_type, 0, page_tokens)
+def register_body(name: str, layers: int, kv_heads: int, head_dim: int, element_type: int, page_tokens: int, rope_theta: float,
+                  disk_codec: str = "") -> bytes:
+    """A REGISTER_MODEL body; ``disk_codec`` (when not empty) is the optional trailing field,
+    sent by its canonical name when this client knows the codec (``canonical_codec``)."""
+    body = (string(name, "model name") + struct.pack("<HHHBBH", layers, kv_heads, head_dim, element_type, 0, page_tokens)
             + struct.pack("<f", rope_theta))
+    if disk_codec:
+        body += string(canonical_codec(disk_codec) or disk_codec, "disk codec")
+    return body
+
+
+# The fixed part of a REGISTER_MODEL body after the name: u16 layers, u16 kvHeads, u16 headDim,
+# u8 elementType, u8 zero, u16 pageTokens, f32 ropeTheta.
+_REGISTER_FIXED_BYTES = 14
 
 
 def model_id(register_request_body: bytes, page_tokens_in_force: int) -> int:
-    """The model id the daemon derives from a REGISTER_MODEL body (docs/protocol.md)."""
+    """The model id the daemon derives from a REGISTER_MODEL body (docs/protocol.md): the body
+    with ``pageTokens`` in force, and without the trailing disk codec when that is empty."""
     body = bytearray(register_request_body)
-    # pageTokens sits 6 bytes before the end (u16 pageTokens, f32 ropeTheta).
-    body[-6:-4] = u16(page_tokens_in_force)
+    name_bytes = struct.unpack_from("<H", body, 0)[0]
+    page_at = 2 + name_bytes + 8
+    fixed_end = 2 + name_bytes + _REGISTER_FIXED_BYTES
+    if len(body) < fixed_end:
+        raise ValueError(f"a REGISTER_MODEL body of {len(body)} bytes is shorter than its fixed fields ({fixed_end})")
+    body[page_at:page_at + 2] = u16(page_tokens_in_force)
+    if bytes(body[fixed_end:]) == b"\x00\x00":  # an empty disk codec is no codec
+        del body[fixed_end:]
     digest = hashlib.blake2b(b"kvtier-model-v1\x00" + bytes(body), digest_size=8).digest()
     return int.from_bytes(digest, "little")
+
+
+# Disk codec names as the daemon parses them (`Codec(name:)`, docs/codecs.md): a quantizer,
+# optionally `+` and a lossless stage; case-insensitive.
+CODEC_QUANTIZERS = ("fp16", "q8", "k4v4", "tq4", "tq3", "tq3m")
+_ZSTD_LEVEL = re.compile(r"zstd(?:\(([+-]?[0-9]+)\)|-?([+-]?[0-9]+))\Z")
+
+
+def canonical_codec(name: str):
+    """The canonical name of a disk codec (the one the daemon hashes into the model id):
+    ``"FP16+zstd(1)"`` → ``"fp16+zstd"``, ``"tq3m+zstd-3"`` → ``"tq3m+zstd(3)"``. None when this
+    client does not know the name (a newer daemon may: it is then sent as given)."""
+    quantizer, plus, stage = name.partition("+")
+    quantizer = quantizer.lower()
+    if quantizer not in CODEC_QUANTIZERS:
+        return None
+    if not plus:
+        return quantizer
+    stage = stage.lower()
+    if stage == "lz4":
+        return quantizer + "+lz4"
+    if stage == "zstd":
+        return quantizer + "+zstd"
+    m = _ZSTD_LEVEL.match(stage)
+    if m is None:
+        return None
+    level = int(m.group(1) if m.group(1) is not None else m.group(2))
+    if not 1 <= level <= 19:
+        return None
+    return quantizer + ("+zstd" if level == 1 else f"+zstd({level})")
 
 
 @dataclass(frozen=True)
@@ -388,6 +437,7 @@ class RegisteredModel:
     dtype: str
     page_tokens: int
     rope_theta: float
+    disk_codec: str = ""  # empty: the daemon's configured diskCodec
 
 
 MODEL_ENTRY_MIN_BYTES = 8 + 2 + 2 + 2 + 2 + 1 + 1 + 2 + 4
@@ -403,11 +453,13 @@ def models_reply(body) -> Tuple[int, List[RegisteredModel]]:
     for _ in range(n):
         mid = r.u64()
         name = r.string("name")
-        layers, heads, dim, etype, zero, page = r.unpack("HHHBBH")
+        layers, heads, dim, etype, codec_follows, page = r.unpack("HHHBBH")
         rope = r.unpack("f")[0]
-        if etype not in _DTYPES or zero != 0:
-            raise ProtocolViolation(f"MODELS reply: element type {etype} or reserved byte {zero} invalid")
-        out.append(RegisteredModel(mid, name, layers, heads, dim, _DTYPES[etype], page, rope))
+        # In a MODELS entry the reserved byte says whether a disk codec follows ropeTheta.
+        if etype not in _DTYPES or codec_follows > 1:
+            raise ProtocolViolation(f"MODELS reply: element type {etype} or reserved byte {codec_follows} invalid")
+        codec = r.string("disk codec") if codec_follows else ""
+        out.append(RegisteredModel(mid, name, layers, heads, dim, _DTYPES[etype], page, rope, codec))
     r.finish()
     return total, out
 

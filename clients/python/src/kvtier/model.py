@@ -10,12 +10,19 @@ import numpy as np
 from . import _wire
 
 
+MAX_DISK_CODEC_BYTES = 255
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """The KV shape of a model: what the daemon fingerprints into a model id.
 
     ``dtype`` is ``"float16"`` or ``"bfloat16"``; ``page_tokens`` 0 takes the daemon's default
-    (256). Arrays passed to ``put`` are ``[layers, tokens, kv_heads, head_dim]`` of float16 for a
+    (256). ``disk_codec`` is the codec the daemon writes this model's pages to disk with, e.g.
+    ``"fp16"`` to keep every bit or ``"k4v4"``, ``"tq3m+zstd(3)"`` to save space (docs/codecs.md);
+    empty takes the daemon's ``diskCodec`` (lossy ``k4v4`` unless configured otherwise). It is part
+    of the model id: the same shape with another codec is another model. The daemon checks the
+    name. Arrays passed to ``put`` are ``[layers, tokens, kv_heads, head_dim]`` of float16 for a
     float16 model and of uint16 bit patterns (or an ``ml_dtypes.bfloat16`` array) for bfloat16.
     """
 
@@ -26,6 +33,7 @@ class ModelSpec:
     dtype: str = "float16"
     page_tokens: int = 0
     rope_theta: float = 10000.0
+    disk_codec: str = ""
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -42,6 +50,10 @@ class ModelSpec:
             raise ValueError(f"ModelSpec.dtype must be one of {sorted(_wire.ELEMENT_TYPES)}, got {self.dtype!r}")
         if not math.isfinite(float(self.rope_theta)):
             raise ValueError("ModelSpec.rope_theta must be finite")
+        if not isinstance(self.disk_codec, str):
+            raise ValueError(f"ModelSpec.disk_codec must be a codec name string (\"\" for the daemon's default), got {self.disk_codec!r}")
+        if len(self.disk_codec.encode("utf-8")) > MAX_DISK_CODEC_BYTES:
+            raise ValueError(f"ModelSpec.disk_codec is over {MAX_DISK_CODEC_BYTES} bytes of UTF-8; codec names are short, e.g. 'fp16'")
 
     @property
     def element_type(self) -> int:
@@ -58,7 +70,7 @@ class ModelSpec:
 
     def register_body(self) -> bytes:
         return _wire.register_body(self.name, int(self.layers), int(self.kv_heads), int(self.head_dim), self.element_type,
-                                   int(self.page_tokens), float(self.rope_theta))
+                                   int(self.page_tokens), float(self.rope_theta), self.disk_codec)
 
     def model_id(self, page_tokens_in_force: int = 0) -> int:
         """The id the daemon assigns this model (``page_tokens`` 0 resolves to 256, the daemon default)."""
