@@ -9,6 +9,15 @@ import Logging
 /// pages) give back pages no session holds. Another tenant's session pages, and any pinned
 /// session's, are never deleted to make room. A page write that could not fit even after every
 /// allowed deletion is refused (`DiskTierError.overBudget`), so it fails its put cleanly.
+/// The session-hold lookup, boxed in a struct: a bare closure kept in a `Mutex` (generic storage)
+/// is re-wrapped in a reabstraction thunk each time `withLock` hands it out and writes it back, so
+/// every read made the next call one frame deeper. After a few thousand group commits under a disk
+/// budget each hold lookup walked thousands of thunks, with the disk tier's lock held, and every
+/// request stalled behind it (and the stack would have overflowed in the end).
+struct SessionHolds: Sendable {
+    let hold: @Sendable (PageAddress) -> SessionCatalog.Hold
+}
+
 extension DiskTier {
     struct Candidate {
         var address: PageAddress
@@ -24,9 +33,9 @@ extension DiskTier {
         return usage
     }
 
-    static func candidates(_ s: State, _ holds: (@Sendable (PageAddress) -> SessionCatalog.Hold)?) -> [Candidate] {
+    static func candidates(_ s: State, _ holds: SessionHolds?) -> [Candidate] {
         s.index.compactMap { address, location in
-            let hold = holds?(address) ?? .none
+            let hold = holds?.hold(address) ?? .none
             guard hold != .pinned else { return nil }
             return Candidate(address: address, bytes: Block.roundUp(location.recordBytes), hold: hold,
                              lastAccessMicros: location.lastAccessMicros)
@@ -44,7 +53,7 @@ extension DiskTier {
             if case .page(let record) = item.body { incoming.append((i, item.address.tenant, Block.roundUp(record.count))) }
         }
         guard !incoming.isEmpty else { return [:] }
-        let holds = self.holds.withLock { $0 }
+        let holds = sessionHolds()
         return state.withLock { s -> [Int: DiskTierError] in
             var live = s.segments.values.reduce(0) { $0 + $1.liveBytes }
             let adding = incoming.reduce(0) { $0 + $1.bytes }
@@ -106,7 +115,7 @@ extension DiskTier {
         let budget = configuration.budgetBytes
         let quota = configuration.tenantBudgetBytes
         guard budget != nil || quota != nil else { return }
-        let holds = self.holds.withLock { $0 }
+        let holds = sessionHolds()
         let (victims, shortfall) = state.withLock { s -> ([PageAddress], Bool) in
             let writers = s.recentWriters
             s.recentWriters.removeAll()

@@ -85,9 +85,22 @@ public final class DiskTier: Sendable {
     /// How strongly sessions hold a page (set by the tiered store): the disk budget deletes
     /// pages no session holds first, and never a pinned session's. Called under the state
     /// lock, so it must not call back into the disk tier.
-    let holds = Mutex<(@Sendable (PageAddress) -> SessionCatalog.Hold)?>(nil)
+    let holds = Mutex<SessionHolds?>(nil)
     /// Told how long reads, decodes, encodes and group commits take (`observe(with:)`).
     let observer = Mutex<(any DiskTierObserver)?>(nil)
+
+    /// Tells the disk budget how strongly sessions hold each page (the tiered store does this).
+    public func setSessionHolds(_ hold: @escaping @Sendable (PageAddress) -> SessionCatalog.Hold) {
+        holds.withLock { $0 = SessionHolds(hold: hold) }
+    }
+
+    /// The lookup the disk budget uses now (read once per pass, outside the state lock).
+    func sessionHolds() -> SessionHolds? { holds.withLock { $0 } }
+
+    /// How strongly sessions hold `address`, as the disk budget sees it.
+    public func sessionHold(of address: PageAddress) -> SessionCatalog.Hold {
+        sessionHolds()?.hold(address) ?? .none
+    }
 
     /// Reports the tier's timings to `observer` from now on.
     public func observe(with observer: any DiskTierObserver) {

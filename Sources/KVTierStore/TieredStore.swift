@@ -178,7 +178,7 @@ public final class TieredStore: Sendable {
         state.withLock { s in
             for model in catalog.models { s.models[model.id] = model }
         }
-        disk?.holds.withLock { $0 = { [catalog] address in catalog.hold(on: address) } }
+        disk?.setSessionHolds { [catalog] address in catalog.hold(on: address) }
     }
 
     /// The size of a tenant's page arena for a RAM quota: the quota plus fragmentation slack
