@@ -50,9 +50,24 @@ def prepared_model(python: str) -> str:
 
 
 def prompt(n: int, seed: int) -> List[int]:
-    """``n`` token ids of SmolLM2's vocabulary (49,152), the same for the same seed."""
+    """``n`` random token ids of SmolLM2's vocabulary (49,152), the same for the same seed: for
+    timing, where the text does not matter."""
     rng = random.Random(seed)
     return [rng.randrange(300, 49000) for _ in range(n)]
+
+
+def text_tokens(python: str, model: str) -> List[int]:
+    """This repository's docs/*.md, in name order, as SmolLM2 tokens (about 60,000): real text,
+    on which greedy decoding is confident, for the tests that compare tokens between engines
+    (random ids make near-ties that any change of summation order can flip)."""
+    code = ("import json, sys; from transformers import AutoTokenizer; "
+            "t = AutoTokenizer.from_pretrained(sys.argv[1]); "
+            "print(json.dumps(t.encode(sys.stdin.read(), add_special_tokens=False)))")
+    text = "\n\n".join(p.read_text() for p in sorted((REPO / "docs").glob("*.md")))
+    run = subprocess.run([python, "-c", code, model], input=text, capture_output=True, text=True, timeout=300)
+    if run.returncode != 0:
+        raise RuntimeError(f"tokenizing the docs failed: {run.stderr[-2000:]}")
+    return json.loads(run.stdout)
 
 
 class EngineProcess:
@@ -70,6 +85,10 @@ class EngineProcess:
             argv.append("--no-prefix-caching")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(CLIENT_SRC), os.environ.get("PYTHONPATH")])))
         env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+        # vLLM's CPU build reserves one more core for any KV connector, so on a small machine an
+        # engine with a connector would run another number of OpenMP threads than one without,
+        # and sum in another order. The same reservation for every engine keeps them comparable.
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         self.start_seconds: Optional[float] = None
 
