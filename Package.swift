@@ -31,6 +31,9 @@ let package = Package(
         ),
 
         .target(name: "KVTierCore", dependencies: ["CKVTierKernels"]),
+        // `--version` of both executables: git describe at build time (scripts/version).
+        .plugin(name: "BuildVersion", capability: .buildTool()),
+        .target(name: "KVTierBuildInfo", plugins: ["BuildVersion"]),
         .target(name: "KVTierCodec", dependencies: ["KVTierCore", "CKVTierKernels", "CLZ4", "CZstd"]),
         .target(
             name: "KVTierTools",
@@ -92,7 +95,7 @@ let package = Package(
         .executableTarget(
             name: "kvtierd",
             dependencies: [
-                "KVTierDaemon", "KVTierCore",
+                "KVTierDaemon", "KVTierCore", "KVTierBuildInfo",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -101,6 +104,7 @@ let package = Package(
             name: "kvtier",
             dependencies: [
                 "KVTierCore", "KVTierCodec", "KVTierStore", "KVTierIO", "KVTierTools", "KVTierClient", "KVTierProtocol",
+                "KVTierBuildInfo",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -1,4 +1,5 @@
 import ArgumentParser
+import KVTierBuildInfo
 import KVTierCore
 import KVTierDaemon
 import Logging
@@ -13,7 +14,8 @@ struct KVTierDaemonCommand: AsyncParsableCommand {
             every key is in docs/configuration.md. SIGHUP re-reads the configuration and applies logLevel. \
             Under systemd it serves a socket passed by socket activation (LISTEN_FDS) and reports \
             READY, STATUS, WATCHDOG and STOPPING to NOTIFY_SOCKET (systemd/kvtierd.service).
-            """)
+            """,
+        version: BuildInfo.version)
 
     @Option(help: "Unix socket to listen on, unless systemd passes one (default: $XDG_RUNTIME_DIR/kvtier/kvtierd.sock; as root /run/kvtier/kvtierd.sock; else under the state directory).")
     var socket: String?
