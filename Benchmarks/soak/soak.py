@@ -81,6 +81,12 @@ class Worker:
         self.prefix = np.random.default_rng(1000 + tenant_seed).integers(0, 50_000, SHARED_PREFIX, dtype=np.uint32)
         self.conversations: list[np.ndarray] = []
         self.sessions: dict[str, np.ndarray] = {}
+        # Sessions whose last put failed part way: (sequence before it, the put's tokens).
+        self.uncertain: dict[str, tuple] = {}
+        self.history: dict[str, list] = {}
+        # Session names are this process's own: a worker started in place of a killed one must
+        # not race the PUT its predecessor sent just before it died.
+        self.name = f"w{index}.{os.getpid()}"
         self.cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
     def count(self, name: str, n: int = 1) -> None:
@@ -132,10 +138,20 @@ class Worker:
             keys, values = self.expected(tokens)
             session = None
             if self.rng.random() < 0.2:
-                session = f"w{self.index}-{self.rng.randrange(6)}"
-            client.put(MODEL, tokens, keys, values, session=session)
+                session = f"{self.name}-{self.rng.randrange(6)}"
+            try:
+                client.put(MODEL, tokens, keys, values, session=session)
+            except KVTierError:
+                # A put is several PUT requests when it is long, each setting the session to the
+                # tokens it covers: one that failed part way left the session at the old sequence
+                # or at a page-aligned prefix of the new one. Either is right; the next resume says which.
+                if session:
+                    self.uncertain[session] = (self.sessions.get(session), tokens)
+                raise
             if session:
                 self.sessions[session] = tokens
+                self.uncertain.pop(session, None)
+                self.history.setdefault(session, []).append(("put", len(tokens)))
             self.conversations.append(tokens)
             self.conversations = self.conversations[-32:]
             self.count("puts")
@@ -150,9 +166,17 @@ class Worker:
                     raise
                 self.sessions.pop(name)  # expired or deleted by a fork-and-delete race of ours
                 raise
+            if name in self.uncertain:
+                old, new = self.uncertain.pop(name)
+                if (old is not None and np.array_equal(tokens, old)) or (
+                        0 < len(tokens) <= len(new) and np.array_equal(tokens, new[:len(tokens)])):
+                    self.sessions[name] = tokens
             if not np.array_equal(tokens, self.sessions[name]):
+                want = self.sessions[name]
+                same = int(np.argmin(np.concatenate([tokens[:len(want)] == want[:len(tokens)], [False]])))
                 self.count("wrong_bytes")
-                self.fail(f"session {name} resumed {len(tokens)} tokens that differ from the last put's")
+                self.fail(f"session {name} resumed {len(tokens)} tokens that differ from the last put's "
+                          f"({len(want)} tokens; the first {same} agree; history {self.history.get(name)})")
             self.count("resumes")
             self.check(client, tokens)
         elif op < 0.92:
@@ -163,14 +187,19 @@ class Worker:
             self.count("evicts")
         elif op < 0.96 and self.sessions:
             source = self.rng.choice(sorted(self.sessions))
-            target = f"w{self.index}-f{self.rng.randrange(4)}"
+            target = f"{self.name}-f{self.rng.randrange(4)}"
             client.fork(source, target)
             self.sessions[target] = self.sessions[source]
+            self.history.setdefault(target, []).append(("fork", source, len(self.sessions[source])))
+            self.uncertain.pop(target, None)
+            if source in self.uncertain:
+                self.uncertain[target] = self.uncertain[source]
             self.count("forks")
         elif self.sessions:
             name = self.rng.choice(sorted(self.sessions))
             client.delete_session(name)
             self.sessions.pop(name)
+            self.uncertain.pop(name, None)
             self.count("deletes")
         else:
             client.lookup(MODEL, self.rng.choice(self.conversations))

@@ -193,3 +193,20 @@ def test_a_shared_tenant_group_shares_pages_and_sessions(binary, tmp_path):
         assert own_group == {"tenant": 65534, "cached": 0, "sessions": []}, own_group
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_a_session_put_of_tokens_already_cached_still_names_them(daemon, shared_memory):
+    # The client used to skip the PUT when every token was cached, so the session never moved to
+    # them (the 64-client soak caught it: a resume returned the session's previous sequence).
+    tokens = np.arange(900, 900 + 70, dtype=np.uint32) + (0 if shared_memory else 5000)
+    keys, values = kv(70)
+    with kvtier.Client(daemon.socket, shared_memory=shared_memory) as c:
+        c.put(MODEL, tokens, keys, values)
+        name = f"already-cached-{shared_memory}"
+        assert c.put(MODEL, tokens, keys, values, session=name) == 70
+        _, resumed = c.session_tokens(name)
+        assert np.array_equal(resumed, tokens)
+        shorter = tokens[:40]
+        c.put(MODEL, shorter, keys[:, :40], values[:, :40], session=name)
+        assert np.array_equal(c.session_tokens(name)[1], shorter)

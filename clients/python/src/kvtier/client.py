@@ -499,9 +499,13 @@ class Client:
         # partial page supersedes it): the daemon then refuses the put and we start again.
         for attempt in range(3):
             cached = self.lookup(reg.model_id, toks)
-            if cached >= n:
+            if cached >= n and not session and not durable:
                 return PutResult(cached, 0, 0, 0)
             try:
+                if cached >= n:
+                    # Nothing to send, but the session must move to these tokens (or the pages
+                    # become durable): a PUT without data.
+                    return self._put_without_data(reg, toks, session_field, flags)
                 if self.shared_memory:
                     return self._put_shared(spec, reg, toks, fill, cached, session_field, flags)
                 return self._put_inline(spec, reg, toks, fill, cached, session_field, flags)
@@ -518,6 +522,12 @@ class Client:
         cached, new_pages = r.u32(), r.u32()
         r.finish()
         return cached, new_pages
+
+    def _put_without_data(self, reg, toks, session_field, flags) -> PutResult:
+        head = self._put_request(reg.model_id, session_field, flags | (0 if self.shared_memory else _wire.PUT_INLINE), toks, len(toks))
+        body, _ = self._call(Op.PUT, [head, _wire.extents_field([]) if self.shared_memory else _wire.u64(0)])
+        cached, added = self._put_reply(body)
+        return PutResult(cached, added, 0, 1)
 
     def _put_shared(self, spec, reg, toks, fill, start, session_field, flags) -> PutResult:
         bpt = spec.bytes_per_token
