@@ -113,10 +113,18 @@ extension DiskTier {
             return (segment, keep)
         }
         guard let (segment, keep) = plan else { return false }
-        var copies: [PendingWrite] = []
+        // Copies go to the writer a group at a time, as they are read. Reading a whole segment's
+        // live records first held up to `segmentBytes` at once, and glibc keeps such a peak in
+        // the writer thread's arena after it is freed: the soak's daemon grew by hundreds of MB.
+        var batch: [PendingWrite] = []
+        var batchBytes = 0
+        var copied = 0
         for entry in keep {
-            let buffer = PageBuffer(byteCount: Block.roundUp(entry.header.recordBytes))
-            guard (try? segment.file.read(into: buffer.bytes, at: entry.offset)) ?? 0 >= entry.header.recordBytes,
+            let length = Block.roundUp(entry.header.recordBytes)
+            let buffer = readBuffers.take(length)
+            defer { readBuffers.give(buffer) }
+            guard (try? segment.file.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer.bytes[0..<length]), at: entry.offset)) ?? 0
+                    >= entry.header.recordBytes,
                   let header = try? PageRecord.verify(UnsafeRawBufferPointer(rebasing: buffer.readOnly[0..<entry.header.recordBytes]),
                                                       format: segment.format),
                   header.sequence == entry.header.sequence
@@ -132,9 +140,17 @@ extension DiskTier {
             }
             let record = Array(buffer.readOnly[0..<Block.roundUp(header.recordBytes)])
             let body: PendingWrite.Body = .copy(record, original: header.kind == .page ? header.sequence : nil)
-            copies.append(PendingWrite(address: header.address, body: body, createdMicros: header.createdMicros) { _ in })
+            batch.append(PendingWrite(address: header.address, body: body, createdMicros: header.createdMicros) { _ in })
+            batchBytes += record.count
+            if batch.count >= configuration.maxGroupRecords || batchBytes >= configuration.compactionBatchBytes {
+                guard commitInternal(batch) else { return false }
+                copied += batch.count
+                batch.removeAll(keepingCapacity: true)
+                batchBytes = 0
+            }
         }
-        guard commitInternal(copies) else { return false }
+        guard commitInternal(batch) else { return false }
+        copied += batch.count
         // Copies are durable; the old segment can go (a damaged one to quarantine/, kept for
         // inspection: it holds acknowledged records that could not be read).
         state.withLock { s in
@@ -169,7 +185,7 @@ extension DiskTier {
         } catch {
             logger.error("could not remove a compacted segment", metadata: ["segment": "\(id)", "error": "\(error)"])
         }
-        logger.info("segment compacted", metadata: ["segment": "\(id)", "recordsCopied": "\(copies.count)"])
+        logger.info("segment compacted", metadata: ["segment": "\(id)", "recordsCopied": "\(copied)"])
         return true
     }
 

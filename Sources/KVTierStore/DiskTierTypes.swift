@@ -21,6 +21,9 @@ public struct DiskTierConfiguration: Sendable {
     public var quarantineAfterFailures = 3
     /// Most records written and synced as one group.
     public var maxGroupRecords = 256
+    /// Most record bytes compaction reads before writing them out (at least one record): it
+    /// copies a segment group by group, so its memory does not grow with `segmentBytes`.
+    public var compactionBatchBytes = 16 << 20
     /// After a failed write, new writes fail fast for this long before one retries the disk.
     public var retryAfterFailureMicros: UInt64 = 500_000
     /// Page reads in flight at once for `read(_:)` batches.
