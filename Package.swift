@@ -127,7 +127,7 @@ let package = Package(
             name: "KVTierDiskTests",
             dependencies: [
                 "KVTierStore", "KVTierIO", "KVTierTools", "KVTierCodec", "KVTierCore",
-                "KVTierDaemon", "KVTierServer", "KVTierProtocol",
+                "KVTierDaemon", "KVTierServer", "KVTierProtocol", "KVTierTestProcess",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

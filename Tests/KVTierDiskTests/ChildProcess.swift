@@ -1,4 +1,6 @@
 @preconcurrency import Glibc
+import Foundation
+import KVTierTestProcess
 
 /// The `kvtier` executable that `swift build` / `swift test` put beside the test bundle.
 enum KVTierBinary {
@@ -48,21 +50,15 @@ final class ChildProcess {
     let logPath: String
     private var reaped: Int32?
 
-    /// Starts `executable` with `arguments`; stdout and stderr go to `logPath` (appended).
+    /// Starts `executable` with `arguments` (through `ChildSpawn`: clean signal mask, nothing of
+    /// the test process inherited); stdout and stderr go to `logPath` (appended).
     init(_ executable: String, _ arguments: [String], logPath: String) throws {
         self.logPath = logPath
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, logPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO)
-        posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0)
-        let argv: [UnsafeMutablePointer<CChar>?] = ([executable] + arguments).map { strdup($0) } + [nil]
-        defer { for pointer in argv { free(pointer) } }
-        var child: pid_t = 0
-        let status = posix_spawn(&child, executable, &actions, nil, argv, environ)
-        guard status == 0 else { throw TestFailure("posix_spawn \(executable): errno \(status)") }
-        pid = child
+        do {
+            pid = try ChildSpawn.spawn([executable] + arguments, environment: ProcessInfo.processInfo.environment, logPath: logPath)
+        } catch {
+            throw TestFailure(error.description)
+        }
     }
 
     /// The wait status if the child has already exited, without blocking.
