@@ -14,7 +14,6 @@ import random
 import select
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import List, Optional
 

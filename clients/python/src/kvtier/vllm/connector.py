@@ -26,12 +26,11 @@ ranks, adapters or salts. Extra-config keys: docs/integrations/vllm.md.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -171,10 +170,6 @@ class Fingerprint:
         return ModelSpec(name, layers=self.shape.layers, kv_heads=self.shape.kv_heads, head_dim=self.shape.head_dim,
                          dtype=self.shape.dtype, page_tokens=self.page_tokens, rope_theta=self.rope_theta,
                          **({"disk_codec": self.settings.disk_codec} if self.settings.disk_codec else {}))
-
-    def request_spec(self, request: "Request", rank: int) -> ModelSpec:
-        lora = request.lora_request.lora_name if getattr(request, "lora_request", None) else None
-        return self.spec(rank, lora, getattr(request, "cache_salt", None))
 
 
 # ---------------------------------------------------------------- metadata
