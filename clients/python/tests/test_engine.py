@@ -155,3 +155,11 @@ def test_kernel_blocks_smaller_than_manager_blocks():
     raw = caches["layers.0.attn"].view(torch.int16)
     assert np.array_equal(page[0, 0, :16, 0].view(np.int16), raw[6, 0, :, :2].numpy())
     assert np.array_equal(page[0, 0, 16:, 0].view(np.int16), raw[7, 0, :, :2].numpy())
+
+
+def test_put_and_get_read_an_iterator_of_tokens_once(daemon):
+    keys, values = kv(40)
+    with kvtier.Client(daemon.socket) as c:
+        assert c.put(MODEL, iter(range(7000, 7040)), keys, values) == 40
+        got_k, got_v = c.get(MODEL, iter(range(7000, 7040)), out=(np.zeros_like(keys), np.zeros_like(values)))
+        assert np.array_equal(got_k, keys) and np.array_equal(got_v, values)

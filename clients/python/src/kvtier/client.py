@@ -465,7 +465,8 @@ class Client:
                    durable: bool = False) -> PutResult:
         """``put``, returning what was done (pages added, tokens sent, requests made)."""
         spec, _ = self._spec(model)
-        n = len(_wire.token_array(tokens))
+        tokens = self._tokens(tokens, truncate=False)  # once: an iterator can be read only once
+        n = len(tokens)
         if n == 0:
             raise ValueError("put needs at least one token")
         k16 = self._as_bits("keys", keys, spec, n)
@@ -612,8 +613,9 @@ class Client:
         ``out[i][:, :served]``. Reusing buffers avoids first-touch page faults on every call.
         """
         spec, _ = self._spec(model)
+        tokens = self._tokens(tokens, truncate=True)  # once: an iterator can be read only once
         if out is not None:
-            most = len(_wire.token_array(tokens))
+            most = len(tokens)
             if max_tokens:
                 most = min(most, int(max_tokens))
             if len(out) != 2:
