@@ -1,6 +1,7 @@
 @preconcurrency import Glibc
 import KVTierCore
 import KVTierProtocol
+import KVTierTestProcess
 
 /// A connection that sends whatever bytes a test chooses, as a hostile client would: frames the
 /// Swift client would never build, cut short, or with descriptors attached. Replies are read with
@@ -13,13 +14,10 @@ final class RawConnection {
     init(path: String) throws {
         descriptor = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard descriptor >= 0 else { throw TestFailure("socket: errno \(errno)") }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { throw TestFailure("socket path too long: \(path)") }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
+        var address: sockaddr_un
+        do { address = try unixSocketAddress(path) } catch {
+            close(descriptor)
+            throw TestFailure(error.description)
         }
         let connected = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
