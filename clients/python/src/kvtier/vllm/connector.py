@@ -29,6 +29,7 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
@@ -57,6 +58,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvtier.vllm")
 
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+# A waiting request's lookup is reused for this long: vLLM asks for every waiting request on
+# every step, and a hit that went stale meanwhile costs a load error and a recompute, never bytes.
+LOOKUP_REUSE_SECONDS = 1.0
 
 
 # ---------------------------------------------------------------- configuration
@@ -211,6 +216,8 @@ class _Tracked:
     request: "Request"
     suffix: Tuple[Optional[str], Optional[str]]
     hit: Hit = Hit(0, 0, 0)
+    # (tokens looked up, when): vLLM asks again every step while a request waits for blocks.
+    looked_up: Optional[Tuple[int, float]] = None
     load: Optional[Tuple[int, int]] = None  # (first, last) once blocks are allocated
     block_ids: List[int] = field(default_factory=list)
     saved_upto: int = 0
@@ -305,6 +312,14 @@ class _SchedulerSide:
         self.block = connector.block_size
         self.tracked: Dict[str, _Tracked] = {}
         self.finishing: List[SaveJob] = []
+        self.specs: Dict[Tuple[int, Tuple[Optional[str], Optional[str]]], ModelSpec] = {}
+
+    def spec(self, rank: int, suffix: Tuple[Optional[str], Optional[str]]) -> ModelSpec:
+        key = (rank, suffix)
+        s = self.specs.get(key)
+        if s is None:
+            s = self.specs[key] = self.c.fingerprint.spec(rank, *suffix)
+        return s
 
     def _track(self, request: "Request") -> _Tracked:
         t = self.tracked.get(request.request_id)
@@ -318,14 +333,16 @@ class _SchedulerSide:
         if len(tokens) - 1 < num_computed + self.block:
             t.hit = Hit(0, 0, 0)
             return 0, False
-        hit: Optional[Hit] = None
-        lora, salt = t.suffix
-        for rank in range(self.c.fingerprint.tp_size):  # every rank must hold its share
-            h = self.cache.lookup(self.c.fingerprint.spec(rank, lora, salt), tokens, block=self.block)
-            hit = h if hit is None or h.tokens < hit.tokens else hit
-            if hit.tokens <= num_computed:
-                break
-        t.hit = hit
+        now = time.monotonic()
+        if t.looked_up is None or t.looked_up[0] != len(tokens) or now - t.looked_up[1] > LOOKUP_REUSE_SECONDS:
+            hit: Optional[Hit] = None
+            for rank in range(self.c.fingerprint.tp_size):  # every rank must hold its share
+                h = self.cache.lookup(self.spec(rank, t.suffix), tokens, block=self.block)
+                hit = h if hit is None or h.tokens < hit.tokens else hit
+                if hit.tokens <= num_computed:
+                    break
+            t.hit, t.looked_up = hit, (len(tokens), now)
+        hit = t.hit
         if hit.tokens <= num_computed:
             return 0, False
         return hit.tokens - num_computed, False
