@@ -14,11 +14,14 @@ public struct StoreRequestHandler: RequestHandler {
         self.defaultPageTokens = defaultPageTokens
     }
 
-    public func handle(_ request: Request, context: ConnectionContext) async -> Reply {
+    /// Plans each request once: the store answers at once when nothing has to wait (a `GET` of
+    /// RAM pages, a `PUT` of whole pages into RAM with room, listings, lookups), and otherwise
+    /// hands back the rest of the work (disk reads, eviction, durability), which runs as a task.
+    public func handle(_ request: Request, context: ConnectionContext) -> Handling {
         do {
-            return try await reply(to: request, context)
+            return try plan(request, context)
         } catch {
-            return .failure(Self.wireError(error), error.description, to: request)
+            return .reply(.failure(Self.wireError(error), error.description, to: request))
         }
     }
 
@@ -35,7 +38,7 @@ public struct StoreRequestHandler: RequestHandler {
         }
     }
 
-    private func reply(to request: Request, _ context: ConnectionContext) async throws(StoreError) -> Reply {
+    private func plan(_ request: Request, _ context: ConnectionContext) throws(StoreError) -> Handling {
         let tenant = context.tenant
         switch request {
         case .hello, .ping:
@@ -50,71 +53,94 @@ public struct StoreRequestHandler: RequestHandler {
             try store.register(ModelSpec(id: id, name: r.name, layers: Int(r.layers), kvHeads: Int(r.kvHeads), headDim: Int(r.headDim),
                                          elementType: r.elementType, pageTokens: Int(pageTokens), ropeTheta: r.ropeTheta,
                                          diskCodec: codec), for: tenant)
-            return .registerModel(RegisterModelReply(modelID: id, pageTokens: pageTokens))
+            return .reply(.registerModel(RegisterModelReply(modelID: id, pageTokens: pageTokens)))
         case .lookup(let r):
-            return try lookup(r, context)
+            return .reply(try lookup(r, context))
         case .put(let r):
             let chunks = try chunks(of: r, tenant: tenant)
-            let result = try await store.put(tenant, owner: context.connectionID, modelID: r.modelID, tokens: r.tokens,
+            let outcome = try store.beginPut(tenant, owner: context.connectionID, modelID: r.modelID, tokens: r.tokens,
                                              dataStart: Int(r.dataStart), chunks: chunks, durable: r.durable,
                                              session: r.session.isEmpty ? nil : r.session)
-            return .put(PutReply(cachedTokens: UInt32(result.cachedTokens), newPages: UInt32(result.newPages)))
+            return finish(outcome, request) { result throws(StoreError) in
+                .put(PutReply(cachedTokens: UInt32(result.cachedTokens), newPages: UInt32(result.newPages)))
+            }
         case .get(let r):
             guard r.inline || context.sharedMemory else {
                 throw .invalidArgument("this connection has no shared memory: send GET with the inline flag")
             }
             let model = try store.model(r.modelID)
             let maxTokens = r.inline ? Self.inlineLimit(model, requested: r.maxTokens) : Int(r.maxTokens)
-            let got = try await store.get(tenant, owner: context.connectionID, modelID: r.modelID, tokens: r.tokens, maxTokens: maxTokens)
-            return try getReply(got, model, inline: r.inline, context)
+            let outcome = try store.beginGet(tenant, owner: context.connectionID, modelID: r.modelID, tokens: r.tokens, maxTokens: maxTokens)
+            return finish(outcome, request) { [self] got throws(StoreError) in try getReply(got, model, inline: r.inline, context) }
         case .release(let r):
-            return try release(r, context)
+            return .reply(try release(r, context))
         case .alloc(let r):
-            return try alloc(r, context)
+            return .reply(try alloc(r, context))
         case .attention(let r):
             try store.reportAttention(tenant, modelID: r.modelID, tokens: r.tokens, masses: r.pageMass)
-            return .attention
+            return .reply(.attention)
         case .status:
-            return .status(StatusReply(counters: store.status().map { StatusCounter(name: $0.name, value: $0.value) }))
+            return .reply(.status(StatusReply(counters: store.status().map { StatusCounter(name: $0.name, value: $0.value) })))
         case .models(let r):
-            return models(r, context)
+            return .reply(models(r, context))
         case .pages(let r):
             let all = store.pageSummaries(tenant, modelID: r.modelID == 0 ? nil : r.modelID)
             let start = min(all.count, Int(r.offset))
             let end = min(all.count, start + Int(r.limit))
-            return .pages(PagesReply(total: UInt32(clamping: all.count), pages: all[start..<end].map(Self.info)))
+            return .reply(.pages(PagesReply(total: UInt32(clamping: all.count), pages: all[start..<end].map(Self.info))))
         case .evict(let r):
-            let result: TieredStore.EvictResult
-            if r.session.isEmpty {
-                result = try await store.evict(tenant, modelID: r.modelID == 0 ? nil : r.modelID, tokens: r.everyPage ? nil : r.tokens,
-                                               deleteFromDisk: r.deleteFromDisk)
-            } else {
+            if !r.session.isEmpty {
                 guard r.modelID == 0, r.tokens.isEmpty, !r.everyPage else {
                     throw .invalidArgument("EVICT names session '\(r.session)' and also a model, tokens or every page: name one selection")
                 }
-                result = try await store.evictSession(tenant, name: r.session, deleteFromDisk: r.deleteFromDisk)
             }
-            return .evict(EvictReply(evicted: UInt32(clamping: result.evicted), deleted: UInt32(clamping: result.deleted),
-                                     skipped: UInt32(clamping: result.skipped)))
+            return finish(.pending { [store] () async throws(StoreError) -> TieredStore.EvictResult in
+                if r.session.isEmpty {
+                    return try await store.evict(tenant, modelID: r.modelID == 0 ? nil : r.modelID, tokens: r.everyPage ? nil : r.tokens,
+                                                 deleteFromDisk: r.deleteFromDisk)
+                }
+                return try await store.evictSession(tenant, name: r.session, deleteFromDisk: r.deleteFromDisk)
+            }, request) { result throws(StoreError) in
+                .evict(EvictReply(evicted: UInt32(clamping: result.evicted), deleted: UInt32(clamping: result.deleted),
+                                  skipped: UInt32(clamping: result.skipped)))
+            }
         case .sessionList(let r):
-            return sessionList(r, context)
+            return .reply(sessionList(r, context))
         case .sessionInfo(let r):
-            return .sessionInfo(Self.info(try store.sessionDetail(tenant, name: r.name)))
+            return .reply(.sessionInfo(Self.info(try store.sessionDetail(tenant, name: r.name))))
         case .sessionPin(let r):
             _ = try store.setSessionPinned(tenant, name: r.name, pinned: r.pinned)
-            return .sessionPin
+            return .reply(.sessionPin)
         case .sessionTTL(let r):
             try store.setSessionTTL(tenant, name: r.name, seconds: r.seconds)
-            return .sessionTTL
+            return .reply(.sessionTTL)
         case .sessionFork(let r):
-            return .sessionFork(Self.info(try store.forkSession(tenant, from: r.from, to: r.to)))
+            return .reply(.sessionFork(Self.info(try store.forkSession(tenant, from: r.from, to: r.to))))
         case .sessionDelete(let r):
             try store.deleteSession(tenant, name: r.name)
-            return .sessionDelete
+            return .reply(.sessionDelete)
         case .sessionTokens(let r):
             // The client is resuming the session: its disk pages start loading now.
             let resumed = try store.resumeSession(tenant, name: r.name)
-            return .sessionTokens(SessionTokensReply(modelID: resumed.session.modelID, tokens: resumed.session.tokens))
+            return .reply(.sessionTokens(SessionTokensReply(modelID: resumed.session.modelID, tokens: resumed.session.tokens)))
+        }
+    }
+
+    /// The reply to a store outcome: now when it is done, after its pending work otherwise
+    /// (store errors of either become error replies).
+    private func finish<Value>(_ outcome: TieredStore.Outcome<Value>, _ request: Request,
+                               _ reply: @escaping @Sendable (Value) throws(StoreError) -> Reply) -> Handling {
+        switch outcome {
+        case .done(let value):
+            do { return .reply(try reply(value)) } catch { return .reply(.failure(Self.wireError(error), error.description, to: request)) }
+        case .pending(let rest):
+            return .pending {
+                do throws(StoreError) {
+                    return try reply(try await rest())
+                } catch {
+                    return .failure(Self.wireError(error), error.description, to: request)
+                }
+            }
         }
     }
 
@@ -125,8 +151,6 @@ public struct StoreRequestHandler: RequestHandler {
             throw .invalidArgument("disk codec \(String(name.prefix(64)).debugDescription) is not a codec name; use one of \(Codec.all.map(\.name).joined(separator: ", ")) (zstd also as zstd(N), N 1-19), or send none for the daemon's diskCodec")
         }
     }
-
-    // MARK: requests both paths answer the same way (never waiting on anything)
 
     /// The most tokens an inline GET reply serves: whole pages that fit one frame (0: all).
     static func inlineLimit(_ model: ModelSpec, requested: UInt32) -> Int {

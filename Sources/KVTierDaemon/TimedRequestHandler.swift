@@ -3,9 +3,8 @@ import KVTierProtocol
 import KVTierServer
 
 /// Times every request of the handler it wraps into `kvtier_request_duration_seconds{opcode}`,
-/// on the immediate path and the async one alike; errors are timed too (a slow error is still a
-/// slow request). A request the inner handler declines to answer immediately is timed once, by
-/// `handle`.
+/// from the plan to the reply whether it was given at once or after pending work; errors are
+/// timed too (a slow error is still a slow request).
 public struct TimedRequestHandler: RequestHandler {
     let inner: any RequestHandler
     let metrics: DaemonMetrics
@@ -15,18 +14,19 @@ public struct TimedRequestHandler: RequestHandler {
         self.metrics = metrics
     }
 
-    public func handleImmediately(_ request: Request, context: ConnectionContext) -> Reply? {
+    public func handle(_ request: Request, context: ConnectionContext) -> Handling {
         let start = ContinuousClock.now
-        guard let reply = inner.handleImmediately(request, context: context) else { return nil }
-        record(request, since: start)
-        return reply
-    }
-
-    public func handle(_ request: Request, context: ConnectionContext) async -> Reply {
-        let start = ContinuousClock.now
-        let reply = await inner.handle(request, context: context)
-        record(request, since: start)
-        return reply
+        switch inner.handle(request, context: context) {
+        case .reply(let reply):
+            record(request, since: start)
+            return .reply(reply)
+        case .pending(let rest):
+            return .pending { [self] in
+                let reply = await rest()
+                record(request, since: start)
+                return reply
+            }
+        }
     }
 
     private func record(_ request: Request, since start: ContinuousClock.Instant) {

@@ -144,16 +144,17 @@ extension KVServer {
         return Response(reply: .hello(reply), descriptors: arena.map { [$0.pages.descriptor, $0.staging.descriptor] } ?? [])
     }
 
-    /// Runs the handler for one request: on this thread when it can answer at once, otherwise as
-    /// a task registered so a forced shutdown can cancel it.
+    /// Runs the handler for one request: on this thread, and the work it leaves pending as a task
+    /// registered so a forced shutdown can cancel it.
     private func dispatch(_ request: Request, context: ConnectionContext, logger: Logger) -> Reply {
         let handler = self.handler
         let reply: Reply
-        if let immediate = handler.handleImmediately(request, context: context) {
+        switch handler.handle(request, context: context) {
+        case .reply(let immediate):
             reply = immediate
             ServerCounters.increment(counters.immediateReplies)
-        } else {
-            reply = ServerThread.awaitTask({ await handler.handle(request, context: context) }, started: { task in
+        case .pending(let rest):
+            reply = ServerThread.awaitTask(rest, started: { task in
                 state.withLock { $0.connections[context.connectionID]?.task = task }
             })
             state.withLock { $0.connections[context.connectionID]?.task = nil }

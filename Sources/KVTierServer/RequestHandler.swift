@@ -29,31 +29,32 @@ public struct ConnectionContext: Sendable, Hashable {
     }
 }
 
+/// What a handler makes of a request: the reply at once, or the rest of the work.
+public enum Handling: Sendable {
+    /// The reply, given on the connection's thread.
+    case reply(Reply)
+    /// Work that waits (disk I/O, eviction, durability): the server runs it as a task on the
+    /// cooperative pool and replies with its result.
+    case pending(@Sendable () async -> Reply)
+}
+
 /// The request semantics behind the transport (the store). The server answers `HELLO` and
 /// `PING` itself and passes every other request of a connection that said `HELLO`, one at a time
 /// per connection, in order; different connections call concurrently.
 public protocol RequestHandler: Sendable {
-    /// The reply to `request`: the matching reply case, or `.error(opcode:_:)` with the
-    /// request's opcode (a reply of another opcode is replaced by an `internal` error). Errors
-    /// keep the connection open. Cancellation means the server is shutting down and has given
-    /// up waiting.
-    func handle(_ request: Request, context: ConnectionContext) async -> Reply
-
-    /// The reply to `request` when it can be given at once, without waiting for anything (no
-    /// disk I/O, no eviction, no lock held for long): called on the connection's thread before
-    /// `handle`, which runs only when this returns nil. Saves the request a trip through the
-    /// cooperative pool, which dominates small requests. Same reply rules as `handle`; the
-    /// default answers nothing immediately.
-    func handleImmediately(_ request: Request, context: ConnectionContext) -> Reply?
+    /// Plans `request` once, on the connection's thread: the reply when it can be given without
+    /// waiting for anything (no disk I/O, no eviction, no lock held for long), which saves the
+    /// request a trip through the cooperative pool (it dominates small requests); otherwise the
+    /// work left, which the server runs as a task. A reply is the matching reply case, or
+    /// `.error(opcode:_:)` with the request's opcode (a reply of another opcode is replaced by an
+    /// `internal` error). Errors keep the connection open. Cancellation of pending work means
+    /// the server is shutting down and has given up waiting.
+    func handle(_ request: Request, context: ConnectionContext) -> Handling
 
     /// The connection is gone (peer closed, protocol error, timeout or shutdown): release its
     /// leases. Called exactly once per context that `handle` could have seen, after its last
-    /// `handle` returned.
+    /// reply.
     func connectionClosed(_ context: ConnectionContext) async
-}
-
-extension RequestHandler {
-    public func handleImmediately(_ request: Request, context: ConnectionContext) -> Reply? { nil }
 }
 
 extension Reply {

@@ -17,7 +17,7 @@ public final class ServerCounters: Sendable {
     let protocolErrors = Atomic<UInt64>(0)
     let frameTimeouts = Atomic<UInt64>(0)
     let handlerReplies = Atomic<UInt64>(0)
-    /// Of `handlerReplies`, those answered on the connection thread (`handleImmediately`).
+    /// Of `handlerReplies`, those answered on the connection thread (`Handling.reply`).
     let immediateReplies = Atomic<UInt64>(0)
 
     public init() {}

@@ -42,8 +42,8 @@ import Testing
         await disk.close()
     }
 
-    /// One PUT naming the same staging extent for two pages is refused on both paths, and the
-    /// extent stays the connection's.
+    /// One PUT naming the same staging extent for two pages is refused, and the extent stays the
+    /// connection's.
     @Test func oneExtentForTwoPagesIsRefused() async throws {
         let (store, disk) = try S.open(SimulatedStorage(seed: 7))
         let tokens = Array(T.tokens[0..<32])
@@ -51,7 +51,6 @@ import Testing
         let memory = try store.memory(for: S.alice)
         memory.buffer(extents[0]).bytes.copyMemory(from: S.rows(0, 16).readOnly)
         let twice: [TieredStore.PutChunk] = [.extent(extents[0]), .extent(extents[0])]
-        #expect(try store.putResident(S.alice, owner: 1, modelID: S.model.id, tokens: tokens, dataStart: 0, chunks: twice) == nil)
         await #expect(throws: StoreError.self) {
             try await store.put(S.alice, owner: 1, modelID: S.model.id, tokens: tokens, dataStart: 0, chunks: twice, durable: false)
         }

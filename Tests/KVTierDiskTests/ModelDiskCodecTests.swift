@@ -39,14 +39,14 @@ import Testing
 
     /// Registers through the daemon's request handler, as a client would.
     static func register(_ handler: StoreRequestHandler, _ request: RegisterModel) async throws -> UInt64 {
-        let reply = await handler.handle(.registerModel(request), context: StoreFastPathTests.context(1))
+        let reply = await handler.handleToEnd(.registerModel(request), context: StoreRequestPathTests.context(1))
         guard case .registerModel(let registered) = reply else { throw TestFailure("REGISTER_MODEL answered \(reply)") }
         #expect(Int(registered.pageTokens) == pageTokens)
         return registered.modelID
     }
 
     static func errorReply(_ handler: StoreRequestHandler, _ request: RegisterModel) async -> ErrorReply? {
-        if case .error(_, let error) = await handler.handle(.registerModel(request), context: StoreFastPathTests.context(1)) { return error }
+        if case .error(_, let error) = await handler.handleToEnd(.registerModel(request), context: StoreRequestPathTests.context(1)) { return error }
         return nil
     }
 
@@ -136,7 +136,7 @@ import Testing
         #expect(Self.same(try await Self.read(store, lossless, tokens), losslessBytes))
         // Registering again gives the same id, and the registration lists its codec.
         #expect(try await Self.register(handler, Self.request(diskCodec: "fp16")) == lossless.id)
-        let listed = await handler.handle(.models(ListPage()), context: StoreFastPathTests.context(1))
+        let listed = await handler.handleToEnd(.models(ListPage()), context: StoreRequestPathTests.context(1))
         guard case .models(let models) = listed else { throw TestFailure("MODELS answered \(listed)") }
         #expect(models.models.map(\.registration.diskCodec) == ["fp16"])
         await disk.close()

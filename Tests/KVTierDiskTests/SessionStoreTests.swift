@@ -200,6 +200,8 @@ import Testing
         let other: [UInt32] = (0..<160).map { 10_000 + UInt32($0) }
         try await store.put(Self.alice, owner: 1, modelID: Self.model.id, tokens: other, dataStart: 0,
                             chunks: T.chunks(from: 0, to: 160), durable: false)
+        // Eviction runs behind the put: wait for it to settle.
+        await store.evictionSettled()
         let info = try store.sessionDetail(Self.alice, name: "pinned")
         #expect(info.ramTokens == 48, "pinned pages are not evicted: \(info)")
         let status = Dictionary(uniqueKeysWithValues: store.status().map { ($0.name, $0.value) })

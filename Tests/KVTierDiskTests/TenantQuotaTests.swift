@@ -49,6 +49,8 @@ import Testing
             _ = try await store.put(Store.alice, owner: 2, modelID: Self.model.id, tokens: Array(aliceTokens[0..<start + 256]),
                                     dataStart: start, chunks: Self.chunks(start..<start + 256), durable: false)
         }
+        // Eviction runs behind the put: wait for it to settle.
+        await store.evictionSettled()
         let bobBefore = try store.lookup(Store.bob, modelID: Self.model.id, tokens: bobTokens)
         #expect(bobBefore.ramTokens == 128, "alice's puts evict her own pages, not bob's: \(bobBefore)")
 
@@ -88,6 +90,8 @@ import Testing
         let aliceTokens = (0..<320).map { UInt32($0 + 5_000) }
         _ = try await store.put(Store.alice, owner: 2, modelID: Store.model.id, tokens: aliceTokens, dataStart: 0,
                                 chunks: Store.chunks(from: 0, to: 320), durable: false)
+        // Eviction runs behind the put: wait for it to settle.
+        await store.evictionSettled()
         let alice = try store.lookup(Store.alice, modelID: Store.model.id, tokens: aliceTokens)
         #expect(alice.cachedTokens == 320 && alice.ramTokens <= 8 * 16, "alice keeps at most her quota in RAM: \(alice)")
         let bob = try store.lookup(Store.bob, modelID: Store.model.id, tokens: bobTokens)

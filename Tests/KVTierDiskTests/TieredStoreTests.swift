@@ -21,9 +21,15 @@ import Testing
     static func store(ramBudget: Int = 64 << 20, disk: DiskTier? = nil) throws -> TieredStore {
         var configuration = TieredStore.Configuration()
         configuration.ramBudgetBytes = ramBudget
+        configuration.minResidenceMicros = 0
+        return try store(configuration: configuration, disk: disk)
+    }
+
+    /// A store with this configuration (its arena size and disk codec set as above).
+    static func store(configuration base: TieredStore.Configuration, disk: DiskTier? = nil) throws -> TieredStore {
+        var configuration = base
         configuration.arenaBytes = 256 << 20
         configuration.diskCodec = Codec(.fp16, .lz4)
-        configuration.minResidenceMicros = 0
         let store = TieredStore(configuration: configuration, disk: disk, logger: logger) { tenant in
             try ArenaPageMemory(name: "kvtier-test-\(tenant)", capacity: 256 << 20, stagingCapacity: 64 << 20, logger: logger)
         }
@@ -134,6 +140,8 @@ import Testing
         let sequence = Array(Self.tokens[0..<160])  // 10 pages
         _ = try await store.put(Self.alice, owner: 1, modelID: Self.model.id, tokens: sequence, dataStart: 0,
                                 chunks: Self.chunks(from: 0, to: 160), durable: false)
+        // Eviction runs behind the put: wait for it to settle.
+        await store.evictionSettled()
         let status = Dictionary(uniqueKeysWithValues: store.status().map { ($0.name, $0.value) })
         #expect(status["ram_bytes"]! <= UInt64(4 * pageBytes))
         #expect(status["evictions"]! >= 6 && status["disk_pages"]! >= 6)

@@ -72,16 +72,19 @@ struct CountersHandler: RequestHandler {
     let log = HandlerLog()
     var releaseGate: Gate?
 
-    func handle(_ request: Request, context: ConnectionContext) async -> Reply {
+    func handle(_ request: Request, context: ConnectionContext) -> Handling {
         log.contexts.withLock { $0.append(context) }
         switch request {
         case .status:
-            return .status(StatusReply(counters: counters.snapshot()))
+            return .reply(.status(StatusReply(counters: counters.snapshot())))
         case .release:
-            await releaseGate?.wait()
-            return .release
+            guard let releaseGate else { return .reply(.release) }
+            return .pending {
+                await releaseGate.wait()
+                return .release
+            }
         default:
-            return .failure(.invalidArgument, "the test handler answers STATUS and RELEASE only", to: request)
+            return .reply(.failure(.invalidArgument, "the test handler answers STATUS and RELEASE only", to: request))
         }
     }
 

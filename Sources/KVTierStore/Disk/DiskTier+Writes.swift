@@ -24,6 +24,27 @@ struct PendingWrite: @unchecked Sendable {
     var completion: (Result<StoredPage?, DiskTierError>) -> Void
 }
 
+/// The results of records queued together, handed back once the last one completes.
+final class WriteResults: Sendable {
+    private let state: Mutex<(results: [Result<StoredPage?, DiskTierError>?], left: Int)>
+    private let continuation: CheckedContinuation<[Result<StoredPage?, DiskTierError>], Never>
+
+    init(count: Int, _ continuation: CheckedContinuation<[Result<StoredPage?, DiskTierError>], Never>) {
+        state = Mutex((Array(repeating: nil, count: count), count))
+        self.continuation = continuation
+    }
+
+    func set(_ index: Int, _ result: Result<StoredPage?, DiskTierError>) {
+        let done = state.withLock { s -> [Result<StoredPage?, DiskTierError>]? in
+            precondition(s.results[index] == nil, "a queued record completed twice")
+            s.results[index] = result
+            s.left -= 1
+            return s.left == 0 ? s.results.map { $0! } : nil
+        }
+        if let done { continuation.resume(returning: done) }
+    }
+}
+
 extension DiskTier {
     /// Encodes `data` (`shape.layers` sections of keys then values, 16-bit elements) with `codec`
     /// and stores it. Returns once the page is durable (its group fdatasync'ed).
@@ -31,22 +52,75 @@ extension DiskTier {
     public func write(
         _ address: PageAddress, modelID: UInt64, codec: Codec, shape: PageShape, data: PageBuffer
     ) async throws(DiskTierError) -> StoredPage {
-        guard data.count >= shape.rawBytes else {
-            throw .invalidPage("page data holds \(data.count) bytes, shape \(shape) needs \(shape.rawBytes)")
-        }
-        guard shape.layers >= 1, shape.layers <= Limits.maxLayers else { throw .invalidPage("layers must be 1...\(Limits.maxLayers)") }
-        let record: [UInt8]
-        let encodeStart = Clocks.monotonicNanoseconds()
-        do {
-            record = try PageRecord.encode(address: address, modelID: modelID, codec: codec, shape: shape,
-                                           data: data.readOnly, createdMicros: Clocks.wallMicros())
-        } catch {
-            throw .codec(error)
-        }
-        observer.withLock { $0 }?.pageEncoded(nanoseconds: Clocks.monotonicNanoseconds() - encodeStart, rawBytes: shape.rawBytes)
+        let record = try encodeRecord(PageWrite(address: address, modelID: modelID, codec: codec, shape: shape, data: data)).get()
         let stored = try await enqueue(address, .page(record))
         guard let stored else { throw .invalidPage("writer returned no location") }
         return stored
+    }
+
+    /// One page for `write(_:)`: what `write(_:modelID:codec:shape:data:)` takes.
+    public struct PageWrite: Sendable {
+        public var address: PageAddress
+        public var modelID: UInt64
+        public var codec: Codec
+        public var shape: PageShape
+        public var data: PageBuffer
+
+        public init(address: PageAddress, modelID: UInt64, codec: Codec, shape: PageShape, data: PageBuffer) {
+            self.address = address
+            self.modelID = modelID
+            self.codec = codec
+            self.shape = shape
+            self.data = data
+        }
+    }
+
+    /// Stores many pages as one group commit (or as few as `maxGroupRecords` allows): pages are
+    /// encoded on every core, then queued together, so the writer appends them and syncs once.
+    /// Results are in `pages` order; a page that fails (its codec refuses it, the disk budget)
+    /// fails alone.
+    public func write(_ pages: [PageWrite]) async -> [Result<StoredPage, DiskTierError>] {
+        guard !pages.isEmpty else { return [] }
+        let records = await withTaskGroup(of: (Int, Result<[UInt8], DiskTierError>).self) { group in
+            var records = [Result<[UInt8], DiskTierError>](repeating: .failure(.closed), count: pages.count)
+            for (i, page) in pages.enumerated() {
+                group.addTask { (i, self.encodeRecord(page)) }
+            }
+            for await (i, record) in group { records[i] = record }
+            return records
+        }
+        var queued: [(Int, PageAddress, PendingWrite.Body)] = []
+        for (i, record) in records.enumerated() {
+            if case .success(let bytes) = record { queued.append((i, pages[i].address, .page(bytes))) }
+        }
+        let written = await enqueue(queued.map { ($0.1, $0.2) })
+        var results = records.map { record -> Result<StoredPage, DiskTierError> in
+            switch record {
+            case .failure(let error): .failure(error)
+            case .success: .failure(.invalidPage("writer returned no location"))
+            }
+        }
+        for ((i, _, _), result) in zip(queued, written) {
+            results[i] = result.flatMap { stored in stored.map { .success($0) } ?? .failure(.invalidPage("writer returned no location")) }
+        }
+        return results
+    }
+
+    /// A page's record, encoded and checked (the writer sequences and seals it).
+    private func encodeRecord(_ page: PageWrite) -> Result<[UInt8], DiskTierError> {
+        guard page.data.count >= page.shape.rawBytes else {
+            return .failure(.invalidPage("page data holds \(page.data.count) bytes, shape \(page.shape) needs \(page.shape.rawBytes)"))
+        }
+        guard page.shape.layers >= 1, page.shape.layers <= Limits.maxLayers else { return .failure(.invalidPage("layers must be 1...\(Limits.maxLayers)")) }
+        let encodeStart = Clocks.monotonicNanoseconds()
+        do {
+            let record = try PageRecord.encode(address: page.address, modelID: page.modelID, codec: page.codec, shape: page.shape,
+                                               data: page.data.readOnly, createdMicros: Clocks.wallMicros())
+            observer.withLock { $0 }?.pageEncoded(nanoseconds: Clocks.monotonicNanoseconds() - encodeStart, rawBytes: page.shape.rawBytes)
+            return .success(record)
+        } catch {
+            return .failure(.codec(error))
+        }
     }
 
     /// Deletes a page (a tombstone makes the deletion survive restarts). Returns whether it was stored.
@@ -69,18 +143,28 @@ extension DiskTier {
     }
 
     func enqueue(_ address: PageAddress, _ body: PendingWrite.Body) async throws(DiskTierError) -> StoredPage? {
-        let result: Result<StoredPage?, DiskTierError> = await withCheckedContinuation { continuation in
-            let item = PendingWrite(address: address, body: body, createdMicros: Clocks.wallMicros()) { continuation.resume(returning: $0) }
+        try await enqueue([(address, body)])[0].get()
+    }
+
+    /// Queues records together (the writer takes them in one group, up to `maxGroupRecords`) and
+    /// waits for all of them; results in order.
+    func enqueue(_ bodies: [(PageAddress, PendingWrite.Body)]) async -> [Result<StoredPage?, DiskTierError>] {
+        guard !bodies.isEmpty else { return [] }
+        return await withCheckedContinuation { continuation in
+            let results = WriteResults(count: bodies.count, continuation)
+            let now = Clocks.wallMicros()
+            let items = bodies.enumerated().map { i, body in
+                PendingWrite(address: body.0, body: body.1, createdMicros: now) { results.set(i, $0) }
+            }
             let (closed, schedule) = state.withLock { s -> (Bool, Bool) in
                 if s.closed { return (true, false) }
-                s.pending.append(item)
+                s.pending.append(contentsOf: items)
                 defer { s.flushScheduled = true }
                 return (false, !s.flushScheduled)
             }
-            if closed { item.completion(.failure(.closed)) }
+            if closed { for item in items { item.completion(.failure(.closed)) } }
             if schedule { writer.async { self.flush() } }
         }
-        return try result.get()
     }
 
     // MARK: the writer (runs on `writer` only)

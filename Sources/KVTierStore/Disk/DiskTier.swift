@@ -144,6 +144,17 @@ public final class DiskTier: Sendable {
 
     public func contains(_ address: PageAddress) -> Bool { state.withLock { $0.index[address] != nil } }
 
+    /// `contains` for each address, under one lock; those with `skipping` true are not looked
+    /// up (false).
+    public func containsEach(_ addresses: [PageAddress], skipping: [Bool]) -> [Bool] {
+        state.withLock { s in addresses.indices.map { !skipping[$0] && s.index[addresses[$0]] != nil } }
+    }
+
+    /// The index of the last address stored, under one lock.
+    public func lastContained(_ addresses: [PageAddress]) -> Int? {
+        state.withLock { s in addresses.lastIndex { s.index[$0] != nil } }
+    }
+
     public func page(_ address: PageAddress) -> StoredPage? {
         state.withLock { s in s.index[address].map { Self.describe(address, $0) } }
     }

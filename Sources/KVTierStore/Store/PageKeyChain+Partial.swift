@@ -26,4 +26,16 @@ extension PageKeyChain {
         }
         return best
     }
+
+    /// The partial-page keys `key(parent, modelID, tokens[..<k])` for every `k` in
+    /// `1...tokens.count`, in that order: one compression per token, as `longestStoredPrefix`.
+    public static func partialKeys(parent: PageKey?, modelID: UInt64, tokens: ArraySlice<UInt32>) -> [PageKey] {
+        var keys: [PageKey] = []
+        keys.reserveCapacity(tokens.count)
+        _ = longestStoredPrefix(parent: parent, modelID: modelID, tokens: tokens) { key in
+            keys.append(key)
+            return false
+        }
+        return keys
+    }
 }

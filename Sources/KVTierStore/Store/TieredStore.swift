@@ -34,8 +34,13 @@ public final class TieredStore: Sendable {
         public var minResidenceMicros: UInt64 = 2_000_000
         /// Half-life of a page's heat.
         public var heatHalfLifeMicros: UInt64 = 60_000_000
-        /// How `makeRoom` picks the page to move to disk.
+        /// How eviction picks the page to move to disk.
         public var evictionPolicy = EvictionPolicy.heat
+        /// RAM the background evictor keeps free below the budget (and below each tenant's
+        /// quota), so puts find room without waiting for pages to be written to disk. It starts
+        /// when less than half of this is free and stops when all of it is; nil: an eighth of
+        /// the budget, and at least 64 MiB (half the budget at most).
+        public var evictionHeadroomBytes: Int? = nil
         /// Most models one tenant may register while the daemon runs (`register(_:for:)`).
         public var maxModelsPerTenant = 256
         public init() {}
@@ -89,6 +94,8 @@ public final class TieredStore: Sendable {
         var evictedHeat: [PageAddress: Double] = [:]
         /// Disk pages being read into RAM, with whoever waits for them (`load`).
         var loading: [PageAddress: Loading] = [:]
+        /// The background evictor is running (`scheduleEviction`).
+        var evicting = false
         var counters = Counters()
 
         /// Leases a resident page to a client's GET: counts the use (and a prefetch that paid
@@ -151,6 +158,25 @@ public final class TieredStore: Sendable {
         var puts = 0, pagesStored = 0, pagesDeduplicated = 0
         var gets = 0, promotions = 0, evictions = 0, diskWriteFailures = 0
         var prefetchIssued = 0, prefetchLoaded = 0, prefetchUseful = 0, sessionsExpired = 0
+        /// Puts that waited for eviction because RAM had no room left (the background evictor
+        /// fell behind); with headroom to spare this stays 0.
+        var putsWaited = 0
+    }
+
+    /// A request's result: given at once, or the rest of the work, which waits for disk I/O,
+    /// eviction or durability. The daemon answers `done` on the connection's thread and runs
+    /// `pending` as a task; both come from one plan of the request (one locate).
+    public enum Outcome<Value: Sendable>: Sendable {
+        case done(Value)
+        case pending(@Sendable () async throws(StoreError) -> Value)
+
+        /// The result, waiting for the pending work if there is some.
+        public func value() async throws(StoreError) -> Value {
+            switch self {
+            case .done(let value): return value
+            case .pending(let rest): return try await rest()
+            }
+        }
     }
 
     let configuration: Configuration
@@ -158,6 +184,11 @@ public final class TieredStore: Sendable {
     let makeMemory: @Sendable (TenantID) throws -> any PageMemory
     let logger: Logger
     let state = Mutex(State())
+    /// One eviction step at a time (choose, write, free): two evictors choosing the same pages
+    /// would each find the other's write lease and free nothing.
+    let evictionGate = AsyncGate()
+    /// The background evictor's task while it runs (`scheduleEviction`).
+    let evictor = Mutex<Task<Void, Never>?>(nil)
     /// The store's counters and gauges as `status` last read them, served while the store's
     /// lock is busy so that STATUS and the watchdog never queue behind requests.
     let statusSnapshot = Mutex<[(name: String, value: UInt64)]>([])
@@ -318,31 +349,64 @@ public final class TieredStore: Sendable {
         return nil
     }
 
-    func locate(_ tenant: TenantID, _ model: ModelSpec, _ tokens: [UInt32]) -> [PageRef] {
-        var pages: [PageRef] = []
+    /// The keys of the whole pages of `tokens` (at most `limit` of them), hashed once per
+    /// request: every step of the request reads them from here.
+    static func wholePageKeys(_ model: ModelSpec, _ tokens: [UInt32], limit: Int = .max) -> [PageKey] {
+        let count = min(limit, tokens.count / model.pageTokens)
+        var keys: [PageKey] = []
+        keys.reserveCapacity(count)
         var parent: PageKey? = nil
-        var start = 0
+        for index in 0..<count {
+            let key = PageKeyChain.key(parent: parent, modelID: model.id, tokens: tokens[index * model.pageTokens..<(index + 1) * model.pageTokens])
+            keys.append(key)
+            parent = key
+        }
+        return keys
+    }
+
+    func locate(_ tenant: TenantID, _ model: ModelSpec, _ tokens: [UInt32]) -> [PageRef] {
+        locate(tenant, model, tokens, keys: Self.wholePageKeys(model, tokens))
+    }
+
+    /// The cached prefix of `tokens` from the keys of its whole pages (`wholePageKeys`): RAM
+    /// residency of every page read under one lock of the store, the disk tier asked once for
+    /// the others, then the longest stored partial page where the whole pages end (its
+    /// candidate keys hashed outside any lock). No key is hashed twice.
+    /// A partial page starting at or after `partialBefore` is not searched for (a GET's
+    /// `maxTokens` would not serve it).
+    func locate(_ tenant: TenantID, _ model: ModelSpec, _ tokens: [UInt32], keys: [PageKey], partialBefore: Int = .max) -> [PageRef] {
         let size = model.pageTokens
-        while start < tokens.count {
-            if start + size <= tokens.count {
-                let key = PageKeyChain.key(parent: parent, modelID: model.id, tokens: tokens[start..<start + size])
-                let address = PageAddress(tenant: tenant, key: key)
-                if let tier = tier(of: address) {
-                    pages.append(PageRef(address: address, tokens: start..<start + size, tier: tier))
-                    parent = key
-                    start += size
-                    continue
-                }
-            }
-            // No whole page: the longest stored partial page of what is left.
-            let rest = tokens[start..<min(tokens.count, start + size - 1)]
-            if let (key, count) = PageKeyChain.longestStoredPrefix(
-                parent: parent, modelID: model.id, tokens: rest, exists: { tier(of: PageAddress(tenant: tenant, key: $0)) != nil }) {
-                let address = PageAddress(tenant: tenant, key: key)
-                pages.append(PageRef(address: address, tokens: start..<start + count, tier: tier(of: address) ?? .disk))
-            }
-            break
+        let addresses = keys.map { PageAddress(tenant: tenant, key: $0) }
+        let inRAM = state.withLock { s in addresses.map { s.resident[$0] != nil } }
+        let onDisk = disk?.containsEach(addresses, skipping: inRAM) ?? Array(repeating: false, count: addresses.count)
+        var pages: [PageRef] = []
+        for (index, address) in addresses.enumerated() {
+            guard inRAM[index] || onDisk[index] else { break }
+            pages.append(PageRef(address: address, tokens: index * size..<(index + 1) * size, tier: inRAM[index] ? .ram : .disk))
+        }
+        // Where the whole pages end: the longest stored partial page of what is left.
+        let start = pages.count * size
+        guard start < tokens.count, start < partialBefore else { return pages }
+        let candidates = PageKeyChain.partialKeys(parent: pages.last?.address.key, modelID: model.id,
+                                                  tokens: tokens[start..<min(tokens.count, start + size - 1)])
+        if let (address, count, tier) = longestStored(tenant, candidates) {
+            pages.append(PageRef(address: address, tokens: start..<start + count, tier: tier))
         }
         return pages
+    }
+
+    /// The longest of `candidates` (keys of 1, 2, … tokens) stored in either tier: one lock of
+    /// the store, one of the disk tier.
+    func longestStored(_ tenant: TenantID, _ candidates: [PageKey]) -> (PageAddress, Int, Tier)? {
+        guard !candidates.isEmpty else { return nil }
+        let addresses = candidates.map { PageAddress(tenant: tenant, key: $0) }
+        let ram = state.withLock { s in addresses.lastIndex { s.resident[$0] != nil } }
+        let disk = self.disk?.lastContained(addresses)
+        switch (ram, disk) {
+        case (nil, nil): return nil
+        case (let r?, nil): return (addresses[r], r + 1, .ram)
+        case (nil, let d?): return (addresses[d], d + 1, .disk)
+        case (let r?, let d?): return r >= d ? (addresses[r], r + 1, .ram) : (addresses[d], d + 1, .disk)
+        }
     }
 }

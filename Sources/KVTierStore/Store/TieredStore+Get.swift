@@ -1,0 +1,152 @@
+import KVTierCore
+import Synchronization
+
+extension TieredStore {
+    public struct ServedPage: Sendable, Equatable {
+        public var extent: Extent
+        /// Tokens the page holds (its layout); the reply's `tokens` says how many are served.
+        public var tokens: Int
+    }
+
+    public struct GetResult: Sendable, Equatable {
+        public var tokens: Int
+        public var leaseID: UInt64
+        public var pages: [ServedPage]
+    }
+
+    /// Leases the pages of the longest cached prefix of `tokens` (up to `maxTokens`, 0 for all),
+    /// promoting disk pages into the tenant's memory first. A page that fails to load ends the
+    /// prefix there: the client gets fewer tokens, never wrong ones.
+    public func get(_ tenant: TenantID, owner: UInt64, modelID: UInt64, tokens: [UInt32], maxTokens: Int) async throws(StoreError) -> GetResult {
+        try await beginGet(tenant, owner: owner, modelID: modelID, tokens: tokens, maxTokens: maxTokens).value()
+    }
+
+    /// A `GET`, planned once: the chain is hashed once, and when every page of the served prefix
+    /// is in RAM they are leased under the same lock that finds them (`done`). Otherwise the plan
+    /// (one `locate`) goes to the `pending` work, which loads disk pages and leases what it can.
+    public func beginGet(_ tenant: TenantID, owner: UInt64, modelID: UInt64, tokens: [UInt32], maxTokens: Int) throws(StoreError) -> Outcome<GetResult> {
+        let (found, existing) = state.withLock { s in (s.models[modelID], s.memories[tenant]) }
+        guard let model = found else { throw .unknownModel(modelID) }
+        let memory: any PageMemory
+        if let existing { memory = existing } else { memory = try self.memory(for: tenant) }
+        let size = model.pageTokens
+        let keys = Self.wholePageKeys(model, tokens, limit: maxTokens > 0 ? (maxTokens + size - 1) / size : .max)
+        // Whole pages only, all resident: the common case needs no search for a partial page.
+        let wantsPartial = keys.count * size < tokens.count && (maxTokens == 0 || keys.count * size < maxTokens)
+        if !wantsPartial, !keys.isEmpty {
+            let pages = keys.enumerated().map { index, key in
+                PageRef(address: PageAddress(tenant: tenant, key: key), tokens: index * size..<(index + 1) * size, tier: .ram)
+            }
+            if let result = try leaseIfResident(tenant, owner: owner, pages, maxTokens: maxTokens) { return .done(result) }
+        }
+        let located = locate(tenant, model, tokens, keys: keys, partialBefore: maxTokens > 0 ? maxTokens : .max)
+        if located.allSatisfy({ $0.tier == .ram }), let result = try leaseIfResident(tenant, owner: owner, located, maxTokens: maxTokens) {
+            return .done(result)
+        }
+        return .pending { [self] () async throws(StoreError) -> GetResult in
+            try await finishGet(tenant, owner: owner, model, memory, located, maxTokens: maxTokens)
+        }
+    }
+
+    /// Leases `pages` when all are in RAM and the leases keep the tenant within its quota, in one
+    /// lock of the store; nil (nothing changed) otherwise. Throws when the connection or tenant
+    /// may hold no more leases.
+    private func leaseIfResident(_ tenant: TenantID, owner: UInt64, _ pages: [PageRef], maxTokens: Int) throws(StoreError) -> GetResult? {
+        let now = Clocks.monotonicMicros()
+        let outcome = state.withLock { s -> Result<GetResult?, StoreError> in
+            if let refusal = s.leases.refusal(tenant: tenant, owner: owner, configuration) { return .failure(.overBudget(refusal)) }
+            var served: [ServedPage] = []
+            served.reserveCapacity(pages.count)
+            var leasedBytes = s.tenantLeased[tenant] ?? 0
+            for page in pages {
+                // Not in RAM (any more): the pending work loads it, or ends the prefix there.
+                guard let resident = s.resident[page.address] else { return .success(nil) }
+                served.append(ServedPage(extent: resident.extent, tokens: resident.tokens))
+                if resident.leases == 0 { leasedBytes += resident.extent.length }
+            }
+            // Over the tenant's quota: the pending work serves what fits.
+            guard leasedBytes <= configuration.tenantRAMQuotaBytes else { return .success(nil) }
+            for page in pages { _ = s.lease(page.address, now: now) }
+            let id = s.leases.add(Lease(tenant: tenant, owner: owner, pages: pages.map(\.address), staging: []))
+            s.counters.gets += 1
+            let servedTokens = pages.last.map { maxTokens > 0 ? min($0.tokens.upperBound, maxTokens) : $0.tokens.upperBound } ?? 0
+            return .success(GetResult(tokens: servedTokens, leaseID: id, pages: served))
+        }
+        return try outcome.get()
+    }
+
+    /// The rest of a GET whose prefix is not all in RAM: disk pages come in one batched read (or
+    /// with a load already under way, e.g. prefetch), within the tenant's quota.
+    private func finishGet(_ tenant: TenantID, owner: UInt64, _ model: ModelSpec, _ memory: any PageMemory, _ located: [PageRef],
+                           maxTokens: Int) async throws(StoreError) -> GetResult {
+        if let refusal = state.withLock({ $0.leases.refusal(tenant: tenant, owner: owner, configuration) }) { throw .overBudget(refusal) }
+        // Leased pages count against the tenant's RAM quota: serve what fits rather than push
+        // other tenants' pages out.
+        let fitting = fittingQuota(tenant, model, located)
+        if fitting.isEmpty, !located.isEmpty {
+            throw .overBudget("this tenant's leases hold \(ByteCount(state.withLock { $0.tenantLeased[tenant] ?? 0 })) of RAM, its quota (tenantRAMQuota \(ByteCount(configuration.tenantRAMQuotaBytes))) leaves no room for another page: RELEASE leases, or raise tenantRAMQuota")
+        }
+        // Room for the disk pages among the tenant's own pages first, so its arena has space.
+        let loading = fitting.filter { $0.tier == .disk }.map(\.address)
+        if !loading.isEmpty {
+            await makeRoom(reserving: (tenant, loading.count * Self.extentBytes(model.pageTokens * model.bytesPerToken)))
+        }
+        await load(loading, model, memory, prefetch: false)
+        var served: [ServedPage] = []
+        var addresses: [PageAddress] = []
+        var servedTokens = 0
+        for page in fitting {
+            guard let extent = await pin(page.address, model, memory) else { break }
+            served.append(ServedPage(extent: extent.extent, tokens: extent.tokens))
+            addresses.append(page.address)
+            servedTokens = maxTokens > 0 ? min(page.tokens.upperBound, maxTokens) : page.tokens.upperBound
+        }
+        let id = state.withLock { s -> UInt64? in
+            // Checked again: the connection's other requests may have taken leases meanwhile.
+            guard s.leases.refusal(tenant: tenant, owner: owner, configuration) == nil else {
+                for address in addresses { s.endLease(address) }
+                return nil
+            }
+            s.counters.gets += 1
+            return s.leases.add(Lease(tenant: tenant, owner: owner, pages: addresses, staging: []))
+        }
+        scheduleEviction()
+        guard let id else { throw .overBudget(state.withLock { $0.leases.refusal(tenant: tenant, owner: owner, configuration) } ?? "too many leases: RELEASE some") }
+        return GetResult(tokens: servedTokens, leaseID: id, pages: served)
+    }
+
+    /// Bytes of RAM a page of `bytes` takes: its extent, rounded up to the allocator's granule.
+    static func extentBytes(_ bytes: Int) -> Int {
+        let granule = ExtentAllocator.granuleBytes
+        return (bytes + granule - 1) / granule * granule
+    }
+
+    /// The leading pages of `pages` whose leases keep the tenant's leased bytes within its RAM
+    /// quota (a page leased already counts once).
+    func fittingQuota(_ tenant: TenantID, _ model: ModelSpec, _ pages: [PageRef]) -> [PageRef] {
+        let quota = configuration.tenantRAMQuotaBytes
+        let pageBytes = Self.extentBytes(model.pageTokens * model.bytesPerToken)
+        return state.withLock { s in
+            var held = s.tenantLeased[tenant] ?? 0
+            var fitting: [PageRef] = []
+            for page in pages {
+                let bytes = s.resident[page.address].map { $0.leases > 0 ? 0 : $0.extent.length } ?? pageBytes
+                guard held + bytes <= quota else { break }
+                held += bytes
+                fitting.append(page)
+            }
+            return fitting
+        }
+    }
+
+    /// Takes a lease on a page in RAM, loading it again if it was evicted since the GET's
+    /// `load` brought it in. Nil when it is not to be had (gone from disk, memory full, damage).
+    private func pin(_ address: PageAddress, _ model: ModelSpec, _ memory: any PageMemory) async -> (extent: Extent, tokens: Int)? {
+        func leased() -> (extent: Extent, tokens: Int)? {
+            state.withLock { $0.lease(address, now: Clocks.monotonicMicros()) }.map { ($0.extent, $0.tokens) }
+        }
+        if let hit = leased() { return hit }
+        await load([address], model, memory, prefetch: false)
+        return leased()
+    }
+}
