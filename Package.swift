@@ -133,8 +133,18 @@ let package = Package(
         ),
         .testTarget(name: "KVTierProtocolTests", dependencies: ["KVTierProtocol", "KVTierCore"]),
         // Starting and waiting for test children (kvtierd, kvtier): one copy for the suites that do.
-        .target(name: "KVTierTestProcess", path: "Tests/KVTierTestProcess"),
-        .testTarget(name: "KVTierClientTests", dependencies: ["KVTierClient", "KVTierProtocol", "KVTierCore", "KVTierTestProcess"]),
+        .target(
+            name: "KVTierTestProcess",
+            dependencies: ["KVTierSystem", .product(name: "SystemPackage", package: "swift-system")],
+            path: "Tests/KVTierTestProcess"
+        ),
+        .testTarget(
+            name: "KVTierClientTests",
+            dependencies: [
+                "KVTierClient", "KVTierProtocol", "KVTierCore", "KVTierSystem", "KVTierTestProcess",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .testTarget(
             name: "KVTierDiskTests",
             dependencies: [

@@ -9,7 +9,7 @@ private func writersGone(_ readEnd: FileDescriptor) throws -> Bool {
     var byte: UInt8 = 0
     do {
         return try withUnsafeMutableBytes(of: &byte) { raw in try readEnd.readSome(into: raw) } == 0
-    } catch where error == .resourceTemporarilyUnavailable {
+    } catch Errno.resourceTemporarilyUnavailable {
         return false
     }
 }
