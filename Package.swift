@@ -31,6 +31,12 @@ let package = Package(
         ),
 
         .target(name: "KVTierCore", dependencies: ["CKVTierKernels"]),
+        // Every system call wrapper, once: files, Unix sockets and SCM_RIGHTS, pipes and poll,
+        // threads, memfd arenas; `Errno` thrown, EINTR retried in one place.
+        .target(
+            name: "KVTierSystem",
+            dependencies: ["KVTierCore", .product(name: "SystemPackage", package: "swift-system")]
+        ),
         // `--version` of both executables: git describe at build time (scripts/version).
         .plugin(name: "BuildVersion", capability: .buildTool()),
         .target(name: "KVTierBuildInfo", plugins: ["BuildVersion"]),
@@ -60,13 +66,14 @@ let package = Package(
         // Swift client of kvtierd: one connection, shared-memory or inline page transfer.
         .target(
             name: "KVTierClient",
-            dependencies: ["KVTierProtocol", "KVTierCore", "KVTierIO", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: ["KVTierProtocol", "KVTierCore", "KVTierSystem", .product(name: "SystemPackage", package: "swift-system")]
         ),
         // Linux block reads for the disk tier: io_uring with a pread thread-pool fallback.
         .target(
             name: "KVTierIO",
             dependencies: [
                 "KVTierStore",
+                "KVTierSystem",
                 "CKVTierURingShim",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
@@ -76,7 +83,7 @@ let package = Package(
         .target(
             name: "KVTierServer",
             dependencies: [
-                "KVTierProtocol", "KVTierCore", "KVTierIO",
+                "KVTierProtocol", "KVTierCore", "KVTierSystem",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
@@ -86,8 +93,9 @@ let package = Package(
         .target(
             name: "KVTierDaemon",
             dependencies: [
-                "KVTierServer", "KVTierStore", "KVTierIO", "KVTierProtocol", "KVTierCodec", "KVTierCore",
+                "KVTierServer", "KVTierStore", "KVTierIO", "KVTierSystem", "KVTierProtocol", "KVTierCodec", "KVTierCore",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ]
@@ -111,6 +119,10 @@ let package = Package(
         ),
 
         .testTarget(name: "KVTierCoreTests", dependencies: ["KVTierCore", "CKVTierKernels"]),
+        .testTarget(
+            name: "KVTierSystemTests",
+            dependencies: ["KVTierSystem", "KVTierCore", .product(name: "SystemPackage", package: "swift-system")]
+        ),
         .testTarget(name: "KVTierCodecTests", dependencies: ["KVTierCodec", "KVTierCore", "CKVTierKernels"]),
         .testTarget(
             name: "KVTierToolsTests",
@@ -121,8 +133,18 @@ let package = Package(
         ),
         .testTarget(name: "KVTierProtocolTests", dependencies: ["KVTierProtocol", "KVTierCore"]),
         // Starting and waiting for test children (kvtierd, kvtier): one copy for the suites that do.
-        .target(name: "KVTierTestProcess", path: "Tests/KVTierTestProcess"),
-        .testTarget(name: "KVTierClientTests", dependencies: ["KVTierClient", "KVTierProtocol", "KVTierCore", "KVTierTestProcess"]),
+        .target(
+            name: "KVTierTestProcess",
+            dependencies: ["KVTierSystem", .product(name: "SystemPackage", package: "swift-system")],
+            path: "Tests/KVTierTestProcess"
+        ),
+        .testTarget(
+            name: "KVTierClientTests",
+            dependencies: [
+                "KVTierClient", "KVTierProtocol", "KVTierCore", "KVTierSystem", "KVTierTestProcess",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .testTarget(
             name: "KVTierDiskTests",
             dependencies: [
@@ -138,7 +160,7 @@ let package = Package(
         .testTarget(
             name: "KVTierIOTests",
             dependencies: [
-                "KVTierIO",
+                "KVTierIO", "KVTierSystem",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -149,8 +171,9 @@ let package = Package(
         .testTarget(
             name: "KVTierServerTests",
             dependencies: [
-                "KVTierServer", "KVTierProtocol", "KVTierIO", "KVTierCore",
+                "KVTierServer", "KVTierProtocol", "KVTierSystem", "KVTierCore",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
     ]

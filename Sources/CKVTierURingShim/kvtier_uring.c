@@ -7,7 +7,6 @@
 #include <fcntl.h>
 #include <liburing.h>
 #include <stdlib.h>
-#include <sys/prctl.h>
 
 struct kvt_uring {
     struct io_uring ring;
@@ -91,5 +90,3 @@ uint32_t kvt_uring_reap(kvt_uring *ring, kvt_uring_completion *out, uint32_t cap
 }
 
 int kvt_open_flag_direct(void) { return O_DIRECT; }
-
-void kvt_set_current_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }

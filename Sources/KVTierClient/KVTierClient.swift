@@ -1,7 +1,7 @@
 @preconcurrency import Glibc
 import KVTierCore
-import KVTierIO
 import KVTierProtocol
+import KVTierSystem
 
 /// The tenant's arenas as this process maps them (the page arena read-only, the staging arena
 /// read-write), shared by the client and the closures it lends pages to (so the mappings outlive

@@ -1,6 +1,8 @@
 @preconcurrency import Glibc
 import Dispatch
+import KVTierCore
 import KVTierProtocol
+import KVTierSystem
 import Synchronization
 import SystemPackage
 
@@ -22,15 +24,16 @@ import SystemPackage
 // by the holder of `gate` (entering and leaving it orders the accesses of successive holders);
 // the rest is immutable.
 final class Transport: @unchecked Sendable {
-    private let gate = ExchangeGate()
+    private let gate = AsyncGate()
     private let queue: DispatchQueue
-    private var socket: ClientSocket?
+    /// The connected socket (blocking, with a receive timeout); nil once closed or broken.
+    private var socket: FileDescriptor?
     private var decoder = FrameDecoder()
     private var nextRequestID: UInt32 = 1
     /// Requests sent without waiting, oldest first: their replies come before any other.
     private var unanswered: [(requestID: UInt32, opcode: Opcode)] = []
     private let receiveBuffer: UnsafeMutableRawBufferPointer
-    private let controlBuffer: UnsafeMutableRawBufferPointer
+    private let controlBuffer = ControlBuffer(maxDescriptors: Transport.maxDescriptors)
     /// 0: wait forever.
     private let replyTimeoutSeconds: Int
     let path: String
@@ -45,19 +48,41 @@ final class Transport: @unchecked Sendable {
     /// Requests sent without waiting that may be outstanding; the next one waits for the
     /// oldest reply first.
     static let maxUnanswered = 16
+    /// The most descriptors one message may bring: the protocol sends two (HELLO's arenas); room
+    /// for more lets us see (and close) extra ones instead of the kernel truncating silently.
+    static let maxDescriptors = 4
 
-    private init(socket: consuming ClientSocket, path: String, replyTimeoutSeconds: Int) {
-        self.socket = consume socket
+    private init(socket: FileDescriptor, path: String, replyTimeoutSeconds: Int) {
+        self.socket = socket
         self.path = path
         self.replyTimeoutSeconds = replyTimeoutSeconds
         queue = DispatchQueue(label: "kvtier.client.transport")
         receiveBuffer = .allocate(byteCount: Self.receiveBufferBytes, alignment: 16)
-        controlBuffer = .allocate(byteCount: ClientSocket.controlSpace(ClientSocket.maxDescriptors), alignment: 8)
     }
 
     deinit {
+        socket?.closeIgnoringErrors()
         receiveBuffer.deallocate()
-        controlBuffer.deallocate()
+    }
+
+    /// A blocking connection to `path` whose receives give up after `inlineReplyWaitMicros`.
+    private static func connectedSocket(path: String) throws(Errno) -> FileDescriptor {
+        let address = try UnixSocketAddress(path)
+        let socket = try FileDescriptor.unixSocket()
+        do throws(Errno) {
+            try socket.connect(to: address)
+            try socket.setTimeout(.receive, micros: Self.inlineReplyWaitMicros)
+            return socket
+        } catch {
+            socket.closeIgnoringErrors()
+            throw error
+        }
+    }
+
+    /// Closes the socket; later exchanges fail.
+    private func dropSocket() {
+        socket?.closeIgnoringErrors()
+        socket = nil
     }
 
     /// Connects to the socket at `path`. `replyTimeoutSeconds` bounds the wait for each reply (0:
@@ -66,8 +91,7 @@ final class Transport: @unchecked Sendable {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Transport, any Error>) in
             DispatchQueue.global().async {
                 do {
-                    let socket = try ClientSocket(connectingTo: path)
-                    try socket.setReceiveTimeout(micros: Self.inlineReplyWaitMicros)
+                    let socket = try connectedSocket(path: path)
                     continuation.resume(returning: Transport(socket: socket, path: path, replyTimeoutSeconds: replyTimeoutSeconds))
                 } catch let error as Errno {
                     let hint = error == .noSuchFileOrDirectory || error == .connectionRefused ? "; is kvtierd running?" : ""
@@ -134,7 +158,7 @@ final class Transport: @unchecked Sendable {
     /// Closes the connection once the exchange in flight (if any) is over.
     func close() async {
         await gate.enter()
-        socket = nil
+        dropSocket()
         gate.leave()
     }
 
@@ -162,7 +186,8 @@ final class Transport: @unchecked Sendable {
 
     private func send(_ frame: [UInt8], _ opcode: Opcode) throws(KVTierClientError) {
         guard socket != nil else { throw .connection("the connection to \(path) is closed") }
-        do { try socket!.sendAll(frame) } catch { throw broken("cannot send \(opcode): \(error) (errno \(error.rawValue))") }
+        let socket = self.socket!
+        do { try socket.sendAll(frame) } catch { throw broken("cannot send \(opcode): \(error) (errno \(error.rawValue))") }
     }
 
     private func replyDeadline() -> ContinuousClock.Instant? {
@@ -242,15 +267,15 @@ final class Transport: @unchecked Sendable {
                 throw broken("bad \(opcode) reply frame: \(error.message)", violation: true)
             }
             if let deadline, !(try waitReadable(until: deadline)) { return nil }
-            let received: ClientSocket.Received
-            do { received = try socket!.receive(into: receiveBuffer, control: controlBuffer) } catch {
+            let received: ReceivedMessage
+            do { received = try socket!.receiveMessage(into: receiveBuffer, control: controlBuffer) } catch {
                 if error == .resourceTemporarilyUnavailable {
                     if deadline == nil { return nil }
                     continue
                 }
                 throw broken("cannot receive the \(opcode) reply: \(error) (errno \(error.rawValue))")
             }
-            pendingDescriptors += received.descriptors
+            pendingDescriptors += received.descriptors.map(\.rawValue)
             guard !received.controlTruncated, !received.unexpectedControl else {
                 throw broken("\(opcode) reply came with control data the protocol does not send (truncated or not SCM_RIGHTS)", violation: true)
             }
@@ -266,10 +291,8 @@ final class Transport: @unchecked Sendable {
         while true {
             let remaining = deadline - ContinuousClock.now
             guard remaining > .zero else { return false }
-            let (seconds, attoseconds) = remaining.components
-            let millis = Int32(clamping: seconds * 1000 + (attoseconds + 999_999_999_999_999) / 1_000_000_000_000_000)
             do {
-                if try socket!.waitReadable(timeoutMillis: millis) { return true }
+                if try Poll.waitReadable(socket!, timeoutMillis: Poll.millisecondsRoundedUp(remaining)) { return true }
             } catch {
                 throw broken("cannot wait for a reply: \(error) (errno \(error.rawValue))")
             }
@@ -278,7 +301,7 @@ final class Transport: @unchecked Sendable {
 
     /// Drops the connection (the stream can no longer be trusted) and returns the error to throw.
     private func broken(_ message: String, violation: Bool = false) -> KVTierClientError {
-        socket = nil
+        dropSocket()
         unanswered = []
         Self.closeAll(pendingDescriptors)
         pendingDescriptors = []
@@ -286,48 +309,6 @@ final class Transport: @unchecked Sendable {
     }
 
     static func closeAll(_ descriptors: [Int32]) {
-        for descriptor in descriptors { _ = Glibc.close(descriptor) }
-    }
-}
-
-/// Mutual exclusion for async callers, first come first served: the holder may suspend (and
-/// resume on another thread) while holding it, which a lock does not allow.
-final class ExchangeGate: Sendable {
-    private struct State {
-        var held = false
-        var waiters: [CheckedContinuation<Void, Never>] = []
-    }
-
-    private let state = Mutex(State())
-
-    func enter() async {
-        if state.withLock({ s in
-            if s.held { return false }
-            s.held = true
-            return true
-        }) { return }
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let now = state.withLock { s -> Bool in
-                if !s.held {
-                    s.held = true
-                    return true
-                }
-                s.waiters.append(continuation)
-                return false
-            }
-            if now { continuation.resume() }
-        }
-    }
-
-    /// Hands the gate to the oldest waiter, or opens it.
-    func leave() {
-        let next = state.withLock { s -> CheckedContinuation<Void, Never>? in
-            guard !s.waiters.isEmpty else {
-                s.held = false
-                return nil
-            }
-            return s.waiters.removeFirst()
-        }
-        next?.resume()
+        for descriptor in descriptors { FileDescriptor(rawValue: descriptor).closeIgnoringErrors() }
     }
 }

@@ -1,8 +1,10 @@
 #if canImport(Glibc)
 @preconcurrency import Glibc
 #endif
+import KVTierSystem
 import Logging
 import Synchronization
+import SystemPackage
 
 /// A minimal HTTP/1.1 responder for Prometheus scrapes, on one blocking thread: `GET /metrics`
 /// answers the exposition, any other path 404, any other method 405; one request per
@@ -79,26 +81,11 @@ public final class MetricsHTTPServer: Sendable {
 
     /// Serves on a detached thread until `stop()`; `exposition` is called once per scrape.
     public func start(exposition: @escaping @Sendable () -> [UInt8]) {
-        var attributes = pthread_attr_t()
-        pthread_attr_init(&attributes)
-        pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
-        defer { pthread_attr_destroy(&attributes) }
-        let body = Unmanaged.passRetained(ThreadBody { [self] in self.serve(exposition: exposition) }).toOpaque()
-        var thread = pthread_t()
-        let status = pthread_create(&thread, &attributes, { context in
-            guard let context else { return nil }
-            Unmanaged<ThreadBody>.fromOpaque(context).takeRetainedValue().run()
-            return nil
-        }, body)
-        if status != 0 {
-            Unmanaged<ThreadBody>.fromOpaque(body).release()
-            logger.error("metrics thread could not start", metadata: ["errno": "\(status)"])
+        do {
+            try SystemThread(name: "kvt-metrics") { [self] in self.serve(exposition: exposition) }.detach()
+        } catch {
+            logger.error("metrics thread could not start", metadata: ["errno": "\(error.rawValue)"])
         }
-    }
-
-    private final class ThreadBody {
-        let run: @Sendable () -> Void
-        init(_ run: @escaping @Sendable () -> Void) { self.run = run }
     }
 
     /// Stops accepting and closes the socket (within `pollMillis`).
@@ -107,24 +94,21 @@ public final class MetricsHTTPServer: Sendable {
     }
 
     private func serve(exposition: @Sendable () -> [UInt8]) {
-        defer { close(descriptor) }
+        let listening = FileDescriptor(rawValue: descriptor)
+        defer { listening.closeIgnoringErrors() }
         while !stopping.load(ordering: .acquiring) {
-            var poller = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
-            let ready = poll(&poller, 1, Self.pollMillis)
-            guard ready > 0 else { continue }
-            let client = accept(descriptor, nil, nil)
-            guard client >= 0 else { continue }
-            _ = fcntl(client, F_SETFD, FD_CLOEXEC)
+            guard (try? Poll.waitReadable(listening, timeoutMillis: Self.pollMillis)) == true,
+                  let client = try? listening.acceptConnection(nonBlocking: false)
+            else { continue }
             answer(client, exposition: exposition)
-            close(client)
+            client.closeIgnoringErrors()
         }
     }
 
     /// Reads one request head and writes one response.
-    private func answer(_ client: Int32, exposition: () -> [UInt8]) {
-        var timeout = timeval(tv_sec: Self.ioTimeoutMillis / 1000, tv_usec: (Self.ioTimeoutMillis % 1000) * 1000)
-        _ = setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        _ = setsockopt(client, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    private func answer(_ client: FileDescriptor, exposition: () -> [UInt8]) {
+        try? client.setTimeout(.receive, micros: Self.ioTimeoutMillis * 1000)
+        try? client.setTimeout(.send, micros: Self.ioTimeoutMillis * 1000)
         var head: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 2048)
         let terminator: [UInt8] = Array("\r\n\r\n".utf8)
@@ -133,9 +117,8 @@ public final class MetricsHTTPServer: Sendable {
                 respond(client, status: "431 Request Header Fields Too Large", body: Array("request too large\n".utf8))
                 return
             }
-            let n = chunk.withUnsafeMutableBytes { recv(client, $0.baseAddress, $0.count, 0) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { return }  // Closed, reset or timed out: nothing to answer.
+            // Closed, reset or timed out: nothing to answer.
+            guard let n = try? chunk.withUnsafeMutableBytes({ raw in try client.receive(into: raw) }), n > 0 else { return }
             head += chunk[0..<n]
             if head.count >= 4, head.firstRange(of: terminator) != nil { break }
         }
@@ -158,17 +141,12 @@ public final class MetricsHTTPServer: Sendable {
                 omitBody: parts[0] == "HEAD")
     }
 
-    private func respond(_ client: Int32, status: String, body: [UInt8], contentType: String = "text/plain; charset=utf-8",
+    private func respond(_ client: FileDescriptor, status: String, body: [UInt8], contentType: String = "text/plain; charset=utf-8",
                          extraHeaders: String = "", omitBody: Bool = false) {
         let header = "HTTP/1.1 \(status)\r\nContent-Type: \(contentType)\r\nContent-Length: \(body.count)\r\n\(extraHeaders)Connection: close\r\n\r\n"
         var bytes = Array(header.utf8)
         if !omitBody { bytes += body }
-        var offset = 0
-        while offset < bytes.count {
-            let n = bytes.withUnsafeBytes { send(client, $0.baseAddress! + offset, $0.count - offset, Int32(MSG_NOSIGNAL)) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { return }
-            offset += n
-        }
+        // A peer that stops reading gives up the send after SO_SNDTIMEO; nothing else to do.
+        try? client.sendAll(bytes)
     }
 }

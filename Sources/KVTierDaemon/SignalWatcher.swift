@@ -2,7 +2,9 @@
 @preconcurrency import Glibc
 #endif
 import Dispatch
+import KVTierSystem
 import Synchronization
+import SystemPackage
 
 /// Turns signals into callbacks on a dispatch queue, without ever losing one.
 ///
@@ -45,32 +47,36 @@ private final class SignalRouter: Sendable {
         var installed: Set<Int32> = []
     }
     private let watchers = Mutex(Watchers())
-    private let readDescriptor: Int32
+    private let readDescriptor: FileDescriptor?
     /// Byte written to wake the reader so it unblocks newly caught signals.
     private static let refreshByte: UInt8 = 0
 
     private init() {
-        var ends: [Int32] = [-1, -1]
-        guard pipe(&ends) == 0 else {
+        // The handler must never block (its end is non-blocking); the reader does (its end is
+        // made blocking again).
+        guard let pipe = try? FileDescriptor.nonBlockingPipe(),
+              (try? pipe.readEnd.removeStatusFlags(O_NONBLOCK)) != nil
+        else {
             // No pipe: nothing is caught and the default dispositions stay (a signal ends the process).
-            readDescriptor = -1
+            readDescriptor = nil
             return
         }
-        for descriptor in ends { _ = fcntl(descriptor, F_SETFD, FD_CLOEXEC) }
-        // The handler must never block; the reader does.
-        _ = fcntl(ends[1], F_SETFL, fcntl(ends[1], F_GETFL) | O_NONBLOCK)
-        readDescriptor = ends[0]
-        signalPipeWriteDescriptor = ends[1]
-        var thread = pthread_t()
-        if pthread_create(&thread, nil, { _ in SignalRouter.shared.readLoop(); return nil }, nil) == 0 {
-            pthread_detach(thread)
+        signalPipeWriteDescriptor = pipe.writeEnd.rawValue
+        // Without the thread, caught signals would wait in the pipe forever; it starts before
+        // any handler is installed, so a failure here leaves the default dispositions. (It
+        // reaches `shared` only once this initializer has returned.)
+        do {
+            try SystemThread(name: "kvt-signals") { SignalRouter.shared.readLoop() }.detach()
+            readDescriptor = pipe.readEnd
+        } catch {
+            readDescriptor = nil
         }
     }
 
     func register(signals: [Int32], handler: @escaping @Sendable (Int32) -> Void) -> UInt64 {
         let (id, added) = watchers.withLock { state -> (UInt64, Bool) in
             var added = false
-            for number in signals where !state.installed.contains(number) && readDescriptor >= 0 {
+            for number in signals where !state.installed.contains(number) && readDescriptor != nil {
                 Self.installHandler(number)
                 state.installed.insert(number)
                 added = true
@@ -107,6 +113,7 @@ private final class SignalRouter: Sendable {
     }
 
     private func readLoop() {
+        guard let readDescriptor else { return }
         var buffer = [UInt8](repeating: 0, count: 64)
         while true {
             let installed = watchers.withLock { $0.installed }
@@ -114,9 +121,9 @@ private final class SignalRouter: Sendable {
             sigemptyset(&set)
             for number in installed { sigaddset(&set, number) }
             pthread_sigmask(SIG_UNBLOCK, &set, nil)
-            let count = buffer.withUnsafeMutableBytes { read(readDescriptor, $0.baseAddress, $0.count) }
-            if count < 0 && errno == EINTR { continue }
-            guard count > 0 else { return }
+            guard let count = try? buffer.withUnsafeMutableBytes({ raw in try readDescriptor.readSome(into: raw) }),
+                  count > 0
+            else { return }
             for byte in buffer[0..<count] where byte != Self.refreshByte {
                 let number = Int32(byte)
                 let handlers = watchers.withLock { state in state.handlers.values.filter { $0.signals.contains(number) }.map(\.run) }

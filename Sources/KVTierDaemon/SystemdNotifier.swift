@@ -3,7 +3,9 @@
 #endif
 import Dispatch
 import KVTierCore
+import KVTierSystem
 import Logging
+import SystemPackage
 import Synchronization
 
 /// The sd_notify protocol, spoken directly (no libsystemd): one datagram per message to the
@@ -13,9 +15,6 @@ import Synchronization
 /// Messages kvtierd sends: `STATUS=…` while starting, `READY=1` once recovery is done and the
 /// socket accepts, `WATCHDOG=1` every half `WATCHDOG_USEC`, `STOPPING=1` on shutdown.
 public final class SystemdNotifier: Sendable {
-    /// Longest `NOTIFY_SOCKET` value that fits `sockaddr_un.sun_path`.
-    static let maxAddressBytes = 107
-
     /// The socket address as given in `NOTIFY_SOCKET`; nil when not run under systemd.
     public let address: String?
     /// Interval between `WATCHDOG=1` pings (half of `WATCHDOG_USEC`); nil when the watchdog is
@@ -107,37 +106,24 @@ public final class SystemdNotifier: Sendable {
     }
 
     static func send(_ message: String, to address: String) throws(NotifyError) {
-        let path = Array(address.utf8)
-        guard path.count <= maxAddressBytes, path.first == UInt8(ascii: "/") || path.first == UInt8(ascii: "@") else {
+        guard address.first == "/" || address.first == "@" else {
             throw NotifyError(operation: "NOTIFY_SOCKET '\(address)' is not an absolute path or @abstract name", errno: EINVAL)
         }
-        let descriptor = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard descriptor >= 0 else { throw NotifyError(operation: "socket", errno: errno) }
-        defer { close(descriptor) }
-        var storage = sockaddr_un()
-        storage.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &storage.sun_path) { raw in
-            for (index, byte) in path.enumerated() { raw[index] = byte }
-            if path.first == UInt8(ascii: "@") { raw[0] = 0 }  // Abstract namespace.
+        let target: UnixSocketAddress
+        do {
+            target = address.first == "@" ? try .abstract(String(address.dropFirst())) : try UnixSocketAddress(address)
+        } catch {
+            throw NotifyError(operation: "NOTIFY_SOCKET '\(address)' does not fit a Unix socket address", errno: error.rawValue)
         }
-        let length = socklen_t(MemoryLayout<sa_family_t>.size + path.count)
-        let bytes = Array(message.utf8)
-        let sent = withUnsafePointer(to: &storage) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
-                bytes.withUnsafeBytes { buffer in
-                    var result: Int
-                    repeat {
-                        // Never blocks: a Unix datagram socket whose reader lags (its queue holds
-                        // max_dgram_qlen, 10 by default) would otherwise stall the caller, a
-                        // watchdog tick or a request thread, until the manager reads again. A
-                        // notification that does not fit is dropped and logged.
-                        result = sendto(descriptor, buffer.baseAddress, buffer.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT), address, length)
-                    } while result < 0 && errno == EINTR
-                    return result
-                }
-            }
-        }
-        guard sent >= 0 else { throw NotifyError(operation: "sendto \(address)", errno: errno) }
+        let socket: FileDescriptor
+        do { socket = try FileDescriptor.unixSocket(.datagram) } catch { throw NotifyError(operation: "socket", errno: error.rawValue) }
+        defer { socket.closeIgnoringErrors() }
+        // Never blocks (sendDatagram is MSG_DONTWAIT): a Unix datagram socket whose reader lags
+        // (its queue holds max_dgram_qlen, 10 by default) would otherwise stall the caller, a
+        // watchdog tick or a request thread, until the manager reads again. A notification that
+        // does not fit is dropped and logged.
+        let sent = Array(message.utf8).withUnsafeBytes { raw in Result { () throws(Errno) in try socket.sendDatagram(raw, to: target) } }
+        if case .failure(let error) = sent { throw NotifyError(operation: "sendto \(address)", errno: error.rawValue) }
     }
 }
 

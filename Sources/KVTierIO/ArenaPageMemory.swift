@@ -1,4 +1,6 @@
+import KVTierCore
 import KVTierStore
+import KVTierSystem
 import Logging
 import Synchronization
 import SystemPackage

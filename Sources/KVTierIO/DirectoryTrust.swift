@@ -1,4 +1,6 @@
 @preconcurrency import Glibc
+import KVTierSystem
+import SystemPackage
 
 /// The directories kvtierd keeps its state and socket in must be its own: a directory another
 /// user owns, or may write, lets that user read the catalog, swap files for symbolic links, or
@@ -18,32 +20,30 @@ public enum DirectoryTrust {
     /// symbolic link, so the directory it names is what is checked) and each directory this
     /// call created.
     public static func prepare(_ path: String, mode: mode_t = 0o700, owner: uid_t = geteuid()) throws(Refused) {
-        let path = path.hasPrefix("/") ? path : currentDirectory() + "/" + path
+        let path = path.hasPrefix("/") ? path : (FileSystem.currentDirectory() ?? ".") + "/" + path
         var prefix = ""
         var created: [String] = []
         for part in path.split(separator: "/") where part != "." {
             prefix += "/" + part
-            if mkdir(prefix, mode) == 0 {
-                created.append(prefix)
-            } else if errno != EEXIST {
-                throw Refused(path: prefix, reason: "mkdir failed: \(String(cString: strerror(errno)))")
+            do {
+                if try FileSystem.makeDirectory(prefix, mode: mode) { created.append(prefix) }
+            } catch {
+                throw Refused(path: prefix, reason: "mkdir failed: \(error)")
             }
         }
         for directory in created { try check(directory, owner: owner, follow: false) }
         try check(path, owner: owner, follow: true)
     }
 
-    private static func currentDirectory() -> String {
-        guard let pointer = getcwd(nil, 0) else { return "." }
-        defer { free(pointer) }
-        return String(cString: pointer)
-    }
-
     /// Whether `path` is a directory owned by `owner` and not writable by group or others.
     public static func check(_ path: String, owner: uid_t = geteuid(), follow: Bool = true) throws(Refused) {
-        var status = stat()
-        guard (follow ? stat(path, &status) : lstat(path, &status)) == 0 else {
-            throw Refused(path: path, reason: "stat failed: \(String(cString: strerror(errno)))")
+        let status: stat
+        do {
+            let found: stat? = follow ? try FileSystem.status(path) : try FileSystem.linkStatus(path)
+            guard let found else { throw Errno.noSuchFileOrDirectory }
+            status = found
+        } catch {
+            throw Refused(path: path, reason: "stat failed: \(error)")
         }
         guard status.st_mode & S_IFMT == S_IFDIR else { throw Refused(path: path, reason: "not a directory") }
         guard status.st_uid == owner else {

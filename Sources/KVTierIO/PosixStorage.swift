@@ -1,5 +1,6 @@
 @preconcurrency import Glibc
 import KVTierStore
+import KVTierSystem
 import Logging
 import Synchronization
 import SystemPackage
@@ -28,53 +29,42 @@ public final class PosixStorage: Storage {
         var prefix = full.hasPrefix("/") ? "" : "."
         for part in full.split(separator: "/") {
             prefix += "/" + part
-            if mkdir(prefix, 0o750) != 0 && errno != EEXIST { throw Self.error(errno, "mkdir", prefix) }
+            do { try FileSystem.makeDirectory(prefix, mode: 0o750) } catch { throw Self.error(error, "mkdir", prefix) }
         }
     }
 
     public func list(_ directory: String) throws(StorageError) -> [String] {
         let path = absolute(directory)
-        guard let handle = opendir(path) else { throw Self.error(errno, "opendir", path) }
-        defer { closedir(handle) }
-        var names: [String] = []
-        while let entry = readdir(handle) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
-            }
-            if name != "." && name != ".." { names.append(name) }
-        }
-        return names
+        do { return try FileSystem.directoryEntries(path) } catch { throw Self.error(error, "opendir", path) }
     }
 
-    public func exists(_ path: String) -> Bool { access(absolute(path), F_OK) == 0 }
+    public func exists(_ path: String) -> Bool { FileSystem.exists(absolute(path)) }
 
     public func open(_ path: String, _ mode: OpenMode) throws(StorageError) -> any StorageFile {
         let full = absolute(path)
         // O_NOFOLLOW: a symbolic link planted in the state directory is refused (ELOOP), never
         // followed to a file someone else chose.
-        let flags: Int32 = (mode == .read ? O_RDONLY | O_CLOEXEC : O_RDWR | O_CREAT | O_CLOEXEC) | O_NOFOLLOW
-        let fd = Glibc.open(full, flags, 0o640)
-        guard fd >= 0 else {
-            if errno == ELOOP { throw Self.error(ELOOP, "open (a symbolic link: kvtierd never follows links in its state directory; remove it)", full) }
-            throw Self.error(errno, "open", full)
+        let flags: Int32 = (mode == .read ? O_RDONLY : O_RDWR | O_CREAT) | O_NOFOLLOW
+        do {
+            return PosixFile(descriptor: try FileDescriptor.open(path: full, flags: flags, mode: 0o640), path: full, logger: logger)
+        } catch where error == .tooManySymbolicLinkLevels {
+            throw Self.error(error, "open (a symbolic link: kvtierd never follows links in its state directory; remove it)", full)
+        } catch {
+            throw Self.error(error, "open", full)
         }
-        return PosixFile(descriptor: fd, path: full, logger: logger)
     }
 
     public func rename(_ from: String, _ to: String) throws(StorageError) {
-        if Glibc.rename(absolute(from), absolute(to)) != 0 { throw Self.error(errno, "rename", absolute(from)) }
+        do { try FileSystem.rename(absolute(from), to: absolute(to)) } catch { throw Self.error(error, "rename", absolute(from)) }
     }
 
     public func remove(_ path: String) throws(StorageError) {
-        if unlink(absolute(path)) != 0 { throw Self.error(errno, "unlink", absolute(path)) }
+        do { try FileSystem.unlink(absolute(path)) } catch { throw Self.error(error, "unlink", absolute(path)) }
     }
 
     public func syncDirectory(_ directory: String) throws(StorageError) {
         let path = absolute(directory)
-        let fd = Glibc.open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard fd >= 0 else { throw Self.error(errno, "open directory", path) }
-        defer { Glibc.close(fd) }
-        if fsync(fd) != 0 { throw Self.error(errno, "fsync directory", path) }
+        do { try FileSystem.synchronizeDirectory(path) } catch { throw Self.error(error, "fsync directory", path) }
     }
 
     public func read(_ requests: [BlockRead]) async -> [Result<Int, StorageError>] {
@@ -106,6 +96,10 @@ public final class PosixStorage: Storage {
         return results
     }
 
+    static func error(_ errno: Errno, _ operation: String, _ path: String) -> StorageError {
+        error(errno.rawValue, operation, path)
+    }
+
     static func error(_ code: Int32, _ operation: String, _ path: String) -> StorageError {
         let mapped: StorageError.Code
         switch code {
@@ -124,7 +118,7 @@ public final class PosixStorage: Storage {
 /// opened read-only descriptor (O_DIRECT where the file system allows) for batched page reads.
 final class PosixFile: StorageFile, @unchecked Sendable {
     // Invariant: `descriptor` is immutable after init; `direct` is set once under `lock`.
-    let descriptor: Int32
+    let descriptor: FileDescriptor
     let path: String
     let logger: Logger
     private let direct = Mutex<DirectHandle?>(nil)
@@ -135,54 +129,32 @@ final class PosixFile: StorageFile, @unchecked Sendable {
         init(_ file: consuming SegmentFile) { self.file = file }
     }
 
-    init(descriptor: Int32, path: String, logger: Logger) {
+    init(descriptor: FileDescriptor, path: String, logger: Logger) {
         self.descriptor = descriptor
         self.path = path
         self.logger = logger
     }
 
-    deinit { Glibc.close(descriptor) }
+    deinit { descriptor.closeIgnoringErrors() }
 
     func write(_ bytes: UnsafeRawBufferPointer, at offset: Int) throws(StorageError) {
-        var done = 0
-        while done < bytes.count {
-            let n = pwrite(descriptor, bytes.baseAddress! + done, bytes.count - done, off_t(offset + done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw PosixStorage.error(errno, "write", path)
-            }
-            done += n
-        }
+        do { try descriptor.writeAll(bytes, at: offset) } catch { throw PosixStorage.error(error, "write", path) }
     }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws(StorageError) -> Int {
-        var done = 0
-        while done < buffer.count {
-            let n = pread(descriptor, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw PosixStorage.error(errno, "read", path)
-            }
-            if n == 0 { break }
-            done += n
-        }
-        return done
+        do { return try descriptor.readFully(into: buffer, at: offset) } catch { throw PosixStorage.error(error, "read", path) }
     }
 
     func sync() throws(StorageError) {
-        while fdatasync(descriptor) != 0 {
-            if errno != EINTR { throw PosixStorage.error(errno, "fdatasync", path) }
-        }
+        do { try descriptor.synchronizeData() } catch { throw PosixStorage.error(error, "fdatasync", path) }
     }
 
     func truncate(to size: Int) throws(StorageError) {
-        if ftruncate(descriptor, off_t(size)) != 0 { throw PosixStorage.error(errno, "ftruncate", path) }
+        do { try descriptor.truncate(to: size) } catch { throw PosixStorage.error(error, "ftruncate", path) }
     }
 
     func size() throws(StorageError) -> Int {
-        var info = stat()
-        if fstat(descriptor, &info) != 0 { throw PosixStorage.error(errno, "fstat", path) }
-        return Int(info.st_size)
+        do { return Int(try descriptor.status().st_size) } catch { throw PosixStorage.error(error, "fstat", path) }
     }
 
     func close() {}

@@ -1,4 +1,5 @@
 @preconcurrency import Glibc
+import KVTierSystem
 import Logging
 import SystemPackage
 
@@ -55,7 +56,7 @@ private final class PreadPool: Sendable {
     let maxBytesPerCall: Int
     let logger: Logger
     let queue = ConditionLock(State())
-    private let threads = ConditionLock<[KernelThread]>([])
+    private let threads = ConditionLock<[SystemThread]>([])
 
     init(maxBytesPerCall: Int, logger: Logger) {
         self.maxBytesPerCall = maxBytesPerCall
@@ -65,7 +66,7 @@ private final class PreadPool: Sendable {
     func start(threads count: Int) throws(Errno) {
         for number in 0..<count {
             do {
-                let thread = try KernelThread(name: "kvtier-pread\(number)") { [self] in runWorker() }
+                let thread = try SystemThread(name: "kvtier-pread\(number)") { [self] in runWorker() }
                 threads.withLock { $0.append(thread) }
             } catch {
                 close()

@@ -1,5 +1,6 @@
 @preconcurrency import Glibc
 import CKVTierURingShim
+import KVTierSystem
 import SystemPackage
 
 /// How a segment file is read.
@@ -69,16 +70,13 @@ public struct SegmentFile: ~Copyable {
 
     /// The file's size in bytes.
     public func size() throws(Errno) -> Int64 {
-        var status = stat()
-        guard fstat(descriptor.rawValue, &status) == 0 else { throw Errno(rawValue: errno) }
-        return Int64(status.st_size)
+        Int64(try descriptor.status().st_size)
     }
 
     /// Asks the kernel to drop cached pages of the range (`length` 0: to the end of the file),
     /// `posix_fadvise(POSIX_FADV_DONTNEED)`. Harmless in `.direct` mode.
     public func dropCachedPages(offset: Int64 = 0, length: Int64 = 0) throws(Errno) {
-        let status = posix_fadvise(descriptor.rawValue, off_t(offset), off_t(length), POSIX_FADV_DONTNEED)
-        guard status == 0 else { throw Errno(rawValue: status) }
+        try descriptor.dropCachedPages(offset: offset, length: length)
     }
 
     /// A request to read `length` bytes at `offset` into `destination`, marked direct when this

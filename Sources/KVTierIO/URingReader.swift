@@ -1,4 +1,5 @@
 import CKVTierURingShim
+import KVTierSystem
 import Logging
 import Synchronization
 import SystemPackage
@@ -91,7 +92,7 @@ private final class URingCore: @unchecked Sendable {
     let maxBytesPerCall: Int
     let logger: Logger
     let state: Mutex<State>
-    let thread = Mutex<KernelThread?>(nil)
+    let thread = Mutex<SystemThread?>(nil)
 
     init(ring: consuming URing, maxBytesPerCall: Int, logger: Logger) {
         let entries = ring.entries
@@ -102,7 +103,7 @@ private final class URingCore: @unchecked Sendable {
     }
 
     func startCompletionThread() throws(Errno) {
-        let started = try KernelThread(name: "kvtier-uring") { [self] in runCompletions() }
+        let started = try SystemThread(name: "kvtier-uring") { [self] in runCompletions() }
         thread.withLock { $0 = started }
     }
 

@@ -1,5 +1,6 @@
 @preconcurrency import Glibc
 import KVTierProtocol
+import KVTierSystem
 import SystemPackage
 
 /// One accepted client socket (non-blocking), driven by its own thread: reads frames through a
@@ -25,8 +26,8 @@ final class Connection {
         case failed(Errno)
     }
 
-    let descriptor: Int32
-    private let wakeDescriptor: Int32
+    let descriptor: FileDescriptor
+    private let wakeDescriptor: FileDescriptor
     private let frameTimeout: Duration
     private let handshakeTimeout: Duration
     private let idleTimeout: Duration
@@ -53,7 +54,7 @@ final class Connection {
     private var bytesAppended = 0
     private var bytesDelivered = 0
 
-    init(descriptor: Int32, wakeDescriptor: Int32, configuration: ServerConfiguration, budget: FrameBudget, uid: UInt32) {
+    init(descriptor: FileDescriptor, wakeDescriptor: FileDescriptor, configuration: ServerConfiguration, budget: FrameBudget, uid: UInt32) {
         self.descriptor = descriptor
         self.wakeDescriptor = wakeDescriptor
         self.frameTimeout = configuration.frameTimeout
@@ -123,9 +124,11 @@ final class Connection {
                             // No room: leave the socket unread (the sender blocks) and look again
                             // shortly; the frame clock keeps running.
                             let pause = min(deadline.map { $0 - now } ?? Self.budgetRecheck, Self.budgetRecheck)
-                            var fds = [pollfd(fd: wakeDescriptor, events: Int16(POLLIN), revents: 0)]
-                            do { _ = try SocketSystem.poll(&fds, timeoutMillis: Self.millisecondsRoundedUp(pause)) } catch { return .failed(error) }
-                            if fds[0].revents != 0 { return .stopping }
+                            do {
+                                if try Poll.waitReadable(wakeDescriptor, timeoutMillis: Poll.millisecondsRoundedUp(pause)) { return .stopping }
+                            } catch {
+                                return .failed(error)
+                            }
                             continue
                         }
                         reservedBytes = frameBytes
@@ -135,17 +138,14 @@ final class Connection {
                     readLimit = min(readLimit, max(missing, 1))
                 }
             }
-            let timeoutMillis = deadline.map { Self.millisecondsRoundedUp($0 - now) } ?? -1
-            var fds = [
-                pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0),
-                pollfd(fd: wakeDescriptor, events: Int16(POLLIN), revents: 0),
-            ]
-            do { _ = try SocketSystem.poll(&fds, timeoutMillis: timeoutMillis) } catch { return .failed(error) }
+            let timeoutMillis = deadline.map { Poll.millisecondsRoundedUp($0 - now) } ?? -1
+            var fds = [pollfd(descriptor, events: Int16(POLLIN)), pollfd(wakeDescriptor, events: Int16(POLLIN))]
+            do { _ = try Poll.wait(&fds, timeoutMillis: timeoutMillis) } catch { return .failed(error) }
             if fds[1].revents != 0 { return .stopping }
             guard fds[0].revents != 0 else { continue }
             let count: Int
             do {
-                count = try SocketSystem.receive(descriptor, into: UnsafeMutableRawBufferPointer(rebasing: receiveBuffer[..<readLimit]))
+                count = try descriptor.receive(into: UnsafeMutableRawBufferPointer(rebasing: receiveBuffer[..<readLimit]), wait: false)
             } catch where error == .resourceTemporarilyUnavailable {
                 continue
             } catch {
@@ -170,11 +170,11 @@ final class Connection {
     func send(_ bytes: [UInt8], descriptors: [Int32] = []) throws(Errno) {
         let deadline = ContinuousClock.now + frameTimeout
         var offset = 0
-        var pendingDescriptors = descriptors
+        var pendingDescriptors = descriptors.map(FileDescriptor.init(rawValue:))
         while offset < bytes.count {
             let attempt = bytes.withUnsafeBytes { raw in
                 Result { () throws(Errno) -> Int in
-                    try SocketSystem.send(descriptor, UnsafeRawBufferPointer(rebasing: raw[offset...]), descriptors: pendingDescriptors)
+                    try descriptor.sendMessage(UnsafeRawBufferPointer(rebasing: raw[offset...]), descriptors: pendingDescriptors, wait: false)
                 }
             }
             switch attempt {
@@ -184,17 +184,11 @@ final class Connection {
             case .failure(let error) where error == .resourceTemporarilyUnavailable:
                 let remaining = deadline - ContinuousClock.now
                 guard remaining > .zero else { throw .timedOut }
-                var fds = [pollfd(fd: descriptor, events: Int16(POLLOUT), revents: 0)]
-                _ = try SocketSystem.poll(&fds, timeoutMillis: Self.millisecondsRoundedUp(remaining))
+                var fds = [pollfd(descriptor, events: Int16(POLLOUT))]
+                _ = try Poll.wait(&fds, timeoutMillis: Poll.millisecondsRoundedUp(remaining))
             case .failure(let error):
                 throw error
             }
         }
-    }
-
-    static func millisecondsRoundedUp(_ duration: Duration) -> Int32 {
-        let (seconds, attoseconds) = duration.components
-        let millis = seconds * 1000 + (attoseconds + 999_999_999_999_999) / 1_000_000_000_000_000
-        return Int32(clamping: max(millis, 0))
     }
 }

@@ -1,5 +1,6 @@
 import KVTierCore
 import KVTierProtocol
+import KVTierSystem
 import Logging
 import SystemPackage
 
@@ -16,7 +17,7 @@ extension KVServer {
     }
 
     /// The connection thread's body.
-    func serve(connectionID: UInt64, descriptor: Int32, peer: PeerCredentials, wakeDescriptor: Int32) {
+    func serve(connectionID: UInt64, descriptor: FileDescriptor, peer: PeerCredentials, wakeDescriptor: FileDescriptor) {
         var logger = self.logger
         logger[metadataKey: "connection"] = "\(connectionID)"
         logger.debug("connection opened", metadata: ["uid": "\(peer.uid)", "gid": "\(peer.gid)", "pid": "\(peer.pid)"])
@@ -26,7 +27,7 @@ extension KVServer {
         let reason = serveFrames(connection, connectionID: connectionID, peer: peer, context: &context, logger: logger)
         if let context {
             let handler = self.handler
-            ServerThread.awaitTask { await handler.connectionClosed(context) }
+            TaskBridge.awaitTask { await handler.connectionClosed(context) }
         }
         finish(connectionID: connectionID)
         logger.debug("connection closed", metadata: ["reason": "\(reason)"])
@@ -154,7 +155,7 @@ extension KVServer {
             reply = immediate
             ServerCounters.increment(counters.immediateReplies)
         case .pending(let rest):
-            reply = ServerThread.awaitTask(rest, started: { task in
+            reply = TaskBridge.awaitTask(rest, started: { task in
                 state.withLock { $0.connections[context.connectionID]?.task = task }
             })
             state.withLock { $0.connections[context.connectionID]?.task = nil }

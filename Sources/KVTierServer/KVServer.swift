@@ -1,6 +1,7 @@
 @preconcurrency import Glibc
 import KVTierCore
 import KVTierProtocol
+import KVTierSystem
 import Logging
 import Synchronization
 import SystemPackage
@@ -58,9 +59,9 @@ public final class KVServer: Sendable {
         var stopRequested = false
         var stopWaiter: CheckedContinuation<Void, Never>?
         /// Readable once shutdown begins (one byte, never drained): wakes every polling thread.
-        var wake: (read: Int32, write: Int32)?
+        var wake: (readEnd: FileDescriptor, writeEnd: FileDescriptor)?
         /// A byte per liveness probe, drained by the accept loop.
-        var probe: (read: Int32, write: Int32)?
+        var probe: (readEnd: FileDescriptor, writeEnd: FileDescriptor)?
         var acceptLoopRunning = false
         var acceptFailure: ServerError?
         var nextConnectionID: UInt64 = 1
@@ -72,7 +73,7 @@ public final class KVServer: Sendable {
     struct Entry {
         /// Closed only under the state lock, when the entry is removed, so a forced shutdown
         /// never touches a reused descriptor number.
-        var descriptor: Int32
+        var descriptor: FileDescriptor
         var uid: UInt32
         /// The handler task in progress, cancelled by a forced shutdown.
         var task: Task<Void, Never>?
@@ -99,8 +100,8 @@ public final class KVServer: Sendable {
         // Every thread that polls the wake pipe holds a reference to self, so none is left.
         let (wake, probe) = state.withLock { ($0.wake, $0.probe) }
         for pipe in [wake, probe].compactMap({ $0 }) {
-            SocketSystem.close(pipe.read)
-            SocketSystem.close(pipe.write)
+            pipe.readEnd.closeIgnoringErrors()
+            pipe.writeEnd.closeIgnoringErrors()
         }
     }
 
@@ -109,12 +110,12 @@ public final class KVServer: Sendable {
 
     /// Serves until `shutdown()`; throws when the listener fails (the server shuts down first).
     public func run() async throws {
-        let wake: (read: Int32, write: Int32)
-        let probe: (read: Int32, write: Int32)
-        do { wake = try SocketSystem.makePipe() } catch { throw ServerError.system(operation: "pipe2", error) }
-        do { probe = try SocketSystem.makePipe() } catch {
-            SocketSystem.close(wake.read)
-            SocketSystem.close(wake.write)
+        let wake: (readEnd: FileDescriptor, writeEnd: FileDescriptor)
+        let probe: (readEnd: FileDescriptor, writeEnd: FileDescriptor)
+        do { wake = try FileDescriptor.nonBlockingPipe() } catch { throw ServerError.system(operation: "pipe2", error) }
+        do { probe = try FileDescriptor.nonBlockingPipe() } catch {
+            wake.readEnd.closeIgnoringErrors()
+            wake.writeEnd.closeIgnoringErrors()
             throw ServerError.system(operation: "pipe2", error)
         }
         let stopAlready = state.withLock { state in
@@ -125,9 +126,9 @@ public final class KVServer: Sendable {
             state.acceptLoopRunning = true
             return state.stopRequested
         }
-        if stopAlready { try? SocketSystem.write(wake.write, byte: 1) }
+        if stopAlready { try? wake.writeEnd.writeByte(1) }
         do {
-            try ServerThread.start(name: "kvt-accept") { self.acceptLoop(wakeDescriptor: wake.read, probeDescriptor: probe.read) }
+            try SystemThread(name: "kvt-accept") { self.acceptLoop(wakeDescriptor: wake.readEnd, probeDescriptor: probe.readEnd) }.detach()
         } catch {
             state.withLock { $0.acceptLoopRunning = false; $0.phase = .stopped }
             listener.close()
@@ -155,13 +156,13 @@ public final class KVServer: Sendable {
     /// Begins a graceful shutdown: stop accepting, close idle connections, let requests in
     /// progress finish. Returns at once; `run()` returns when it is done. Idempotent.
     public func shutdown() {
-        let (waiter, wakeWrite) = state.withLock { state -> (CheckedContinuation<Void, Never>?, Int32?) in
+        let (waiter, wakeWrite) = state.withLock { state -> (CheckedContinuation<Void, Never>?, FileDescriptor?) in
             guard !state.stopRequested else { return (nil, nil) }
             state.stopRequested = true
             defer { state.stopWaiter = nil }
-            return (state.stopWaiter, state.wake?.write)
+            return (state.stopWaiter, state.wake?.writeEnd)
         }
-        if let wakeWrite { try? SocketSystem.write(wakeWrite, byte: 1) }
+        if let wakeWrite { try? wakeWrite.writeByte(1) }
         waiter?.resume()
     }
 
@@ -186,7 +187,7 @@ public final class KVServer: Sendable {
         let isIdle = { @Sendable in self.state.withLock { $0.connections.isEmpty && !$0.acceptLoopRunning } }
         if await Self.poll(until: ContinuousClock.now + configuration.shutdownGracePeriod, isIdle) { return }
         let (descriptors, tasks) = state.withLock { state in
-            for entry in state.connections.values { SocketSystem.shutdown(entry.descriptor) }
+            for entry in state.connections.values { entry.descriptor.shutdown() }
             return (state.connections.count, state.connections.values.compactMap(\.task))
         }
         logger.warning("shutdown grace period over; forcing connections closed", metadata: [
@@ -220,44 +221,43 @@ public final class KVServer: Sendable {
         guard running, let probe else { return false }
         let healthy = probesAnswered.load(ordering: .acquiring) >= probesSent.load(ordering: .acquiring)
         probesSent.wrappingAdd(1, ordering: .releasing)
-        try? SocketSystem.write(probe.write, byte: 1)
+        try? probe.writeEnd.writeByte(1)
         return healthy
     }
 
-    private func acceptLoop(wakeDescriptor: Int32, probeDescriptor: Int32) {
+    private func acceptLoop(wakeDescriptor: FileDescriptor, probeDescriptor: FileDescriptor) {
         defer { state.withLock { $0.acceptLoopRunning = false } }
-        var drain = [UInt8](repeating: 0, count: 64)
+        let listening = FileDescriptor(rawValue: listener.descriptor)
         while true {
             var fds = [
-                pollfd(fd: listener.descriptor, events: Int16(POLLIN), revents: 0),
-                pollfd(fd: wakeDescriptor, events: Int16(POLLIN), revents: 0),
-                pollfd(fd: probeDescriptor, events: Int16(POLLIN), revents: 0),
+                pollfd(listening, events: Int16(POLLIN)),
+                pollfd(wakeDescriptor, events: Int16(POLLIN)),
+                pollfd(probeDescriptor, events: Int16(POLLIN)),
             ]
-            do { _ = try SocketSystem.poll(&fds, timeoutMillis: -1) } catch {
+            do { _ = try Poll.wait(&fds, timeoutMillis: -1) } catch {
                 return failAccepting(.system(operation: "poll on listener", error))
             }
             if fds[1].revents != 0 { return }
             if fds[2].revents != 0 {
                 // Answer first, so `probesAnswered` covers every probe whose byte was drained.
                 let sent = probesSent.load(ordering: .acquiring)
-                while (try? drain.withUnsafeMutableBytes { try SocketSystem.receivePipe(probeDescriptor, into: $0) }) ?? 0 > 0 {}
+                probeDescriptor.drain()
                 probesAnswered.store(sent, ordering: .releasing)
             }
             if fds[0].revents & Int16(POLLERR | POLLNVAL) != 0 {
                 return failAccepting(.system(operation: "poll on listener", .badFileDescriptor))
             }
             guard fds[0].revents & Int16(POLLIN) != 0 else { continue }
-            let client: Int32
+            let client: FileDescriptor
             do {
-                client = try SocketSystem.accept(listener.descriptor)
+                client = try listening.acceptConnection()
             } catch {
                 switch error.rawValue {
                 case EAGAIN, ECONNABORTED, EPROTO, EPERM:
                     continue
                 case EMFILE, ENFILE, ENOBUFS, ENOMEM:
                     logger.warning("accept failed for lack of resources; retrying shortly", metadata: ["errno": "\(error)"])
-                    var pause = [pollfd(fd: wakeDescriptor, events: Int16(POLLIN), revents: 0)]
-                    _ = try? SocketSystem.poll(&pause, timeoutMillis: 100)
+                    _ = try? Poll.waitReadable(wakeDescriptor, timeoutMillis: 100)
                     continue
                 default:
                     return failAccepting(.system(operation: "accept", error))
@@ -274,11 +274,11 @@ public final class KVServer: Sendable {
     }
 
     /// Registers `client` and starts its thread, or refuses it when the server is full.
-    private func admit(_ client: Int32, wakeDescriptor: Int32) {
+    private func admit(_ client: FileDescriptor, wakeDescriptor: FileDescriptor) {
         let peer: PeerCredentials
-        do { peer = try PeerCredentials(ofSocket: client) } catch {
+        do { peer = try PeerCredentials(ofSocket: client.rawValue) } catch {
             logger.warning("could not read peer credentials; closing connection", metadata: ["errno": "\(error)"])
-            SocketSystem.close(client)
+            client.closeIgnoringErrors()
             return
         }
         let admission = state.withLock { state -> Result<UInt64, Refusal> in
@@ -300,9 +300,9 @@ public final class KVServer: Sendable {
         ServerCounters.increment(counters.connectionsAccepted)
         ServerCounters.increment(counters.connectionsOpen)
         do {
-            try ServerThread.start(name: "kvt-conn-\(id)") {
+            try SystemThread(name: "kvt-conn-\(id)") {
                 self.serve(connectionID: id, descriptor: client, peer: peer, wakeDescriptor: wakeDescriptor)
-            }
+            }.detach()
         } catch {
             logger.error("could not start a connection thread; closing connection", metadata: ["errno": "\(error)"])
             finish(connectionID: id)
@@ -316,7 +316,7 @@ public final class KVServer: Sendable {
 
     /// Answers a connection over `maxConnections` or `maxConnectionsPerUID` (or arriving during
     /// shutdown) with one error reply to the `HELLO` it is about to send, then closes it.
-    private func refuse(_ client: Int32, peer: PeerCredentials, _ refusal: Refusal) {
+    private func refuse(_ client: FileDescriptor, peer: PeerCredentials, _ refusal: Refusal) {
         ServerCounters.increment(counters.connectionsRejected)
         if refusal == .uidFull { ServerCounters.increment(counters.connectionsRejectedPerUID) }
         let reason = switch refusal {
@@ -331,16 +331,16 @@ public final class KVServer: Sendable {
         case .uidFull: ErrorReply(.tooLarge, message: "uid \(peer.uid) already has \(configuration.maxConnectionsPerUID) connections open, the most kvtierd serves one uid (maxConnectionsPerUID); close idle ones, share connections, or raise maxConnectionsPerUID")
         }
         if let bytes = try? Reply.error(opcode: Opcode.hello.rawValue, error).encodeFrame(requestID: 0) {
-            _ = bytes.withUnsafeBytes { try? SocketSystem.send(client, $0) }
+            _ = bytes.withUnsafeBytes { try? client.sendMessage($0, wait: false) }
         }
-        SocketSystem.close(client)
+        client.closeIgnoringErrors()
     }
 
     /// Deregisters a connection and closes its socket.
     func finish(connectionID: UInt64) {
         state.withLock { state in
             if let entry = state.connections.removeValue(forKey: connectionID) {
-                SocketSystem.close(entry.descriptor)
+                entry.descriptor.closeIgnoringErrors()
                 let left = state.connectionsByUID[entry.uid, default: 1] - 1
                 state.connectionsByUID[entry.uid] = left > 0 ? left : nil
             }

@@ -1,3 +1,4 @@
+import KVTierSystem
 import SystemPackage
 
 /// Who is on the other end of a Unix socket, as the kernel recorded it when the peer connected
@@ -18,7 +19,7 @@ public struct PeerCredentials: Sendable, Hashable, CustomStringConvertible {
 
     /// The credentials of the peer of the connected socket `descriptor`.
     public init(ofSocket descriptor: Int32) throws(Errno) {
-        let fields = try SocketSystem.peerCredentials(descriptor)
+        let fields = try FileDescriptor(rawValue: descriptor).peerCredentials()
         self.init(pid: fields.pid, uid: fields.uid, gid: fields.gid)
     }
 

@@ -1,3 +1,4 @@
+import KVTierSystem
 import SystemPackage
 
 /// Why the server could not start or keep serving. Each case says what to do about it; the
@@ -21,7 +22,7 @@ public enum ServerError: Error, Sendable, Equatable, CustomStringConvertible {
         case .pathNotASocket(let path):
             "\(path) exists and is not a socket; remove it or configure a different socket path"
         case .pathTooLong(let path):
-            "socket path \(path) is \(path.utf8.count) bytes but a Unix socket path holds at most \(SocketSystem.maxPathBytes); choose a shorter one"
+            "socket path \(path) is \(path.utf8.count) bytes but a Unix socket path holds at most \(UnixSocketAddress.maxPathBytes); choose a shorter one"
         case .notAListeningSocket(let descriptor):
             "descriptor \(descriptor) is not a listening Unix stream socket; check the systemd socket unit (ListenStream= with a path)"
         case .system(let operation, let errno):

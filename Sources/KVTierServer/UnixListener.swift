@@ -1,4 +1,5 @@
 @preconcurrency import Glibc
+import KVTierSystem
 import Synchronization
 import SystemPackage
 
@@ -27,25 +28,28 @@ public final class UnixListener: Sendable {
     /// left by a daemon that died is replaced; a live one makes this throw `addressInUse`, and a
     /// file that is not a socket is never touched (`pathNotASocket`).
     public init(path: String, mode: mode_t = UnixListener.defaultMode, backlog: Int32 = UnixListener.defaultBacklog) throws(ServerError) {
-        guard path.utf8.count <= SocketSystem.maxPathBytes else { throw .pathTooLong(path: path) }
+        let address: UnixSocketAddress
+        do { address = try UnixSocketAddress(path) } catch where error == .fileNameTooLong { throw .pathTooLong(path: path) } catch {
+            throw .system(operation: "socket path \(path)", error)
+        }
         try Self.makeParentDirectories(of: path)
-        let descriptor: Int32
-        do { descriptor = try SocketSystem.makeSocket(nonBlocking: true) } catch { throw .system(operation: "socket", error) }
+        let descriptor: FileDescriptor
+        do { descriptor = try FileDescriptor.unixSocket(nonBlocking: true) } catch { throw .system(operation: "socket", error) }
         var bound = false
         do throws(ServerError) {
-            try Self.bindReplacingStale(descriptor, path: path)
+            try Self.bindReplacingStale(descriptor, address: address)
             bound = true
-            do { try SocketSystem.changeMode(path, mode) } catch { throw .system(operation: "chmod \(path)", error) }
-            do { try SocketSystem.listen(descriptor, backlog: backlog) } catch { throw .system(operation: "listen \(path)", error) }
+            do { try FileSystem.changeMode(path, mode) } catch { throw .system(operation: "chmod \(path)", error) }
+            do { try descriptor.listen(backlog: backlog) } catch { throw .system(operation: "listen \(path)", error) }
             let status: stat?
-            do { status = try SocketSystem.linkStatus(path) } catch { throw .system(operation: "lstat \(path)", error) }
+            do { status = try FileSystem.linkStatus(path) } catch { throw .system(operation: "lstat \(path)", error) }
             boundFile = status.map { (UInt64($0.st_dev), UInt64($0.st_ino)) }
         } catch {
-            SocketSystem.close(descriptor)
-            if bound { try? SocketSystem.unlink(path) }  // Our own half-made socket file.
+            descriptor.closeIgnoringErrors()
+            if bound { try? FileSystem.unlink(path) }  // Our own half-made socket file.
             throw error
         }
-        self.descriptor = descriptor
+        self.descriptor = descriptor.rawValue
         self.path = path
     }
 
@@ -53,10 +57,11 @@ public final class UnixListener: Sendable {
     /// systemd, `LISTEN_FDS`). It is made close-on-exec and non-blocking, and closed by `close()`;
     /// its socket file belongs to whoever bound it and is left in place.
     public init(adopting descriptor: Int32) throws(ServerError) {
+        let socket = FileDescriptor(rawValue: descriptor)
         do {
-            guard try SocketSystem.integerOption(descriptor, SO_ACCEPTCONN) == 1,
-                  try SocketSystem.integerOption(descriptor, SO_TYPE) == SocketSystem.streamType,
-                  try SocketSystem.integerOption(descriptor, SocketSystem.domainOption) == AF_UNIX
+            guard try socket.socketOption(SO_ACCEPTCONN) == 1,
+                  try socket.socketOption(SO_TYPE) == FileDescriptor.streamSocketType,
+                  try socket.socketOption(FileDescriptor.socketDomainOption) == AF_UNIX
             else { throw ServerError.notAListeningSocket(descriptor: descriptor) }
         } catch let error as ServerError {
             throw error
@@ -64,8 +69,8 @@ public final class UnixListener: Sendable {
             throw .notAListeningSocket(descriptor: descriptor)
         }
         do {
-            try SocketSystem.setCloseOnExec(descriptor)
-            try SocketSystem.setStatusFlags(descriptor, adding: O_NONBLOCK)
+            try socket.setCloseOnExec()
+            try socket.addStatusFlags(O_NONBLOCK)
         } catch {
             throw .system(operation: "fcntl on adopted descriptor \(descriptor)", error)
         }
@@ -78,11 +83,11 @@ public final class UnixListener: Sendable {
     /// same file. Idempotent. Call only once nothing polls `descriptor` any more.
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        SocketSystem.close(descriptor)
-        guard let path, let boundFile, let status = try? SocketSystem.linkStatus(path),
+        FileDescriptor(rawValue: descriptor).closeIgnoringErrors()
+        guard let path, let boundFile, let status = try? FileSystem.linkStatus(path),
               UInt64(status.st_dev) == boundFile.device, UInt64(status.st_ino) == boundFile.inode
         else { return }
-        try? SocketSystem.unlink(path)
+        try? FileSystem.unlink(path)
     }
 
     deinit { close() }
@@ -94,7 +99,7 @@ public final class UnixListener: Sendable {
         for (index, component) in components.enumerated() {
             prefix += (index == 0 ? "" : "/") + component
             guard !component.isEmpty, component != ".", component != ".." else { continue }
-            do { try SocketSystem.makeDirectory(prefix, mode: parentDirectoryMode) } catch {
+            do { try FileSystem.makeDirectory(prefix, mode: parentDirectoryMode) } catch {
                 throw .system(operation: "mkdir \(prefix)", error)
             }
         }
@@ -102,10 +107,11 @@ public final class UnixListener: Sendable {
 
     /// bind; on EADDRINUSE probes the existing file and removes it only when it is a socket
     /// nobody accepts on (a crashed daemon's leftover).
-    private static func bindReplacingStale(_ descriptor: Int32, path: String) throws(ServerError) {
+    private static func bindReplacingStale(_ descriptor: FileDescriptor, address: UnixSocketAddress) throws(ServerError) {
+        let path = address.description
         for _ in 0..<3 {
             do {
-                try SocketSystem.bind(descriptor, path: path)
+                try descriptor.bind(to: address)
                 return
             } catch where error == .addressInUse {
                 // Fall through to the probe.
@@ -113,11 +119,11 @@ public final class UnixListener: Sendable {
                 throw .system(operation: "bind \(path)", error)
             }
             let existing: stat?
-            do { existing = try SocketSystem.linkStatus(path) } catch { throw .system(operation: "lstat \(path)", error) }
+            do { existing = try FileSystem.linkStatus(path) } catch { throw .system(operation: "lstat \(path)", error) }
             guard let existing else { continue }  // Removed meanwhile: bind again.
             guard existing.st_mode & S_IFMT == S_IFSOCK else { throw .pathNotASocket(path: path) }
-            guard try !isAcceptingConnections(path) else { throw .addressInUse(path: path) }
-            do { try SocketSystem.unlink(path) } catch where error == .noSuchFileOrDirectory {} catch {
+            guard try !isAcceptingConnections(address) else { throw .addressInUse(path: path) }
+            do { try FileSystem.unlink(path) } catch where error == .noSuchFileOrDirectory {} catch {
                 throw .system(operation: "unlink stale socket \(path)", error)
             }
         }
@@ -127,12 +133,13 @@ public final class UnixListener: Sendable {
     /// Whether something listens on `path`: a connect that succeeds, or finds the backlog full,
     /// means yes; ECONNREFUSED (no listener) or ENOENT mean no; anything else is reported rather
     /// than guessed, so a live socket is never removed.
-    private static func isAcceptingConnections(_ path: String) throws(ServerError) -> Bool {
-        let probe: Int32
-        do { probe = try SocketSystem.makeSocket(nonBlocking: true) } catch { throw .system(operation: "socket", error) }
-        defer { SocketSystem.close(probe) }
+    private static func isAcceptingConnections(_ address: UnixSocketAddress) throws(ServerError) -> Bool {
+        let path = address.description
+        let probe: FileDescriptor
+        do { probe = try FileDescriptor.unixSocket(nonBlocking: true) } catch { throw .system(operation: "socket", error) }
+        defer { probe.closeIgnoringErrors() }
         do {
-            try SocketSystem.connect(probe, path: path)
+            try probe.connect(to: address)
             return true
         } catch where error == .resourceTemporarilyUnavailable {
             return true

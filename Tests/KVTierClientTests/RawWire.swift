@@ -1,7 +1,9 @@
 @preconcurrency import Glibc
 import KVTierCore
 import KVTierProtocol
+import KVTierSystem
 import KVTierTestProcess
+import SystemPackage
 
 /// A connection that sends whatever bytes a test chooses, as a hostile client would: frames the
 /// Swift client would never build, cut short, or with descriptors attached. Replies are read with
@@ -12,21 +14,15 @@ final class RawConnection {
     private var nextID: UInt32 = 1
 
     init(path: String) throws {
-        descriptor = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard descriptor >= 0 else { throw TestFailure("socket: errno \(errno)") }
-        var address: sockaddr_un
-        do { address = try unixSocketAddress(path) } catch {
-            close(descriptor)
-            throw TestFailure(error.description)
+        let socket: FileDescriptor
+        do { socket = try FileDescriptor.unixSocket() } catch { throw TestFailure("socket: \(error)") }
+        do throws(Errno) {
+            try socket.connect(to: UnixSocketAddress(path))
+        } catch {
+            socket.closeIgnoringErrors()
+            throw TestFailure("connect \(path): \(error) (errno \(error.rawValue))")
         }
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard connected == 0 else {
-            let code = errno
-            close(descriptor)
-            throw TestFailure("connect \(path): errno \(code)")
-        }
+        descriptor = socket.rawValue
     }
 
     deinit { close(descriptor) }

@@ -2,6 +2,7 @@
 import Foundation
 import KVTierCore
 import KVTierProtocol
+import KVTierSystem
 import SystemPackage
 import Testing
 @testable import KVTierServer
@@ -198,7 +199,7 @@ extension TestClient {
             while offset < bytes.count {
                 let attempt = bytes.withUnsafeBytes { raw in
                     Result { () throws(Errno) -> Int in
-                        try SocketSystem.send(self.descriptor, UnsafeRawBufferPointer(rebasing: raw[offset...]))
+                        try self.socket.sendMessage(UnsafeRawBufferPointer(rebasing: raw[offset...]), wait: false)
                     }
                 }
                 switch attempt {
@@ -206,8 +207,8 @@ extension TestClient {
                     offset += sent
                 case .failure(let error) where error == .resourceTemporarilyUnavailable:
                     guard ContinuousClock.now < deadline else { throw TestFailure("the server read nothing for 60 s") }
-                    var fds = [pollfd(fd: self.descriptor, events: Int16(POLLOUT), revents: 0)]
-                    _ = try SocketSystem.poll(&fds, timeoutMillis: 1000)
+                    var fds = [pollfd(self.socket, events: Int16(POLLOUT))]
+                    _ = try Poll.wait(&fds, timeoutMillis: 1000)
                 case .failure(let error):
                     throw error
                 }

@@ -1,7 +1,7 @@
 @preconcurrency import Glibc
 import Foundation
 import KVTierCore
-import KVTierIO
+import KVTierSystem
 import KVTierProtocol
 import SystemPackage
 import Testing
@@ -19,10 +19,12 @@ final class ArenaBox: @unchecked Sendable {
 struct IdentityTests {
     @Test("SO_PEERCRED reports this process's pid, uid and gid")
     func peerCredentials() throws {
-        var pair: [Int32] = [-1, -1]
-        #expect(socketpair(AF_UNIX, SocketSystem.streamType | SocketSystem.closeOnExecFlag, 0, &pair) == 0)
-        defer { pair.forEach(SocketSystem.close) }
-        let credentials = try PeerCredentials(ofSocket: pair[0])
+        let pair = try FileDescriptor.unixSocketPair()
+        defer {
+            pair.0.closeIgnoringErrors()
+            pair.1.closeIgnoringErrors()
+        }
+        let credentials = try PeerCredentials(ofSocket: pair.0.rawValue)
         #expect(credentials == PeerCredentials(pid: getpid(), uid: getuid(), gid: getgid()))
         #expect(throws: Errno.self) { try PeerCredentials(ofSocket: -1) }
     }
@@ -125,10 +127,10 @@ struct IdentityTests {
         #expect(hello.arenaBytes == UInt64(capacity) && hello.stagingBytes == UInt64(capacity))
         let descriptor = try #require(descriptors.first)
         #expect(descriptors.count == 2, "the page arena and the staging arena")
-        for extra in descriptors.dropFirst() { SocketSystem.close(extra) }
+        for extra in descriptors.dropFirst() { FileDescriptor(rawValue: extra).closeIgnoringErrors() }
         #expect(descriptor != box.arena.descriptor, "the client gets its own descriptor for the same memfd")
         let mapped = try SharedArena.map(descriptor: descriptor, capacity: Int(hello.arenaBytes))
-        SocketSystem.close(descriptor)
+        FileDescriptor(rawValue: descriptor).closeIgnoringErrors()
         let seen = mapped.withBytes(SharedArena.Extent(offset: 8192, length: 4096)) { Array($0) }
         #expect(seen == pattern)
         mapped.withBytes(SharedArena.Extent(offset: 0, length: 4096)) { $0[0] = 0xAB }

@@ -1,6 +1,8 @@
 @preconcurrency import Glibc
 import KVTierCore
 import KVTierProtocol
+import KVTierSystem
+import SystemPackage
 import Testing
 @testable import KVTierServer
 
@@ -35,9 +37,9 @@ struct ListenerTests {
         let directory = try TemporaryDirectory()
         defer { directory.remove() }
         let path = directory.path + "/kvtierd.sock"
-        let leftover = try SocketSystem.makeSocket()
-        try SocketSystem.bind(leftover, path: path)
-        SocketSystem.close(leftover)
+        let leftover = try FileDescriptor.unixSocket()
+        try leftover.bind(to: UnixSocketAddress(path))
+        leftover.closeIgnoringErrors()
         #expect(exists(path))
         let listener = try UnixListener(path: path, mode: 0o600)
         #expect(mode(of: path) == 0o600)
@@ -76,10 +78,10 @@ struct ListenerTests {
         let directory = try TemporaryDirectory()
         defer { directory.remove() }
         let path = directory.path + "/activated.sock"
-        let descriptor = try SocketSystem.makeSocket()
-        try SocketSystem.bind(descriptor, path: path)
-        try SocketSystem.listen(descriptor, backlog: 8)
-        let listener = try UnixListener(adopting: descriptor)
+        let socket = try FileDescriptor.unixSocket()
+        try socket.bind(to: UnixSocketAddress(path))
+        try socket.listen(backlog: 8)
+        let listener = try UnixListener(adopting: socket.rawValue)
         #expect(listener.path == nil)
         let server = KVServer(listener: listener, handler: CountersHandler(counters: ServerCounters()), logger: quietLogger)
         let running = Task { try await server.run() }
@@ -89,9 +91,9 @@ struct ListenerTests {
         try await running.value
         #expect(exists(path))
 
-        let unlistened = try SocketSystem.makeSocket()
-        defer { SocketSystem.close(unlistened) }
-        #expect(throws: ServerError.notAListeningSocket(descriptor: unlistened)) { try UnixListener(adopting: unlistened) }
+        let unlistened = try FileDescriptor.unixSocket()
+        defer { unlistened.closeIgnoringErrors() }
+        #expect(throws: ServerError.notAListeningSocket(descriptor: unlistened.rawValue)) { try UnixListener(adopting: unlistened.rawValue) }
         let file = open(directory.path + "/plain", O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
         defer { close(file) }
         #expect(throws: ServerError.notAListeningSocket(descriptor: file)) { try UnixListener(adopting: file) }

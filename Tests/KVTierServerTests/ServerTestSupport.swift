@@ -1,6 +1,7 @@
 @preconcurrency import Glibc
 import KVTierCore
 import KVTierProtocol
+import KVTierSystem
 import Logging
 import Synchronization
 import SystemPackage
@@ -139,7 +140,7 @@ final class TestServer: Sendable {
 func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
     try await withCheckedThrowingContinuation { continuation in
         do {
-            try ServerThread.start(name: "test-client") { continuation.resume(with: Result { try body() }) }
+            try SystemThread(name: "test-client") { continuation.resume(with: Result { try body() }) }.detach()
         } catch {
             continuation.resume(throwing: error)
         }
@@ -150,27 +151,24 @@ func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async thr
 // Invariant for @unchecked Sendable: each test uses its client from one task, one awaited
 // operation at a time, so the decoder is never touched by two threads at once.
 final class TestClient: @unchecked Sendable {
-    let descriptor: Int32
+    let socket: FileDescriptor
+    var descriptor: Int32 { socket.rawValue }
     private var decoder = FrameDecoder()
+    private let control = ControlBuffer(maxDescriptors: 4)
     private var nextRequestID: UInt32 = 1
 
     init(path: String) throws {
-        descriptor = try SocketSystem.makeSocket()
-        do { try SocketSystem.connect(descriptor, path: path) } catch {
-            SocketSystem.close(descriptor)
+        socket = try FileDescriptor.unixSocket()
+        do { try socket.connect(to: UnixSocketAddress(path)) } catch {
+            socket.closeIgnoringErrors()
             throw error
         }
     }
 
-    deinit { SocketSystem.close(descriptor) }
+    deinit { socket.closeIgnoringErrors() }
 
     func send(_ bytes: [UInt8]) throws {
-        var offset = 0
-        while offset < bytes.count {
-            offset += try bytes.withUnsafeBytes { raw throws(Errno) in
-                try SocketSystem.send(descriptor, UnsafeRawBufferPointer(rebasing: raw[offset...]))
-            }
-        }
+        try socket.sendAll(bytes)
     }
 
     /// Sends `request`, returns its reply and any descriptors that came with it.
@@ -185,7 +183,7 @@ final class TestClient: @unchecked Sendable {
 
     func hello(capabilities: Capabilities = []) async throws -> HelloReply {
         let (reply, _, descriptors) = try await call(.hello(Hello(capabilities: capabilities, clientName: "kvtier-server-tests")))
-        for descriptor in descriptors { SocketSystem.close(descriptor) }
+        for descriptor in descriptors { FileDescriptor(rawValue: descriptor).closeIgnoringErrors() }
         guard case .hello(let hello) = reply else { throw TestFailure("HELLO answered with \(reply)") }
         return hello
     }
@@ -217,7 +215,7 @@ final class TestClient: @unchecked Sendable {
         while true {
             do {
                 let (count, descriptors) = try receive(until: deadline)
-                for descriptor in descriptors { SocketSystem.close(descriptor) }
+                for descriptor in descriptors { FileDescriptor(rawValue: descriptor).closeIgnoringErrors() }
                 if count == 0 { return true }
             } catch let error as Errno where error == .connectionReset {
                 return true
@@ -227,21 +225,18 @@ final class TestClient: @unchecked Sendable {
         }
     }
 
-    func shutdownSending() { SocketSystem.shutdown(descriptor, how: Int32(SHUT_WR)) }
+    func shutdownSending() { socket.shutdown(.send) }
 
     private func receive(until deadline: ContinuousClock.Instant) throws -> (Int, [Int32]) {
         let remaining = deadline - ContinuousClock.now
         guard remaining > .zero else { throw TestFailure("timed out waiting for the server") }
-        var fds = [pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)]
-        guard try SocketSystem.poll(&fds, timeoutMillis: Connection.millisecondsRoundedUp(remaining)) > 0 else {
+        guard try Poll.waitReadable(socket, timeoutMillis: Poll.millisecondsRoundedUp(remaining)) else {
             return try receive(until: deadline)
         }
         var buffer = [UInt8](repeating: 0, count: 64 << 10)
-        let (count, descriptors) = try buffer.withUnsafeMutableBytes { raw throws(Errno) in
-            try SocketSystem.receiveMessage(descriptor, into: raw)
-        }
-        decoder.append(Array(buffer[..<count]))
-        return (count, descriptors)
+        let received = try buffer.withUnsafeMutableBytes { raw in try socket.receiveMessage(into: raw, control: control) }
+        decoder.append(Array(buffer[..<received.bytes]))
+        return (received.bytes, received.descriptors.map(\.rawValue))
     }
 }
 

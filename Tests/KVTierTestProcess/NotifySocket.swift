@@ -1,5 +1,7 @@
 @preconcurrency import Glibc
 import Foundation
+import KVTierSystem
+import SystemPackage
 
 /// A datagram socket standing in for systemd's NOTIFY_SOCKET: the daemon under test sends its
 /// READY=1, STATUS, WATCHDOG=1 and STOPPING=1 here.
@@ -10,21 +12,15 @@ public final class NotifySocket: @unchecked Sendable {
 
     public init(path: String) throws(ProcessFailure) {
         self.path = path
-        descriptor = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard descriptor >= 0 else { throw ProcessFailure("socket: errno \(errno)") }
-        var address: sockaddr_un
-        do { address = try unixSocketAddress(path) } catch {
-            close(descriptor)
-            throw error
+        let socket: FileDescriptor
+        do { socket = try FileDescriptor.unixSocket(.datagram) } catch { throw ProcessFailure("socket: \(error)") }
+        do throws(Errno) {
+            try socket.bind(to: UnixSocketAddress(path))
+        } catch {
+            socket.closeIgnoringErrors()
+            throw ProcessFailure("bind \(path): \(error) (errno \(error.rawValue))")
         }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard bound == 0 else {
-            let error = errno
-            close(descriptor)
-            throw ProcessFailure("bind \(path): errno \(error)")
-        }
+        descriptor = socket.rawValue
     }
 
     deinit {

@@ -51,8 +51,6 @@ uint32_t kvt_uring_reap(kvt_uring *ring, kvt_uring_completion *out, uint32_t cap
 
 /// The O_DIRECT open flag of this architecture (hidden from Swift behind _GNU_SOURCE).
 int kvt_open_flag_direct(void);
-/// Names the calling thread (at most 15 bytes are kept).
-void kvt_set_current_thread_name(const char *name);
 
 #ifdef __cplusplus
 }

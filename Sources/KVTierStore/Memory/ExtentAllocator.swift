@@ -1,21 +1,4 @@
-/// A byte range of a tenant's arena. Extents handed out by `ExtentAllocator` start and end on
-/// multiples of `ExtentAllocator.granuleBytes` (docs/protocol.md, "Shared memory").
-public struct Extent: Hashable, Sendable, CustomStringConvertible {
-    /// Byte offset from the start of the arena.
-    public var offset: Int
-    /// Length in bytes.
-    public var length: Int
-
-    public init(offset: Int, length: Int) {
-        self.offset = offset
-        self.length = length
-    }
-
-    /// The first byte after the extent.
-    public var end: Int { offset + length }
-
-    public var description: String { "[\(offset), +\(length))" }
-}
+import KVTierCore
 
 /// Hands out extents of `[0, capacity)` in 4096-byte granules, for the RAM tier's arena.
 ///
@@ -34,7 +17,7 @@ public struct Extent: Hashable, Sendable, CustomStringConvertible {
 /// Not thread-safe: the caller serializes access.
 public struct ExtentAllocator: Sendable {
     /// Size and alignment of every extent: the page size of the arena's protocol.
-    public static let granuleBytes = 4096
+    public static let granuleBytes = Extent.granuleBytes
 
     public enum Error: Swift.Error, Hashable, CustomStringConvertible {
         /// The extent is not one this allocator handed out and has not freed since: a double

@@ -1,3 +1,5 @@
+import KVTierCore
+
 /// Where the RAM tier keeps a tenant's pages, and where the tenant's clients stage the pages they
 /// put. `KVTierIO.ArenaPageMemory` is the real one: two sealed memfds the tenant's clients map.
 ///

@@ -1,5 +1,5 @@
 @preconcurrency import Glibc
-import KVTierStore
+import KVTierCore
 import SystemPackage
 
 /// A tenant's shared-memory arena (docs/protocol.md, "Shared memory"): a memfd, sized once and
@@ -20,15 +20,14 @@ import SystemPackage
 // have one owner; `base`, `capacity` and the descriptor never change while it lives, and the
 // memory they reach is shared with other processes by design (extent ownership is the caller's).
 public struct SharedArena: ~Copyable, @unchecked Sendable {
-    /// The extent type of `ExtentAllocator`, re-exported so users of KVTierIO need not import
-    /// KVTierStore to name one.
-    public typealias Extent = KVTierStore.Extent
+    /// A byte range of the arena (KVTierCore's `Extent`).
+    public typealias Extent = KVTierCore.Extent
 
     /// Alignment of the capacity and of extents handed to `release`: the protocol's page size.
-    public static var alignment: Int { ExtentAllocator.granuleBytes }
+    public static var alignment: Int { Extent.granuleBytes }
 
     private let base: UnsafeMutableRawPointer
-    private let fileDescriptor: Int32
+    private let fileDescriptor: FileDescriptor
     /// The system page size, which `release` rounds to (larger than 4096 on some arm64 kernels).
     private let systemPageBytes: Int
     /// Bytes mapped, a multiple of `alignment`.
@@ -36,7 +35,7 @@ public struct SharedArena: ~Copyable, @unchecked Sendable {
 
     /// The memfd, to pass to clients with SCM_RIGHTS. Valid while this value lives; not to be
     /// closed by the caller.
-    public var descriptor: Int32 { fileDescriptor }
+    public var descriptor: Int32 { fileDescriptor.rawValue }
 
     /// Who may write an arena besides the daemon.
     public enum Sharing: Sendable, Equatable {
@@ -62,7 +61,7 @@ public struct SharedArena: ~Copyable, @unchecked Sendable {
         guard Self.isValidCapacity(capacity), !name.utf8.contains(0) else { throw .invalidArgument }
         let descriptor = try ArenaSystem.createMemoryFile(name: name)
         do throws(Errno) {
-            try ArenaSystem.truncate(descriptor, to: capacity)
+            try descriptor.truncate(to: capacity)
             switch sharing {
             case .clientsWrite:
                 try ArenaSystem.addSeals(descriptor, ArenaSystem.sealShrink | ArenaSystem.sealGrow | ArenaSystem.sealSeal)
@@ -80,7 +79,7 @@ public struct SharedArena: ~Copyable, @unchecked Sendable {
                 self.base = base
             }
         } catch {
-            ArenaSystem.close(descriptor)
+            descriptor.closeIgnoringErrors()
             throw error
         }
         self.fileDescriptor = descriptor
@@ -88,7 +87,7 @@ public struct SharedArena: ~Copyable, @unchecked Sendable {
         self.systemPageBytes = ArenaSystem.pageBytes()
     }
 
-    private init(base: UnsafeMutableRawPointer, descriptor: Int32, capacity: Int) {
+    private init(base: UnsafeMutableRawPointer, descriptor: FileDescriptor, capacity: Int) {
         self.base = base
         self.fileDescriptor = descriptor
         self.capacity = capacity
@@ -108,22 +107,23 @@ public struct SharedArena: ~Copyable, @unchecked Sendable {
     ///   (`EBADF` for a closed descriptor).
     public static func map(descriptor: Int32, capacity: Int, sharing: Sharing = .clientsWrite) throws(Errno) -> SharedArena {
         guard isValidCapacity(capacity) else { throw .invalidArgument }
-        let status = try ArenaSystem.status(descriptor)
+        let received = FileDescriptor(rawValue: descriptor)
+        let status = try received.status()
         guard status.st_mode & S_IFMT == S_IFREG, Int(status.st_size) >= capacity else { throw .invalidArgument }
         let seals: Int32
         do throws(Errno) {
-            seals = try ArenaSystem.seals(descriptor)
+            seals = try ArenaSystem.seals(received)
         } catch where error == .invalidArgument {
             throw .notPermitted  // A file that cannot be sealed (not a memfd).
         }
         guard seals & ArenaSystem.sealShrink != 0 else { throw .notPermitted }
         if sharing == .clientsRead, seals & ArenaSystem.sealFutureWrite == 0 { throw .notPermitted }
-        let owned = try ArenaSystem.duplicate(descriptor)
+        let owned = try received.duplicateCloseOnExec()
         do throws(Errno) {
             let base = try ArenaSystem.mapShared(owned, bytes: capacity, writable: sharing == .clientsWrite, populate: false)
             return SharedArena(base: base, descriptor: owned, capacity: capacity)
         } catch {
-            ArenaSystem.close(owned)
+            owned.closeIgnoringErrors()
             throw error
         }
     }
@@ -185,7 +185,7 @@ public struct SharedArena: ~Copyable, @unchecked Sendable {
     /// Memory committed to the arena, in bytes: `st_blocks` × 512 of the memfd, which shmem keeps
     /// as pages allocated × page size. Counts pages touched by any process mapping it.
     public func residentBytes() throws(Errno) -> Int {
-        Int(try ArenaSystem.status(fileDescriptor).st_blocks) * 512
+        Int(try fileDescriptor.status().st_blocks) * 512
     }
 
     /// Unmaps and closes, reporting the error that `deinit` would swallow.
@@ -195,18 +195,18 @@ public struct SharedArena: ~Copyable, @unchecked Sendable {
         let capacity = self.capacity
         discard self
         ArenaSystem.unmap(base, bytes: capacity)
-        try ArenaSystem.closeReportingErrors(descriptor)
+        try descriptor.closeReportingErrors()
     }
 
     deinit {
         ArenaSystem.unmap(base, bytes: capacity)
-        ArenaSystem.close(fileDescriptor)
+        fileDescriptor.closeIgnoringErrors()
     }
 }
 
-/// The system calls of `SharedArena`, each wrapped once: errors become `Errno`, EINTR is retried.
-/// memfd_create, its flags and the seal commands sit behind _GNU_SOURCE, which Swift's Glibc
-/// module does not define, so their Linux ABI values are spelled out here.
+/// The memfd and mapping calls of `SharedArena`. memfd_create, its flags and the seal commands
+/// sit behind _GNU_SOURCE, which Swift's Glibc module does not define, so their Linux ABI values
+/// are spelled out here.
 enum ArenaSystem {
     static let memfdCloseOnExec: UInt32 = 0x1  // MFD_CLOEXEC
     static let memfdAllowSealing: UInt32 = 0x2  // MFD_ALLOW_SEALING
@@ -222,37 +222,24 @@ enum ArenaSystem {
 
     /// memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING), looked up in libc at run time
     /// (glibc 2.27+); ENOSYS where libc lacks it.
-    static func createMemoryFile(name: String) throws(Errno) -> Int32 {
-        guard let symbol = dlsym(nil, "memfd_create") else { throw .noFunction }
-        let create = unsafeBitCast(symbol, to: MemfdCreate.self)
-        return try retryingInterrupts { name.withCString { create($0, memfdCloseOnExec | memfdAllowSealing) } }
+    static func createMemoryFile(name: String) throws(Errno) -> FileDescriptor {
+        guard let create = SystemCall.libcFunction("memfd_create", as: MemfdCreate.self) else { throw .noFunction }
+        return FileDescriptor(rawValue: try SystemCall.retryingInterrupts {
+            name.withCString { create($0, memfdCloseOnExec | memfdAllowSealing) }
+        })
     }
 
-    static func truncate(_ descriptor: Int32, to bytes: Int) throws(Errno) {
-        _ = try retryingInterrupts { ftruncate(descriptor, off_t(bytes)) }
+    static func addSeals(_ descriptor: FileDescriptor, _ seals: Int32) throws(Errno) {
+        _ = try SystemCall.retryingInterrupts { fcntl(descriptor.rawValue, addSealsCommand, seals) }
     }
 
-    static func addSeals(_ descriptor: Int32, _ seals: Int32) throws(Errno) {
-        _ = try retryingInterrupts { fcntl(descriptor, addSealsCommand, seals) }
+    static func seals(_ descriptor: FileDescriptor) throws(Errno) -> Int32 {
+        try SystemCall.retryingInterrupts { fcntl(descriptor.rawValue, getSealsCommand) }
     }
 
-    static func seals(_ descriptor: Int32) throws(Errno) -> Int32 {
-        try retryingInterrupts { fcntl(descriptor, getSealsCommand) }
-    }
-
-    /// A close-on-exec duplicate of `descriptor`.
-    static func duplicate(_ descriptor: Int32) throws(Errno) -> Int32 {
-        try retryingInterrupts { fcntl(descriptor, F_DUPFD_CLOEXEC, 0) }
-    }
-
-    static func status(_ descriptor: Int32) throws(Errno) -> stat {
-        var status = stat()
-        _ = try retryingInterrupts { fstat(descriptor, &status) }
-        return status
-    }
-
-    static func mapShared(_ descriptor: Int32, bytes: Int, writable: Bool, populate: Bool) throws(Errno) -> UnsafeMutableRawPointer {
-        let address = mmap(nil, bytes, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED | (populate ? mapPopulate : 0), descriptor, 0)
+    static func mapShared(_ descriptor: FileDescriptor, bytes: Int, writable: Bool, populate: Bool) throws(Errno) -> UnsafeMutableRawPointer {
+        let protection = writable ? PROT_READ | PROT_WRITE : PROT_READ
+        let address = mmap(nil, bytes, protection, MAP_SHARED | (populate ? mapPopulate : 0), descriptor.rawValue, 0)
         guard let address, address != MAP_FAILED else { throw Errno(rawValue: errno) }
         return address
     }
@@ -265,25 +252,8 @@ enum ArenaSystem {
 
     /// madvise(MADV_REMOVE): frees the pages of a shared mapping and the file behind them.
     static func removePages(_ address: UnsafeMutableRawPointer, bytes: Int) throws(Errno) {
-        _ = try retryingInterrupts { madvise(address, bytes, MADV_REMOVE) }
-    }
-
-    /// close, not retried on EINTR: Linux releases the descriptor even then.
-    static func closeReportingErrors(_ descriptor: Int32) throws(Errno) {
-        if Glibc.close(descriptor) != 0 && errno != EINTR { throw Errno(rawValue: errno) }
-    }
-
-    static func close(_ descriptor: Int32) {
-        _ = Glibc.close(descriptor)
+        _ = try SystemCall.retryingInterrupts { madvise(address, bytes, MADV_REMOVE) }
     }
 
     static func pageBytes() -> Int { Int(getpagesize()) }
-
-    private static func retryingInterrupts(_ call: () -> Int32) throws(Errno) -> Int32 {
-        while true {
-            let result = call()
-            if result != -1 { return result }
-            if errno != EINTR { throw Errno(rawValue: errno) }
-        }
-    }
 }

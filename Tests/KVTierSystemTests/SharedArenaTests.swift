@@ -1,5 +1,6 @@
 @preconcurrency import Glibc
-import KVTierIO
+import KVTierCore
+import KVTierSystem
 import SystemPackage
 import Testing
 
@@ -169,6 +170,37 @@ private func contents(_ arena: borrowing SharedArena, _ extent: Extent) -> [UInt
         ] {
             let contained = arena.contains(outside)
             #expect(!contained, "\(outside)")
+        }
+    }
+
+    @Test func aPageArenaIsReadOnlyToClients() throws {
+        var random = SeededGenerator.forTest("aPageArenaIsReadOnlyToClients")
+        let owner = try SharedArena(name: "kvtier-arena-pages", capacity: mebibyte, sharing: .clientsRead)
+        let sealed = owner.seals
+        #expect(sealed & 0x10 != 0 && sealed & 0x2 != 0 && sealed & 0x1 != 0, "future-write, shrink and seal seals (\(sealed))")
+        let extent = Extent(offset: 8192, length: 8192)
+        let written = fill(owner, extent, using: &random)
+        let client = try SharedArena.map(descriptor: owner.descriptor, capacity: mebibyte, sharing: .clientsRead)
+        #expect(contents(client, extent) == written, "the owner's mapping, made before the seal, still writes")
+        #expect(throws: Errno.notPermitted, "no new writable mapping of a write-sealed memfd") {
+            _ = try SharedArena.map(descriptor: owner.descriptor, capacity: mebibyte, sharing: .clientsWrite)
+        }
+        #expect(throws: Errno.notPermitted, "nor a write(2)") {
+            _ = try [UInt8(1)].withUnsafeBytes { raw in try FileDescriptor(rawValue: owner.descriptor).writeSome(raw) }
+        }
+        #expect(throws: Errno.notPermitted, "a page arena cannot give memory back") { try owner.release(extent) }
+
+        let staging = try SharedArena(name: "kvtier-arena-staging", capacity: mebibyte)
+        #expect(throws: Errno.notPermitted, "a client insists on the write seal before trusting bytes as read-only") {
+            _ = try SharedArena.map(descriptor: staging.descriptor, capacity: mebibyte, sharing: .clientsRead)
+        }
+    }
+
+    @Test func writingThroughAReadOnlyMappingFaults() async {
+        await #expect(processExitsWith: .signal(SIGSEGV)) {
+            let owner = try! SharedArena(name: "kvtier-arena-fault", capacity: 4096, sharing: .clientsRead)
+            let client = try! SharedArena.map(descriptor: owner.descriptor, capacity: 4096, sharing: .clientsRead)
+            client.withBytes(Extent(offset: 0, length: 4096)) { $0[0] = 1 }
         }
     }
 
