@@ -328,7 +328,7 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     report = Bench(args).run()
-    text = json.dumps(report, indent=2, sort_keys=True)
+    text = json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
