@@ -302,7 +302,7 @@ public struct PutBenchmark: Sendable {
 /// Keys and values of the largest put, `[1, tokens, kvHeads, headDim]` fp16 each: a fixed
 /// pseudo-random pattern of finite values in (-2, 2), the same for every prefix (pages are keyed
 /// by tokens, never by content).
-private struct PutSource: @unchecked Sendable {  // invariant: written once in init, only read after
+private struct PutSource {
     let keys: UnsafeMutableRawBufferPointer
     let values: UnsafeMutableRawBufferPointer
 
