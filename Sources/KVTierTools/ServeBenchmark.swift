@@ -55,9 +55,17 @@ public struct ServeBenchmark: Sendable {
 
         /// Single-core memcpy over a working set larger than the last-level cache.
         public var memcpyGBps: Double
+        /// Single-core memcpy of one GET's bytes (`pagesPerGet × pageBytes`) at a time into one
+        /// buffer of that size, from successive places of a source larger than the last-level
+        /// cache: what a worker's copy out of the arena costs with nothing else around it.
+        public var memcpyPerGetGBps: Double
+        /// Microseconds of one such copy.
+        public var memcpyPerGetMicros: Double
         public var getVsRedis: Double?
         public var putVsRedis: Double?
         public var getVsMemcpy: Double
+        /// Get throughput (all clients) over the per-GET memcpy's.
+        public var getVsMemcpyPerGet: Double
         public var cpuCores: Int
         public var daemon: String
 
@@ -67,7 +75,7 @@ public struct ServeBenchmark: Sendable {
             case getGBps, getOps, getSeconds, getP50Micros, getP99Micros
             case redisPutGBps, redisPutOps, redisPutP50Micros, redisPutP99Micros
             case redisGetGBps, redisGetOps, redisGetP50Micros, redisGetP99Micros, redisVersion
-            case memcpyGBps, getVsRedis, putVsRedis, getVsMemcpy, cpuCores, daemon
+            case memcpyGBps, memcpyPerGetGBps, memcpyPerGetMicros, getVsRedis, putVsRedis, getVsMemcpy, getVsMemcpyPerGet, cpuCores, daemon
         }
 
         /// Every key always present: the Redis figures are `null` without `--compare-redis`.
@@ -99,9 +107,12 @@ public struct ServeBenchmark: Sendable {
             try c.encode(redisGetP99Micros, forKey: .redisGetP99Micros)
             try c.encode(redisVersion, forKey: .redisVersion)
             try c.encode(memcpyGBps, forKey: .memcpyGBps)
+            try c.encode(memcpyPerGetGBps, forKey: .memcpyPerGetGBps)
+            try c.encode(memcpyPerGetMicros, forKey: .memcpyPerGetMicros)
             try c.encode(getVsRedis, forKey: .getVsRedis)
             try c.encode(putVsRedis, forKey: .putVsRedis)
             try c.encode(getVsMemcpy, forKey: .getVsMemcpy)
+            try c.encode(getVsMemcpyPerGet, forKey: .getVsMemcpyPerGet)
             try c.encode(cpuCores, forKey: .cpuCores)
             try c.encode(daemon, forKey: .daemon)
         }
@@ -173,6 +184,7 @@ public struct ServeBenchmark: Sendable {
         let maxPages = max(1, maxWorkingSetBytes / clients / pageBytes / pagesPerGet) * pagesPerGet
 
         let memcpyGBps = Self.measureMemcpy(bytes: memcpyBytes)
+        let memcpyPerGetGBps = Self.measureMemcpy(chunkBytes: pagesPerGet * pageBytes, sourceBytes: memcpyBytes)
         let scratch = try makeScratchDirectory(prefix: "kvtier-serve-")
         defer { removeTree(scratch) }
 
@@ -224,9 +236,10 @@ public struct ServeBenchmark: Sendable {
             redisPutP50Micros: redis?.put.p50Micros, redisPutP99Micros: redis?.put.p99Micros,
             redisGetGBps: redis?.get.gbps, redisGetOps: redis?.get.operations,
             redisGetP50Micros: redis?.get.p50Micros, redisGetP99Micros: redis?.get.p99Micros, redisVersion: redis?.version,
-            memcpyGBps: memcpyGBps,
+            memcpyGBps: memcpyGBps, memcpyPerGetGBps: memcpyPerGetGBps,
+            memcpyPerGetMicros: memcpyPerGetGBps > 0 ? Double(pagesPerGet * pageBytes) / memcpyPerGetGBps / 1e3 : 0,
             getVsRedis: redis.map { get.gbps / $0.get.gbps }, putVsRedis: redis.map { put.gbps / $0.put.gbps },
-            getVsMemcpy: get.gbps / memcpyGBps, cpuCores: ProcessInfo.processInfo.activeProcessorCount, daemon: daemonPath)
+            getVsMemcpy: get.gbps / memcpyGBps, getVsMemcpyPerGet: get.gbps / memcpyPerGetGBps, cpuCores: ProcessInfo.processInfo.activeProcessorCount, daemon: daemonPath)
     }
 
     // MARK: workers
@@ -358,5 +371,25 @@ public struct ServeBenchmark: Sendable {
         let copy = unsafeBitCast(symbol, to: Copy.self)
         let seconds = Stopwatch.best(repetitions: 5) { _ = copy(destination.baseAddress, source.baseAddress, bytes) }
         return Double(bytes) / seconds / 1e9
+    }
+
+    /// Single-core memcpy of `chunkBytes` at a time into one buffer of that size (touched
+    /// before, as a worker's private copy is), from successive chunks of a source of at least
+    /// `sourceBytes` (larger than the last-level cache, as the arena's pages are): one pass over
+    /// the source, fastest of 5.
+    public static func measureMemcpy(chunkBytes: Int, sourceBytes: Int) -> Double {
+        let chunks = max(1, sourceBytes / max(1, chunkBytes))
+        let source = UnsafeMutableRawBufferPointer.allocate(byteCount: chunks * chunkBytes, alignment: 4096)
+        let destination = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkBytes, alignment: 4096)
+        defer { source.deallocate(); destination.deallocate() }
+        source.initializeMemory(as: UInt8.self, repeating: 0x5A)
+        destination.initializeMemory(as: UInt8.self, repeating: 0)
+        typealias Copy = @convention(c) (UnsafeMutableRawPointer?, UnsafeRawPointer?, Int) -> UnsafeMutableRawPointer?
+        guard let symbol = dlsym(nil, "memcpy") else { return 0 }
+        let copy = unsafeBitCast(symbol, to: Copy.self)
+        let seconds = Stopwatch.best(repetitions: 5) {
+            for chunk in 0..<chunks { _ = copy(destination.baseAddress, source.baseAddress! + chunk * chunkBytes, chunkBytes) }
+        }
+        return Double(chunks * chunkBytes) / seconds / 1e9
     }
 }

@@ -91,7 +91,7 @@ struct DiskBenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmark the disk tier on this machine's disk.",
-        subcommands: [Disk.self, Recovery.self, TraceBenchCommand.self, ServeBenchCommand.self, ServeWorkerCommand.self, ResumeBenchCommand.self]
+        subcommands: [Disk.self, Recovery.self, TraceBenchCommand.self, ServeBenchCommand.self, ServeWorkerCommand.self, ResumeBenchCommand.self, PutBenchCommand.self]
     )
 
     struct Disk: AsyncParsableCommand {

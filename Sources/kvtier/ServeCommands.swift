@@ -19,7 +19,8 @@ struct ServeBenchCommand: AsyncParsableCommand {
             page out of the arena into private memory. --pages-per-get K makes each put and get one \
             request for a prefix of K pages (Redis: MSET/MGET of K keys). --compare-redis runs the \
             same workload as SET/GET against its own redis-server on a Unix socket (installing the Debian package with \
-            apt-get when redis-server is missing). memcpy of 96 MiB on one core is the baseline.
+            apt-get when redis-server is missing). Baselines on one core: memcpy of 96 MiB, and memcpy \
+            of one GET's bytes at a time into one buffer, from successive places of a 96 MiB source.
             """
     )
 
@@ -42,7 +43,7 @@ struct ServeBenchCommand: AsyncParsableCommand {
             clients: clients, pageBytes: pageBytes, pagesPerGet: pagesPerGet, seconds: seconds, compareRedis: compareRedis,
             daemonPath: daemon ?? ServeBenchmark.daemonBeside(executable),
             workerCommand: [executable, "bench", "serve-worker"], maxWorkingSetBytes: cap)
-        let signals = installInterruptCleanup()
+        let signals = installBenchInterruptCleanup()
         defer { for source in signals { source.cancel() } }
         let r: ServeBenchmark.Report
         do { r = try await benchmark.run() } catch let error as ToolError { throw ValidationError(error.description) }
@@ -61,21 +62,24 @@ struct ServeBenchCommand: AsyncParsableCommand {
             ["put latency", micros(r.putP50Micros, r.putP99Micros), micros(r.redisPutP50Micros, r.redisPutP99Micros)],
             ["get / redis", ratio(r.getVsRedis), ""],
             ["get / memcpy", ratio(r.getVsMemcpy) + " (memcpy \(gbps(r.memcpyGBps)), 1 core)", ""],
+            ["get / memcpy per GET", ratio(r.getVsMemcpyPerGet) + " (memcpy of one GET's \(ByteCount(r.pagesPerGet * r.pageBytes)): "
+                + "\(gbps(r.memcpyPerGetGBps)), \(formatDecimal(r.memcpyPerGetMicros, places: 1)) µs, 1 core)", ""],
         ])
     }
+}
 
-    /// On SIGINT or SIGTERM: stop the daemon, redis and workers, remove the folders, exit.
-    private func installInterruptCleanup() -> [any DispatchSourceSignal] {
-        [SIGINT, SIGTERM].map { (number: Int32) -> any DispatchSourceSignal in
-            _ = signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler {
-                ServeChildRegistry.cleanUpAfterInterruption()
-                Glibc.exit(128 + number)
-            }
-            source.resume()
-            return source
+/// On SIGINT or SIGTERM: stop the children of a `kvtier bench` run (daemon, redis, workers),
+/// remove its folders, exit.
+func installBenchInterruptCleanup() -> [any DispatchSourceSignal] {
+    [SIGINT, SIGTERM].map { (number: Int32) -> any DispatchSourceSignal in
+        _ = signal(number, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+        source.setEventHandler {
+            ServeChildRegistry.cleanUpAfterInterruption()
+            Glibc.exit(128 + number)
         }
+        source.resume()
+        return source
     }
 }
 

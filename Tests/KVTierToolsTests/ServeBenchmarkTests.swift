@@ -26,6 +26,9 @@ import Testing
         #expect(r.getP50Micros > 0 && r.getP50Micros <= r.getP99Micros)
         #expect(r.putP50Micros > 0 && r.putP50Micros <= r.putP99Micros)
         #expect(r.getVsMemcpy > 0)
+        #expect(r.memcpyPerGetGBps > 0 && r.memcpyPerGetMicros > 0 && r.getVsMemcpyPerGet > 0)
+        // One 256 KiB copy at the per-GET memcpy's rate takes the time it reports.
+        #expect(abs(r.memcpyPerGetMicros - Double(256 << 10) / r.memcpyPerGetGBps / 1e3) < 1e-6)
         #expect(r.redisGetGBps == nil && r.getVsRedis == nil)
     }
 
