@@ -1,3 +1,4 @@
+import Dispatch
 import KVTierCore
 import KVTierStore
 import KVTierSystem
@@ -21,6 +22,10 @@ public final class ArenaPageMemory: PageMemory, @unchecked Sendable {
     private let staging: SharedArena
     private let pageAllocator: Mutex<ExtentAllocator>
     private let stagingAllocator: Mutex<ExtentAllocator>
+    /// The page arena below `committedEnd` is faulted in; `running` while a background commit
+    /// extends it (`commitAhead`).
+    private let committed = Mutex<(committedEnd: Int, running: Bool, failed: Bool)>((0, false, false))
+    private let logger: Logger
 
     /// Creates both memfds (`name` and `name-staging` show in /proc/PID/fd) and maps them. The
     /// page arena's `capacity` is virtual (committed as pages are stored); so is the staging
@@ -32,7 +37,19 @@ public final class ArenaPageMemory: PageMemory, @unchecked Sendable {
                                   populate: populateStaging)
         pageAllocator = Mutex(ExtentAllocator(capacity: pages.capacity))
         stagingAllocator = Mutex(ExtentAllocator(capacity: staging.capacity))
+        self.logger = logger
     }
+
+    /// How far past the end of the highest page extent handed out the page arena is committed
+    /// in the background (`SharedArena.populate`), so that puts copy into memory already faulted
+    /// in instead of faulting a fresh page every 4 KiB on the request path. Best fit allocates
+    /// fresh memory from the low end of the arena's trailing free run, so the used part grows
+    /// upwards and this keeps ahead of it. It commits ahead by as much as is in use up to this
+    /// limit, so a tenant never makes the daemon commit more than twice what it stores (and the
+    /// arena, sized to the tenant's quota, bounds both).
+    public static let commitAheadBytes = 64 << 20
+    /// Bytes committed per madvise call, so the range grows in steps puts can use at once.
+    static let commitStepBytes = 8 << 20
 
     private static func rounded(_ bytes: Int) -> Int {
         let granule = ExtentAllocator.granuleBytes
@@ -43,7 +60,42 @@ public final class ArenaPageMemory: PageMemory, @unchecked Sendable {
     public var allocatedBytes: Int { pageAllocator.withLock { $0.allocatedBytes } }
     public var shareableDescriptor: Int32? { pages.descriptor }
 
-    public func allocate(_ bytes: Int) -> Extent? { pageAllocator.withLock { $0.allocate(bytes) } }
+    public func allocate(_ bytes: Int) -> Extent? {
+        guard let extent = pageAllocator.withLock({ $0.allocate(bytes) }) else { return nil }
+        commitAhead(of: extent.end)
+        return extent
+    }
+
+    /// Starts committing the page arena up to `commitAheadBytes` past `end` on a background
+    /// queue, unless that is done or under way. Where the kernel lacks MADV_POPULATE_WRITE, pages
+    /// fault in on first write as before (logged once).
+    private func commitAhead(of end: Int) {
+        // Ahead by as much as is in use, up to the limit: a tenant that stores little commits
+        // little more (docs/security.md bounds what a tenant makes the daemon commit).
+        let target = min(pages.capacity, end + min(Self.commitAheadBytes, end))
+        let start = committed.withLock { c -> Bool in
+            guard !c.running, !c.failed, c.committedEnd < target else { return false }
+            c.running = true
+            return true
+        }
+        guard start else { return }
+        DispatchQueue.global(qos: .utility).async { [self] in
+            while true {
+                let (from, goal) = committed.withLock { ($0.committedEnd, target) }
+                guard from < goal else { break }
+                let step = Extent(offset: from, length: min(Self.commitStepBytes, goal - from))
+                do {
+                    try pages.populate(step)
+                } catch {
+                    logger.info("page arena memory is committed on first write (MADV_POPULATE_WRITE unavailable)", metadata: ["errno": "\(error)"])
+                    committed.withLock { $0.failed = true }
+                    break
+                }
+                committed.withLock { $0.committedEnd = step.end }
+            }
+            committed.withLock { $0.running = false }
+        }
+    }
 
     public func isAllocated(_ extent: Extent) -> Bool {
         pages.contains(extent) && pageAllocator.withLock { $0.isAllocated(extent) }

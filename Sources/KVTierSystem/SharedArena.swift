@@ -182,6 +182,18 @@ public struct SharedArena: ~Copyable, @unchecked Sendable {
         try ArenaSystem.removePages(base + first, bytes: last - first)
     }
 
+    /// Commits the memory of `extent` and maps it writable in this process without changing its
+    /// bytes (`madvise(MADV_POPULATE_WRITE)`, Linux 5.14), so later writes find it faulted in: a
+    /// first write to a fresh memfd page costs a fault and a zeroing (~1 GB/s on these hosts,
+    /// against ~10 GB/s to committed memory). Safe while other threads write the extent.
+    /// Throws EINVAL where the kernel lacks it, EFAULT/ENOMEM when memory runs out.
+    /// - Precondition: `contains(extent)`, and the arena is mapped writable here.
+    public func populate(_ extent: Extent) throws(Errno) {
+        precondition(contains(extent), "extent outside the arena or not aligned")
+        guard extent.length > 0 else { return }
+        try ArenaSystem.populateWritable(base + extent.offset, bytes: extent.length)
+    }
+
     /// Memory committed to the arena, in bytes: `st_blocks` × 512 of the memfd, which shmem keeps
     /// as pages allocated × page size. Counts pages touched by any process mapping it.
     public func residentBytes() throws(Errno) -> Int {
@@ -254,6 +266,13 @@ enum ArenaSystem {
     static func removePages(_ address: UnsafeMutableRawPointer, bytes: Int) throws(Errno) {
         _ = try SystemCall.retryingInterrupts { madvise(address, bytes, MADV_REMOVE) }
     }
+
+    /// madvise(MADV_POPULATE_WRITE): faults pages in writable, preserving their contents.
+    static func populateWritable(_ address: UnsafeMutableRawPointer, bytes: Int) throws(Errno) {
+        _ = try SystemCall.retryingInterrupts { madvise(address, bytes, populateWriteAdvice) }
+    }
+
+    static let populateWriteAdvice: Int32 = 23  // MADV_POPULATE_WRITE (Linux 5.14)
 
     static func pageBytes() -> Int { Int(getpagesize()) }
 }

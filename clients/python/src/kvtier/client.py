@@ -549,6 +549,7 @@ class Client:
         shape_tail = (spec.kv_heads, spec.head_dim)
         for batch in batches:
             lease, extents = self.alloc([(b - a) * bpt for a, b in batch])
+            consumed = False
             try:
                 for (a, b), e in zip(batch, extents):
                     count = spec.layers * 2 * (b - a) * spec.kv_heads * spec.head_dim
@@ -559,12 +560,15 @@ class Client:
                 end = batch[-1][1]
                 head = self._put_request(reg.model_id, session_field, flags, toks[:end], batch[0][0])
                 body, _ = self._call(Op.PUT, [head, _wire.extents_field(wire_extents)])
+                consumed = True
                 cached, added = self._put_reply(body)
                 new_pages += added
                 requests += 1
             finally:
-                # PUT took the extents over; the lease itself stays open until released.
-                if self._sock is not None:
+                # A PUT the daemon answered consumed every staging extent, which ended the ALLOC
+                # lease (a RELEASE now could only answer notFound: a wasted round trip). Until
+                # then the extents are the lease's, and a failure releases them.
+                if not consumed and self._sock is not None:
                     self._release_quietly(lease)
         return PutResult(cached, new_pages, len(toks) - start, requests)
 
