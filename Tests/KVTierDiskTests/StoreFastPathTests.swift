@@ -3,6 +3,7 @@ import KVTierDaemon
 import KVTierProtocol
 import KVTierServer
 import KVTierStore
+import KVTierStoreTesting
 import Testing
 
 /// The daemon's synchronous path (`StoreRequestHandler.handleImmediately`) against its async
