@@ -127,7 +127,7 @@ let package = Package(
         .testTarget(
             name: "KVTierToolsTests",
             dependencies: [
-                "KVTierTools", "KVTierCodec", "KVTierCore", "KVTierStore", "KVTierIO",
+                "KVTierTools", "KVTierCodec", "KVTierCore", "KVTierStore", "KVTierStoreTesting", "KVTierIO",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -145,17 +145,19 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        // SimulatedStorage: the disk tier's storage in memory, with seeded faults (tests only).
+        .target(name: "KVTierStoreTesting", dependencies: ["KVTierStore", "KVTierCore"], path: "Tests/KVTierStoreTesting"),
         .testTarget(
             name: "KVTierDiskTests",
             dependencies: [
                 "KVTierStore", "KVTierIO", "KVTierTools", "KVTierCodec", "KVTierCore",
-                "KVTierDaemon", "KVTierServer", "KVTierProtocol", "KVTierTestProcess",
+                "KVTierDaemon", "KVTierServer", "KVTierProtocol", "KVTierTestProcess", "KVTierStoreTesting",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .testTarget(
             name: "KVTierStoreTests",
-            dependencies: ["KVTierStore", "KVTierTools", "KVTierCodec", "KVTierCore", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["KVTierStore", "KVTierStoreTesting", "KVTierTools", "KVTierCodec", "KVTierCore", .product(name: "Logging", package: "swift-log")]
         ),
         .testTarget(
             name: "KVTierIOTests",

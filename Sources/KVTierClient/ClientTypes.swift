@@ -30,13 +30,10 @@ public enum KVTierClientError: Error, Sendable, Equatable, CustomStringConvertib
     }
 }
 
-/// A model's KV shape as `REGISTER_MODEL` sends it.
+/// A model as `REGISTER_MODEL` sends it: its KV shape and how the daemon keeps its pages.
 public struct ModelSpecification: Sendable, Hashable {
     public var name: String
-    public var layers: Int
-    public var kvHeads: Int
-    public var headDim: Int
-    public var elementType: ElementType
+    public var shape: ModelShape
     /// Tokens per page; 0 asks for the daemon's default (256).
     public var pageTokens: Int
     public var ropeTheta: Float
@@ -46,19 +43,36 @@ public struct ModelSpecification: Sendable, Hashable {
     /// another model. The daemon checks the name (`invalidArgument` lists the valid ones).
     public var diskCodec: String
 
-    public init(name: String, layers: Int, kvHeads: Int, headDim: Int, elementType: ElementType,
-                pageTokens: Int = 0, ropeTheta: Float, diskCodec: String = "") {
+    public init(name: String, shape: ModelShape, pageTokens: Int = 0, ropeTheta: Float, diskCodec: String = "") {
         self.name = name
-        self.layers = layers
-        self.kvHeads = kvHeads
-        self.headDim = headDim
-        self.elementType = elementType
+        self.shape = shape
         self.pageTokens = pageTokens
         self.ropeTheta = ropeTheta
         self.diskCodec = diskCodec
     }
 
-    public var shape: KVShape { KVShape(layers: layers, kvHeads: kvHeads, headDim: headDim) }
+    public init(name: String, layers: Int, kvHeads: Int, headDim: Int, elementType: ElementType,
+                pageTokens: Int = 0, ropeTheta: Float, diskCodec: String = "") {
+        self.init(name: name, shape: ModelShape(layers: layers, kvHeads: kvHeads, headDim: headDim, elementType: elementType),
+                  pageTokens: pageTokens, ropeTheta: ropeTheta, diskCodec: diskCodec)
+    }
+
+    public var layers: Int {
+        get { shape.layers }
+        set { shape.layers = newValue }
+    }
+    public var kvHeads: Int {
+        get { shape.kvHeads }
+        set { shape.kvHeads = newValue }
+    }
+    public var headDim: Int {
+        get { shape.headDim }
+        set { shape.headDim = newValue }
+    }
+    public var elementType: ElementType {
+        get { shape.elementType }
+        set { shape.elementType = newValue }
+    }
 }
 
 /// A model the daemon knows: the id every page call names, and the page size in force.
@@ -75,7 +89,7 @@ public struct RegisteredModel: Sendable, Hashable {
         self.pageTokens = pageTokens
     }
 
-    public var shape: KVShape { specification.shape }
+    public var shape: ModelShape { specification.shape }
 }
 
 /// The answer of `LOOKUP`: the longest cached prefix and how it splits over the tiers.
@@ -122,7 +136,7 @@ public struct LeasedPages {
     /// Tokens served: a prefix of the request.
     public var tokens: Int
     public var pages: [LeasedPage]
-    public var shape: KVShape
+    public var shape: ModelShape
 }
 
 /// A session: a named sequence of the tenant, with its TTL and pin.

@@ -1,3 +1,4 @@
+import KVTierCore
 import KVTierProtocol
 
 extension KVTierClient {
@@ -147,7 +148,7 @@ extension KVTierClient {
     }
 
     private func checkSizes(_ model: RegisteredModel, tokens: Int, keys: Int, values: Int) throws {
-        let expected = model.shape.elements(tokens: tokens) * KVShape.elementBytes
+        let expected = model.shape.elements(tokens: tokens) * ModelShape.elementBytes
         guard keys == expected, values == expected else {
             throw KVTierClientError.invalidArgument("keys and values must be [layers, tokens, kvHeads, headDim] 16-bit elements: "
                                                     + "\(expected) bytes each for \(tokens) tokens, got \(keys) and \(values)")

@@ -148,14 +148,13 @@ public final class KVTierClient: Sendable {
 
     /// Registers a model (idempotent) and returns its id and page size in force.
     public func registerModel(_ spec: ModelSpecification) async throws -> RegisteredModel {
-        func field(_ value: Int, _ name: String) throws -> UInt16 {
-            guard let narrow = UInt16(exactly: value) else { throw KVTierClientError.invalidArgument("\(name) \(value) does not fit 16 bits") }
-            return narrow
+        let request: RegisterModel
+        do {
+            request = try RegisterModel(name: spec.name, shape: spec.shape, pageTokens: spec.pageTokens, ropeTheta: spec.ropeTheta,
+                                        diskCodec: spec.diskCodec.isEmpty ? nil : spec.diskCodec)
+        } catch {
+            throw KVTierClientError.invalidArgument("\(error)")
         }
-        let request = RegisterModel(name: spec.name, layers: try field(spec.layers, "layers"), kvHeads: try field(spec.kvHeads, "kvHeads"),
-                                    headDim: try field(spec.headDim, "headDim"), elementType: spec.elementType,
-                                    pageTokens: try field(spec.pageTokens, "pageTokens"), ropeTheta: spec.ropeTheta,
-                                    diskCodec: spec.diskCodec.isEmpty ? nil : spec.diskCodec)
         let reply = try await call(.registerModel(request), expecting: "REGISTER_MODEL") { if case .registerModel(let r) = $0 { r } else { nil } }
         guard reply.pageTokens > 0, spec.pageTokens == 0 || Int(reply.pageTokens) == spec.pageTokens else {
             throw KVTierClientError.protocolViolation("REGISTER_MODEL put \(reply.pageTokens) tokens per page in force; asked for \(spec.pageTokens)")

@@ -1,28 +1,4 @@
-/// The shape of one token's KV in a model: `layers` sections of keys then values, each
-/// `[kvHeads, headDim]` 16-bit elements.
-public struct KVShape: Sendable, Hashable {
-    public var layers: Int
-    public var kvHeads: Int
-    public var headDim: Int
-
-    public init(layers: Int, kvHeads: Int, headDim: Int) {
-        self.layers = layers
-        self.kvHeads = kvHeads
-        self.headDim = headDim
-    }
-
-    /// Bytes of one element: both element types of the protocol are 16 bits wide.
-    public static let elementBytes = 2
-
-    /// Elements of one token's keys (or values) in one layer.
-    public var rowElements: Int { kvHeads * headDim }
-    /// Bytes of one token's keys (or values) in one layer.
-    public var rowBytes: Int { rowElements * Self.elementBytes }
-    /// Bytes of one token in a page: keys and values of every layer.
-    public var bytesPerToken: Int { layers * 2 * rowBytes }
-    /// Elements of a `[layers, tokens, kvHeads, headDim]` keys (or values) array.
-    public func elements(tokens: Int) -> Int { layers * tokens * rowElements }
-}
+import KVTierCore
 
 /// Conversion between the arrays a model produces, keys and values each
 /// `[layers, tokens, kvHeads, headDim]`, and the page layout of docs/protocol.md ("Data layout"):
@@ -52,17 +28,17 @@ public enum PageLayout {
     }
 
     /// Bytes of a page (or chunk) of `tokens` tokens.
-    public static func pageBytes(tokens: Int, shape: KVShape) -> Int { tokens * shape.bytesPerToken }
+    public static func pageBytes(tokens: Int, shape: ModelShape) -> Int { shape.pageBytes(tokens: tokens) }
 
     /// Writes tokens `range` of a sequence of `sequenceTokens` tokens as a page of
     /// `range.count` tokens into the start of `destination`.
     /// - Precondition: `keys` and `values` hold `shape.elements(tokens: sequenceTokens)` 16-bit
     ///   elements each, `range` lies inside the sequence, and `destination` holds the page.
     public static func pack(
-        shape: KVShape, sequenceTokens: Int, range: Range<Int>,
+        shape: ModelShape, sequenceTokens: Int, range: Range<Int>,
         keys: UnsafeRawBufferPointer, values: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer
     ) {
-        let arrayBytes = shape.elements(tokens: sequenceTokens) * KVShape.elementBytes
+        let arrayBytes = shape.elements(tokens: sequenceTokens) * ModelShape.elementBytes
         precondition(keys.count == arrayBytes && values.count == arrayBytes, "keys and values must be [layers, tokens, kvHeads, headDim]")
         precondition(range.lowerBound >= 0 && range.upperBound <= sequenceTokens, "token range outside the sequence")
         let row = shape.rowBytes
@@ -84,10 +60,10 @@ public enum PageLayout {
     /// - Precondition: `page` holds `pageTokens` tokens, `usedTokens <= pageTokens`, the
     ///   destination range lies inside the sequence and both arrays have its shape.
     public static func unpack(
-        shape: KVShape, page: UnsafeRawBufferPointer, pageTokens: Int, usedTokens: Int,
+        shape: ModelShape, page: UnsafeRawBufferPointer, pageTokens: Int, usedTokens: Int,
         sequenceTokens: Int, start: Int, keys: UnsafeMutableRawBufferPointer, values: UnsafeMutableRawBufferPointer
     ) {
-        let arrayBytes = shape.elements(tokens: sequenceTokens) * KVShape.elementBytes
+        let arrayBytes = shape.elements(tokens: sequenceTokens) * ModelShape.elementBytes
         precondition(keys.count == arrayBytes && values.count == arrayBytes, "keys and values must be [layers, tokens, kvHeads, headDim]")
         precondition(usedTokens >= 0 && usedTokens <= pageTokens, "a page cannot serve more tokens than it holds")
         precondition(start >= 0 && start + usedTokens <= sequenceTokens, "token range outside the sequence")
@@ -105,7 +81,7 @@ public enum PageLayout {
     }
 
     /// `pack` into a new array (inline `PUT` bodies, tests).
-    public static func pack(shape: KVShape, sequenceTokens: Int, range: Range<Int>, keys: [UInt16], values: [UInt16]) -> [UInt8] {
+    public static func pack(shape: ModelShape, sequenceTokens: Int, range: Range<Int>, keys: [UInt16], values: [UInt16]) -> [UInt8] {
         var page = [UInt8](repeating: 0, count: pageBytes(tokens: range.count, shape: shape))
         keys.withUnsafeBytes { keys in
             values.withUnsafeBytes { values in
@@ -117,7 +93,7 @@ public enum PageLayout {
 
     /// `unpack` into arrays the caller owns.
     public static func unpack(
-        shape: KVShape, page: [UInt8], pageTokens: Int, usedTokens: Int,
+        shape: ModelShape, page: [UInt8], pageTokens: Int, usedTokens: Int,
         sequenceTokens: Int, start: Int, keys: inout [UInt16], values: inout [UInt16]
     ) {
         page.withUnsafeBytes { page in

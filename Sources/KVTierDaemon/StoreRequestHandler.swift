@@ -50,8 +50,7 @@ public struct StoreRequestHandler: RequestHandler {
             canonical.diskCodec = codec?.name
             let id: UInt64
             do { id = try canonical.modelID(pageTokensInForce: pageTokens) } catch { throw .invalidArgument("\(error)") }
-            try store.register(ModelSpec(id: id, name: r.name, layers: Int(r.layers), kvHeads: Int(r.kvHeads), headDim: Int(r.headDim),
-                                         elementType: r.elementType, pageTokens: Int(pageTokens), ropeTheta: r.ropeTheta,
+            try store.register(ModelSpec(id: id, name: r.name, shape: r.shape, pageTokens: Int(pageTokens), ropeTheta: r.ropeTheta,
                                          diskCodec: codec), for: tenant)
             return .reply(.registerModel(RegisterModelReply(modelID: id, pageTokens: pageTokens)))
         case .lookup(let r):
@@ -188,10 +187,9 @@ public struct StoreRequestHandler: RequestHandler {
     func models(_ r: ListPage, _ context: ConnectionContext) -> Reply {
         let models = store.models(of: context.tenant)
         let page = models[r.range(in: models.count)].map { m in
-            ModelEntry(modelID: m.id, registration: RegisterModel(
-                name: m.name, layers: UInt16(clamping: m.layers), kvHeads: UInt16(clamping: m.kvHeads), headDim: UInt16(clamping: m.headDim),
-                elementType: m.elementType, pageTokens: UInt16(clamping: m.pageTokens), ropeTheta: m.ropeTheta,
-                diskCodec: m.diskCodec?.name))
+            // Registered models passed the store's limits, which fit the wire's 16-bit fields.
+            ModelEntry(modelID: m.id, registration: try! RegisterModel(name: m.name, shape: m.shape, pageTokens: m.pageTokens,
+                                                                       ropeTheta: m.ropeTheta, diskCodec: m.diskCodec?.name))
         }
         return .models(ModelsReply(total: UInt32(clamping: models.count), models: page))
     }

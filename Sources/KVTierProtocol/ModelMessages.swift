@@ -157,3 +157,24 @@ public struct ModelEntry: Sendable, Equatable {
     /// The fewest bytes one entry takes (an empty name, no disk codec).
     static let minimumBytes = 8 + 2 + 2 + 2 + 2 + 1 + 1 + 2 + 4
 }
+
+extension RegisterModel {
+    /// The model's shape as the store and the clients name it: the one conversion from the
+    /// wire's 16-bit fields.
+    public var shape: ModelShape {
+        ModelShape(layers: Int(layers), kvHeads: Int(kvHeads), headDim: Int(headDim), elementType: elementType)
+    }
+
+    /// A registration of `shape`: the one conversion to the wire's 16-bit fields. Throws
+    /// `malformed` naming the field when a value does not fit 16 bits (the daemon checks the
+    /// shape's limits, `ModelShape.limitViolation`).
+    public init(name: String, shape: ModelShape, pageTokens: Int, ropeTheta: Float, diskCodec: String?) throws(ProtocolError) {
+        func narrow(_ value: Int, _ field: String) throws(ProtocolError) -> UInt16 {
+            guard let narrow = UInt16(exactly: value) else { throw .malformed("REGISTER_MODEL: \(field) \(value) does not fit 16 bits") }
+            return narrow
+        }
+        self.init(name: name, layers: try narrow(shape.layers, "layers"), kvHeads: try narrow(shape.kvHeads, "kvHeads"),
+                  headDim: try narrow(shape.headDim, "headDim"), elementType: shape.elementType,
+                  pageTokens: try narrow(pageTokens, "pageTokens"), ropeTheta: ropeTheta, diskCodec: diskCodec)
+    }
+}

@@ -3,12 +3,12 @@ import KVTierIO
 import KVTierStore
 import Logging
 
-/// The reference reader of the disk format (docs/format.md): reads every record of every segment
-/// with `SegmentScanner` and works out the live pages with `RecordReplay` (the scanner and the
-/// replay rule recovery uses, so the two cannot drift), checks each sealed segment's index block
-/// against the records and the manifest against the files. It only reads:
+/// `kvtier verify` and `kvtier pages`: reads a store with `DiskImage`, the reader start-up
+/// recovery uses (same manifest rule, same index blocks, same scans, same replay), so the pages
+/// it lists are the pages a daemon opening the store would serve. On top of what recovery reads
+/// it checks every record's bytes (sealed segments too), each sealed segment's index block
+/// against its records, sequence numbers, and the manifest against the files. It only reads:
 /// nothing is truncated, sealed, rebuilt or removed, so it is safe on a store a daemon has open.
-/// The engine of `kvtier verify` and `kvtier pages`.
 public struct DiskInspector {
     public let storage: any Storage
     /// The store folder (MANIFEST, seg-*.kvs, quarantine/) relative to the storage root; "" for the root.
@@ -16,8 +16,6 @@ public struct DiskInspector {
     /// How reports name the store (`directory` unless set).
     public var displayName: String
 
-    /// Manifests larger than this are damage, not something to allocate for (recovery's limit too).
-    static let maxManifestBytes = 64 << 20
     /// Findings listed per segment before the rest are only counted.
     static let maxProblemsPerSegment = 16
 
@@ -25,23 +23,6 @@ public struct DiskInspector {
         self.storage = storage
         self.directory = directory
         self.displayName = directory
-    }
-
-    func path(_ name: String) -> String { directory.isEmpty ? name : "\(directory)/\(name)" }
-
-    enum Role {
-        case listed(Manifest.Segment?)
-        case orphan
-        case quarantined
-    }
-
-    struct Planned {
-        var id: UInt64
-        var path: String
-        var name: String
-        var role: Role
-        var file: any StorageFile
-        var size: Int
     }
 
     /// A run of invalid blocks and the first error in it: one damaged record (or several adjacent).
@@ -55,104 +36,32 @@ public struct DiskInspector {
     public func inspect(progress: (DiskInspectionProgress) -> Void = { _ in }) throws(StorageError) -> DiskInspection {
         let started = Clocks.monotonicNanoseconds()
         var report = DiskVerifyReport(directory: displayName)
-        let names = try storage.list(directory)
-        var inStore: [UInt64: String] = [:]
-        for name in names {
-            if let id = SegmentHeader.id(fromFileName: name) { inStore[id] = name }
+        let image = try DiskImage.read(storage, directory: directory, purpose: .verify) { p in
+            progress(DiskInspectionProgress(segmentsDone: p.segmentsDone, segments: p.segments, bytesDone: p.bytesDone, bytes: p.bytes))
         }
-        var inQuarantine: [UInt64: String] = [:]
-        if names.contains("quarantine") {
-            for name in (try? storage.list(path("quarantine"))) ?? [] {
-                if let id = SegmentHeader.id(fromFileName: name) { inQuarantine[id] = name }
-            }
-        }
+        defer { for segment in image.segments { segment.file.close() } }
 
-        let manifest = readManifest(&report, segmentFiles: inStore.count)
-        if names.contains("\(Manifest.fileName).tmp") {
-            report.problems.append("\(Manifest.fileName).tmp: left by an interrupted manifest rewrite; the next start removes it")
-        }
+        reportManifest(image, into: &report)
+        report.storeID = image.storeID?.description
 
-        // Which files to read, and what each is meant to be.
-        var plan: [Planned] = []
-        var listedIDs = Set<UInt64>()
-        var quarantinedIDs = Set<UInt64>()
-        if let manifest {
-            var active = 0
-            for entry in manifest.segments {
-                let name = SegmentHeader.fileName(entry.id)
-                if entry.state == .quarantined {
-                    quarantinedIDs.insert(entry.id)
-                    if inQuarantine[entry.id] == nil && inStore[entry.id] == nil {
-                        report.problems.append("\(name): quarantined by the manifest but not in quarantine/")
-                    }
-                    continue
-                }
-                listedIDs.insert(entry.id)
-                if entry.state == .active { active += 1 }
-                guard inStore[entry.id] != nil else {
-                    report.missingSegments += 1
-                    report.problems.append("\(name): named by the manifest (\(Self.stateName(entry.state))) but missing")
-                    continue
-                }
-                plan.append(try planned(entry.id, path(name), name, .listed(entry)))
-            }
-            if active > 1 {
-                report.problems.append("MANIFEST: \(active) active segments; the next start seals all but the newest")
-            }
-        } else {
-            // Recovery rebuilds the manifest from every segment file; read them as it would.
-            for id in inStore.keys.sorted() {
-                listedIDs.insert(id)
-                plan.append(try planned(id, path(inStore[id]!), inStore[id]!, .listed(nil)))
-            }
-        }
-        plan.sort { $0.id < $1.id }
-        for id in inStore.keys.sorted() where !listedIDs.contains(id) {
-            let name = inStore[id]!
-            if quarantinedIDs.contains(id) {
-                report.problems.append("\(name): quarantined by the manifest but still in the store folder")
-                plan.append(try planned(id, path(name), name, .quarantined))
-            } else {
-                report.orphanSegments += 1
-                report.problems.append("\(name): orphan (no manifest entry names it); the next start removes it")
-                plan.append(try planned(id, path(name), name, .orphan))
-            }
-        }
-        for id in inQuarantine.keys.sorted() {
-            let name = inQuarantine[id]!
-            plan.append(try planned(id, path("quarantine/\(name)"), "quarantine/\(name)", .quarantined))
-        }
-
-        var storeID = manifest?.storeID
-        if storeID == nil, let first = plan.first(where: { if case .listed = $0.role { true } else { false } }) {
-            storeID = Self.segmentHeader(first.file)?.storeID
-        }
-        report.storeID = storeID?.description
-
-        let totalBytes = plan.reduce(0) { $0 + $1.size }
-        var bytesDone = 0
-        var live: [(header: RecordHeader, segment: UInt64, offset: Int)] = []
-        var replayed: [RecordReplay.Entry] = []
-        for (done, item) in plan.enumerated() {
-            let (records, lost) = try check(item, storeID: storeID, into: &report)
-            live += records.map { ($0.header, item.id, $0.offset) }
-            replayed += records.map { RecordReplay.Entry(header: $0.header, segment: item.id, offset: $0.offset) }
-            replayed += lost.map { RecordReplay.Entry(header: $0.header, segment: item.id, offset: $0.offset, damaged: true) }
-            bytesDone += item.size
-            report.fileBytes += item.size
-            progress(DiskInspectionProgress(segmentsDone: done + 1, segments: plan.count, bytesDone: bytesDone, bytes: totalBytes))
+        for segment in image.segments {
+            check(segment, into: &report)
+            report.fileBytes += segment.fileBytes
         }
 
         // Sequence numbers are store-wide; a repeat means two records claim the same write.
-        live.sort { $0.header.sequence < $1.header.sequence }
-        for i in live.indices.dropFirst() where live[i].header.sequence == live[i - 1].header.sequence {
+        var records: [(header: RecordHeader, segment: UInt64, offset: Int)] = []
+        for segment in image.segments where segment.counts {
+            records += (segment.scan?.records ?? []).map { ($0.header, segment.id, $0.offset) }
+        }
+        records.sort { $0.header.sequence < $1.header.sequence }
+        for i in records.indices.dropFirst() where records[i].header.sequence == records[i - 1].header.sequence {
             report.sequenceErrors += 1
-            report.problems.append("\(SegmentHeader.fileName(live[i].segment)) offset \(live[i].offset): sequence \(live[i].header.sequence) is also used at \(SegmentHeader.fileName(live[i - 1].segment)) offset \(live[i - 1].offset)")
+            report.problems.append("\(SegmentHeader.fileName(records[i].segment)) offset \(records[i].offset): sequence \(records[i].header.sequence) is also used at \(SegmentHeader.fileName(records[i - 1].segment)) offset \(records[i - 1].offset)")
         }
 
-        // Apply in write order with recovery's own replay.
-        let pages = RecordReplay.live(replayed).values.map { (header: $0.header, segment: $0.segment, offset: $0.offset) }
-            .sorted { ($0.segment, $0.offset) < ($1.segment, $1.offset) }
+        // The live pages, by the replay recovery builds its index with.
+        let pages = image.livePages().values.sorted { ($0.segment, $0.offset) < ($1.segment, $1.offset) }
         var livePerSegment: [UInt64: Int] = [:]
         for page in pages {
             livePerSegment[page.segment, default: 0] += 1
@@ -167,44 +76,52 @@ public struct DiskInspector {
         return DiskInspection(report: report, pages: pages.map { DiskPageEntry($0.header, segment: $0.segment, offset: $0.offset) })
     }
 
-    private func planned(_ id: UInt64, _ path: String, _ name: String, _ role: Role) throws(StorageError) -> Planned {
-        let file = try storage.open(path, .read)
-        return Planned(id: id, path: path, name: name, role: role, file: file, size: try file.size())
-    }
+    // MARK: the manifest and the files it names
 
-    // MARK: the manifest
-
-    private func readManifest(_ report: inout DiskVerifyReport, segmentFiles: Int) -> Manifest? {
+    private func reportManifest(_ image: DiskImage, into report: inout DiskVerifyReport) {
         let name = Manifest.fileName
-        guard storage.exists(path(name)) else {
-            if segmentFiles > 0 {
-                report.corruptManifest = 1
-                report.problems.append("\(name): missing while \(segmentFiles) segment files exist; the next start rebuilds it by scanning them")
-            }
-            return nil
-        }
-        report.manifest.present = true
-        do {
-            let file = try storage.open(path(name), .read)
-            defer { file.close() }
-            let size = try file.size()
-            guard size <= Self.maxManifestBytes else {
-                report.corruptManifest = 1
-                report.problems.append("\(name): \(size) bytes, more than any manifest; the next start rebuilds it")
-                return nil
-            }
-            let buffer = PageBuffer(byteCount: max(size, 1))
-            let got = try file.read(into: buffer.bytes, at: 0)
-            let manifest = try Manifest(decoding: UnsafeRawBufferPointer(rebasing: buffer.readOnly[0..<got]))
+        if let manifest = image.manifestOnDisk {
+            report.manifest.present = true
             report.manifest.valid = true
             report.manifest.epoch = manifest.epoch
             report.manifest.nextSegmentID = manifest.nextSegmentID
             report.manifest.entries = manifest.segments.count
-            return manifest
-        } catch {
+        } else if let problem = image.manifestProblem {
             report.corruptManifest = 1
-            report.problems.append("\(name): \(error); the next start rebuilds it by scanning the segments")
-            return nil
+            switch problem {
+            case .missing:
+                report.problems.append("\(name): \(problem); the next start rebuilds it by scanning them")
+            case .tooLarge:
+                report.manifest.present = true
+                report.problems.append("\(name): \(problem); the next start rebuilds it")
+            case .damaged, .unreadable:
+                report.manifest.present = true
+                report.problems.append("\(name): \(problem); the next start rebuilds it by scanning the segments")
+            }
+        }
+        if image.temporaryManifest {
+            report.problems.append("\(name).tmp: left by an interrupted manifest rewrite; the next start removes it")
+        }
+        for id in image.quarantinedMissing {
+            report.problems.append("\(SegmentHeader.fileName(id)): quarantined by the manifest but not in quarantine/")
+        }
+        for entry in image.missing {
+            report.missingSegments += 1
+            report.problems.append("\(SegmentHeader.fileName(entry.id)): named by the manifest (\(Self.stateName(entry.state))) but missing")
+        }
+        let active = image.manifestOnDisk?.segments.filter { $0.state == .active }.count ?? 0
+        if active > 1 {
+            report.problems.append("\(name): \(active) active segments; the next start seals all but the newest")
+        }
+        for segment in image.segments {
+            switch segment.role {
+            case .orphan:
+                report.orphanSegments += 1
+                report.problems.append("\(segment.name): orphan (no manifest entry names it); the next start removes it")
+            case .quarantined where !segment.name.hasPrefix("quarantine/"):
+                report.problems.append("\(segment.name): quarantined by the manifest but still in the store folder")
+            default: break
+            }
         }
     }
 
@@ -216,65 +133,46 @@ public struct DiskInspector {
         }
     }
 
-    static func segmentHeader(_ file: any StorageFile) -> SegmentHeader? {
-        let block = PageBuffer(overwrittenByteCount: Block.size)
-        guard (try? file.read(into: block.bytes, at: 0)) == Block.size else { return nil }
-        return try? SegmentHeader(decoding: block.readOnly)
-    }
-
     // MARK: one segment
 
-    /// Scans one file, adds its findings to `report`, and returns the records that count towards
-    /// the live pages and the damaged records whose page is known lost (none for orphans,
-    /// quarantined and foreign segments).
-    private func check(_ item: Planned, storeID: PageKey?, into report: inout DiskVerifyReport) throws(StorageError)
-        -> (records: [SegmentScanner.Record], lost: [SegmentScanner.Record]) {
-        var described: Manifest.Segment?
-        var counted = false
-        var state: String
+    /// Adds one file's findings to `report`.
+    private func check(_ item: DiskImage.Segment, into report: inout DiskVerifyReport) {
+        let counted = item.role == .listed
+        let state: String
         switch item.role {
-        case .listed(let entry):
-            described = entry
-            counted = true
-            state = entry?.state == .sealed ? "sealed" : "active"
+        case .listed: state = item.entry?.state == .sealed ? "sealed" : "active"
         case .orphan: state = "orphan"
         case .quarantined: state = "quarantined"
         }
-        let sealed = described.map { $0.state == .sealed && $0.indexBytes > 0 && $0.sealedBytes >= Block.size } ?? false
-        var summary = DiskVerifyReport.SegmentSummary(id: item.id, file: item.name, state: state, fileBytes: item.size)
+        let sealed = item.isSealed
+        var summary = DiskVerifyReport.SegmentSummary(id: item.id, file: item.name, state: state, fileBytes: item.fileBytes)
         var problems: [String] = []
         var corruptRecords = 0
 
-        var limit: Int? = nil
-        if sealed, let described {
-            if item.size < described.sealedBytes {
-                problems.append("\(item.name): \(item.size) bytes, but the manifest sealed it at \(described.sealedBytes)")
-                if counted { report.corruptSegments += 1 }
-            }
-            limit = min(described.sealedBytes, item.size)
+        var short = false
+        if sealed, let described = item.entry, item.fileBytes < described.sealedBytes {
+            short = true
+            problems.append("\(item.name): \(item.fileBytes) bytes, but the manifest sealed it at \(described.sealedBytes)")
+            if counted { report.corruptSegments += 1 }
         }
-        // A sealed segment was wholly durable; an active one as far as its records say.
-        let scan = try SegmentScanner(file: item.file).scan(limit: limit, acknowledged: sealed ? (limit ?? 0) : 0)
-
-        guard let header = scan.segmentHeader else {
-            let why = scan.damaged.first.map { "\($0.error)" } ?? "unreadable"
+        guard let header = item.header, let scan = item.scan else {
+            let why = item.headerError.map { "\($0)" } ?? "unreadable"
             problems.append("\(item.name) offset 0: segment header: \(why)")
-            if counted { report.corruptSegments += 1 } else if case .quarantined = item.role { report.quarantine.corruptRecords += 1 }
+            if counted { report.corruptSegments += 1 } else if item.role == .quarantined { report.quarantine.corruptRecords += 1 }
             finish(item, summary, problems, into: &report, quarantineRecords: 0)
-            return ([], [])
+            return
         }
-        var foreign = false
         if header.segmentID != item.id {
             problems.append("\(item.name) offset 0: segment header names segment \(header.segmentID)")
             if counted { report.corruptSegments += 1 }
         }
-        if let storeID, header.storeID != storeID {
-            foreign = true
-            problems.append("\(item.name) offset 0: belongs to store \(header.storeID), not \(storeID); the next start ignores it")
+        if item.foreign {
+            problems.append("\(item.name) offset 0: belongs to store \(header.storeID), not \(report.storeID ?? "this one"); the next start ignores it")
             if counted { report.corruptSegments += 1 }
         }
 
-        for range in Self.damagedRanges(scan) {
+        // A sealed file cut short was reported above; the scan's note of it is not another record.
+        for range in Self.damagedRanges(scan) where !(short && range.offset >= item.fileBytes) {
             corruptRecords += 1
             problems.append("\(item.name) offset \(range.offset): damaged record (\(range.end - range.offset) bytes up to the next valid record): \(range.error)")
         }
@@ -303,7 +201,7 @@ public struct DiskInspector {
         summary.records = scan.records.count
         summary.corruptRecords = corruptRecords
 
-        if sealed, let described {
+        if sealed, let described = item.entry, described.indexBytes > 0 {
             summary.indexEntries = checkIndex(item, described, scan, problems: &problems, counted: counted, into: &report)
         }
 
@@ -319,16 +217,14 @@ public struct DiskInspector {
         case .quarantined: report.quarantine.corruptRecords += corruptRecords
         }
         finish(item, summary, problems, into: &report, quarantineRecords: scan.records.count)
-        let lost = scan.damaged.compactMap { d in d.header.map { SegmentScanner.Record(header: $0, offset: d.offset) } }
-        return counted && !foreign ? (scan.records, lost) : ([], [])
     }
 
-    private func finish(_ item: Planned, _ summary: DiskVerifyReport.SegmentSummary, _ problems: [String],
+    private func finish(_ item: DiskImage.Segment, _ summary: DiskVerifyReport.SegmentSummary, _ problems: [String],
                         into report: inout DiskVerifyReport, quarantineRecords: Int) {
-        if case .quarantined = item.role {
+        if item.role == .quarantined {
             report.quarantine.segments += 1
             report.quarantine.records += quarantineRecords
-            report.quarantine.fileBytes += item.size
+            report.quarantine.fileBytes += item.fileBytes
         }
         report.segmentDetails.append(summary)
         report.problems += problems.prefix(Self.maxProblemsPerSegment)
@@ -339,23 +235,17 @@ public struct DiskInspector {
 
     /// Checks a sealed segment's index block against its records; returns its entry count, or nil
     /// when it cannot be read.
-    private func checkIndex(_ item: Planned, _ described: Manifest.Segment, _ scan: SegmentScanner.Result,
+    private func checkIndex(_ item: DiskImage.Segment, _ described: Manifest.Segment, _ scan: SegmentScanner.Result,
                             problems: inout [String], counted: Bool, into report: inout DiskVerifyReport) -> Int? {
         let expectedEnd = described.indexOffset + Block.roundUp(described.indexBytes)
         if described.indexOffset != described.sealedBytes {
             problems.append("\(item.name): manifest puts the index block at \(described.indexOffset) but the records end at \(described.sealedBytes)")
         }
-        if item.size > expectedEnd {
-            problems.append("\(item.name) offset \(expectedEnd): \(item.size - expectedEnd) bytes after the index block")
+        if item.fileBytes > expectedEnd {
+            problems.append("\(item.name) offset \(expectedEnd): \(item.fileBytes - expectedEnd) bytes after the index block")
         }
-        let length = Block.roundUp(described.indexBytes)
-        let buffer = PageBuffer(overwrittenByteCount: length)
-        let entries: [IndexEntry]
-        do {
-            let got = try item.file.read(into: buffer.bytes, at: described.indexOffset)
-            guard got >= described.indexBytes else { throw FormatError.truncated("index block") }
-            entries = try IndexBlock.decode(UnsafeRawBufferPointer(rebasing: buffer.readOnly[0..<described.indexBytes]))
-        } catch {
+        guard let entries = item.index else {
+            let error = item.indexError.map { "\($0)" } ?? "unreadable"
             problems.append("\(item.name) offset \(described.indexOffset): index block: \(error); the next start scans the segment instead")
             if counted { report.corruptIndexBlocks += 1 }
             return nil

@@ -118,7 +118,7 @@ public struct PutBenchmark: Sendable {
                            pageTokens: pageTokens, ropeTheta: 10_000)
     }
 
-    var pageBytes: Int { KVShape(layers: layers, kvHeads: kvHeads, headDim: headDim).bytesPerToken * pageTokens }
+    var pageBytes: Int { specification.shape.pageBytes(tokens: pageTokens) }
 
     public func run() async throws -> Report {
         guard layers >= 1, kvHeads >= 1, headDim >= 1 else { throw ToolError("--layers, --kv-heads and --head-dim must be at least 1") }

@@ -48,7 +48,7 @@ public enum ServeWorker {
     }
 
     /// Bytes per token of the benchmark model: 1 layer × (keys + values) × 8 heads × 128 × fp16.
-    public static let bytesPerToken = KVShape(layers: 1, kvHeads: 8, headDim: 128).bytesPerToken
+    public static let bytesPerToken = ModelShape(layers: 1, kvHeads: 8, headDim: 128).bytesPerToken
 
     /// The model whose one page is `pageBytes` bytes; nil when no whole token count fits.
     public static func model(pageBytes: Int) -> ModelSpecification? {

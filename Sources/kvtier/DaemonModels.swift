@@ -29,8 +29,7 @@ func modelHex(_ id: UInt64) -> String { PageKey.hex(id) }
 
 extension ModelEntry {
     var specification: ModelSpecification {
-        ModelSpecification(name: registration.name, layers: Int(registration.layers), kvHeads: Int(registration.kvHeads),
-                           headDim: Int(registration.headDim), elementType: registration.elementType,
+        ModelSpecification(name: registration.name, shape: registration.shape,
                            pageTokens: Int(registration.pageTokens), ropeTheta: registration.ropeTheta,
                            diskCodec: registration.diskCodec ?? "")
     }

@@ -14,7 +14,7 @@ import Testing
     /// The layout of docs/protocol.md spelled out element by element: for each layer, the keys of
     /// the chunk's tokens, then their values.
     @Test func packMatchesTheSpecifiedLayout() {
-        let shape = KVShape(layers: 2, kvHeads: 1, headDim: 2)
+        let shape = ModelShape(layers: 2, kvHeads: 1, headDim: 2)
         let tokens = 3
         // Element (l, t, d) of keys is 100*l + 10*t + d, of values 1000 more.
         var keys: [UInt16] = []
@@ -34,7 +34,7 @@ import Testing
         var partialFirstChunks = 0
         var partialLastChunks = 0
         for round in 0..<200 {
-            let shape = KVShape(layers: Int.random(in: 1...4, using: &random), kvHeads: Int.random(in: 1...3, using: &random),
+            let shape = ModelShape(layers: Int.random(in: 1...4, using: &random), kvHeads: Int.random(in: 1...3, using: &random),
                                 headDim: Int.random(in: 1...8, using: &random))
             let pageTokens = Int.random(in: 1...9, using: &random)
             let tokens = Int.random(in: 1...40, using: &random)
@@ -86,7 +86,7 @@ import Testing
 }
 
 /// The first `served` tokens of every layer of a `[layers, tokens, kvHeads, headDim]` array.
-func prefix(_ array: [UInt16], shape: KVShape, tokens: Int, served: Int) -> [UInt16] {
+func prefix(_ array: [UInt16], shape: ModelShape, tokens: Int, served: Int) -> [UInt16] {
     var result: [UInt16] = []
     for layer in 0..<shape.layers {
         let start = layer * tokens * shape.rowElements

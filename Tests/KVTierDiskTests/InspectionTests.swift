@@ -1,5 +1,6 @@
 import KVTierCore
 import KVTierStore
+import KVTierStoreTesting
 import KVTierTools
 import Testing
 

@@ -5,6 +5,7 @@ import KVTierIO
 import KVTierProtocol
 import KVTierServer
 import KVTierStore
+import KVTierStoreTesting
 import KVTierTools
 import Logging
 import Testing

@@ -1,5 +1,6 @@
 import KVTierCore
 import KVTierStore
+import KVTierStoreTesting
 import Testing
 
 /// The disk budget's session-hold lookup stays one call deep however often it is read. It was a

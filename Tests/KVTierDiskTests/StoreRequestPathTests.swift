@@ -3,6 +3,7 @@ import KVTierDaemon
 import KVTierProtocol
 import KVTierServer
 import KVTierStore
+import KVTierStoreTesting
 import Testing
 
 extension StoreRequestHandler {

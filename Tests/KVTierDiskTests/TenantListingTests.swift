@@ -1,6 +1,7 @@
 @preconcurrency import Glibc
 import KVTierCore
 import KVTierStore
+import KVTierStoreTesting
 import Foundation
 import Synchronization
 import Testing

@@ -2,6 +2,7 @@ import KVTierCodec
 import KVTierCore
 import KVTierIO
 import KVTierStore
+import KVTierStoreTesting
 import KVTierTools
 import Testing
 

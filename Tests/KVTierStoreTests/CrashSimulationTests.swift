@@ -1,6 +1,7 @@
 import KVTierCodec
 import KVTierCore
 import KVTierStore
+import KVTierStoreTesting
 import Testing
 
 /// Power loss at random points, with random I/O errors: every page acknowledged before the crash

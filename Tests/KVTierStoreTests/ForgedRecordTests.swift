@@ -1,6 +1,7 @@
 import KVTierCodec
 import KVTierCore
 import KVTierStore
+import KVTierStoreTesting
 import KVTierTools
 import Testing
 

@@ -1,6 +1,7 @@
 import KVTierCodec
 import KVTierCore
 import KVTierStore
+import KVTierStoreTesting
 import Testing
 
 /// The catalog journal: every acknowledged change survives a crash, a torn append loses only

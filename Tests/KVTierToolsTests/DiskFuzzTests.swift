@@ -2,6 +2,7 @@ import KVTierClient
 import KVTierCodec
 import KVTierCore
 import KVTierStore
+import KVTierStoreTesting
 import KVTierTools
 import Testing
 

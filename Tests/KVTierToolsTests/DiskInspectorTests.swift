@@ -7,6 +7,7 @@ import KVTierCodec
 import KVTierCore
 import KVTierIO
 import KVTierStore
+import KVTierStoreTesting
 import KVTierTools
 import Logging
 import Testing

@@ -111,7 +111,7 @@ extension DiskTier {
         guard page.data.count >= page.shape.rawBytes else {
             return .failure(.invalidPage("page data holds \(page.data.count) bytes, shape \(page.shape) needs \(page.shape.rawBytes)"))
         }
-        guard page.shape.layers >= 1, page.shape.layers <= Limits.maxLayers else { return .failure(.invalidPage("layers must be 1...\(Limits.maxLayers)")) }
+        if let violation = page.shape.model.limitViolation { return .failure(.invalidPage(violation)) }
         let encodeStart = Clocks.monotonicNanoseconds()
         do {
             let record = try PageRecord.encode(address: page.address, modelID: page.modelID, codec: page.codec, shape: page.shape,

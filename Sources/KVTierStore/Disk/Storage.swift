@@ -1,7 +1,7 @@
 import KVTierCore
 
 /// The file system as the disk tier sees it. `KVTierIO.PosixStorage` is the real one;
-/// `SimulatedStorage` keeps files in memory and injects torn writes, bit flips and full disks from
+/// `SimulatedStorage` (the KVTierStoreTesting target, for tests only) keeps files in memory and injects torn writes, bit flips and full disks from
 /// a seed, so every failure a test finds can be replayed.
 ///
 /// Paths are relative to the storage's root. Durability follows POSIX: file contents are durable

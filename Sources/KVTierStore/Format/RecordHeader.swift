@@ -1,20 +1,36 @@
 import KVTierCodec
 import KVTierCore
 
-/// The shape of a page: what a record stores besides its key.
+/// The shape of a page: what a record stores besides its key. The model's shape (`ModelShape`)
+/// and how many tokens the page holds.
 public struct PageShape: Hashable, Sendable, CustomStringConvertible {
     public var tokens: Int
-    public var layers: Int
-    public var kvHeads: Int
-    public var headDim: Int
-    public var elementType: ElementType
+    public var model: ModelShape
+
+    public init(tokens: Int, model: ModelShape) {
+        self.tokens = tokens
+        self.model = model
+    }
 
     public init(tokens: Int, layers: Int, kvHeads: Int, headDim: Int, elementType: ElementType = .float16) {
-        self.tokens = tokens
-        self.layers = layers
-        self.kvHeads = kvHeads
-        self.headDim = headDim
-        self.elementType = elementType
+        self.init(tokens: tokens, model: ModelShape(layers: layers, kvHeads: kvHeads, headDim: headDim, elementType: elementType))
+    }
+
+    public var layers: Int {
+        get { model.layers }
+        set { model.layers = newValue }
+    }
+    public var kvHeads: Int {
+        get { model.kvHeads }
+        set { model.kvHeads = newValue }
+    }
+    public var headDim: Int {
+        get { model.headDim }
+        set { model.headDim = newValue }
+    }
+    public var elementType: ElementType {
+        get { model.elementType }
+        set { model.elementType = newValue }
     }
 
     /// The shape of one layer's section.
@@ -23,7 +39,7 @@ public struct PageShape: Hashable, Sendable, CustomStringConvertible {
     }
 
     /// Bytes of the whole page as 16-bit elements: layers × (keys + values).
-    public var rawBytes: Int { layers * section.rawBytes }
+    public var rawBytes: Int { model.pageBytes(tokens: tokens) }
 
     public var description: String { "\(layers)×[\(tokens), \(kvHeads), \(headDim)] \(elementType)" }
 }
@@ -157,10 +173,10 @@ public struct RecordHeader: Equatable, Sendable {
                 guard let elementType = ElementType(rawValue: elementRaw) else {
                     throw FormatError.inconsistent("unknown element type \(elementRaw)")
                 }
-                guard tokens >= 1, tokens <= Limits.maxPageTokens, layers >= 1, layers <= Limits.maxLayers,
-                      kvHeads >= 1, kvHeads <= Limits.maxKVHeads, headDim >= 1, headDim <= Limits.maxHeadDim
+                let model = ModelShape(layers: layers, kvHeads: kvHeads, headDim: headDim, elementType: elementType)
+                guard tokens >= 1, tokens <= Limits.maxPageTokens, model.limitViolation == nil
                 else { throw FormatError.inconsistent("page shape \(layers)×[\(tokens), \(kvHeads), \(headDim)] is out of range") }
-                shape = PageShape(tokens: tokens, layers: layers, kvHeads: kvHeads, headDim: headDim, elementType: elementType)
+                shape = PageShape(tokens: tokens, model: model)
                 guard payloadBytes >= 0, recordBytes == Self.size + 4 * layers + payloadBytes else {
                     throw FormatError.inconsistent("record length \(recordBytes) does not match \(layers) layers and \(payloadBytes) payload bytes")
                 }

@@ -6,10 +6,7 @@ import KVTierCore
 public struct ModelSpec: Hashable, Sendable {
     public var id: UInt64
     public var name: String
-    public var layers: Int
-    public var kvHeads: Int
-    public var headDim: Int
-    public var elementType: ElementType
+    public var shape: ModelShape
     public var pageTokens: Int
     /// The RoPE base it was registered with (part of the fingerprint; kept so a registration can
     /// be repeated elsewhere, as `kvtier import` does).
@@ -18,26 +15,32 @@ public struct ModelSpec: Hashable, Sendable {
     /// fingerprint); nil: the store's configured `diskCodec`, whatever it is when a page is written.
     public var diskCodec: Codec?
 
-    public init(id: UInt64, name: String, layers: Int, kvHeads: Int, headDim: Int, elementType: ElementType, pageTokens: Int,
-                ropeTheta: Float = 0, diskCodec: Codec? = nil) {
+    public init(id: UInt64, name: String, shape: ModelShape, pageTokens: Int, ropeTheta: Float = 0, diskCodec: Codec? = nil) {
         self.id = id
         self.name = name
-        self.layers = layers
-        self.kvHeads = kvHeads
-        self.headDim = headDim
-        self.elementType = elementType
+        self.shape = shape
         self.pageTokens = pageTokens
         self.ropeTheta = ropeTheta
         self.diskCodec = diskCodec
     }
 
-    /// The shape of a page holding `tokens` tokens.
-    public func pageShape(tokens: Int) -> PageShape {
-        PageShape(tokens: tokens, layers: layers, kvHeads: kvHeads, headDim: headDim, elementType: elementType)
+    public init(id: UInt64, name: String, layers: Int, kvHeads: Int, headDim: Int, elementType: ElementType, pageTokens: Int,
+                ropeTheta: Float = 0, diskCodec: Codec? = nil) {
+        self.init(id: id, name: name, shape: ModelShape(layers: layers, kvHeads: kvHeads, headDim: headDim, elementType: elementType),
+                  pageTokens: pageTokens, ropeTheta: ropeTheta, diskCodec: diskCodec)
     }
 
+    // The shape's fields, forwarded: the store's request paths read them by these names.
+    public var layers: Int { shape.layers }
+    public var kvHeads: Int { shape.kvHeads }
+    public var headDim: Int { shape.headDim }
+    public var elementType: ElementType { shape.elementType }
+
+    /// The shape of a page holding `tokens` tokens.
+    public func pageShape(tokens: Int) -> PageShape { PageShape(tokens: tokens, model: shape) }
+
     /// Bytes of one token's keys and values over all layers.
-    public var bytesPerToken: Int { layers * 2 * kvHeads * headDim * elementType.byteWidth }
+    public var bytesPerToken: Int { shape.bytesPerToken }
 
     /// A model name: the same rule as a session's (`Name.validate`): names are kept in the
     /// catalog, listed by `MODELS` and printed by `kvtier`.

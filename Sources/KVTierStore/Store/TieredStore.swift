@@ -254,9 +254,10 @@ public final class TieredStore: Sendable {
         guard model.ropeTheta.isFinite else {
             throw .invalidArgument("ropeTheta \(model.ropeTheta) is not a finite number: send the model's RoPE base (0 if it has none)")
         }
-        guard model.layers >= 1, model.layers <= Limits.maxLayers, model.kvHeads >= 1, model.kvHeads <= Limits.maxKVHeads,
-              model.headDim >= 1, model.headDim <= Limits.maxHeadDim, model.pageTokens >= 1, model.pageTokens <= Limits.maxPageTokens
-        else { throw .invalidArgument("model shape out of range: \(model.layers) layers, \(model.kvHeads) KV heads, head dim \(model.headDim), \(model.pageTokens) tokens per page") }
+        if let violation = model.shape.limitViolation { throw .invalidArgument("model shape out of range: \(violation)") }
+        guard model.pageTokens >= 1, model.pageTokens <= Limits.maxPageTokens else {
+            throw .invalidArgument("model shape out of range: \(model.pageTokens) tokens per page; use 1...\(Limits.maxPageTokens)")
+        }
         // Each factor is bounded above, so the product fits an Int; a page of one layer beyond
         // this is more than the codecs, the disk format and an inline frame can carry.
         let sectionBytes = model.pageTokens * 2 * model.kvHeads * model.headDim * model.elementType.byteWidth

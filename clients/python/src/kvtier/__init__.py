@@ -11,7 +11,7 @@
 from ._wire import EvictResult, Extent, PageInfo, RegisteredModel, SessionEntry, SessionInfo
 from .client import Client, LookupResult, PutResult
 from .errors import KVTierConnectionError, KVTierError, ProtocolViolation
-from .model import ModelSpec
+from .model import ModelShape, ModelSpec
 from .paths import NoDefaultPath, default_socket_path, default_state_dir
 from .prefix import PrefixCache
 
@@ -24,6 +24,7 @@ __all__ = [
     "KVTierConnectionError",
     "KVTierError",
     "LookupResult",
+    "ModelShape",
     "ModelSpec",
     "PageInfo",
     "PrefixCache",

@@ -439,6 +439,13 @@ class RegisteredModel:
     rope_theta: float
     disk_codec: str = ""  # empty: the daemon's configured diskCodec
 
+    @property
+    def shape(self):
+        """The model's ``ModelShape``."""
+        from .model import ModelShape
+
+        return ModelShape(self.layers, self.kv_heads, self.head_dim, self.dtype)
+
 
 MODEL_ENTRY_MIN_BYTES = 8 + 2 + 2 + 2 + 2 + 1 + 1 + 2 + 4
 _DTYPES = {v: k for k, v in ELEMENT_TYPES.items()}

@@ -440,7 +440,7 @@ class Client:
     @staticmethod
     def _as_bits(name: str, arr, spec: ModelSpec, n: int) -> np.ndarray:
         arr = np.asarray(arr)
-        want = (spec.layers, n, spec.kv_heads, spec.head_dim)
+        want = spec.shape.kv_shape(n)
         if arr.shape != want:
             raise ValueError(f"{name} has shape {arr.shape}; model {spec.name!r} needs [layers, tokens, kv_heads, head_dim] = {list(want)}")
         dt = arr.dtype
@@ -546,15 +546,14 @@ class Client:
             batches[-1].append(c)
             size += cb
         cached, new_pages, requests = start, 0, 0
-        shape_tail = (spec.kv_heads, spec.head_dim)
         for batch in batches:
             lease, extents = self.alloc([(b - a) * bpt for a, b in batch])
             consumed = False
             try:
                 for (a, b), e in zip(batch, extents):
-                    count = spec.layers * 2 * (b - a) * spec.kv_heads * spec.head_dim
+                    count = spec.shape.page_elements(b - a)
                     dest = np.frombuffer(self._staging, dtype=np.uint16, count=count, offset=e.offset)
-                    fill(a, b, dest.reshape(spec.layers, 2, b - a, *shape_tail))
+                    fill(a, b, dest.reshape(spec.shape.page_shape(b - a)))
                     del dest
                 wire_extents = [Extent(e.offset, e.bytes, b - a) for (a, b), e in zip(batch, extents)]
                 end = batch[-1][1]
@@ -589,9 +588,9 @@ class Client:
             data = bytearray((e - s) * bpt)
             at = 0
             for a, b in _chunks(s, e, page):
-                count = spec.layers * 2 * (b - a) * spec.kv_heads * spec.head_dim
+                count = spec.shape.page_elements(b - a)
                 dest = np.frombuffer(data, dtype=np.uint16, count=count, offset=at)
-                fill(a, b, dest.reshape(spec.layers, 2, b - a, spec.kv_heads, spec.head_dim))
+                fill(a, b, dest.reshape(spec.shape.page_shape(b - a)))
                 del dest
                 at += count * 2
             body, _ = self._call(Op.PUT, [head, _wire.u64(len(data)), data])
@@ -632,7 +631,7 @@ class Client:
             keys, values = bits
         else:
             keys = values = None
-        shape = [spec.layers, 0, spec.kv_heads, spec.head_dim]
+        shape = list(spec.shape.kv_shape(0))
 
         def begin(served: int) -> None:
             nonlocal keys, values
@@ -690,9 +689,9 @@ class Client:
             begin(served)
             for i, e in enumerate(extents):
                 a = i * page
-                count = spec.layers * 2 * e.tokens * spec.kv_heads * spec.head_dim
+                count = spec.shape.page_elements(e.tokens)
                 src = np.frombuffer(self._mm, dtype=np.uint16, count=count, offset=e.offset)
-                src = src.reshape(spec.layers, 2, e.tokens, spec.kv_heads, spec.head_dim)
+                src = src.reshape(spec.shape.page_shape(e.tokens))
                 visit(a, src[:, :, :min(e.tokens, served - a)])
                 del src
         finally:
@@ -724,8 +723,8 @@ class Client:
         for i in range(pages):
             t = page if i < pages - 1 else last
             a = i * page
-            count = spec.layers * 2 * t * spec.kv_heads * spec.head_dim
-            src = np.frombuffer(body, dtype=np.uint16, count=count, offset=at).reshape(spec.layers, 2, t, spec.kv_heads, spec.head_dim)
+            count = spec.shape.page_elements(t)
+            src = np.frombuffer(body, dtype=np.uint16, count=count, offset=at).reshape(spec.shape.page_shape(t))
             visit(a, src[:, :, :min(t, served - a)])
             del src
             at += count * 2

@@ -52,7 +52,7 @@ class PrefixCache:
         self.last_lookup = self.client.lookup_detail(self.model, tokens)
         most = min(self.last_lookup.cached_tokens, len(tokens) - 1)
         if most <= 0:
-            shape = (self.model.layers, 0, self.model.kv_heads, self.model.head_dim)
+            shape = self.model.shape.kv_shape(0)
             keys = np.empty(shape, dtype=self.model.numpy_dtype)
             values = np.empty(shape, dtype=self.model.numpy_dtype)
         else:

@@ -1,4 +1,5 @@
 import KVTierCore
+import KVTierStore
 import Synchronization
 
 /// In-memory `Storage` with POSIX durability semantics and seeded fault injection, after
