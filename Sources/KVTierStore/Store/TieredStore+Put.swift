@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
+import Dispatch
 import KVTierCodec
 import KVTierCore
 import Synchronization
@@ -271,6 +275,7 @@ extension TieredStore {
         var committed = false
         defer { if !committed { for (_, page) in newPages { memory.free(page.extent) } } }
         var deduplicated = 0
+        var copies: [(destination: PageBuffer, source: PageBuffer, bytes: Int)] = []
         for (page, chunk) in zip(plan.pages, plan.chunks) {
             if page.stored {
                 deduplicated += 1
@@ -288,17 +293,56 @@ extension TieredStore {
                 Self.merge(model: model, head: head.buffer, headStored: head.tokens, headUsed: page.chunkStart - page.tokens.lowerBound,
                            tail: source, tailTokens: page.tokens.upperBound - page.chunkStart, into: memory.buffer(extent))
             } else {
-                memory.buffer(extent).bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: source.readOnly[0..<chunkBytes]))
+                copies.append((memory.buffer(extent), source, chunkBytes))
             }
             let now = Clocks.monotonicMicros()
             newPages.append((page.address, Resident(extent: extent, modelID: model.id, tokens: page.tokens.count,
                                                     lastAccessMicros: now, residentSinceMicros: now, onDisk: false)))
         }
+        Self.copy(copies)
         committed = true
         commit(&newPages, deduplicated: deduplicated, memory)
         scheduleEviction()
         return PutResult(cachedTokens: max(plan.cached, plan.tokens.count), newPages: newPages.count)
     }
+
+    /// Copies each source's first `bytes` into its destination. A put of many megabytes is the
+    /// whole cost of a RAM-tier PUT and its client waits meanwhile, so from `parallelCopyBytes`
+    /// on the bytes are split evenly between up to `copyThreads` threads (both cores of a small
+    /// host: one copy runs at a core's memory bandwidth, about half what two reach).
+    static func copy(_ copies: [(destination: PageBuffer, source: PageBuffer, bytes: Int)]) {
+        let total = copies.reduce(0) { $0 + $1.bytes }
+        let threads = total < parallelCopyBytes ? 1 : max(1, min(copyThreads, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
+        // Prefix sums of the copies' lengths: thread i copies bytes [i·total/n, (i+1)·total/n)
+        // of their concatenation, whatever page boundaries fall inside.
+        var sums: [Int] = [0]
+        for copy in copies { sums.append(sums.last! + copy.bytes) }
+        let starts = sums
+        @Sendable func copyRange(_ range: Range<Int>) {
+            var index = max(0, (starts.firstIndex { $0 > range.lowerBound } ?? starts.count) - 1)
+            var at = range.lowerBound
+            while at < range.upperBound, index < copies.count {
+                let copy = copies[index]
+                let from = at - starts[index], to = min(copy.bytes, range.upperBound - starts[index])
+                if from < to {
+                    UnsafeMutableRawBufferPointer(rebasing: copy.destination.bytes[from..<to])
+                        .copyMemory(from: UnsafeRawBufferPointer(rebasing: copy.source.readOnly[from..<to]))
+                }
+                at = starts[index] + to
+                index += 1
+            }
+        }
+        if threads == 1 { return copyRange(0..<total) }
+        DispatchQueue.concurrentPerform(iterations: threads) { i in
+            copyRange(total * i / threads..<total * (i + 1) / threads)
+        }
+    }
+
+    /// From this many bytes a put's copy is split between threads (below, the hand-off costs
+    /// more than it saves).
+    static let parallelCopyBytes = 4 << 20
+    /// Most threads one put's copy uses.
+    static let copyThreads = 4
 
     /// Writes `addresses` to disk where they are only in RAM, as one group commit, and waits
     /// until they are durable; fails if one is in neither tier (evicted and deleted while the put

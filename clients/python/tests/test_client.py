@@ -376,3 +376,27 @@ def test_bad_replies_are_refused(tmp_path, reply, what):
 def test_hello_wire_bytes():
     body = _wire.hello_request(True, "x")
     assert body == struct.pack("<HHI", 1, 1, 1) + b"\x01\x00x"
+
+
+def test_a_large_put_fills_its_pages_from_several_threads_exactly(daemon, monkeypatch):
+    """Batches of at least PARALLEL_FILL_BYTES are filled by several threads at once: every
+    page must still hold its own tokens' bytes (a page filled from another range, or twice,
+    would come back wrong)."""
+    from kvtier import client as client_module
+    calls = []
+    pool = client_module._fill_pool()
+    original = pool.map
+    monkeypatch.setattr(pool, "map", lambda f, items: calls.append(1) or original(f, items))
+    m = model("parallel-fill", layers=2, kv_heads=4, head_dim=64, page_tokens=16)  # 16 KiB pages
+    n = 16 * 700  # 700 pages, 10.9 MiB: over PARALLEL_FILL_BYTES
+    rng = np.random.default_rng(41)
+    k = rng.integers(0, 0x7BFF, size=(2, n, 4, 64), dtype=np.uint16).view(np.float16)
+    v = rng.integers(0, 0x7BFF, size=(2, n, 4, 64), dtype=np.uint16).view(np.float16)
+    with kvtier.Client(daemon.socket) as c:
+        assert c.shared_memory, c.shared_memory_unavailable_reason
+        toks = np.arange(1, n + 1, dtype=np.uint32)
+        assert c.put(m, toks, k, v) == n
+        assert calls, "the batch was not filled by the thread pool"
+        keys, values = c.get(m, toks)
+        assert np.array_equal(keys.view(np.uint16), k.view(np.uint16))
+        assert np.array_equal(values.view(np.uint16), v.view(np.uint16))

@@ -28,6 +28,21 @@ ModelRef = Union[ModelSpec, int]
 # staging memory between ALLOC and PUT (and at most maxExtents pages, and a quarter of the
 # tenant's staging arena, which the tenant's connections share).
 SHM_BATCH_BYTES = 512 << 20
+# From this many bytes a put's batch is filled by several threads (`put_pages(concurrent_fill=)`).
+PARALLEL_FILL_BYTES = 4 << 20
+_FILL_POOL = None
+_FILL_POOL_LOCK = threading.Lock()
+
+
+def _fill_pool():
+    """Threads that fill large put batches, shared by every client of the process."""
+    global _FILL_POOL
+    with _FILL_POOL_LOCK:
+        if _FILL_POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _FILL_POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                                            thread_name_prefix="kvtier-fill")
+        return _FILL_POOL
 
 @dataclass(frozen=True)
 class LookupResult:
@@ -476,18 +491,22 @@ class Client:
             np.copyto(dest[:, 0], k16[:, a:b])
             np.copyto(dest[:, 1], v16[:, a:b])
 
-        return self.put_pages(model, tokens, fill, session=session, durable=durable)
+        # `fill` only reads k16/v16 and writes its own destination: safe from several threads.
+        return self.put_pages(model, tokens, fill, session=session, durable=durable, concurrent_fill=True)
 
     def put_pages(self, model: ModelSpec, tokens, fill: Callable[[int, int, np.ndarray], None], *,
-                  session: Optional[str] = None, durable: bool = False) -> PutResult:
+                  session: Optional[str] = None, durable: bool = False, concurrent_fill: bool = False) -> PutResult:
         """Stores the KV of ``tokens``, asking ``fill`` for the bytes of what is not cached yet.
 
         ``fill(a, b, dest)`` writes the KV of tokens ``a..<b`` into ``dest``, a writable uint16
         array ``[layers, 2, b - a, kv_heads, head_dim]`` (keys at ``[:, 0]``, values at
         ``[:, 1]``, 16-bit patterns of the model's dtype). With shared memory ``dest`` lies in
         the staging arena, so the bytes are written once, where the daemon takes them; ``dest``
-        is only valid during the call. Ranges never cross a page boundary and come in order.
-        Engines use this to copy straight from their own KV layout (``kvtier.engine``).
+        is only valid during the call. Ranges never cross a page boundary and come in order,
+        unless ``concurrent_fill``: then large batches call ``fill`` for different ranges from
+        several threads at once (numpy copies release the GIL, so they use several cores);
+        ``fill`` must then be thread-safe. Engines use this to copy straight from their own KV
+        layout (``kvtier.engine``).
         """
         spec, reg = self._spec(model)
         toks = self._tokens(tokens, truncate=False)
@@ -508,7 +527,7 @@ class Client:
                     # become durable): a PUT without data.
                     return self._put_without_data(reg, toks, session_field, flags)
                 if self.shared_memory:
-                    return self._put_shared(spec, reg, toks, fill, cached, session_field, flags)
+                    return self._put_shared(spec, reg, toks, fill, cached, session_field, flags, concurrent_fill)
                 return self._put_inline(spec, reg, toks, fill, cached, session_field, flags)
             except KVTierError as e:
                 if e.code != "invalidArgument" or attempt == 2 or "cached" not in e.message:
@@ -530,7 +549,7 @@ class Client:
         cached, added = self._put_reply(body)
         return PutResult(cached, added, 0, 1)
 
-    def _put_shared(self, spec, reg, toks, fill, start, session_field, flags) -> PutResult:
+    def _put_shared(self, spec, reg, toks, fill, start, session_field, flags, concurrent_fill=False) -> PutResult:
         bpt = spec.bytes_per_token
         chunks = _chunks(start, len(toks), reg.page_tokens)
         # Batches of whole chunks: at most maxExtents and about SHM_BATCH_BYTES each, and a
@@ -550,11 +569,21 @@ class Client:
             lease, extents = self.alloc([(b - a) * bpt for a, b in batch])
             consumed = False
             try:
-                for (a, b), e in zip(batch, extents):
+                def fill_chunk(chunk):
+                    (a, b), e = chunk
                     count = spec.shape.page_elements(b - a)
                     dest = np.frombuffer(self._staging, dtype=np.uint16, count=count, offset=e.offset)
                     fill(a, b, dest.reshape(spec.shape.page_shape(b - a)))
                     del dest
+
+                pool = _fill_pool() if concurrent_fill and len(batch) > 1 and \
+                    sum(b - a for a, b in batch) * bpt >= PARALLEL_FILL_BYTES else None
+                if pool is None:
+                    for chunk in zip(batch, extents):
+                        fill_chunk(chunk)
+                else:
+                    # numpy releases the GIL while it copies: chunks fill on several cores.
+                    list(pool.map(fill_chunk, zip(batch, extents)))
                 wire_extents = [Extent(e.offset, e.bytes, b - a) for (a, b), e in zip(batch, extents)]
                 end = batch[-1][1]
                 head = self._put_request(reg.model_id, session_field, flags, toks[:end], batch[0][0])
