@@ -77,6 +77,7 @@ public final class Daemon: Sendable {
         var storeConfiguration = TieredStore.Configuration()
         storeConfiguration.ramBudgetBytes = c.ramBudgetBytes
         storeConfiguration.tenantRAMQuotaBytes = c.tenantRAMQuotaBytes
+        storeConfiguration.evictionHeadroomBytes = c.evictionHeadroomBytes
         storeConfiguration.stagingBytes = c.stagingBytes
         // The page arena never gives memory back (docs/security.md): sized to the quota.
         storeConfiguration.arenaBytes = TieredStore.pageArenaBytes(quota: c.tenantRAMQuotaBytes, ceiling: c.arenaBytes)

@@ -38,6 +38,10 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     public var tenantRAMQuota: String?
     /// Size of each tenant's staging arena (client-writable shared memory for PUTs). Default 256MiB.
     public var stagingSize: String = "256MiB"
+    /// RAM the background evictor keeps free below ramBudget and each tenant's quota, so puts
+    /// find room without waiting for disk writes. Default: an eighth of the budget, at least
+    /// 64MiB, at most half.
+    public var evictionHeadroom: String?
     /// Tokens per page for models that do not ask for another size. Default 256.
     public var pageTokens: Int = Limits.defaultPageTokens
     /// io_uring queue depth of disk reads. Default 64.
@@ -73,7 +77,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     public static let reloadableKeys: Set<String> = ["logLevel"]
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case socket, stateDir, ramBudget, diskBudget, diskCodec, arenaSize, tenantRAMQuota, stagingSize, pageTokens, ioQueueDepth
+        case socket, stateDir, ramBudget, diskBudget, diskCodec, arenaSize, tenantRAMQuota, stagingSize, evictionHeadroom, pageTokens, ioQueueDepth
         case logLevel, metricsListen, metricsAllowNonLoopback, sharedTenantGroups, diskTenantQuota
         case maxConnections, maxConnectionsPerUID, handshakeTimeoutSeconds, idleTimeoutSeconds
         case maxBufferedFrameBytes, maxBufferedFrameBytesPerUID, maxModelsPerTenant
@@ -101,6 +105,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         diskCodec = try value(.diskCodec, String.self, "a codec name string") ?? diskCodec
         arenaSize = try value(.arenaSize, String.self, "a size string such as \"64GiB\"") ?? arenaSize
         tenantRAMQuota = try value(.tenantRAMQuota, String.self, "a size string such as \"2GiB\"")
+        evictionHeadroom = try value(.evictionHeadroom, String.self, "a size string such as \"256MiB\"") ?? evictionHeadroom
         stagingSize = try value(.stagingSize, String.self, "a size string such as \"256MiB\"") ?? stagingSize
         pageTokens = try value(.pageTokens, Int.self, "an integer") ?? pageTokens
         ioQueueDepth = try value(.ioQueueDepth, Int.self, "an integer") ?? ioQueueDepth
@@ -207,6 +212,8 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         }
         /// `maxModelsPerTenant`.
         public var maxModelsPerTenant = 256
+        /// `evictionHeadroom`; nil: the store's default (`TieredStore.headroom(below:)`).
+        public var evictionHeadroomBytes: Int?
 
         /// The tenant of a peer: its primary group's shared tenant (`TenantID.group`) when that
         /// group is listed, else its uid. Nil (refused) for a uid that would collide with group
@@ -246,6 +253,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
                 ("maxBufferedFrameBytes", quoted("\(ByteCount(transport.maxBufferedFrameBytes))")),
                 ("maxBufferedFrameBytesPerUID", quoted("\(ByteCount(transport.maxBufferedFrameBytesPerUID))")),
                 ("maxModelsPerTenant", "\(maxModelsPerTenant)"),
+                ("evictionHeadroom", evictionHeadroomBytes.map { quoted("\(ByteCount($0))") } ?? "null"),
             ]
             return "{" + fields.map { "\(quoted($0.0)): \($0.1)" }.joined(separator: ", ") + "}"
         }
@@ -276,6 +284,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             if t.maxBufferedFrameBytes != o.maxBufferedFrameBytes { keys.append("maxBufferedFrameBytes") }
             if t.maxBufferedFrameBytesPerUID != o.maxBufferedFrameBytesPerUID { keys.append("maxBufferedFrameBytesPerUID") }
             if maxModelsPerTenant != other.maxModelsPerTenant { keys.append("maxModelsPerTenant") }
+            if evictionHeadroomBytes != other.evictionHeadroomBytes { keys.append("evictionHeadroom") }
             return keys
         }
     }
@@ -392,6 +401,13 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         resolved.sharedTenantGids = gids
         resolved.transport = try resolvedTransport()
         resolved.maxModelsPerTenant = maxModelsPerTenant
+        if let evictionHeadroom {
+            let headroom = try size("evictionHeadroom", evictionHeadroom)
+            guard headroom <= ramBudgetBytes / 2 else {
+                throw Invalid(key: "evictionHeadroom", value: evictionHeadroom, allowed: "a size up to half of ramBudget (\(ByteCount(ramBudgetBytes / 2)))")
+            }
+            resolved.evictionHeadroomBytes = headroom
+        }
         return resolved
     }
 

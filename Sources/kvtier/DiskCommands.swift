@@ -86,11 +86,11 @@ enum OfflinePages {
     }
 }
 
-/// `kvtier bench disk|recovery`.
+/// `kvtier bench disk|recovery|trace|serve|resume|put`.
 struct DiskBenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
-        abstract: "Benchmark the disk tier on this machine's disk.",
+        abstract: "Benchmark kvtierd on this machine: disk tier, recovery, serving, puts, resume, trace replay.",
         subcommands: [Disk.self, Recovery.self, TraceBenchCommand.self, ServeBenchCommand.self, ServeWorkerCommand.self, ResumeBenchCommand.self, PutBenchCommand.self]
     )
 

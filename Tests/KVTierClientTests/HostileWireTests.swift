@@ -34,8 +34,8 @@ struct HostileWireTests {
         #expect(error.message.contains("arena"), "the error says which limit: \(error.message)")
     }
 
-    /// Two extents of length 0x7FFF_FFFF_FFFF_F000 overflowed the fast path's projected RAM bytes
-    /// before any ownership check.
+    /// Two extents of length 0x7FFF_FFFF_FFFF_F000 overflowed the (then) fast path's projected RAM
+    /// bytes before any ownership check.
     @Test func putWhoseExtentLengthsSumPastIntMaxIsRefused() async throws {
         let daemon = try await DaemonProcess.start()
         defer { daemon.stop() }

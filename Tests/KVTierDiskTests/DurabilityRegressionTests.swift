@@ -6,7 +6,7 @@ import KVTierStoreTesting
 import KVTierTools
 import Testing
 
-/// Defects a review of the session and fast-path changes found, each reproduced here before its
+/// Defects a review of the session and (since merged) fast-path changes found, each reproduced here before its
 /// fix: acknowledged session pages that were only in RAM, a dropped leased page with a stale
 /// disk flag, and one staging extent backing two pages.
 @Suite struct DurabilityRegressionTests {

@@ -33,7 +33,7 @@ extension StoreRequestHandler {
 
     static func context(_ connection: UInt64, tenant: TenantID = Store.alice, sharedMemory: Bool = true) -> ConnectionContext {
         ConnectionContext(connectionID: connection, tenant: tenant, peer: PeerCredentials(pid: 1, uid: tenant.rawValue, gid: 0),
-                          protocolVersion: ProtocolVersion.current, clientName: "fast-path-test", sharedMemory: sharedMemory)
+                          protocolVersion: ProtocolVersion.current, clientName: "request-path-test", sharedMemory: sharedMemory)
     }
 
     /// Inline data for tokens [dataStart, end): each chunk's rows, page by page.

@@ -22,6 +22,8 @@ struct ConfigurationTests {
         Invalid(json: #"{"diskBudget": "-3GiB"}"#, key: "diskBudget", allowed: "a size such as"),
         Invalid(json: #"{"diskCodec": "gzip"}"#, key: "diskCodec", allowed: "k4v4"),
         Invalid(json: #"{"pageTokens": 0}"#, key: "pageTokens", allowed: "1..."),
+        Invalid(json: #"{"ramBudget": "1GiB", "evictionHeadroom": "768MiB"}"#, key: "evictionHeadroom", allowed: "up to half of ramBudget"),
+        Invalid(json: #"{"evictionHeadroom": "some"}"#, key: "evictionHeadroom", allowed: "a size such as"),
         Invalid(json: #"{"ioQueueDepth": 100000}"#, key: "ioQueueDepth", allowed: "1...4096"),
         Invalid(json: #"{"logLevel": "loud"}"#, key: "logLevel", allowed: "trace, debug, info"),
         Invalid(json: #"{"metricsListen": "nonsense"}"#, key: "metricsListen", allowed: "HOST:PORT"),
