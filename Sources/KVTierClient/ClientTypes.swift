@@ -31,6 +31,7 @@ public enum KVTierClientError: Error, Sendable, Equatable, CustomStringConvertib
 }
 
 /// A model as `REGISTER_MODEL` sends it: its KV shape and how the daemon keeps its pages.
+@dynamicMemberLookup
 public struct ModelSpecification: Sendable, Hashable {
     public var name: String
     public var shape: ModelShape
@@ -57,21 +58,11 @@ public struct ModelSpecification: Sendable, Hashable {
                   pageTokens: pageTokens, ropeTheta: ropeTheta, diskCodec: diskCodec)
     }
 
-    public var layers: Int {
-        get { shape.layers }
-        set { shape.layers = newValue }
-    }
-    public var kvHeads: Int {
-        get { shape.kvHeads }
-        set { shape.kvHeads = newValue }
-    }
-    public var headDim: Int {
-        get { shape.headDim }
-        set { shape.headDim = newValue }
-    }
-    public var elementType: ElementType {
-        get { shape.elementType }
-        set { shape.elementType = newValue }
+    /// The shape's fields and sizes (`layers`, `kvHeads`, `bytesPerToken`, …), read and
+    /// written through `shape`.
+    public subscript<Value>(dynamicMember field: WritableKeyPath<ModelShape, Value>) -> Value {
+        get { shape[keyPath: field] }
+        set { shape[keyPath: field] = newValue }
     }
 }
 

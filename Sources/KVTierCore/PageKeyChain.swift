@@ -7,12 +7,7 @@ import CKVTierKernels
 public enum PageKeyChain {
     /// The key of the page after `parent` (nil for the first page) holding `tokens`.
     public static func key(parent: PageKey?, modelID: UInt64, tokens: some Collection<UInt32>) -> PageKey {
-        var state = kvt_blake2b_state()
-        kvt_blake2b_init(&state, 16)
-        var prefix = ByteWriter(capacity: 24)
-        if let parent { prefix.raw(parent.digestBytes) } else { prefix.zeros(16) }
-        prefix.u64(modelID)
-        prefix.bytes.withUnsafeBytes { kvt_blake2b_update(&state, $0.baseAddress, $0.count) }
+        var state = hashState(parent: parent, modelID: modelID)
         var words = ContiguousArray<UInt32>()
         words.reserveCapacity(tokens.count)
         for token in tokens { words.append(token.littleEndian) }
@@ -39,6 +34,18 @@ public enum PageKeyChain {
         #else
         return key(parent: parent, modelID: modelID, tokens: tokens.lazy.map { $0 })
         #endif
+    }
+
+    /// A BLAKE2b-128 state that has absorbed what precedes a page's tokens: the parent's key (16
+    /// zero bytes for the first page) and the model id.
+    public static func hashState(parent: PageKey?, modelID: UInt64) -> kvt_blake2b_state {
+        var state = kvt_blake2b_state()
+        kvt_blake2b_init(&state, 16)
+        var prefix = ByteWriter(capacity: 24)
+        if let parent { prefix.raw(parent.digestBytes) } else { prefix.zeros(16) }
+        prefix.u64(modelID)
+        prefix.bytes.withUnsafeBytes { kvt_blake2b_update(&state, $0.baseAddress, $0.count) }
+        return state
     }
 
     /// The keys of every page of `tokens` cut into pages of `pageTokens` (the last may be short).

@@ -14,11 +14,7 @@ enum PutBaselines {
         defer { source.deallocate(); destination.deallocate() }
         source.initializeMemory(as: UInt8.self, repeating: 0x5A)
         destination.initializeMemory(as: UInt8.self, repeating: 0)
-        // Through a pointer the optimizer cannot see into: a memcpy into memory freed right after
-        // is otherwise a dead store it may delete (as ServeBenchmark.measureMemcpy).
-        typealias Copy = @convention(c) (UnsafeMutableRawPointer?, UnsafeRawPointer?, Int) -> UnsafeMutableRawPointer?
-        guard let symbol = dlsym(nil, "memcpy") else { throw ToolError("cannot find memcpy with dlsym") }
-        let copy = unsafeBitCast(symbol, to: Copy.self)
+        guard let copy = OpaqueMemcpy.copy else { throw ToolError("cannot find memcpy with dlsym") }
         var seconds: [Double] = []
         for _ in 0..<max(1, repetitions) {
             let start = Clocks.monotonicNanoseconds()

@@ -364,11 +364,7 @@ public struct ServeBenchmark: Sendable {
         defer { source.deallocate(); destination.deallocate() }
         source.initializeMemory(as: UInt8.self, repeating: 0x5A)
         destination.initializeMemory(as: UInt8.self, repeating: 0)
-        // Through a pointer the optimizer cannot see into: a memcpy into memory freed right after
-        // is otherwise a dead store it may delete.
-        typealias Copy = @convention(c) (UnsafeMutableRawPointer?, UnsafeRawPointer?, Int) -> UnsafeMutableRawPointer?
-        guard let symbol = dlsym(nil, "memcpy") else { return 0 }
-        let copy = unsafeBitCast(symbol, to: Copy.self)
+        guard let copy = OpaqueMemcpy.copy else { return 0 }
         let seconds = Stopwatch.best(repetitions: 5) { _ = copy(destination.baseAddress, source.baseAddress, bytes) }
         return Double(bytes) / seconds / 1e9
     }
@@ -384,9 +380,7 @@ public struct ServeBenchmark: Sendable {
         defer { source.deallocate(); destination.deallocate() }
         source.initializeMemory(as: UInt8.self, repeating: 0x5A)
         destination.initializeMemory(as: UInt8.self, repeating: 0)
-        typealias Copy = @convention(c) (UnsafeMutableRawPointer?, UnsafeRawPointer?, Int) -> UnsafeMutableRawPointer?
-        guard let symbol = dlsym(nil, "memcpy") else { return 0 }
-        let copy = unsafeBitCast(symbol, to: Copy.self)
+        guard let copy = OpaqueMemcpy.copy else { return 0 }
         let seconds = Stopwatch.best(repetitions: 5) {
             for chunk in 0..<chunks { _ = copy(destination.baseAddress, source.baseAddress! + chunk * chunkBytes, chunkBytes) }
         }

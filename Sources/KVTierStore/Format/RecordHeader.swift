@@ -3,6 +3,7 @@ import KVTierCore
 
 /// The shape of a page: what a record stores besides its key. The model's shape (`ModelShape`)
 /// and how many tokens the page holds.
+@dynamicMemberLookup
 public struct PageShape: Hashable, Sendable, CustomStringConvertible {
     public var tokens: Int
     public var model: ModelShape
@@ -16,32 +17,22 @@ public struct PageShape: Hashable, Sendable, CustomStringConvertible {
         self.init(tokens: tokens, model: ModelShape(layers: layers, kvHeads: kvHeads, headDim: headDim, elementType: elementType))
     }
 
-    public var layers: Int {
-        get { model.layers }
-        set { model.layers = newValue }
-    }
-    public var kvHeads: Int {
-        get { model.kvHeads }
-        set { model.kvHeads = newValue }
-    }
-    public var headDim: Int {
-        get { model.headDim }
-        set { model.headDim = newValue }
-    }
-    public var elementType: ElementType {
-        get { model.elementType }
-        set { model.elementType = newValue }
+    /// The model shape's fields and sizes (`layers`, `kvHeads`, `bytesPerToken`, …), read and
+    /// written through `model`.
+    public subscript<Value>(dynamicMember field: WritableKeyPath<ModelShape, Value>) -> Value {
+        get { model[keyPath: field] }
+        set { model[keyPath: field] = newValue }
     }
 
     /// The shape of one layer's section.
     public var section: SectionShape {
-        SectionShape(tokens: tokens, kvHeads: kvHeads, headDim: headDim, elementType: elementType)
+        SectionShape(tokens: tokens, kvHeads: model.kvHeads, headDim: model.headDim, elementType: model.elementType)
     }
 
     /// Bytes of the whole page as 16-bit elements: layers × (keys + values).
     public var rawBytes: Int { model.pageBytes(tokens: tokens) }
 
-    public var description: String { "\(layers)×[\(tokens), \(kvHeads), \(headDim)] \(elementType)" }
+    public var description: String { "\(model.layers)×[\(tokens), \(model.kvHeads), \(model.headDim)] \(model.elementType)" }
 }
 
 /// The 96-byte header of a record (docs/format.md, "Records").

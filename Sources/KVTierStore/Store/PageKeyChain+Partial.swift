@@ -8,12 +8,7 @@ extension PageKeyChain {
     public static func longestStoredPrefix(
         parent: PageKey?, modelID: UInt64, tokens: ArraySlice<UInt32>, exists: (PageKey) -> Bool
     ) -> (key: PageKey, count: Int)? {
-        var state = kvt_blake2b_state()
-        kvt_blake2b_init(&state, 16)
-        var prefix = ByteWriter(capacity: 24)
-        if let parent { prefix.raw(parent.digestBytes) } else { prefix.zeros(16) }
-        prefix.u64(modelID)
-        prefix.bytes.withUnsafeBytes { kvt_blake2b_update(&state, $0.baseAddress, $0.count) }
+        var state = hashState(parent: parent, modelID: modelID)
         var best: (PageKey, Int)?
         var digest = [UInt8](repeating: 0, count: 16)
         for (i, token) in tokens.enumerated() {

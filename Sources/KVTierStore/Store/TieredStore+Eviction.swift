@@ -6,20 +6,20 @@ import KVTierCore
 import Synchronization
 
 extension TieredStore {
-    /// A page's bytes wherever it is: its RAM extent (leased until `unlease`, so eviction cannot
-    /// free it while the caller reads), or a decoded copy from disk (`leased` false).
-    func residentBuffer(_ address: PageAddress, _ model: ModelSpec, _ memory: any PageMemory) async -> (buffer: PageBuffer, tokens: Int, leased: Bool)? {
+    /// A page's bytes wherever it is: its RAM extent (held until `endHold`, so eviction cannot
+    /// free it while the caller reads), or a decoded copy from disk (`held` false).
+    func residentBuffer(_ address: PageAddress, _ model: ModelSpec, _ memory: any PageMemory) async -> (buffer: PageBuffer, tokens: Int, held: Bool)? {
         if let page = state.withLock({ s -> Resident? in
-            s.addLease(address)
+            guard s.hold(address) else { return nil }
             return s.resident[address]
         }) { return (memory.buffer(page.extent), page.tokens, true) }
         guard let disk, case .success(let page) = await disk.read(address) else { return nil }
         return (page.data, page.page.shape.tokens, false)
     }
 
-    /// Ends a lease taken by `residentBuffer` or `persist`.
-    func unlease(_ address: PageAddress) {
-        state.withLock { $0.endLease(address) }
+    /// Ends a hold taken by `residentBuffer`.
+    func endHold(_ address: PageAddress) {
+        state.withLock { $0.endHold(address) }
     }
 
     // MARK: disk
@@ -45,7 +45,8 @@ extension TieredStore {
             for (index, address) in addresses.enumerated() {
                 guard let page = s.resident[address], !(page.onDisk && stored[index]), let model = s.models[page.modelID],
                       let memory = s.memories[address.tenant] else { continue }
-                s.addLease(address)
+                // Held, not leased: the write is the store's, and no client's quota counts it.
+                _ = s.hold(address)
                 let shape = model.pageShape(tokens: page.tokens)
                 // The model's own codec when it chose one at registration, else the daemon's.
                 var codec = model.diskCodec ?? configuration.diskCodec
@@ -79,7 +80,7 @@ extension TieredStore {
                     s.counters.diskWriteFailures += 1
                     results[index] = .failure(.unavailable("\(error)"))
                 }
-                s.endLease(write.address)
+                s.endHold(write.address)
             }
         }
         return results
@@ -99,7 +100,7 @@ extension TieredStore {
         defer { catalog.endDrop(address) }
         let (freed, leased) = state.withLock { s -> (Extent?, Bool) in
             guard let page = s.resident[address] else { return (nil, false) }
-            guard page.leases == 0 else { return (nil, true) }
+            guard page.leases == 0, page.holds == 0 else { return (nil, true) }
             _ = s.removeResident(address)
             return (page.extent, false)
         }
@@ -226,7 +227,7 @@ extension TieredStore {
     /// remembering its heat for prefetch. False when it is leased or gone.
     func evictFromRAM(_ address: PageAddress) -> Bool {
         let freed = state.withLock { s -> (Extent, any PageMemory)? in
-            guard let page = s.resident[address], page.leases == 0, let memory = s.memories[address.tenant] else { return nil }
+            guard let page = s.resident[address], page.leases == 0, page.holds == 0, let memory = s.memories[address.tenant] else { return nil }
             _ = s.removeResident(address)
             s.counters.evictions += 1
             if s.evictedHeat.count >= Self.evictedHeatLimit { s.evictedHeat.removeAll(keepingCapacity: true) }
@@ -277,7 +278,7 @@ extension TieredStore {
             let fairShare = configuration.ramBudgetBytes / max(1, s.tenantRAM.count)
             let aboveFair = s.tenantRAM.compactMapValues { $0 > fairShare ? $0 - fairShare : nil }
             var candidates: [(address: PageAddress, page: Resident)] = []
-            for (address, page) in s.resident where page.leases == 0 && (aboveFair[address.tenant] != nil || tenantExcess[address.tenant] != nil) {
+            for (address, page) in s.resident where page.leases == 0 && page.holds == 0 && (aboveFair[address.tenant] != nil || tenantExcess[address.tenant] != nil) {
                 candidates.append((address, page))
             }
             return (excess, tenantExcess, aboveFair, candidates)

@@ -91,6 +91,9 @@ extension TieredStore {
         if !loading.isEmpty {
             await makeRoom(reserving: (tenant, loading.count * Self.extentBytes(model.pageTokens * model.bytesPerToken)))
         }
+        // Pages loaded are unleased until pinned: no eviction step may run in between, or the
+        // background evictor could take a page this GET just read (it waits for the gate).
+        await evictionGate.enter()
         await load(loading, model, memory, prefetch: false)
         var served: [ServedPage] = []
         var addresses: [PageAddress] = []
@@ -101,6 +104,7 @@ extension TieredStore {
             addresses.append(page.address)
             servedTokens = maxTokens > 0 ? min(page.tokens.upperBound, maxTokens) : page.tokens.upperBound
         }
+        evictionGate.leave()
         let id = state.withLock { s -> UInt64? in
             // Checked again: the connection's other requests may have taken leases meanwhile.
             guard s.leases.refusal(tenant: tenant, owner: owner, configuration) == nil else {

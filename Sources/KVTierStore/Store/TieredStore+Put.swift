@@ -169,8 +169,9 @@ extension TieredStore {
         var plan = PutPlan(tenant: tenant, model: model, memory: memory, tokens: tokens, located: located, firstPage: firstPage,
                            pages: [], chunks: chunks, dropped: [], newBytes: 0, durable: durable, session: session)
         let addresses = keys[firstPage..<firstPage + chunks.count].map { PageAddress(tenant: tenant, key: $0) }
-        let inRAM = state.withLock { s in addresses.map { s.resident[$0] != nil } }
-        let onDisk = disk?.containsEach(addresses, skipping: inRAM) ?? Array(repeating: false, count: addresses.count)
+        // What is stored is what `locate` found: the chain is cut at the first page in neither
+        // tier, and a page another put stores meanwhile is caught at `commit` (kept once).
+        let storedAddresses = Set(located.map(\.address))
         for (index, chunk) in chunks.enumerated() {
             let pageStart = (firstPage + index) * size
             let pageEnd = min(pageStart + size, tokens.count)
@@ -188,7 +189,7 @@ extension TieredStore {
                                                           tokens: tokens[pageStart..<pageEnd - 1])
                 if let (shorter, _, _) = longestStored(tenant, candidates) { plan.dropped.append(shorter) }
             }
-            let stored = inRAM[index] || onDisk[index]
+            let stored = storedAddresses.contains(address)
             plan.pages.append(PutPage(address: address, tokens: pageStart..<pageEnd, chunkStart: chunkStart, stored: stored,
                                       completes: chunkStart > pageStart ? storedHere?.address : nil))
             guard !stored else { continue }
@@ -223,13 +224,13 @@ extension TieredStore {
             await makeRoom(reserving: (plan.tenant, plan.newBytes))
         }
         // Rows before `chunkStart` come from the stored partial page being completed.
-        var heads: [PageAddress: (buffer: PageBuffer, tokens: Int, leased: Bool)] = [:]
-        // Their leases end once their rows are copied: a completed page is dropped below.
-        func endHeadLeases() { for (address, head) in heads where head.leased { unlease(address) } }
+        var heads: [PageAddress: (buffer: PageBuffer, tokens: Int, held: Bool)] = [:]
+        // Their holds end once their rows are copied: a completed page is dropped below.
+        func endHeadHolds() { for (address, head) in heads where head.held { endHold(address) } }
         for page in plan.pages where !page.stored {
             guard let completes = page.completes else { continue }
             guard let head = await residentBuffer(completes, plan.model, plan.memory) else {
-                endHeadLeases()
+                endHeadHolds()
                 throw .notFound("the cached partial page at token \(page.tokens.lowerBound) (evicted or replaced since LOOKUP): look up again and put from the cached length")
             }
             heads[completes] = head
@@ -238,10 +239,10 @@ extension TieredStore {
         do throws(StoreError) {
             result = try finishPut(plan, heads: heads)
         } catch {
-            endHeadLeases()
+            endHeadHolds()
             throw error
         }
-        endHeadLeases()
+        endHeadHolds()
         // A put bigger than the room eviction could make ahead of it leaves RAM over budget:
         // it waits until the budget holds again, as it waited for room before.
         if state.withLock({ $0.ramBytes > configuration.ramBudgetBytes }) { await makeRoom() }
@@ -269,7 +270,7 @@ extension TieredStore {
 
     /// Copies the put's new pages into RAM (merging the rows of completed partial pages from
     /// `heads`) and makes them resident; wakes the background evictor when RAM runs short.
-    private func finishPut(_ plan: PutPlan, heads: [PageAddress: (buffer: PageBuffer, tokens: Int, leased: Bool)]) throws(StoreError) -> PutResult {
+    private func finishPut(_ plan: PutPlan, heads: [PageAddress: (buffer: PageBuffer, tokens: Int, held: Bool)]) throws(StoreError) -> PutResult {
         let model = plan.model, memory = plan.memory
         var newPages: [(PageAddress, Resident)] = []
         var committed = false

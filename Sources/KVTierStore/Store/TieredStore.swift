@@ -60,6 +60,10 @@ public final class TieredStore: Sendable {
         var modelID: UInt64
         var tokens: Int
         var leases = 0
+        /// The store's own short holds on the page (a disk write encoding from it, a merge
+        /// reading it): like a lease, it cannot be evicted or dropped meanwhile, but no client's
+        /// quota counts them.
+        var holds = 0
         var uses = 1.0
         var attention = 0.0
         var lastAccessMicros: UInt64
@@ -138,6 +142,18 @@ public final class TieredStore: Sendable {
             if page.leases == 0 { tenantLeased[address.tenant, default: 0] += page.extent.length }
             page.leases += 1
             resident[address] = page
+        }
+
+        /// A store-internal hold (`Resident.holds`); false when the page is not in RAM.
+        mutating func hold(_ address: PageAddress) -> Bool {
+            guard resident[address] != nil else { return false }
+            resident[address]!.holds += 1
+            return true
+        }
+
+        mutating func endHold(_ address: PageAddress) {
+            guard resident[address] != nil else { return }
+            resident[address]!.holds -= 1
         }
 
         mutating func endLease(_ address: PageAddress) {

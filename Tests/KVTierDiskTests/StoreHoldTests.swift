@@ -1,0 +1,37 @@
+import KVTierCore
+@testable import KVTierStore
+import KVTierStoreTesting
+import Testing
+
+/// The store's own holds (a disk write encoding from a page, a merge reading one) keep a page in
+/// RAM like a lease, but count against no client's quota: the background evictor writing a
+/// tenant's pages must not shrink what that tenant's GET may lease (seen as a GET of 128 pages
+/// serving 70 while an eviction group of 58 was being written).
+@Suite struct StoreHoldTests {
+    typealias Store = TieredStoreTests
+
+    @Test func heldPagesStayInRAMButDoNotCountAgainstTheQuota() async throws {
+        let pageBytes = 16 * Store.model.bytesPerToken
+        var configuration = TieredStore.Configuration()
+        configuration.ramBudgetBytes = 8 * pageBytes
+        configuration.tenantRAMQuotaBytes = 4 * pageBytes
+        configuration.minResidenceMicros = 0
+        let disk = try DiskTier(storage: SimulatedStorage(seed: 11), logger: Store.logger)
+        let store = try Store.store(configuration: configuration, disk: disk)
+        let sequence = Array(Store.tokens[0..<64])  // 4 pages: the whole quota
+        _ = try await store.put(Store.alice, owner: 1, modelID: Store.model.id, tokens: sequence, dataStart: 0,
+                                chunks: Store.chunks(from: 0, to: 64), durable: false)
+        let addresses = store.locate(Store.alice, Store.model, sequence).map(\.address)
+        #expect(addresses.count == 4)
+        #expect(store.state.withLock { s in addresses.allSatisfy { s.hold($0) } })
+        #expect(!store.evictFromRAM(addresses[0]), "a held page is not evicted")
+        #expect(store.state.withLock { $0.tenantLeased[Store.alice] } == nil, "holds are counted as the tenant's leases")
+        #expect(store.status().first { $0.name == "leases" }?.value == 0)
+        let got = try await store.get(Store.alice, owner: 2, modelID: Store.model.id, tokens: sequence, maxTokens: 0)
+        #expect(got.tokens == 64, "holds took \(64 - got.tokens) tokens of the tenant's quota")
+        try store.release(Store.alice, leaseID: got.leaseID)
+        store.state.withLock { s in for address in addresses { s.endHold(address) } }
+        #expect(store.evictFromRAM(addresses[0]) || store.needsWrite(store.state.withLock { $0.resident[addresses[0]]! }, addresses[0]))
+        await disk.close()
+    }
+}
