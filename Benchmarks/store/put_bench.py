@@ -35,13 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,80 +45,22 @@ sys.path.insert(0, os.path.join(REPO, "clients", "python", "src"))
 import numpy as np  # noqa: E402
 
 import kvtier  # noqa: E402
+from kvtier.local_daemon import LocalDaemon, find_daemon  # noqa: E402
 
 SCENARIOS = ("fits", "full", "durable")
-# Only a stuck daemon reaches this; a loaded two-core machine starts one in a few seconds.
-READY_DEADLINE_SECONDS = 120
 
 
 def default_daemon() -> str | None:
-    env = os.environ.get("KVTIER_DAEMON")
-    if env:
-        return env
-    for build in ("release", "debug"):
-        candidate = os.path.join(REPO, ".build", build, "kvtierd")
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    """``$KVTIER_DAEMON``, else this checkout's release kvtierd, else its debug one."""
+    return find_daemon(REPO, builds=("release", "debug"))
 
 
-class Daemon:
+class Daemon(LocalDaemon):
     """A kvtierd in a fresh temporary folder, ready once it sends READY=1."""
 
     def __init__(self, binary: str, *args: str):
-        self.dir = tempfile.mkdtemp(prefix="kvtier-put-bench-")
-        self.socket = os.path.join(self.dir, "kvtierd.sock")
+        super().__init__(binary, *args, prefix="kvtier-put-bench-")
         self.state = os.path.join(self.dir, "state")
-        self.log = open(os.path.join(self.dir, "kvtierd.log"), "w+")
-        notify_path = os.path.join(self.dir, "notify")
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(notify_path)
-        try:
-            env = dict(os.environ, NOTIFY_SOCKET=notify_path)
-            env.pop("WATCHDOG_USEC", None)
-            self.proc = subprocess.Popen([binary, "--socket", self.socket, "--state-dir", self.state, *args],
-                                         stdout=self.log, stderr=subprocess.STDOUT, env=env)
-            deadline = time.monotonic() + READY_DEADLINE_SECONDS
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.stop()
-                    raise RuntimeError(f"kvtierd sent no READY=1 within {READY_DEADLINE_SECONDS} s")
-                ready, _, _ = select.select([notify], [], [], min(left, 0.5))
-                if ready and b"READY=1" in notify.recv(4096):
-                    return
-                if self.proc.poll() is not None:
-                    text = self.log_text()
-                    self.stop()
-                    raise RuntimeError(f"kvtierd exited ({self.proc.returncode}) before READY=1: {text}")
-        except BaseException:
-            if hasattr(self, "proc"):
-                self.stop()
-            else:
-                self.log.close()
-                shutil.rmtree(self.dir, ignore_errors=True)
-            raise
-        finally:
-            notify.close()
-
-    def log_text(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()[-4000:]
-
-    def stop(self) -> int:
-        """SIGTERM, then SIGKILL after 60 s; removes the folder. Returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self.log.closed:
-            self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        return self.proc.returncode
 
 
 def percentile(values, q: float) -> float:
