@@ -84,11 +84,15 @@ public final class ArenaPageMemory: PageMemory, @unchecked Sendable {
                 let (from, goal) = committed.withLock { ($0.committedEnd, target) }
                 guard from < goal else { break }
                 let step = Extent(offset: from, length: min(Self.commitStepBytes, goal - from))
-                do {
+                do throws(Errno) {
                     try pages.populate(step)
                 } catch {
-                    logger.info("page arena memory is committed on first write (MADV_POPULATE_WRITE unavailable)", metadata: ["errno": "\(error)"])
-                    committed.withLock { $0.failed = true }
+                    // EINVAL: the kernel lacks MADV_POPULATE_WRITE (before 5.14), for good. Anything
+                    // else (memory short right now) stops this run only; the next allocation tries again.
+                    if error == .invalidArgument {
+                        logger.info("page arena memory is committed on first write (MADV_POPULATE_WRITE unavailable)", metadata: ["errno": "\(error)"])
+                        committed.withLock { $0.failed = true }
+                    }
                     break
                 }
                 committed.withLock { $0.committedEnd = step.end }

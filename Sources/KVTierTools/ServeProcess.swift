@@ -239,10 +239,14 @@ func findExecutable(_ name: String) -> String? {
     return nil
 }
 
-/// A client of the kvtierd a benchmark just started, once it answers a PING (up to 20 s);
-/// fails with the end of its log if it exits or stays silent.
+/// How long a benchmark waits for the kvtierd it started to answer: only a stuck daemon takes
+/// this long (a debug build on a loaded two-core machine has taken over 20 s).
+let daemonStartSeconds: UInt64 = 120
+
+/// A client of the kvtierd a benchmark just started, once it answers a PING (up to
+/// `daemonStartSeconds`); fails with the end of its log if it exits or stays silent.
 func connectWhenServing(_ daemon: ServeChild, socket: String, log: String, clientName: String) async throws -> KVTierClient {
-    let deadline = Clocks.monotonicNanoseconds() + 20_000_000_000
+    let deadline = Clocks.monotonicNanoseconds() + daemonStartSeconds * 1_000_000_000
     while Clocks.monotonicNanoseconds() < deadline {
         guard daemon.isRunning else { throw ToolError("kvtierd exited before listening:\n\(ServeBenchmark.tail(log))") }
         if access(socket, F_OK) == 0, let client = try? await KVTierClient.connect(socketPath: socket, clientName: clientName, replyTimeoutSeconds: 10) {
@@ -251,5 +255,5 @@ func connectWhenServing(_ daemon: ServeChild, socket: String, log: String, clien
         }
         usleep(50_000)
     }
-    throw ToolError("kvtierd did not answer on \(socket) within 20 s:\n\(ServeBenchmark.tail(log))")
+    throw ToolError("kvtierd did not answer on \(socket) within \(daemonStartSeconds) s:\n\(ServeBenchmark.tail(log))")
 }

@@ -34,4 +34,23 @@ import Testing
         #expect(store.evictFromRAM(addresses[0]) || store.needsWrite(store.state.withLock { $0.resident[addresses[0]]! }, addresses[0]))
         await disk.close()
     }
+
+    /// The disk budget may delete a page's disk copy while its RAM copy waits in an eviction
+    /// group (found in review: the group's "already on disk" was read before the group's write
+    /// awaited). Eviction checks the disk copy when it frees the RAM one, so the page stays.
+    @Test func aPageWhoseDiskCopyWentIsNotEvicted() async throws {
+        let disk = try DiskTier(storage: SimulatedStorage(seed: 12), logger: Store.logger)
+        let store = try Store.store(disk: disk)
+        let sequence = Array(Store.tokens[0..<16])
+        _ = try await store.put(Store.alice, owner: 1, modelID: Store.model.id, tokens: sequence, dataStart: 0,
+                                chunks: Store.chunks(from: 0, to: 16), durable: true)
+        let address = store.locate(Store.alice, Store.model, sequence)[0].address
+        #expect(disk.contains(address))
+        #expect(try await disk.delete(address), "the disk budget's deletion, as it happens")
+        #expect(!store.evictFromRAM(address), "the RAM copy is the last one")
+        let got = try await store.get(Store.alice, owner: 2, modelID: Store.model.id, tokens: sequence, maxTokens: 0)
+        #expect(got.tokens == 16)
+        try store.release(Store.alice, leaseID: got.leaseID)
+        await disk.close()
+    }
 }

@@ -35,6 +35,15 @@ extension TieredStore {
     /// page reuse) the memory its record is being encoded from. Results in `addresses` order;
     /// a page not in RAM (or already on disk) succeeds without a write.
     func persist(_ addresses: [PageAddress]) async -> [Result<Void, StoreError>] {
+        // In windows: a window's pages are encoded and held in memory together until their group
+        // commit, so a session of thousands of pages costs a window's memory, not its own size.
+        guard addresses.count <= Self.evictionGroupPages else {
+            var results: [Result<Void, StoreError>] = []
+            for start in stride(from: 0, to: addresses.count, by: Self.evictionGroupPages) {
+                results += await persist(Array(addresses[start..<min(start + Self.evictionGroupPages, addresses.count)]))
+            }
+            return results
+        }
         guard let disk else {
             return Array(repeating: .failure(.unavailable("no disk tier is configured: durable puts need one")), count: addresses.count)
         }
@@ -121,7 +130,7 @@ extension TieredStore {
     /// RAM the background evictor keeps free (`Configuration.evictionHeadroomBytes`) below a
     /// limit of `limit` bytes.
     func headroom(below limit: Int) -> Int {
-        if let configured = configuration.evictionHeadroomBytes { return min(max(0, configured), limit) }
+        if let configured = configuration.evictionHeadroomBytes { return min(max(0, configured), limit / 2) }
         return min(limit / 2, max(limit / 8, Self.minimumHeadroomBytes))
     }
 
@@ -184,22 +193,29 @@ extension TieredStore {
     @discardableResult
     public func makeRoom(reserving: (tenant: TenantID, bytes: Int)? = nil, background: Bool = false) async -> Int {
         var total = 0
+        // Pages the disk tier refused (their tenant's disk quota is full): skipped from then on,
+        // so one tenant's full quota does not stop eviction of everyone else's pages.
+        var refused = Set<PageAddress>()
         while true {
             await evictionGate.enter()
-            let evicted = await evictGroup(reserving: reserving, background: background)
+            let step = await evictGroup(reserving: reserving, background: background, excluding: refused)
             evictionGate.leave()
-            guard let evicted else { return total }
-            total += evicted
-            // Every chosen page was leased meanwhile: nothing more can go now.
-            if evicted == 0 { return total }
+            guard let step else { return total }
+            total += step.evicted
+            refused.formUnion(step.refused)
+            // Nothing went and nothing was refused: every chosen page was leased meanwhile.
+            if step.evicted == 0 && step.refused.isEmpty { return total }
         }
     }
 
-    /// One step of `makeRoom`: the coldest pages, at most `evictionGroupPages`, written to disk
-    /// where needed (one group commit) and freed. Nil when nothing needs to go, or a write
-    /// failed for a reason other than a full disk quota (logged); else the pages freed.
-    private func evictGroup(reserving: (tenant: TenantID, bytes: Int)?, background: Bool) async -> Int? {
-        let group = chooseVictims(reserving: reserving, headroomFraction: background ? 1 : 0, limit: Self.evictionGroupPages)
+    /// One step of `makeRoom`: the coldest pages (not in `excluding`), at most
+    /// `evictionGroupPages`, written to disk where needed (one group commit) and freed. Nil when
+    /// nothing needs to go, or a write failed for a reason other than a full disk quota
+    /// (logged); else the pages freed and those the disk tier refused.
+    private func evictGroup(reserving: (tenant: TenantID, bytes: Int)?, background: Bool, excluding: Set<PageAddress>) async
+        -> (evicted: Int, refused: Set<PageAddress>)? {
+        let group = chooseVictims(reserving: reserving, headroomFraction: background ? 1 : 0, limit: Self.evictionGroupPages,
+                                  excluding: excluding)
         guard !group.isEmpty else { return nil }
         let writing = group.filter { needsWrite($0.1, $0.0) }.map(\.0)
         let results = await persist(writing)
@@ -217,17 +233,23 @@ extension TieredStore {
         for (address, _) in group where !failed.contains(address) {
             if evictFromRAM(address) { evicted += 1 }
         }
-        return evicted
+        return (evicted, failed)
     }
 
     /// Pages evicted per group commit.
     static let evictionGroupPages = 64
 
-    /// Removes an unleased page from RAM (callers write it to disk first when it needs it),
-    /// remembering its heat for prefetch. False when it is leased or gone.
-    func evictFromRAM(_ address: PageAddress) -> Bool {
+    /// Removes an unleased page from RAM (callers write it to disk first), remembering its heat
+    /// for prefetch. False when it is leased, held, gone, or has no disk copy: the disk budget
+    /// may delete a page's disk copy while its RAM copy waits to be evicted, and the RAM copy is
+    /// then the last one. Checked under the store's lock (the disk tier never takes the store's
+    /// lock, so taking its lock inside is safe): after this the page is an ordinary disk page.
+    /// `requiringDiskCopy` false: the caller deletes the page from both tiers (`kvtier evict
+    /// --delete`).
+    func evictFromRAM(_ address: PageAddress, requiringDiskCopy: Bool = true) -> Bool {
         let freed = state.withLock { s -> (Extent, any PageMemory)? in
-            guard let page = s.resident[address], page.leases == 0, page.holds == 0, let memory = s.memories[address.tenant] else { return nil }
+            guard let page = s.resident[address], page.leases == 0, page.holds == 0, let memory = s.memories[address.tenant],
+                  !requiringDiskCopy || disk?.contains(address) == true else { return nil }
             _ = s.removeResident(address)
             s.counters.evictions += 1
             if s.evictedHeat.count >= Self.evictedHeatLimit { s.evictedHeat.removeAll(keepingCapacity: true) }
@@ -268,17 +290,23 @@ extension TieredStore {
     /// past their minimum residence; LRU orders by last access alone. Pinned sessions' pages and
     /// leased pages stay. The candidates are copied under the store's lock and sorted after it
     /// is released, so requests wait only for the copy.
-    private func chooseVictims(reserving: (tenant: TenantID, bytes: Int)?, headroomFraction: Int, limit: Int) -> [(PageAddress, Resident)] {
+    private func chooseVictims(reserving: (tenant: TenantID, bytes: Int)?, headroomFraction: Int, limit: Int,
+                               excluding: Set<PageAddress> = []) -> [(PageAddress, Resident)] {
         // Asking the catalog about every resident page is only needed while something is pinned.
         let anyPinned = catalog.pinnedBytes > 0
         let now = Clocks.monotonicMicros()
         let snapshot = state.withLock { s -> (excess: Int, tenantExcess: [TenantID: Int], aboveFair: [TenantID: Int],
                                             candidates: [(address: PageAddress, page: Resident)])? in
             guard let (excess, tenantExcess) = evictionTargets(s, reserving: reserving, headroomFraction: headroomFraction) else { return nil }
-            let fairShare = configuration.ramBudgetBytes / max(1, s.tenantRAM.count)
+            // The share of the RAM eviction aims at (the budget less the headroom it keeps free),
+            // so tenants that fill RAM evenly are above it when headroom is wanted, while a tenant
+            // that keeps well within its share is never pushed out by another's pressure.
+            let target = configuration.ramBudgetBytes - (headroomFraction > 0 ? headroom(below: configuration.ramBudgetBytes) / headroomFraction : 0)
+            let fairShare = target / max(1, s.tenantRAM.count)
             let aboveFair = s.tenantRAM.compactMapValues { $0 > fairShare ? $0 - fairShare : nil }
             var candidates: [(address: PageAddress, page: Resident)] = []
-            for (address, page) in s.resident where page.leases == 0 && page.holds == 0 && (aboveFair[address.tenant] != nil || tenantExcess[address.tenant] != nil) {
+            for (address, page) in s.resident where page.leases == 0 && page.holds == 0
+                && (aboveFair[address.tenant] != nil || tenantExcess[address.tenant] != nil) && !excluding.contains(address) {
                 candidates.append((address, page))
             }
             return (excess, tenantExcess, aboveFair, candidates)

@@ -91,10 +91,11 @@ extension TieredStore {
         if !loading.isEmpty {
             await makeRoom(reserving: (tenant, loading.count * Self.extentBytes(model.pageTokens * model.bytesPerToken)))
         }
-        // Pages loaded are unleased until pinned: no eviction step may run in between, or the
-        // background evictor could take a page this GET just read (it waits for the gate).
-        await evictionGate.enter()
-        await load(loading, model, memory, prefetch: false)
+        // Pages loaded are held until pinned, so the evictor cannot take a page this GET just
+        // read (without blocking eviction, or other GETs, during the read).
+        var held = Set<PageAddress>()
+        await load(loading, model, memory, prefetch: false, holding: true, held: &held)
+        defer { state.withLock { s in for address in held { s.endHold(address) } } }
         var served: [ServedPage] = []
         var addresses: [PageAddress] = []
         var servedTokens = 0
@@ -104,7 +105,6 @@ extension TieredStore {
             addresses.append(page.address)
             servedTokens = maxTokens > 0 ? min(page.tokens.upperBound, maxTokens) : page.tokens.upperBound
         }
-        evictionGate.leave()
         let id = state.withLock { s -> UInt64? in
             // Checked again: the connection's other requests may have taken leases meanwhile.
             guard s.leases.refusal(tenant: tenant, owner: owner, configuration) == nil else {

@@ -96,7 +96,7 @@ extension TieredStore {
                     continue
                 }
                 if !deleteFromDisk && needsWrite(resident, address) { try await persist(address) }
-                guard evictFromRAM(address) else {
+                guard evictFromRAM(address, requiringDiskCopy: !deleteFromDisk) else {
                     result.skipped += 1  // leased meanwhile
                     continue
                 }

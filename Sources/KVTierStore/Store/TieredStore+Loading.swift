@@ -14,6 +14,15 @@ extension TieredStore {
     /// of memory, damage): callers check residency. Returns how many pages this call read in.
     @discardableResult
     func load(_ addresses: [PageAddress], _ model: ModelSpec, _ memory: any PageMemory, prefetch: Bool) async -> Int {
+        var held = Set<PageAddress>()
+        return await load(addresses, model, memory, prefetch: prefetch, holding: false, held: &held)
+    }
+
+    /// `load`, and with `holding` a store hold (`Resident.holds`) on each page of `addresses`
+    /// that is resident when the call returns, listed in `held`: eviction cannot take a page
+    /// between its load and the caller's lease (the caller ends each hold with `endHold`).
+    func load(_ addresses: [PageAddress], _ model: ModelSpec, _ memory: any PageMemory, prefetch: Bool, holding: Bool,
+              held: inout Set<PageAddress>) async -> Int {
         guard let disk, !addresses.isEmpty else { return 0 }
         var mine: [PageAddress] = []
         var theirs: [PageAddress] = []
@@ -27,7 +36,8 @@ extension TieredStore {
                 }
             }
         }
-        let loaded = mine.isEmpty ? 0 : await read(mine, disk, model, memory, prefetch: prefetch)
+        let inserted = mine.isEmpty ? [] : await read(mine, disk, model, memory, prefetch: prefetch, holding: holding)
+        if holding { held.formUnion(inserted) }
         for address in theirs {
             await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
                 let waiting = state.withLock { s -> Bool in
@@ -38,12 +48,19 @@ extension TieredStore {
                 if !waiting { done.resume() }
             }
         }
-        return loaded
+        if holding {
+            // Pages another load brought in: held from now on, if they are still resident.
+            let taken = state.withLock { s in theirs.filter { s.hold($0) } }
+            held.formUnion(taken)
+        }
+        return inserted.count
     }
 
     /// Reads `addresses` (registered as loading by the caller) into fresh extents and makes them
-    /// resident; then ends their loads and wakes whoever waited. Returns the pages made resident.
-    private func read(_ addresses: [PageAddress], _ disk: DiskTier, _ model: ModelSpec, _ memory: any PageMemory, prefetch: Bool) async -> Int {
+    /// resident (with a store hold each when `holding`); then ends their loads and wakes whoever
+    /// waited. Returns the pages it made resident.
+    private func read(_ addresses: [PageAddress], _ disk: DiskTier, _ model: ModelSpec, _ memory: any PageMemory, prefetch: Bool,
+                      holding: Bool = false) async -> [PageAddress] {
         var targets: [(address: PageAddress, extent: Extent)] = []
         for address in addresses {
             guard let stored = disk.page(address), let extent = memory.allocate(stored.shape.rawBytes) else { continue }
@@ -52,7 +69,7 @@ extension TieredStore {
         let results = await disk.read(targets.map(\.address), into: targets.map { memory.buffer($0.extent) })
         let now = Clocks.monotonicMicros()
         var unused: [Extent] = []
-        var loaded = 0
+        var inserted: [PageAddress] = []
         let waiters = state.withLock { s -> [CheckedContinuation<Void, Never>] in
             for (target, result) in zip(targets, results) {
                 guard case .success(let page) = result, s.resident[target.address] == nil else {
@@ -62,8 +79,9 @@ extension TieredStore {
                 var resident = Resident(extent: target.extent, modelID: model.id, tokens: page.page.shape.tokens,
                                         lastAccessMicros: now, residentSinceMicros: now, onDisk: true, prefetched: prefetch)
                 if let heat = s.evictedHeat.removeValue(forKey: target.address) { resident.attention = heat }
+                if holding { resident.holds = 1 }
                 s.insertResident(target.address, resident)
-                loaded += 1
+                inserted.append(target.address)
                 if prefetch { s.counters.prefetchLoaded += 1 } else { s.counters.promotions += 1 }
             }
             var waiters: [CheckedContinuation<Void, Never>] = []
@@ -74,6 +92,6 @@ extension TieredStore {
         }
         for extent in unused { memory.free(extent) }
         for waiter in waiters { waiter.resume() }
-        return loaded
+        return inserted
     }
 }

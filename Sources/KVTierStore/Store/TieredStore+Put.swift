@@ -45,7 +45,8 @@ extension TieredStore {
         return (id, extents)
     }
 
-    /// Ends a lease: its pages may be evicted again, unused staging extents are freed.
+    /// Ends a lease: its pages may be evicted again (the background evictor is woken, which may
+    /// have stopped with every candidate leased), unused staging extents are freed.
     public func release(_ tenant: TenantID, leaseID: UInt64) throws(StoreError) {
         let lease = state.withLock { s -> Lease? in
             guard let lease = s.leases[leaseID], lease.tenant == tenant else { return nil }
@@ -57,6 +58,7 @@ extension TieredStore {
         if !lease.staging.isEmpty, let memory = try? memory(for: tenant) {
             for extent in lease.staging { memory.freeStaging(extent) }
         }
+        if !lease.pages.isEmpty { scheduleEviction() }
     }
 
     /// Releases every lease `owner` holds (its connection closed): work in proportion to those.
@@ -277,12 +279,35 @@ extension TieredStore {
         defer { if !committed { for (_, page) in newPages { memory.free(page.extent) } } }
         var deduplicated = 0
         var copies: [(destination: PageBuffer, source: PageBuffer, bytes: Int)] = []
-        for (page, chunk) in zip(plan.pages, plan.chunks) {
-            if page.stored {
+        // A page the plan found stored may have left both tiers since (the disk budget, a drop,
+        // an EVICT): its chunk is copied after all rather than skipped.
+        let stored = plan.pages.map(\.stored)
+        let kept: [Bool]
+        if stored.contains(true) {
+            let addresses = plan.pages.map(\.address)
+            let inRAM = state.withLock { s in addresses.indices.map { stored[$0] && s.resident[addresses[$0]] != nil } }
+            let skipping = addresses.indices.map { !stored[$0] || inRAM[$0] }
+            let onDisk = disk?.containsEach(addresses, skipping: skipping) ?? Array(repeating: false, count: addresses.count)
+            kept = addresses.indices.map { inRAM[$0] || onDisk[$0] }
+        } else {
+            kept = stored
+        }
+        for (index, (page, chunk)) in zip(plan.pages, plan.chunks).enumerated() {
+            if kept[index] {
                 deduplicated += 1
                 continue
             }
             let chunkBytes = (page.tokens.upperBound - page.chunkStart) * model.bytesPerToken
+            if page.stored {
+                // Not checked at plan time (a stored page's chunk is not read).
+                let length = switch chunk {
+                case .extent(let e): e.length
+                case .bytes(let b): b.count
+                }
+                guard length >= chunkBytes, page.completes == nil else {
+                    throw .notFound("page \(index) of this put left both tiers while it ran (the disk budget or an EVICT deleted it): put again")
+                }
+            }
             // Copied, never adopted: the client can write its staging memory at any time.
             let source = switch chunk {
             case .extent(let e): memory.stagingBuffer(e)

@@ -34,6 +34,17 @@ _FILL_POOL = None
 _FILL_POOL_LOCK = threading.Lock()
 
 
+def _forget_fill_pool() -> None:
+    """In a forked child: the parent's pool threads do not exist there; start afresh."""
+    global _FILL_POOL, _FILL_POOL_LOCK
+    _FILL_POOL = None
+    _FILL_POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_fill_pool)
+
+
 def _fill_pool():
     """Threads that fill large put batches, shared by every client of the process."""
     global _FILL_POOL
@@ -576,14 +587,22 @@ class Client:
                     fill(a, b, dest.reshape(spec.shape.page_shape(b - a)))
                     del dest
 
+                # Not from a fill thread itself (a put inside a fill would wait on its own pool).
                 pool = _fill_pool() if concurrent_fill and len(batch) > 1 and \
-                    sum(b - a for a, b in batch) * bpt >= PARALLEL_FILL_BYTES else None
+                    sum(b - a for a, b in batch) * bpt >= PARALLEL_FILL_BYTES and \
+                    not threading.current_thread().name.startswith("kvtier-fill") else None
                 if pool is None:
                     for chunk in zip(batch, extents):
                         fill_chunk(chunk)
                 else:
-                    # numpy releases the GIL while it copies: chunks fill on several cores.
-                    list(pool.map(fill_chunk, zip(batch, extents)))
+                    # numpy releases the GIL while it copies: chunks fill on several cores. Every
+                    # fill has finished before anything is raised: the staging memory must not be
+                    # written once the lease below is released (another put may own it then).
+                    from concurrent.futures import wait
+                    futures = [pool.submit(fill_chunk, chunk) for chunk in zip(batch, extents)]
+                    wait(futures)
+                    for f in futures:
+                        f.result()
                 wire_extents = [Extent(e.offset, e.bytes, b - a) for (a, b), e in zip(batch, extents)]
                 end = batch[-1][1]
                 head = self._put_request(reg.model_id, session_field, flags, toks[:end], batch[0][0])
