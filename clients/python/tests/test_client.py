@@ -385,8 +385,8 @@ def test_a_large_put_fills_its_pages_from_several_threads_exactly(daemon, monkey
     from kvtier import client as client_module
     calls = []
     pool = client_module._fill_pool()
-    original = pool.map
-    monkeypatch.setattr(pool, "map", lambda f, items: calls.append(1) or original(f, items))
+    original = pool.submit
+    monkeypatch.setattr(pool, "submit", lambda f, *args: calls.append(1) or original(f, *args))
     m = model("parallel-fill", layers=2, kv_heads=4, head_dim=64, page_tokens=16)  # 16 KiB pages
     n = 16 * 700  # 700 pages, 10.9 MiB: over PARALLEL_FILL_BYTES
     rng = np.random.default_rng(41)
