@@ -15,7 +15,7 @@ import KVTierCore
 /// ‖O' − O‖ / ‖O‖ over all of them (Frobenius norms, summed across layers). Without queries
 /// each KV head's keys act as its own query head (`queriesFrom == "keys"`), a proxy that
 /// over-weights each token's own key. Method and caveats: docs/codecs.md.
-public struct CodecAdvisor {
+public struct CodecAdvisor: Sendable {
     /// Query positions per layer that the default stride evaluates at most: attention costs
     /// O(positions × T × d) per head, and 256 keep the six-layer fixture within seconds.
     public static let defaultMaxQueryPositions = 256
@@ -120,9 +120,11 @@ public struct CodecAdvisor {
 
     /// Measures every candidate and picks one. `maxAttentionError` is a fraction (0.01 = 1 %).
     public func run(maxAttentionError: Double) throws -> Report {
-        guard maxAttentionError.isFinite, maxAttentionError >= 0 else {
-            throw ToolError("the attention error bound must be a fraction ≥ 0 (e.g. 0.01), got \(maxAttentionError)")
-        }
+        try report(measure(), maxAttentionError: maxAttentionError)
+    }
+
+    /// Every candidate in `options.codecs` order, measured (or skipped with the reason).
+    public func measure() -> [Candidate] {
         let reference = Measure(tensors: tensors, positions: queryPositions)
         let page = SectionShape(tokens: options.pageTokens, kvHeads: tensors.kvHeads, headDim: tensors.headDim,
                                 elementType: tensors.elementType)
@@ -146,10 +148,15 @@ public struct CodecAdvisor {
             }
             candidates.append(candidate)
         }
-        return choose(candidates, maxAttentionError: maxAttentionError)
+        return candidates
     }
 
-    private func choose(_ candidates: [Candidate], maxAttentionError: Double) -> Report {
+    /// The choice among measured `candidates`: the fewest bits per element whose attention error
+    /// is ≤ `maxAttentionError`; ties go to the lower error, then to the earlier candidate.
+    public func report(_ candidates: [Candidate], maxAttentionError: Double) throws -> Report {
+        guard maxAttentionError.isFinite, maxAttentionError >= 0 else {
+            throw ToolError("the attention error bound must be a fraction ≥ 0 (e.g. 0.01), got \(maxAttentionError)")
+        }
         var best: Candidate?
         for candidate in candidates {
             guard let error = candidate.attentionError, error <= maxAttentionError else { continue }
