@@ -140,7 +140,10 @@ import Testing
         let queries = try AdvisorTensors.Source.read("\(Self.fixture)/q_0.npy")
         let error = #expect(throws: ToolError.self) { try AdvisorTensors(keys: [keys], values: [queries], queries: nil) }
         #expect(error?.description.contains("q_0.npy") == true && error?.description.contains("must match") == true, "\(String(describing: error))")
-        #expect(throws: ToolError.self) { try AdvisorTensors.Source.read("\(Self.fixture)/k_9.npy") }
+        let missing = #expect(throws: ToolError.self) { try AdvisorTensors.Source.read("\(Self.fixture)/k_9.npy") }
+        #expect(missing?.description == "'\(Self.fixture)/k_9.npy' does not exist; give the path of a .npy file")
+        let directory = #expect(throws: ToolError.self) { try AdvisorTensors.Source.read(Self.fixture) }
+        #expect(directory?.description.contains("is a directory") == true)
     }
 
     // MARK: - Synthetic data (no fixture)
