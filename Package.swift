@@ -127,7 +127,7 @@ let package = Package(
         .testTarget(
             name: "KVTierToolsTests",
             dependencies: [
-                "KVTierTools", "KVTierCodec", "KVTierCore", "KVTierStore", "KVTierStoreTesting", "KVTierIO",
+                "KVTierTools", "KVTierCodec", "KVTierCore", "KVTierStore", "KVTierStoreTesting", "KVTierIO", "CKVTierKernels",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),

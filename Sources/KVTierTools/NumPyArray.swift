@@ -132,6 +132,11 @@ public struct NumPyArray: Equatable, Sendable {
     }
 
     public static func read(path: String) throws -> NumPyArray {
+        var isDirectory = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
+            throw ToolError("'\(path)' does not exist; give the path of a .npy file")
+        }
+        guard !isDirectory else { throw ToolError("'\(path)' is a directory; give the path of a .npy file") }
         let data: Data
         do {
             data = try Data(contentsOf: URL(fileURLWithPath: path))

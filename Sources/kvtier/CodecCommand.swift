@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#endif
 import ArgumentParser
 import KVTierCodec
 import KVTierCore
@@ -6,8 +9,8 @@ import KVTierTools
 struct CodecCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "codec",
-        abstract: "List, round-trip and benchmark the KV page codecs.",
-        subcommands: [List.self, Roundtrip.self, Bench.self]
+        abstract: "List, round-trip, benchmark and choose the KV page codecs.",
+        subcommands: [List.self, Roundtrip.self, Bench.self, Advise.self]
     )
 
     struct List: ParsableCommand {
@@ -106,6 +109,74 @@ struct CodecCommand: ParsableCommand {
                 formatDecimal(r.decodeGBps, places: 2), formatDecimal(r.memcpyGBps, places: 2),
                 formatDecimal(r.decodeVsMemcpy, places: 2), r.kernelLevel,
             ]])
+        }
+    }
+
+    struct Advise: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Measure every codec's attention error on real K/V and pick the most compact within a bound.",
+            discussion: """
+                Each codec round-trips the keys and values page by page (as the disk tier stores them); the \
+                attention error is ‖O' − O‖ / ‖O‖ of causal softmax(q kᵀ/√d) v over the sampled query \
+                positions of every layer and query head, decoded K/V against the originals. Inputs are \
+                float16 .npy arrays [tokens, heads, headDim] (one layer) or [layers, tokens, heads, headDim]; \
+                repeat --keys/--values/--queries for one file per layer. Without --queries the keys stand in \
+                for them (queriesFrom "keys"). Exit status 2 (after the report) when no codec is within the \
+                bound. Method: docs/codecs.md.
+                """)
+
+        @Option(help: "Keys .npy, float16 [T, KVH, D] or [L, T, KVH, D] (after RoPE); repeat for one file per layer.")
+        var keys: [String]
+        @Option(help: "Values .npy, same shape as the keys; repeat in the same order.")
+        var values: [String]
+        @Option(help: "Queries .npy, [T, QH, D] or [L, T, QH, D], QH a multiple of KVH (after RoPE); default: the keys.")
+        var queries: [String] = []
+        @Option(name: .customLong("max-attention-error"), help: "Largest acceptable attention error, a fraction (0.01 = 1 %).")
+        var maxAttentionError: Double
+        @Option(name: .customLong("page-tokens"), help: "Tokens per page, as the daemon stores them.")
+        var pageTokens = Limits.defaultPageTokens
+        @Option(name: .customLong("query-stride"),
+                help: "Evaluate every Nth query position back from the last (default: at most \(CodecAdvisor.defaultMaxQueryPositions) per layer).")
+        var queryStride: Int?
+        @Option(help: "Comma-separated codec names to compare (default: every codec in 'kvtier codec list').")
+        var codecs: String?
+        @Option(help: "Element type of the arrays: float16, or bfloat16 stored as uint16 bit patterns.")
+        var dtype = "float16"
+        @Flag(help: "Print the report as JSON.") var json = false
+
+        func run() throws {
+            guard let elementType = ElementType(name: dtype) else {
+                throw ValidationError("--dtype must be float16 or bfloat16, got '\(dtype)'")
+            }
+            var options = CodecAdvisor.Options()
+            options.pageTokens = pageTokens
+            options.queryStride = queryStride
+            if let codecs {
+                options.codecs = try codecs.split(separator: ",").map { try Codec(name: String($0.filter { !$0.isWhitespace })) }
+            }
+            let tensors = try AdvisorTensors(
+                keys: keys.map(AdvisorTensors.Source.read), values: values.map(AdvisorTensors.Source.read),
+                queries: queries.isEmpty ? nil : queries.map(AdvisorTensors.Source.read), elementType: elementType)
+            let r = try CodecAdvisor(tensors: tensors, options: options).run(maxAttentionError: maxAttentionError)
+            if json {
+                try printJSON(r)
+            } else {
+                print("\(r.layers) layers × \(r.tokens) tokens, \(r.queryHeads) query / \(r.kvHeads) KV heads × \(r.headDim); "
+                      + "queries from \(r.queriesFrom), every \(r.queryStride) position(s): \(r.queryPositionsPerLayer) per layer; "
+                      + "pages of \(r.pageTokens) tokens")
+                printTable(["CODEC", "BITS/EL", "STORED", "ATTN ERR", "K REL ERR", "V REL ERR", "K MAX ABS", "V MAX ABS", ""],
+                           r.candidates.map { c in
+                    func cell(_ value: Double?, _ places: Int = 5) -> String { value.map { formatDecimal($0, places: places) } ?? "-" }
+                    return [c.codec, cell(c.bitsPerElement, 3), cell(c.storedBitsPerElement, 3), cell(c.attentionError),
+                            cell(c.keyError), cell(c.valueError), cell(c.keyMaxAbsError, 4), cell(c.valueMaxAbsError, 4),
+                            c.skipped.map { "skipped: \($0)" } ?? (c.codec == r.codec ? "<- chosen" : "")]
+                })
+                print(r.message)
+            }
+            if r.codec == nil {
+                fputs("kvtier codec advise: \(r.message)\n", stderr)
+                throw ExitCode(2)
+            }
         }
     }
 }

@@ -121,6 +121,20 @@ size_t kvt_tqm_encode(const uint16_t *src, size_t T, size_t H, size_t D, int bit
 /** Decode one tqm part into T*H*D elements of dtype. Returns 0, 1 (non-finite mean or alpha) or -1. */
 int kvt_tqm_decode(const uint8_t *src, size_t T, size_t H, size_t D, int bits, int dtype, uint16_t *dst);
 
+/* ---- Quality measurement (not a codec; used by `kvtier codec advise`) ---- */
+
+/**
+ * Causal attention softmax(q k^T / sqrt(D)) v, in float32, for `count` query positions.
+ * q: [T, QH, D]; k, v: [T, KH, D]; QH a multiple of KH, query head h reads KV head h / (QH/KH).
+ * Position p attends to keys 0...positions[p]. scores: scratch of T floats.
+ * out: [count, QH, D]. Returns 0, or -1 on invalid arguments (a position >= T, QH % KH != 0).
+ */
+int kvt_causal_attention_f32(const float *q, const float *k, const float *v, size_t T, size_t QH, size_t KH,
+                             size_t D, const uint32_t *positions, size_t count, float *scores, float *out);
+
+/** Sets sums = {sum (other-reference)^2, sum reference^2, max |other-reference|} in double. */
+void kvt_error_sums_f32(const float *reference, const float *other, size_t count, double sums[3]);
+
 #ifdef __cplusplus
 }
 #endif
