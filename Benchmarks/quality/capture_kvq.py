@@ -39,6 +39,7 @@ import math
 import os
 import sys
 import time
+from typing import NoReturn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -48,7 +49,7 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 SKIP = 2
 
 
-def skip(reason: str) -> "NoReturn":  # noqa: F821
+def skip(reason: str) -> NoReturn:
     print(f"capture_kvq: SKIPPED: {reason}", file=sys.stderr)
     sys.exit(SKIP)
 

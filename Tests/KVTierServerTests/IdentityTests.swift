@@ -87,8 +87,9 @@ struct IdentityTests {
             process.standardOutput = output
             process.standardError = errorOutput
             try process.run()
-            let data = output.fileHandleForReading.readDataToEndOfFile()
-            let errors = errorOutput.fileHandleForReading.readDataToEndOfFile()
+            // Not readDataToEndOfFile: Foundation traps when a signal interrupts its read.
+            let data = Self.readAll(output.fileHandleForReading.fileDescriptor)
+            let errors = Self.readAll(errorOutput.fileHandleForReading.fileDescriptor)
             process.waitUntilExit()
             return (data, errors, process.terminationStatus)
         }
@@ -153,5 +154,17 @@ struct IdentityTests {
         #expect(hello.capabilities == [] && hello.arenaBytes == 0 && descriptors.isEmpty)
         #expect(try await client.call(.ping).reply == .ping)
         try await harness.stop()
+    }
+
+    /// Everything until end of file, EINTR retried.
+    static func readAll(_ descriptor: Int32) -> Data {
+        var data = Data()
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(descriptor, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return data }
+            data.append(contentsOf: chunk[0..<n])
+        }
     }
 }
