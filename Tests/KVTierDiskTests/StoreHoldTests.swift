@@ -16,6 +16,8 @@ import Testing
         configuration.ramBudgetBytes = 8 * pageBytes
         configuration.tenantRAMQuotaBytes = 4 * pageBytes
         configuration.minResidenceMicros = 0
+        // No headroom: the background evictor leaves a tenant at exactly its quota alone.
+        configuration.evictionHeadroomBytes = 0
         let disk = try DiskTier(storage: SimulatedStorage(seed: 11), logger: Store.logger)
         let store = try Store.store(configuration: configuration, disk: disk)
         let sequence = Array(Store.tokens[0..<64])  // 4 pages: the whole quota
@@ -53,4 +55,38 @@ import Testing
         try store.release(Store.alice, leaseID: got.leaseID)
         await disk.close()
     }
+
+    /// An evictor that stopped because every page it could take was leased starts again when a
+    /// RELEASE frees them (otherwise RAM stays short of its headroom until the next put).
+    @Test func aReleaseWakesAnEvictorThatStalledOnLeasedPages() async throws {
+        let pageBytes = Self.extentBytes(16 * Store.model.bytesPerToken)
+        var configuration = TieredStore.Configuration()
+        configuration.ramBudgetBytes = 8 * pageBytes
+        configuration.tenantRAMQuotaBytes = 8 * pageBytes
+        configuration.evictionHeadroomBytes = 4 * pageBytes
+        configuration.minResidenceMicros = 0
+        let disk = try DiskTier(storage: SimulatedStorage(seed: 13), logger: Store.logger)
+        let store = try Store.store(configuration: configuration, disk: disk)
+        func put(_ tokens: [UInt32]) async throws {
+            _ = try await store.put(Store.alice, owner: 1, modelID: Store.model.id, tokens: tokens, dataStart: 0,
+                                    chunks: Store.chunks(from: 0, to: tokens.count), durable: false)
+        }
+        // The evictor waits at its gate while 7 pages are put and leased (7 pages leave less
+        // than half the headroom free), then finds every page leased and stalls.
+        await store.evictionGate.enter()
+        let sequence = Array(Store.tokens[0..<112])
+        try await put(sequence)
+        let leased = try await store.get(Store.alice, owner: 2, modelID: Store.model.id, tokens: sequence, maxTokens: 0)
+        #expect(leased.tokens == 112)
+        store.evictionGate.leave()
+        await store.evictionSettled()
+        let ram = { store.status().first { $0.name == "ram_bytes" }!.value }
+        #expect(ram() == UInt64(7 * pageBytes), "every page is leased: nothing can go")
+        try store.release(Store.alice, leaseID: leased.leaseID)
+        await store.evictionSettled()
+        #expect(ram() <= UInt64(4 * pageBytes), "the release woke the evictor, which restored its headroom")
+        await disk.close()
+    }
+
+    static func extentBytes(_ bytes: Int) -> Int { (bytes + 4095) / 4096 * 4096 }
 }

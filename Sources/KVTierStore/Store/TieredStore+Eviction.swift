@@ -174,6 +174,9 @@ extension TieredStore {
                 // Nothing could go (all leased, no disk room): the next request tries again.
                 guard evicted > 0, evictionTargets(s, reserving: nil, headroomFraction: 1) != nil else {
                     s.evicting = false
+                    // Stopped short of its headroom (everything left leased or held): a RELEASE
+                    // that frees pages starts it again.
+                    s.evictionStalled = evicted == 0 && evictionTargets(s, reserving: nil, headroomFraction: 1) != nil
                     return false
                 }
                 return true

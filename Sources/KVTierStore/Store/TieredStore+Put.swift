@@ -45,20 +45,24 @@ extension TieredStore {
         return (id, extents)
     }
 
-    /// Ends a lease: its pages may be evicted again (the background evictor is woken, which may
-    /// have stopped with every candidate leased), unused staging extents are freed.
+    /// Ends a lease: its pages may be evicted again (the background evictor is woken if it
+    /// stopped with every candidate leased), unused staging extents are freed.
     public func release(_ tenant: TenantID, leaseID: UInt64) throws(StoreError) {
-        let lease = state.withLock { s -> Lease? in
-            guard let lease = s.leases[leaseID], lease.tenant == tenant else { return nil }
+        let (lease, wake) = state.withLock { s -> (Lease?, Bool) in
+            guard let lease = s.leases[leaseID], lease.tenant == tenant else { return (nil, false) }
             _ = s.leases.remove(leaseID)
             for address in lease.pages { s.endLease(address) }
-            return lease
+            // Only an evictor that stalled on leased pages needs waking: the common RELEASE
+            // after a GET costs nothing more.
+            let wake = s.evictionStalled && !lease.pages.isEmpty
+            if wake { s.evictionStalled = false }
+            return (lease, wake)
         }
         guard let lease else { throw .notFound("lease \(leaseID) of this tenant (already released, or its connection closed): release each lease once") }
         if !lease.staging.isEmpty, let memory = try? memory(for: tenant) {
             for extent in lease.staging { memory.freeStaging(extent) }
         }
-        if !lease.pages.isEmpty { scheduleEviction() }
+        if wake { scheduleEviction() }
     }
 
     /// Releases every lease `owner` holds (its connection closed): work in proportion to those.

@@ -100,6 +100,8 @@ public final class TieredStore: Sendable {
         var loading: [PageAddress: Loading] = [:]
         /// The background evictor is running (`scheduleEviction`).
         var evicting = false
+        /// It last stopped with nothing it could evict while RAM still wanted headroom.
+        var evictionStalled = false
         var counters = Counters()
 
         /// Leases a resident page to a client's GET: counts the use (and a prefetch that paid
