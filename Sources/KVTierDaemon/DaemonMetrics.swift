@@ -118,6 +118,8 @@ public final class DaemonMetrics: Sendable {
         startTime.set(startTimeSeconds)
         state.withLock { s in
             for mapping in Self.mappings { s.exported[mapping.source] = Self.make(mapping, in: registry) }
+            // STATUS carries the disk budget when there is one: the same gauge, not a second one.
+            s.exported["disk_budget_bytes"] = .gauge(tierBudget)
         }
     }
 

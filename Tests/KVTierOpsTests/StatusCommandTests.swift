@@ -51,11 +51,12 @@ struct StatusCommandTests {
     @Test func statusReportsTiersAndSessions() async throws {
         let folder = try TemporaryFolder()
         defer { folder.remove() }
-        let daemon = try await startDaemon(in: folder)
+        let daemon = try await startDaemon(in: folder, ["--disk-budget", "256MiB"])
         defer { daemon.stop() }
         let socket = folder.path + "/s.sock"
 
         let before = try Self.statusJSON(socket: socket)
+        #expect((before["tiers"] as? [String: [String: Any]])?["disk"]?["budgetBytes"] as? Int == 256 << 20, "the daemon's --disk-budget 256MiB")
         #expect(before["sessions"] as? Int == 0)
         let tiersBefore = before["tiers"] as? [String: [String: Any]]
         #expect(tiersBefore?["ram"]?["pages"] as? Int == 0)

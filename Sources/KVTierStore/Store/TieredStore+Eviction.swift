@@ -378,6 +378,7 @@ extension TieredStore {
             let stats = d.stats
             return [("disk_pages", UInt64(stats.pages)), ("disk_live_bytes", UInt64(stats.liveBytes)),
                     ("disk_file_bytes", UInt64(stats.fileBytes)), ("disk_checksum_failures", UInt64(stats.checksumFailures))]
+                + (d.configuration.budgetBytes.map { [("disk_budget_bytes", UInt64($0))] } ?? [])
         } ?? [])
     }
 
