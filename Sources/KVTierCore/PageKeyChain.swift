@@ -28,12 +28,35 @@ public enum PageKeyChain {
         var prefix: (UInt64, UInt64, UInt64) = (parent?.high.bigEndian ?? 0, parent?.low.bigEndian ?? 0, modelID.littleEndian)
         withUnsafeBytes(of: &prefix) { kvt_blake2b_update(&state, $0.baseAddress, $0.count) }
         tokens.withUnsafeBytes { kvt_blake2b_update(&state, $0.baseAddress, $0.count) }
-        var digest: (UInt64, UInt64) = (0, 0)
-        withUnsafeMutableBytes(of: &digest) { kvt_blake2b_final(&state, $0.baseAddress!.assumingMemoryBound(to: UInt8.self)) }
-        return PageKey(high: UInt64(bigEndian: digest.0), low: UInt64(bigEndian: digest.1))
+        return finish(&state)
         #else
         return key(parent: parent, modelID: modelID, tokens: tokens.lazy.map { $0 })
         #endif
+    }
+
+    /// The key a hash state stands for: its 16 digest bytes, most significant first, without an
+    /// allocation.
+    static func finish(_ state: inout kvt_blake2b_state) -> PageKey {
+        var digest: (UInt64, UInt64) = (0, 0)
+        withUnsafeMutableBytes(of: &digest) { kvt_blake2b_final(&state, $0.baseAddress!.assumingMemoryBound(to: UInt8.self)) }
+        return PageKey(high: UInt64(bigEndian: digest.0), low: UInt64(bigEndian: digest.1))
+    }
+
+    /// The partial-page keys `key(parent, modelID, tokens[..<k])` for every `k` in
+    /// `1...tokens.count`, in that order: the hash state after each token is copied and
+    /// finalized, so this costs one compression per candidate length (the store looks up the
+    /// longest stored partial page among them).
+    public static func partialKeys(parent: PageKey?, modelID: UInt64, tokens: ArraySlice<UInt32>) -> [PageKey] {
+        var state = hashState(parent: parent, modelID: modelID)
+        var keys: [PageKey] = []
+        keys.reserveCapacity(tokens.count)
+        for token in tokens {
+            var word = token.littleEndian
+            withUnsafeBytes(of: &word) { kvt_blake2b_update(&state, $0.baseAddress, 4) }
+            var snapshot = state
+            keys.append(finish(&snapshot))
+        }
+        return keys
     }
 
     /// A BLAKE2b-128 state that has absorbed what precedes a page's tokens: the parent's key (16

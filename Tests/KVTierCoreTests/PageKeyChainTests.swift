@@ -44,4 +44,17 @@ import Testing
         #expect(PageKey(digestBytes: key.digestBytes) == key)
         #expect(key.digestBytes.first == 1 && key.digestBytes.last == 0x10)
     }
+
+    /// Each partial-page key is the key of that many tokens, whatever the parent.
+    @Test func partialKeysAreTheKeysOfEachPrefix() {
+        let tokens: [UInt32] = (0..<40).map { $0 &* 2_654_435_761 }
+        for parent in [nil, PageKeyChain.key(parent: nil, modelID: 3, tokens: [9, 9] as [UInt32])] {
+            let partial = PageKeyChain.partialKeys(parent: parent, modelID: 3, tokens: tokens[5..<37])
+            #expect(partial.count == 32)
+            for (k, key) in partial.enumerated() {
+                #expect(key == PageKeyChain.key(parent: parent, modelID: 3, tokens: tokens[5..<6 + k]), "\(k + 1) tokens")
+            }
+        }
+        #expect(PageKeyChain.partialKeys(parent: nil, modelID: 3, tokens: tokens[0..<0]).isEmpty)
+    }
 }
