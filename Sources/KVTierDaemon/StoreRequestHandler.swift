@@ -284,7 +284,8 @@ public struct StoreRequestHandler: RequestHandler {
                 let end = min((token / model.pageTokens + 1) * model.pageTokens, put.tokens.count)
                 let length = (end - token) * model.bytesPerToken
                 guard at + length <= bytes.count else {
-                    throw .invalidArgument("inline data holds \(bytes.count) bytes; tokens \(put.dataStart)..<\(put.tokens.count) need more")
+                    let needed = (put.tokens.count - Int(put.dataStart)) * model.bytesPerToken
+                    throw .invalidArgument("inline data holds \(bytes.count) bytes; tokens \(put.dataStart)..<\(put.tokens.count) need \(needed) (\(model.bytesPerToken) per token): send the KV of every token from dataStart")
                 }
                 let chunk = PageBuffer(overwrittenByteCount: length)
                 bytes.withUnsafeBytes { chunk.bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[at..<at + length])) }
@@ -292,7 +293,9 @@ public struct StoreRequestHandler: RequestHandler {
                 at += length
                 token = end
             }
-            guard at == bytes.count else { throw .invalidArgument("inline data holds \(bytes.count - at) bytes more than the tokens need") }
+            guard at == bytes.count else {
+                throw .invalidArgument("inline data holds \(bytes.count - at) bytes more than tokens \(put.dataStart)..<\(put.tokens.count) need (\(at)): send exactly their KV")
+            }
             return chunks
         }
     }

@@ -52,7 +52,9 @@ struct PutBenchCommand: AsyncParsableCommand {
         let signals = installBenchInterruptCleanup()
         defer { for source in signals { source.cancel() } }
         let r: PutBenchmark.Report
-        do { r = try await benchmark.run() } catch let error as ToolError { throw ValidationError(error.description) }
+        // A failure of the run (the daemon exited, a put was refused) is not a usage error: it is
+        // reported as it is, with exit status 1, not as bad arguments with the usage text.
+        r = try await benchmark.run()
         if json { return try printJSON(r) }
         func f(_ v: Double, _ places: Int = 2) -> String { formatDecimal(v, places: places) }
         print("model \(r.model), prefix \(r.prefixPages) pages = \(ByteCount(r.prefixBytes)), disk codec \(r.diskCodec), "

@@ -46,7 +46,9 @@ struct ServeBenchCommand: AsyncParsableCommand {
         let signals = installBenchInterruptCleanup()
         defer { for source in signals { source.cancel() } }
         let r: ServeBenchmark.Report
-        do { r = try await benchmark.run() } catch let error as ToolError { throw ValidationError(error.description) }
+        // A failure of the run (the daemon exited, a put was refused) is not a usage error: it is
+        // reported as it is, with exit status 1, not as bad arguments with the usage text.
+        r = try await benchmark.run()
         if json { return try printJSON(r) }
         func gbps(_ v: Double?) -> String { v.map { formatDecimal($0, places: 2) + " GB/s" } ?? "-" }
         func micros(_ p50: Double?, _ p99: Double?) -> String {

@@ -413,7 +413,7 @@ public final class SessionCatalog: Sendable {
     }
 
     static func missing(_ id: SessionID) -> StoreError {
-        .notFound("session '\(id.name)' (deleted, expired, or never created by a put with this name): list sessions to see the names")
+        .notFound("no session '\(id.name)' (deleted, expired, or never created by a put with this name): list sessions to see the names")
     }
 
     /// Bytes of a session's and a model's record in the journal (docs/format.md).

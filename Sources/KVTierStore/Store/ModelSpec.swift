@@ -80,7 +80,7 @@ public enum StoreError: Error, Equatable, CustomStringConvertible {
         switch self {
         case .unknownModel(let id): "model 0x\(String(id, radix: 16)) is not registered: send REGISTER_MODEL first"
         case .invalidArgument(let why): why
-        case .notFound(let what): "\(what) not found"
+        case .notFound(let why): why
         case .overBudget(let why): why
         case .unavailable(let why): why
         }
