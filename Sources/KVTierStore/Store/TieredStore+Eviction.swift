@@ -220,7 +220,8 @@ extension TieredStore {
         let group = chooseVictims(reserving: reserving, headroomFraction: background ? 1 : 0, limit: Self.evictionGroupPages,
                                   excluding: excluding)
         guard !group.isEmpty else { return nil }
-        let writing = group.filter { needsWrite($0.1, $0.0) }.map(\.0)
+        // `persist` writes only the pages that need it (one disk lookup for the group).
+        let writing = group.map(\.0)
         let results = await persist(writing)
         var failed = Set<PageAddress>()
         for (address, result) in zip(writing, results) {

@@ -123,15 +123,19 @@ extension TieredStore {
         let pending = state.withLock { s in
             s.resident.map { ($0.key, $0.value, heat($0.value, now: now)) }
         }.filter { needsWrite($0.1, $0.0) }.sorted { $0.2 > $1.2 }.map(\.0)
+        // In groups of `evictionGroupPages`, one group commit each (not one fdatasync per page),
+        // the deadline checked between groups.
         var written = 0
-        for (index, address) in pending.enumerated() {
-            guard Clocks.monotonicMicros() < deadlineMicros else { return (written, pending.count - index) }
-            do {
-                try await persist(address)
-                written += 1
-            } catch {
+        for start in stride(from: 0, to: pending.count, by: Self.evictionGroupPages) {
+            guard Clocks.monotonicMicros() < deadlineMicros else { return (written, pending.count - start) }
+            let group = Array(pending[start..<min(start + Self.evictionGroupPages, pending.count)])
+            for (address, result) in zip(group, await persist(group)) {
+                guard case .failure(let error) = result else {
+                    written += 1
+                    continue
+                }
                 logger.warning("cannot write a RAM page to disk at shutdown", metadata: ["page": "\(address)", "error": "\(error)"])
-                return (written, pending.count - index)
+                return (written, pending.count - written)
             }
         }
         return (written, 0)

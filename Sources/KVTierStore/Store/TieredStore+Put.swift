@@ -58,7 +58,7 @@ extension TieredStore {
             if wake { s.evictionStalled = false }
             return (lease, wake)
         }
-        guard let lease else { throw .notFound("lease \(leaseID) of this tenant (already released, or its connection closed): release each lease once") }
+        guard let lease else { throw .notFound("no lease \(leaseID) of this tenant (already released, or its connection closed): release each lease once") }
         if !lease.staging.isEmpty, let memory = try? memory(for: tenant) {
             for extent in lease.staging { memory.freeStaging(extent) }
         }
@@ -131,8 +131,9 @@ extension TieredStore {
     ) throws(StoreError) -> Outcome<PutResult> {
         let model = try model(modelID)
         let size = model.pageTokens
-        guard !tokens.isEmpty, dataStart >= 0, dataStart <= tokens.count else {
-            throw .invalidArgument("dataStart \(dataStart) is outside the \(tokens.count) tokens")
+        guard !tokens.isEmpty else { throw .invalidArgument("PUT carries no tokens: send at least one") }
+        guard dataStart >= 0, dataStart <= tokens.count else {
+            throw .invalidArgument("dataStart \(dataStart) is outside the \(tokens.count) tokens: send data from a token of the sequence")
         }
         if let session { try Session.validate(name: session) }
         // Every page's key, the short last one included, hashed once.
@@ -175,16 +176,17 @@ extension TieredStore {
         var plan = PutPlan(tenant: tenant, model: model, memory: memory, tokens: tokens, located: located, firstPage: firstPage,
                            pages: [], chunks: chunks, dropped: [], newBytes: 0, durable: durable, session: session)
         let addresses = keys[firstPage..<firstPage + chunks.count].map { PageAddress(tenant: tenant, key: $0) }
-        // What is stored is what `locate` found: the chain is cut at the first page in neither
-        // tier, and a page another put stores meanwhile is caught at `commit` (kept once).
-        let storedAddresses = Set(located.map(\.address))
         for (index, chunk) in chunks.enumerated() {
             let pageStart = (firstPage + index) * size
             let pageEnd = min(pageStart + size, tokens.count)
             let chunkStart = max(pageStart, dataStart)
             let address = addresses[index]
-            // The stored page this chunk continues (its rows before `chunkStart` are reused).
-            let storedHere = located.first(where: { $0.tokens.lowerBound == pageStart })
+            // The page `locate` found where this one starts (`located[j]` starts at page j: whole
+            // pages in order, then a partial one): this page itself when its key matches, or the
+            // stored partial page it continues. Indexed, not searched: a put of many small pages
+            // must not cost pages × pages. A page another put stores meanwhile is caught at
+            // `commit` (kept once).
+            let storedHere = firstPage + index < located.count ? located[firstPage + index] : nil
             // The page a previous put ended on is superseded by this longer one, whether the
             // longer page is new or was stored already, and whether the data resends its
             // first rows or not: keep no duplicate.
@@ -195,19 +197,23 @@ extension TieredStore {
                                                           tokens: tokens[pageStart..<pageEnd - 1])
                 if let (shorter, _, _) = longestStored(tenant, candidates) { plan.dropped.append(shorter) }
             }
-            let stored = storedAddresses.contains(address)
+            let stored = storedHere?.address == address
             plan.pages.append(PutPage(address: address, tokens: pageStart..<pageEnd, chunkStart: chunkStart, stored: stored,
                                       completes: chunkStart > pageStart ? storedHere?.address : nil))
             guard !stored else { continue }
             let chunkBytes = (pageEnd - chunkStart) * model.bytesPerToken
             switch chunk {
             case .extent(let e):
-                guard e.length >= chunkBytes else { throw .invalidArgument("extent \(e) holds \(e.length) bytes, chunk needs \(chunkBytes)") }
+                guard e.length >= chunkBytes else {
+                    throw .invalidArgument("extent \(index) (\(e)) holds \(e.length) bytes, its chunk (tokens \(chunkStart)..<\(pageEnd)) needs \(chunkBytes): ALLOC at least that for it (docs/protocol.md, PUT)")
+                }
             case .bytes(let b):
-                guard b.count == chunkBytes else { throw .invalidArgument("inline chunk \(index) holds \(b.count) bytes, needs \(chunkBytes)") }
+                guard b.count == chunkBytes else {
+                    throw .invalidArgument("inline chunk \(index) holds \(b.count) bytes, its tokens \(chunkStart)..<\(pageEnd) need exactly \(chunkBytes): cut inline data at page boundaries (docs/protocol.md, PUT)")
+                }
             }
             if chunkStart > pageStart, storedHere == nil {
-                throw .notFound("the cached partial page at token \(pageStart) (evicted or replaced since LOOKUP): look up again and put from the cached length")
+                throw .notFound("the cached partial page at token \(pageStart) is gone (evicted or replaced since LOOKUP): look up again and put from the cached length")
             }
             plan.newBytes += Self.extentBytes((pageEnd - pageStart) * model.bytesPerToken)
         }
@@ -237,7 +243,7 @@ extension TieredStore {
             guard let completes = page.completes else { continue }
             guard let head = await residentBuffer(completes, plan.model, plan.memory) else {
                 endHeadHolds()
-                throw .notFound("the cached partial page at token \(page.tokens.lowerBound) (evicted or replaced since LOOKUP): look up again and put from the cached length")
+                throw .notFound("the cached partial page at token \(page.tokens.lowerBound) is gone (evicted or replaced since LOOKUP): look up again and put from the cached length")
             }
             heads[completes] = head
         }
@@ -261,7 +267,7 @@ extension TieredStore {
             if disk != nil { try await makeDurable(chain) }
             let id = SessionID(tenant: plan.tenant, name: session)
             let previous = try catalog.store(id, model: plan.model, tokens: plan.tokens, now: Clocks.wallMicros())
-            if let gone = chain.firstIndex(where: { tier(of: $0) == nil }) {
+            if let gone = inEitherTier(chain).firstIndex(of: false) {
                 try catalog.revert(id, to: previous)
                 throw .invalidArgument("page \(gone) of session '\(session)' was replaced by another put while this one ran: put again")
             }
@@ -285,17 +291,9 @@ extension TieredStore {
         var copies: [(destination: PageBuffer, source: PageBuffer, bytes: Int)] = []
         // A page the plan found stored may have left both tiers since (the disk budget, a drop,
         // an EVICT): its chunk is copied after all rather than skipped.
-        let stored = plan.pages.map(\.stored)
-        let kept: [Bool]
-        if stored.contains(true) {
-            let addresses = plan.pages.map(\.address)
-            let inRAM = state.withLock { s in addresses.indices.map { stored[$0] && s.resident[addresses[$0]] != nil } }
-            let skipping = addresses.indices.map { !stored[$0] || inRAM[$0] }
-            let onDisk = disk?.containsEach(addresses, skipping: skipping) ?? Array(repeating: false, count: addresses.count)
-            kept = addresses.indices.map { inRAM[$0] || onDisk[$0] }
-        } else {
-            kept = stored
-        }
+        let storedIndexes = plan.pages.indices.filter { plan.pages[$0].stored }
+        var kept = Array(repeating: false, count: plan.pages.count)
+        for (index, present) in zip(storedIndexes, inEitherTier(storedIndexes.map { plan.pages[$0].address })) { kept[index] = present }
         for (index, (page, chunk)) in zip(plan.pages, plan.chunks).enumerated() {
             if kept[index] {
                 deduplicated += 1
@@ -340,9 +338,10 @@ extension TieredStore {
     /// whole cost of a RAM-tier PUT and its client waits meanwhile, so from `parallelCopyBytes`
     /// on the bytes are split evenly between up to `copyThreads` threads (both cores of a small
     /// host: one copy runs at a core's memory bandwidth, about half what two reach).
-    static func copy(_ copies: [(destination: PageBuffer, source: PageBuffer, bytes: Int)]) {
+    /// `threads`: how many to split between (tests pass it; nil: as above, from the cores).
+    static func copy(_ copies: [(destination: PageBuffer, source: PageBuffer, bytes: Int)], threads fixed: Int? = nil) {
         let total = copies.reduce(0) { $0 + $1.bytes }
-        let threads = total < parallelCopyBytes ? 1 : max(1, min(copyThreads, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
+        let threads = fixed ?? (total < parallelCopyBytes ? 1 : max(1, min(copyThreads, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))))
         // Prefix sums of the copies' lengths: thread i copies bytes [i·total/n, (i+1)·total/n)
         // of their concatenation, whatever page boundaries fall inside.
         var sums: [Int] = [0]
@@ -382,7 +381,7 @@ extension TieredStore {
         for result in await persist(addresses) {
             if case .failure(let error) = result { throw error }
         }
-        if let index = addresses.firstIndex(where: { !disk.contains($0) }) {
+        if let index = disk.containsEach(addresses, skipping: addresses.map { _ in false }).firstIndex(of: false) {
             throw .unavailable("page \(index) of the sequence left both tiers while the put ran (the disk budget deleted it): put again")
         }
     }

@@ -362,10 +362,13 @@ public final class TieredStore: Sendable {
         return result
     }
 
-    func tier(of address: PageAddress) -> Tier? {
-        if state.withLock({ $0.resident[address] != nil }) { return .ram }
-        if disk?.contains(address) == true { return .disk }
-        return nil
+    /// Whether each address is stored in either tier: RAM under one lock of the store, the disk
+    /// tier under one of its own for the rest.
+    func inEitherTier(_ addresses: [PageAddress]) -> [Bool] {
+        let inRAM = state.withLock { s in addresses.map { s.resident[$0] != nil } }
+        guard let disk, inRAM.contains(false) else { return inRAM }
+        let onDisk = disk.containsEach(addresses, skipping: inRAM)
+        return addresses.indices.map { inRAM[$0] || onDisk[$0] }
     }
 
     /// The keys of the whole pages of `tokens` (at most `limit` of them), hashed once per
@@ -397,7 +400,9 @@ public final class TieredStore: Sendable {
         let size = model.pageTokens
         let addresses = keys.map { PageAddress(tenant: tenant, key: $0) }
         let inRAM = state.withLock { s in addresses.map { s.resident[$0] != nil } }
-        let onDisk = disk?.containsEach(addresses, skipping: inRAM) ?? Array(repeating: false, count: addresses.count)
+        // All in RAM (a hit, the common case): the disk tier's lock is not taken.
+        let onDisk = !inRAM.contains(false) ? inRAM.map { _ in false }
+            : disk?.containsEach(addresses, skipping: inRAM) ?? Array(repeating: false, count: addresses.count)
         var pages: [PageRef] = []
         for (index, address) in addresses.enumerated() {
             guard inRAM[index] || onDisk[index] else { break }
