@@ -139,6 +139,12 @@ extension KVTierClient {
                 destinations.append(UnsafeMutableRawBufferPointer(rebasing: destination[0..<sizes[index]]))
                 extents.append(WireExtent(offset: extent.offset, bytes: extent.bytes, tokens: UInt32(batch[index].count)))
             }
+            // Chunks are packed on several threads: extents that overlap would be written by two at
+            // once. A daemon never hands such out; one that does is not followed.
+            let sorted = staging.extents.sorted { $0.offset < $1.offset }
+            if let overlap = zip(sorted, sorted.dropFirst()).first(where: { $0.offset &+ $0.bytes > $1.offset }) {
+                throw KVTierClientError.protocolViolation("ALLOC returned overlapping extents (at \(overlap.0.offset) and \(overlap.1.offset))")
+            }
             Self.pack(batch, into: destinations, total: sizes.reduce(0, +), pack)
             // PUT consumed every extent of the lease, which ended it (docs/protocol.md, ALLOC):
             // nothing to release.

@@ -591,6 +591,11 @@ class Client:
                 pool = _fill_pool() if concurrent_fill and len(batch) > 1 and \
                     sum(b - a for a, b in batch) * bpt >= PARALLEL_FILL_BYTES and \
                     not threading.current_thread().name.startswith("kvtier-fill") else None
+                # Filled on several threads: extents that overlap would be written by two at once.
+                # A daemon never hands such out; one that does is not followed.
+                spans = sorted((e.offset, e.offset + e.bytes) for e in extents)
+                if any(end > nxt for (_, end), (nxt, _) in zip(spans, spans[1:])):
+                    raise ProtocolViolation("ALLOC returned overlapping extents: not filling them")
                 if pool is None:
                     for chunk in zip(batch, extents):
                         fill_chunk(chunk)
