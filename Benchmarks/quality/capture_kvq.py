@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS token (counted in --tokens)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--tolerance", type=float, default=None,
-                    help="max Frobenius relative difference, float32 capture vs model (default 1e-5; 2e-2 for bfloat16)")
+                    help="max Frobenius relative difference, float32 capture vs model (default 1e-4, room for another CPU's float32 BLAS; 2e-2 for bfloat16)")
     ap.add_argument("--fp16-tolerance", type=float, default=None,
                     help="the same for the float16 files as written (default 5e-3; 2e-2 for bfloat16)")
     args = ap.parse_args(argv)
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         sys.exit(f"capture_kvq: text not found: {args.text}")
     if args.tokens < 2:
         sys.exit("capture_kvq: --tokens must be at least 2")
-    tol = args.tolerance if args.tolerance is not None else (1e-5 if args.dtype == "float32" else 2e-2)
+    tol = args.tolerance if args.tolerance is not None else (1e-4 if args.dtype == "float32" else 2e-2)
     tol16 = args.fp16_tolerance if args.fp16_tolerance is not None else (5e-3 if args.dtype == "float32" else 2e-2)
 
     import numpy as np

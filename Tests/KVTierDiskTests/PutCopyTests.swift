@@ -1,3 +1,4 @@
+import Foundation
 import KVTierCore
 @testable import KVTierStore
 import Testing
@@ -6,10 +7,11 @@ import Testing
 /// boundaries: every byte of every page lands where it belongs, and nothing past a page's
 /// length is written.
 @Suite struct PutCopyTests {
-    @Test(arguments: [1, 2, 7, 64])
-    func splitCopiesLandEveryByteInItsPage(pages: Int) {
-        let seed = UInt64.random(in: 0...UInt64.max)
-        print("PutCopyTests.splitCopiesLandEveryByteInItsPage(pages: \(pages)): seed \(seed)")
+    /// Every split is tested whatever this host's core count (the copy picks its own from it).
+    @Test(arguments: [1, 2, 7, 64], [1, 2, 3, 4])
+    func splitCopiesLandEveryByteInItsPage(pages: Int, threads: Int) {
+        let seed = ProcessInfo.processInfo.environment["KVTIER_TEST_SEED"].flatMap { UInt64($0) } ?? UInt64.random(in: 0...UInt64.max)
+        print("PutCopyTests.splitCopiesLandEveryByteInItsPage(pages: \(pages), threads: \(threads)): seed \(seed) (replay: KVTIER_TEST_SEED=\(seed))")
         var random = SplitMix64(seed: seed)
         // Over `parallelCopyBytes` in all, so the copy is split; odd lengths, so splits fall
         // inside pages.
@@ -26,7 +28,7 @@ import Testing
             if left == 0 { break }
         }
         #expect(copies.reduce(0) { $0 + $1.bytes } == total)
-        TieredStore.copy(copies)
+        TieredStore.copy(copies, threads: threads)
         for (index, copy) in copies.enumerated() {
             #expect(Array(copy.destination.readOnly[0..<copy.bytes]) == Array(copy.source.readOnly[0..<copy.bytes]), "page \(index), seed \(seed)")
             #expect(copy.destination.readOnly[copy.bytes..<copy.destination.count].allSatisfy { $0 == 0xEE }, "past page \(index), seed \(seed)")

@@ -31,6 +31,14 @@ final class TestDirectory {
         try FileSystem.makeDirectory(path, mode: 0o755)
     }
 
+    /// A directory for sockets: short, under /tmp, since a socket path must fit `sun_path` (107
+    /// bytes) whatever the checkout's path.
+    init(socketsNamed name: String) throws {
+        var template = Array("/tmp/kvt-\(name.prefix(8))-XXXXXX".utf8CString)
+        guard let made = mkdtemp(&template) else { throw Errno(rawValue: errno) }
+        path = String(cString: made)
+    }
+
     deinit {
         for name in (try? FileSystem.directoryEntries(path)) ?? [] { try? FileSystem.unlink("\(path)/\(name)") }
         rmdir(path)

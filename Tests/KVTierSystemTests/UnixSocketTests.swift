@@ -92,7 +92,7 @@ private func writersGone(_ readEnd: FileDescriptor) throws -> Bool {
     }
 
     @Test func listenAcceptConnectAndPeerCredentials() throws {
-        let directory = try TestDirectory("socket")
+        let directory = try TestDirectory(socketsNamed: "socket")
         let address = try UnixSocketAddress("\(directory.path)/s")
         let listener = try FileDescriptor.unixSocket(nonBlocking: true)
         defer { listener.closeIgnoringErrors() }
