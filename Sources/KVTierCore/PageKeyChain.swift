@@ -72,11 +72,18 @@ public enum PageKeyChain {
     }
 
     /// The keys of every page of `tokens` cut into pages of `pageTokens` (the last may be short).
-    public static func keys(modelID: UInt64, tokens: [UInt32], pageTokens: Int) -> [PageKey] {
+    /// With `wholePagesOnly`, a short last page has no key; `limit` caps how many keys there are
+    /// (what a GET with `maxTokens` serves).
+    public static func keys(modelID: UInt64, tokens: [UInt32], pageTokens: Int, wholePagesOnly: Bool = false,
+                            limit: Int = .max) -> [PageKey] {
         precondition(pageTokens > 0)
+        let pages = wholePagesOnly ? tokens.count / pageTokens : (tokens.count + pageTokens - 1) / pageTokens
+        let count = min(max(0, limit), pages)
         var keys: [PageKey] = []
+        keys.reserveCapacity(count)
         var parent: PageKey? = nil
-        for start in stride(from: 0, to: tokens.count, by: pageTokens) {
+        for index in 0..<count {
+            let start = index * pageTokens
             let key = key(parent: parent, modelID: modelID, tokens: tokens[start..<min(start + pageTokens, tokens.count)])
             keys.append(key)
             parent = key

@@ -57,4 +57,15 @@ import Testing
         }
         #expect(PageKeyChain.partialKeys(parent: nil, modelID: 3, tokens: tokens[0..<0]).isEmpty)
     }
+
+    /// Whole pages only, and a limit: the same keys as the full chain's, cut.
+    @Test func keysOfWholePagesAndUpToALimitArePrefixesOfTheChain() {
+        let tokens: [UInt32] = Array(0..<70)
+        let all = PageKeyChain.keys(modelID: 4, tokens: tokens, pageTokens: 16)
+        #expect(all.count == 5)
+        #expect(PageKeyChain.keys(modelID: 4, tokens: tokens, pageTokens: 16, wholePagesOnly: true) == Array(all.prefix(4)))
+        #expect(PageKeyChain.keys(modelID: 4, tokens: tokens, pageTokens: 16, wholePagesOnly: true, limit: 2) == Array(all.prefix(2)))
+        #expect(PageKeyChain.keys(modelID: 4, tokens: tokens, pageTokens: 16, limit: 0).isEmpty)
+        #expect(PageKeyChain.keys(modelID: 4, tokens: Array(tokens.prefix(15)), pageTokens: 16, wholePagesOnly: true).isEmpty)
+    }
 }

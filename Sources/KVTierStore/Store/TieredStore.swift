@@ -374,16 +374,7 @@ public final class TieredStore: Sendable {
     /// The keys of the whole pages of `tokens` (at most `limit` of them), hashed once per
     /// request: every step of the request reads them from here.
     static func wholePageKeys(_ model: ModelSpec, _ tokens: [UInt32], limit: Int = .max) -> [PageKey] {
-        let count = min(limit, tokens.count / model.pageTokens)
-        var keys: [PageKey] = []
-        keys.reserveCapacity(count)
-        var parent: PageKey? = nil
-        for index in 0..<count {
-            let key = PageKeyChain.key(parent: parent, modelID: model.id, tokens: tokens[index * model.pageTokens..<(index + 1) * model.pageTokens])
-            keys.append(key)
-            parent = key
-        }
-        return keys
+        PageKeyChain.keys(modelID: model.id, tokens: tokens, pageTokens: model.pageTokens, wholePagesOnly: true, limit: limit)
     }
 
     func locate(_ tenant: TenantID, _ model: ModelSpec, _ tokens: [UInt32]) -> [PageRef] {
