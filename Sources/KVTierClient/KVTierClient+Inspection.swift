@@ -50,3 +50,18 @@ extension KVTierClient {
         return models
     }
 }
+
+extension KVTierClient {
+    /// The disk codec of each of this tenant's models (those `models()` lists), as the daemon's
+    /// codec policy decided it for this tenant, by model id.
+    public func codecChoices() async throws -> [CodecChoiceInfo] {
+        var choices: [CodecChoiceInfo] = []
+        while true {
+            let page = ListPage(offset: UInt32(clamping: choices.count))
+            let reply = try await call(.codecs(page), expecting: "CODECS") { if case .codecs(let r) = $0 { r } else { nil } }
+            choices += reply.choices
+            if reply.choices.count < Int(page.limit) || choices.count >= Int(reply.total) { break }
+        }
+        return choices
+    }
+}

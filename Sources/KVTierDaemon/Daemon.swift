@@ -82,6 +82,7 @@ public final class Daemon: Sendable {
         // The page arena never gives memory back (docs/security.md): sized to the quota.
         storeConfiguration.arenaBytes = TieredStore.pageArenaBytes(quota: c.tenantRAMQuotaBytes, ceiling: c.arenaBytes)
         storeConfiguration.diskCodec = c.diskCodec
+        storeConfiguration.codecPolicy = c.codecPolicy
         let arenaBytes = storeConfiguration.arenaBytes, stagingBytes = c.stagingBytes
         storeConfiguration.maxModelsPerTenant = c.maxModelsPerTenant
         let store = TieredStore(configuration: storeConfiguration, disk: disk, catalog: catalog, logger: logger) { tenant in

@@ -10,6 +10,7 @@ import KVTierCodec
 import KVTierCore
 import KVTierProtocol
 import KVTierServer
+import KVTierStore
 import Logging
 
 /// kvtierd's settings: embedded defaults, then a JSON config file (`--config`), then flags.
@@ -32,6 +33,9 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     public var diskTenantQuota: String?
     /// Codec of pages written to disk. Default k4v4.
     public var diskCodec: String = "k4v4"
+    /// How each model's disk codec is chosen: `"fixed"` (diskCodec), `"auto"`, or an object
+    /// (`CodecPolicySetting`). Default fixed.
+    public var codecPolicy = CodecPolicySetting()
     /// Most virtual size of each tenant's page arena (sized tenantRAMQuota + 25%). Default 64GiB.
     public var arenaSize: String = "64GiB"
     /// Most bytes of pages one tenant may hold in RAM, leased ones included. Default: ramBudget.
@@ -77,7 +81,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     public static let reloadableKeys: Set<String> = ["logLevel"]
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case socket, stateDir, ramBudget, diskBudget, diskCodec, arenaSize, tenantRAMQuota, stagingSize, evictionHeadroom, pageTokens, ioQueueDepth
+        case socket, stateDir, ramBudget, diskBudget, diskCodec, codecPolicy, arenaSize, tenantRAMQuota, stagingSize, evictionHeadroom, pageTokens, ioQueueDepth
         case logLevel, metricsListen, metricsAllowNonLoopback, sharedTenantGroups, diskTenantQuota
         case maxConnections, maxConnectionsPerUID, handshakeTimeoutSeconds, idleTimeoutSeconds
         case maxBufferedFrameBytes, maxBufferedFrameBytesPerUID, maxModelsPerTenant
@@ -103,6 +107,11 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         diskBudget = try value(.diskBudget, String.self, "a size string such as \"100GiB\", or empty for no limit")
         diskTenantQuota = try value(.diskTenantQuota, String.self, "a size string such as \"20GiB\", or empty for no quota")
         diskCodec = try value(.diskCodec, String.self, "a codec name string") ?? diskCodec
+        do {
+            codecPolicy = try container.decodeIfPresent(CodecPolicySetting.self, forKey: AnyKey(CodingKeys.codecPolicy.rawValue)) ?? codecPolicy
+        } catch let invalid as Invalid { throw invalid } catch {
+            throw Invalid(key: "codecPolicy", value: "(wrong type)", allowed: CodecPolicySetting.allowed)
+        }
         arenaSize = try value(.arenaSize, String.self, "a size string such as \"64GiB\"") ?? arenaSize
         tenantRAMQuota = try value(.tenantRAMQuota, String.self, "a size string such as \"2GiB\"")
         evictionHeadroom = try value(.evictionHeadroom, String.self, "a size string such as \"256MiB\"") ?? evictionHeadroom
@@ -176,6 +185,8 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         public var diskBudgetBytes: Int?
         public var diskTenantQuotaBytes: Int?
         public var diskCodec: Codec
+        /// `codecPolicy`.
+        public var codecPolicy = CodecPolicy.Configuration()
         public var arenaBytes: Int
         public var tenantRAMQuotaBytes: Int
         public var stagingBytes: Int
@@ -242,7 +253,8 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
                 ("socket", quoted(socket)), ("stateDir", quoted(stateDir)), ("ramBudget", quoted("\(ByteCount(ramBudgetBytes))")),
                 ("diskBudget", diskBudgetBytes.map { quoted("\(ByteCount($0))") } ?? "null"),
                 ("diskTenantQuota", diskTenantQuotaBytes.map { quoted("\(ByteCount($0))") } ?? "null"),
-                ("diskCodec", quoted("\(diskCodec)")), ("arenaSize", quoted("\(ByteCount(arenaBytes))")),
+                ("diskCodec", quoted("\(diskCodec)")), ("codecPolicy", CodecPolicySetting.json(codecPolicy)),
+                ("arenaSize", quoted("\(ByteCount(arenaBytes))")),
                 ("tenantRAMQuota", quoted("\(ByteCount(tenantRAMQuotaBytes))")), ("stagingSize", quoted("\(ByteCount(stagingBytes))")),
                 ("pageTokens", "\(pageTokens)"), ("ioQueueDepth", "\(ioQueueDepth)"), ("logLevel", quoted(logLevel.rawValue)),
                 ("metricsListen", metricsListen.map { quoted("\($0)") } ?? "null"),
@@ -267,6 +279,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             if diskBudgetBytes != other.diskBudgetBytes { keys.append("diskBudget") }
             if diskTenantQuotaBytes != other.diskTenantQuotaBytes { keys.append("diskTenantQuota") }
             if diskCodec != other.diskCodec { keys.append("diskCodec") }
+            if codecPolicy != other.codecPolicy { keys.append("codecPolicy") }
             if arenaBytes != other.arenaBytes { keys.append("arenaSize") }
             if tenantRAMQuotaBytes != other.tenantRAMQuotaBytes { keys.append("tenantRAMQuota") }
             if stagingBytes != other.stagingBytes { keys.append("stagingSize") }
@@ -401,6 +414,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         resolved.sharedTenantGids = gids
         resolved.transport = try resolvedTransport()
         resolved.maxModelsPerTenant = maxModelsPerTenant
+        resolved.codecPolicy = try codecPolicy.resolved()
         if let evictionHeadroom {
             let headroom = try size("evictionHeadroom", evictionHeadroom)
             guard headroom <= ramBudgetBytes / 2 else {

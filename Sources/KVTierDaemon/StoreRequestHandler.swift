@@ -82,6 +82,8 @@ public struct StoreRequestHandler: RequestHandler {
             return .reply(.status(StatusReply(counters: store.status().map { StatusCounter(name: $0.name, value: $0.value) })))
         case .models(let r):
             return .reply(models(r, context))
+        case .codecs(let r):
+            return .reply(codecs(r, context))
         case .pages(let r):
             let all = store.pageSummaries(tenant, modelID: r.modelID == 0 ? nil : r.modelID)
             let start = min(all.count, Int(r.offset))
@@ -192,6 +194,30 @@ public struct StoreRequestHandler: RequestHandler {
                                                                        ropeTheta: m.ropeTheta, diskCodec: m.diskCodec?.name))
         }
         return .models(ModelsReply(total: UInt32(clamping: models.count), models: page))
+    }
+
+    /// The disk codec of each of the tenant's models, as the codec policy decided it for this
+    /// tenant, by model id.
+    func codecs(_ r: ListPage, _ context: ConnectionContext) -> Reply {
+        let models = store.models(of: context.tenant)
+        let page = models[r.range(in: models.count)].map { m in
+            Self.info(store.codecPolicy.choice(for: m, tenant: context.tenant))
+        }
+        return .codecs(CodecsReply(total: UInt32(clamping: models.count), choices: page))
+    }
+
+    static func info(_ c: CodecPolicy.Choice) -> CodecChoiceInfo {
+        let phase: CodecChoiceInfo.Phase = switch c.phase {
+        case .fixed: .fixed
+        case .measuring: .measuring
+        case .chosen: .chosen
+        case .fellBack: .fellBack
+        }
+        return CodecChoiceInfo(modelID: c.modelID, phase: phase, queriesFromKeys: c.queriesFrom == "keys", codecTag: c.codec.tag,
+                               attentionError: Float(c.attentionError ?? .nan), maxAttentionError: Float(c.maxAttentionError),
+                               lastCheckError: Float(c.lastCheckError ?? .nan), checks: UInt32(clamping: c.checks),
+                               fallbacks: UInt32(clamping: c.fallbacks), sampledTokens: UInt32(clamping: c.sampledTokens),
+                               sampledLayers: UInt16(clamping: c.sampledLayers), message: c.message)
     }
 
     /// One page of the tenant's sessions, most recently used first. No page of any session is

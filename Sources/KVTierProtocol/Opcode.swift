@@ -20,6 +20,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case pages = 0x0051
     case evict = 0x0052
     case models = 0x0053
+    case codecs = 0x0054
 
     /// The spec's name, as in `LOOKUP`.
     public var description: String {
@@ -44,6 +45,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .pages: "PAGES"
         case .evict: "EVICT"
         case .models: "MODELS"
+        case .codecs: "CODECS"
         }
     }
 }

@@ -22,6 +22,7 @@ public enum Reply: Sendable, Equatable {
     case pages(PagesReply)
     case evict(EvictReply)
     case models(ModelsReply)
+    case codecs(CodecsReply)
     /// A non-zero status, answering a request of `opcode` (raw: unknown opcodes get one too).
     case error(opcode: UInt16, ErrorReply)
 
@@ -50,6 +51,7 @@ public enum Reply: Sendable, Equatable {
         case .pages: known = .pages
         case .evict: known = .evict
         case .models: known = .models
+        case .codecs: known = .codecs
         }
         return known.rawValue
     }
@@ -83,6 +85,7 @@ public enum Reply: Sendable, Equatable {
         case .pages(let body): try body.encode(into: &writer)
         case .evict(let body): try body.encode(into: &writer)
         case .models(let body): try body.encode(into: &writer)
+        case .codecs(let body): try body.encode(into: &writer)
         case .error(_, let body): try body.encode(into: &writer)
         }
     }
@@ -137,6 +140,7 @@ public enum Reply: Sendable, Equatable {
         case .pages: return .pages(try PagesReply(decoding: body))
         case .evict: return .evict(try EvictReply(decoding: body))
         case .models: return .models(try ModelsReply(decoding: body))
+        case .codecs: return .codecs(try CodecsReply(decoding: body))
         }
     }
 }

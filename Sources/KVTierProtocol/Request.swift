@@ -22,6 +22,7 @@ public enum Request: Sendable, Equatable {
     case pages(Pages)
     case evict(Evict)
     case models(ListPage)
+    case codecs(ListPage)
 
     public var opcode: Opcode {
         switch self {
@@ -45,6 +46,7 @@ public enum Request: Sendable, Equatable {
         case .pages: .pages
         case .evict: .evict
         case .models: .models
+        case .codecs: .codecs
         }
     }
 
@@ -52,7 +54,7 @@ public enum Request: Sendable, Equatable {
     public func encodeBody(into writer: inout ByteWriter) throws(ProtocolError) {
         switch self {
         case .ping, .status: break
-        case .sessionList(let body), .models(let body): try body.encode(into: &writer)
+        case .sessionList(let body), .models(let body), .codecs(let body): try body.encode(into: &writer)
         case .hello(let body): try body.encode(into: &writer)
         case .registerModel(let body): try body.encode(into: &writer)
         case .lookup(let body): try body.encode(into: &writer)
@@ -114,6 +116,7 @@ public enum Request: Sendable, Equatable {
         case .pages: return .pages(try Pages(decoding: body))
         case .evict: return .evict(try Evict(decoding: body))
         case .models: return .models(try ListPage(decoding: body, context: "MODELS request"))
+        case .codecs: return .codecs(try ListPage(decoding: body, context: "CODECS request"))
         }
     }
 }

@@ -26,6 +26,8 @@ struct DaemonStatusView: Encodable {
     var tenants: UInt64
     /// Every counter as the daemon reported it.
     var counters: [String: UInt64]
+    /// The disk codec of each of the tenant's models (`kvtier status`; `top` leaves it empty).
+    var codecs: [CodecChoiceView] = []
 
     init(socket: String, counters: [String: UInt64]) {
         func value(_ name: String) -> UInt64 { counters[name] ?? 0 }

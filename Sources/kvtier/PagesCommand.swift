@@ -86,14 +86,20 @@ struct PagesCommand: AsyncParsableCommand {
             let models = try await ModelDirectory(client)
             let (total, pages) = try await client.pages(modelID: modelID?.value, limit: limit ?? .max)
             let views = pages.map { PageView($0, models: models) }
+            // The policy's decision for the models listed: what new pages of each are written with.
+            let listed = Set(views.map(\.modelID))
+            let codecs = try await CodecChoiceView.fetch(client, models: models).filter { listed.contains($0.modelID) }
             if json {
-                struct Listing: Encodable { var total: Int; var pages: [PageView] }
-                return try printJSON(Listing(total: total, pages: views))
+                struct Listing: Encodable { var total: Int; var pages: [PageView]; var codecs: [CodecChoiceView] }
+                return try printJSON(Listing(total: total, pages: views, codecs: codecs))
             }
             guard !views.isEmpty else { return print("no pages" + (modelID.map { " of model \(modelHex($0.value))" } ?? "")) }
             printTable(PageView.header, views.map(\.row))
             print("")
             print("\(views.count) of \(total) pages" + (views.count < total ? " (--limit)" : ""))
+            for codec in codecs {
+                print("\(codec.model ?? codec.modelID): new pages are written with \(codec.codec) (codec policy \(codec.policy): \(codec.message))")
+            }
         }
     }
 }

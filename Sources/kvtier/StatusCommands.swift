@@ -43,8 +43,10 @@ struct StatusCommand: AsyncParsableCommand {
     func run() async throws {
         let client = try await connection.connect()
         let counters = try await client.status()
+        let codecs = try await CodecChoiceView.fetch(client, models: ModelDirectory(client))
         await client.close()
-        let view = DaemonStatusView(socket: try connection.socketPath, counters: counters)
+        var view = DaemonStatusView(socket: try connection.socketPath, counters: counters)
+        view.codecs = codecs
         if json {
             try printJSON(view)
             return
@@ -62,6 +64,10 @@ struct StatusCommand: AsyncParsableCommand {
             ["promotions", "\(view.counters["promotions"] ?? 0)"],
             ["checksum failures", "\(view.counters["disk_checksum_failures"] ?? 0)"],
         ])
+        if !codecs.isEmpty {
+            print("")
+            printTable(CodecChoiceView.header, codecs.map(\.row))
+        }
     }
 }
 

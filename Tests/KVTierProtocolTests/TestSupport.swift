@@ -100,6 +100,7 @@ struct MessageGenerator {
         case .pages: .pages(Pages(modelID: u64(), offset: u32(), limit: UInt32(int(1...Pages.maxPagesPerReply))))
         case .evict: .evict(Evict(modelID: u64(), tokens: tokens(), deleteFromDisk: bool(), everyPage: bool(), session: string()))
         case .models: .models(ListPage(offset: u32(), limit: UInt32(int(1...ProtocolLimits.maxListEntries))))
+        case .codecs: .codecs(ListPage(offset: u32(), limit: UInt32(int(1...ProtocolLimits.maxListEntries))))
         }
     }
 
@@ -143,6 +144,12 @@ struct MessageGenerator {
                 ModelEntry(modelID: u64(), registration: RegisterModel(name: string(), layers: u16(), kvHeads: u16(), headDim: u16(),
                                                                        elementType: bool() ? .float16 : .bfloat16, pageTokens: u16(), ropeTheta: float(),
                                                                        diskCodec: diskCodec()))
+            }))
+        case .codecs:
+            return .codecs(CodecsReply(total: u32(), choices: (0..<int(0...maxList)).map { _ in
+                CodecChoiceInfo(modelID: u64(), phase: CodecChoiceInfo.Phase(rawValue: UInt8(int(0...3)))!, queriesFromKeys: bool(),
+                                codecTag: u32(), attentionError: float(), maxAttentionError: float(), lastCheckError: float(),
+                                checks: u32(), fallbacks: u32(), sampledTokens: u32(), sampledLayers: u16(), message: string())
             }))
         }
     }

@@ -119,8 +119,8 @@ import Testing
                 #expect(other.bitsPerElement >= report.bitsPerElement!, "\(other.codec) is smaller and within \(bound)")
             }
         }
-        #expect(throws: ToolError.self) { try advisor.report(candidates, maxAttentionError: -0.01) }
-        #expect(throws: ToolError.self) { try advisor.report(candidates, maxAttentionError: .nan) }
+        #expect(throws: AdvisorError.self) { try advisor.report(candidates, maxAttentionError: -0.01) }
+        #expect(throws: AdvisorError.self) { try advisor.report(candidates, maxAttentionError: .nan) }
     }
 
     @Test(.enabled(if: fixtureExists, "the KV fixture (../shared/fixtures/kv/tinyllama-license) is absent: skipped"))
@@ -220,7 +220,7 @@ import Testing
         #expect(refusal([8, 2, 32], [8, 2, 32], [8, 2, 16]).contains("head dim 16"))
         #expect(refusal([2, 8, 2, 32], [8, 2, 32]).contains("layers"))
         #expect(refusal([8, 2, 32], [8, 2, 32], [2, 8, 2, 32]).contains("2 layers"))
-        #expect(throws: ToolError.self) {
+        #expect(throws: AdvisorError.self) {
             var options = CodecAdvisor.Options()
             options.queryStride = 0
             _ = try CodecAdvisor(tensors: AdvisorTensors(keys: arrays([8, 2, 32]), values: arrays([8, 2, 32]), queries: nil), options: options)

@@ -57,8 +57,8 @@ extension TieredStore {
                 // Held, not leased: the write is the store's, and no client's quota counts it.
                 _ = s.hold(address)
                 let shape = model.pageShape(tokens: page.tokens)
-                // The model's own codec when it chose one at registration, else the daemon's.
-                var codec = model.diskCodec ?? configuration.diskCodec
+                // The model's own codec when it chose one at registration, else the policy's.
+                var codec = codecPolicy.codec(for: model, tenant: address.tenant)
                 if (try? codec.quantizer.check(shape.section)) == nil { codec = Codec(.fp16, codec.lossless) }
                 pending.append((index, DiskTier.PageWrite(address: address, modelID: page.modelID, codec: codec, shape: shape,
                                                           data: memory.buffer(page.extent))))
@@ -375,7 +375,7 @@ extension TieredStore {
         }
         let stale: UInt64 = gauges == nil ? 1 : 0
         let figures = gauges ?? statusSnapshot.withLock { $0 }
-        return figures + [("status_stale", stale)] + (disk.map { d -> [(String, UInt64)] in
+        return figures + [("status_stale", stale)] + codecPolicy.status() + (disk.map { d -> [(String, UInt64)] in
             let stats = d.stats
             return [("disk_pages", UInt64(stats.pages)), ("disk_live_bytes", UInt64(stats.liveBytes)),
                     ("disk_file_bytes", UInt64(stats.fileBytes)), ("disk_checksum_failures", UInt64(stats.checksumFailures))]

@@ -328,10 +328,20 @@ extension TieredStore {
                                                     lastAccessMicros: now, residentSinceMicros: now, onDisk: false)))
         }
         Self.copy(copies)
+        offerCodecSample(plan, newPages)
         committed = true
         commit(&newPages, deduplicated: deduplicated, memory)
         scheduleEviction()
         return PutResult(cachedTokens: max(plan.cached, plan.tokens.count), newPages: newPages.count)
+    }
+
+    /// Hands the codec policy the full pages it wants of this put (copies of a few layers, for
+    /// the first pages of a model and one sample in `checkEvery` pages after).
+    private func offerCodecSample(_ plan: PutPlan, _ newPages: [(PageAddress, Resident)]) {
+        let full = newPages.filter { $0.1.tokens == plan.model.pageTokens }
+        let wanted = codecPolicy.pagesWanted(for: plan.model, tenant: plan.tenant, fullPages: full.count)
+        guard wanted > 0 else { return }
+        codecPolicy.offer(full.prefix(wanted).map { plan.memory.buffer($0.1.extent).readOnly }, model: plan.model, tenant: plan.tenant)
     }
 
     /// Copies each source's first `bytes` into its destination. A put of many megabytes is the

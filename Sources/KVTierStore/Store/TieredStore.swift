@@ -28,8 +28,11 @@ public final class TieredStore: Sendable {
         /// Leases one connection, and all of one tenant's connections, may hold at once.
         public var maxLeasesPerConnection = TenantLimits.maxLeasesPerConnection
         public var maxLeasesPerTenant = TenantLimits.maxLeasesPerTenant
-        /// Codec of pages written to disk.
+        /// Codec of pages written to disk (under the `fixed` codec policy; under `auto`, of a
+        /// model's pages until its first sample is measured).
         public var diskCodec = Codec(.k4v4)
+        /// Whether each tenant's models get a disk codec measured on their own pages.
+        public var codecPolicy = CodecPolicy.Configuration()
         /// A page promoted to RAM or written there stays at least this long before eviction.
         public var minResidenceMicros: UInt64 = 2_000_000
         /// Half-life of a page's heat.
@@ -212,6 +215,8 @@ public final class TieredStore: Sendable {
     let statusSnapshot = Mutex<[(name: String, value: UInt64)]>([])
     /// Registered models and named sessions (persisted when the catalog has storage).
     public let catalog: SessionCatalog
+    /// The disk codec of each tenant's model.
+    public let codecPolicy: CodecPolicy
 
     /// `makeMemory` creates a tenant's memory the first time the tenant stores or reads a page.
     /// `catalog` brings the models and sessions of earlier runs; by default they live in
@@ -222,6 +227,7 @@ public final class TieredStore: Sendable {
         self.disk = disk
         self.logger = logger
         self.makeMemory = makeMemory
+        codecPolicy = CodecPolicy(configuration: configuration.codecPolicy, defaultCodec: configuration.diskCodec)
         let catalog = catalog ?? SessionCatalog(logger: logger)
         self.catalog = catalog
         state.withLock { s in

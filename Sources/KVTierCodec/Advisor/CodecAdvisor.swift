@@ -2,12 +2,12 @@
 @preconcurrency import Glibc
 #endif
 import CKVTierKernels
-import KVTierCodec
 import KVTierCore
 
-/// The engine of `kvtier codec advise`: round-trips real K/V through every codec page by page,
-/// as the disk tier stores them, measures what that does to the tensors and to causal attention
-/// over them, and names the most compact codec whose attention error stays within a bound.
+/// The engine of `kvtier codec advise` and of the daemon's codec policy: round-trips real K/V
+/// through every codec page by page, as the disk tier stores them, measures what that does to
+/// the tensors and to causal attention over them, and names the most compact codec whose
+/// attention error stays within a bound.
 ///
 /// Attention error: for every layer, sampled query position i and query head h, the output
 /// `softmax(q_i Kᵀ / √d) V` over keys 0...i (query head h reads KV head h / (qHeads / kvHeads))
@@ -97,14 +97,14 @@ public struct CodecAdvisor: Sendable {
     public var tensors: AdvisorTensors
     public var options: Options
 
-    public init(tensors: AdvisorTensors, options: Options = Options()) throws {
+    public init(tensors: AdvisorTensors, options: Options = Options()) throws(AdvisorError) {
         guard options.pageTokens >= 1, options.pageTokens <= Limits.maxPageTokens else {
-            throw ToolError("page tokens must be 1...\(Limits.maxPageTokens), got \(options.pageTokens)")
+            throw AdvisorError("page tokens must be 1...\(Limits.maxPageTokens), got \(options.pageTokens)")
         }
         if let stride = options.queryStride, stride < 1 {
-            throw ToolError("query stride must be at least 1, got \(stride)")
+            throw AdvisorError("query stride must be at least 1, got \(stride)")
         }
-        guard !options.codecs.isEmpty else { throw ToolError("no codecs to compare") }
+        guard !options.codecs.isEmpty else { throw AdvisorError("no codecs to compare") }
         self.tensors = tensors
         self.options = options
     }
@@ -119,7 +119,7 @@ public struct CodecAdvisor: Sendable {
     }
 
     /// Measures every candidate and picks one. `maxAttentionError` is a fraction (0.01 = 1 %).
-    public func run(maxAttentionError: Double) throws -> Report {
+    public func run(maxAttentionError: Double) throws(AdvisorError) -> Report {
         try report(measure(), maxAttentionError: maxAttentionError)
     }
 
@@ -153,9 +153,9 @@ public struct CodecAdvisor: Sendable {
 
     /// The choice among measured `candidates`: the fewest bits per element whose attention error
     /// is ≤ `maxAttentionError`; ties go to the lower error, then to the earlier candidate.
-    public func report(_ candidates: [Candidate], maxAttentionError: Double) throws -> Report {
+    public func report(_ candidates: [Candidate], maxAttentionError: Double) throws(AdvisorError) -> Report {
         guard maxAttentionError.isFinite, maxAttentionError >= 0 else {
-            throw ToolError("the attention error bound must be a fraction ≥ 0 (e.g. 0.01), got \(maxAttentionError)")
+            throw AdvisorError("the attention error bound must be a fraction ≥ 0 (e.g. 0.01), got \(maxAttentionError)")
         }
         var best: Candidate?
         for candidate in candidates {
@@ -172,9 +172,9 @@ public struct CodecAdvisor: Sendable {
         } else if let closest = candidates.filter({ $0.attentionError != nil }).min(by: { $0.attentionError! < $1.attentionError! }) {
             message = "no codec keeps the attention error within \(formatDecimal(maxAttentionError * 100, places: 3)) %; "
                 + "the lowest is \(closest.codec) at \(formatDecimal(closest.attentionError! * 100, places: 3)) %: "
-                + "raise --max-attention-error or include fp16 (always exact) in --codecs"
+                + "raise the bound or include fp16 (always exact) among the candidates"
         } else {
-            message = "no candidate codec can encode these tensors (see each one's 'skipped'); include fp16 in --codecs"
+            message = "no candidate codec can encode these tensors (see each one's 'skipped'); include fp16 among the candidates"
         }
         return Report(
             codec: best?.codec, bitsPerElement: best?.bitsPerElement, attentionError: best?.attentionError,

@@ -1,22 +1,8 @@
-import CKVTierKernels
+import KVTierCodec
 import KVTierCore
 
-/// The keys, values and (optionally) queries `kvtier codec advise` measures on, checked and
-/// split into layers: every layer `[tokens, kvHeads, headDim]` for keys and values and
-/// `[tokens, queryHeads, headDim]` for queries, as 16-bit bit patterns.
-public struct AdvisorTensors: Sendable {
-    public var tokens: Int
-    public var kvHeads: Int
-    public var queryHeads: Int
-    public var headDim: Int
-    public var elementType: ElementType
-    public var keys: [[UInt16]]
-    public var values: [[UInt16]]
-    /// Nil when no queries were given: the keys stand in for them (see `CodecAdvisor`).
-    public var queries: [[UInt16]]?
-
-    public var layers: Int { keys.count }
-
+/// `kvtier codec advise`'s inputs: tensors read from `.npy` files.
+extension AdvisorTensors {
     /// One input file: the name errors quote, and its array.
     public struct Source: Sendable {
         public var name: String
@@ -48,6 +34,7 @@ public struct AdvisorTensors: Sendable {
         let (t, h, d) = (k.shape[0], k.shape[1], k.shape[2])
         guard t >= 1, h >= 1, d >= 1 else { throw ToolError("keys \(k.origin) have an empty shape \(k.shape)") }
         var queryHeads = h
+        var queryLayers: [[UInt16]]?
         if let queries {
             let q = try Self.layers(queries, role: "queries")
             guard q.layers.count == k.layers.count else {
@@ -63,27 +50,12 @@ public struct AdvisorTensors: Sendable {
                 throw ToolError("queries \(q.origin) have \(q.shape[1]) heads, not a multiple of the keys' \(h) KV heads (grouped-query attention needs qHeads = n × kvHeads)")
             }
             queryHeads = q.shape[1]
-            self.queries = q.layers
-        } else {
-            self.queries = nil
+            queryLayers = q.layers
         }
-        self.tokens = t
-        self.kvHeads = h
-        self.queryHeads = queryHeads
-        self.headDim = d
-        self.elementType = elementType
-        self.keys = k.layers
-        self.values = v.layers
-    }
-
-    /// In-memory tensors (tests, synthetic data): each array one layer, row-major.
-    public init(tokens: Int, kvHeads: Int, headDim: Int, keys: [[UInt16]], values: [[UInt16]],
-                queries: [[UInt16]]? = nil, queryHeads: Int? = nil, elementType: ElementType = .float16) throws {
-        func source(_ name: String, _ layers: [[UInt16]], heads: Int) -> [Source] {
-            layers.enumerated().map { Source(name: "\(name)[\($0.offset)]", array: NumPyArray(shape: [tokens, heads, headDim], elements: $0.element)) }
-        }
-        try self.init(keys: source("keys", keys, heads: kvHeads), values: source("values", values, heads: kvHeads),
-                      queries: queries.map { source("queries", $0, heads: queryHeads ?? kvHeads) }, elementType: elementType)
+        do {
+            try self.init(tokens: t, kvHeads: h, headDim: d, keys: k.layers, values: v.layers, queries: queryLayers,
+                          queryHeads: queryHeads, elementType: elementType)
+        } catch { throw ToolError(error.description) }
     }
 
     private static func layers(_ sources: [Source], role: String) throws -> (shape: [Int], layers: [[UInt16]], origin: String) {
@@ -112,19 +84,5 @@ public struct AdvisorTensors: Sendable {
         }
         let origin = sources.count == 1 ? "'\(first.name)'" : "'\(first.name)' and \(sources.count - 1) more"
         return (shape!, layers, origin)
-    }
-
-    /// The elements as Float32, exactly (the kernels' widening).
-    func floats(_ bits: [UInt16]) -> [Float] {
-        var out = [Float](repeating: 0, count: bits.count)
-        bits.withUnsafeBufferPointer { source in
-            out.withUnsafeMutableBufferPointer { target in
-                switch elementType {
-                case .float16: kvt_f16_to_f32(source.baseAddress, source.count, target.baseAddress)
-                case .bfloat16: kvt_bf16_to_f32(source.baseAddress, source.count, target.baseAddress)
-                }
-            }
-        }
-        return out
     }
 }
