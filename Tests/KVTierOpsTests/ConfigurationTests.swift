@@ -24,6 +24,14 @@ struct ConfigurationTests {
         Invalid(json: #"{"pageTokens": 0}"#, key: "pageTokens", allowed: "1..."),
         Invalid(json: #"{"ramBudget": "1GiB", "evictionHeadroom": "768MiB"}"#, key: "evictionHeadroom", allowed: "up to half of ramBudget"),
         Invalid(json: #"{"evictionHeadroom": "some"}"#, key: "evictionHeadroom", allowed: "a size such as"),
+        Invalid(json: #"{"codecPolicy": "sometimes"}"#, key: "codecPolicy.mode", allowed: "fixed, auto"),
+        Invalid(json: #"{"codecPolicy": {"mode": "auto", "maxAttentionError": 2}}"#, key: "codecPolicy.maxAttentionError", allowed: "a fraction from 0 to 1"),
+        Invalid(json: #"{"codecPolicy": {"candidates": ["tq3", "gzip"]}}"#, key: "codecPolicy.candidates", allowed: "k4v4"),
+        Invalid(json: #"{"codecPolicy": {"candidates": []}}"#, key: "codecPolicy.candidates", allowed: "at least one codec"),
+        Invalid(json: #"{"codecPolicy": {"samplePages": 0}}"#, key: "codecPolicy.samplePages", allowed: "1...64"),
+        Invalid(json: #"{"codecPolicy": {"checkEvery": "often"}}"#, key: "codecPolicy.checkEvery", allowed: "an integer"),
+        Invalid(json: #"{"codecPolicy": {"mdoe": "auto"}}"#, key: "codecPolicy.mdoe", allowed: "one of mode, maxAttentionError"),
+        Invalid(json: #"{"codecPolicy": 3}"#, key: "codecPolicy", allowed: "\"fixed\", \"auto\", or an object"),
         Invalid(json: #"{"ioQueueDepth": 100000}"#, key: "ioQueueDepth", allowed: "1...4096"),
         Invalid(json: #"{"logLevel": "loud"}"#, key: "logLevel", allowed: "trace, debug, info"),
         Invalid(json: #"{"metricsListen": "nonsense"}"#, key: "metricsListen", allowed: "HOST:PORT"),
@@ -71,6 +79,31 @@ struct ConfigurationTests {
         #expect(object?["socket"] as? String == "/tmp/from-file.sock")
         #expect(object?["metricsAllowNonLoopback"] as? Bool == false)
         #expect(object?["diskBudget"] is NSNull)
+        let policy = object?["codecPolicy"] as? [String: Any]
+        #expect(policy?["mode"] as? String == "fixed", "the default policy")
+        #expect(policy?["maxAttentionError"] as? Double == 0.15)
+    }
+
+    @Test func codecPolicyIsAStringOrAnObjectWithDefaultsForWhatItLeavesOut() throws {
+        let folder = try TemporaryFolder()
+        defer { folder.remove() }
+        for (json, mode, bound, candidates, samplePages) in [
+            (#"{"codecPolicy": "auto"}"#, "auto", 0.15, ["fp16", "q8", "k4v4", "tq4", "tq3", "tq3m"], 4),
+            (#"{"codecPolicy": {"mode": "auto", "maxAttentionError": 0.05, "candidates": ["tq4", "K4V4+zstd"], "samplePages": 2}}"#,
+             "auto", 0.05, ["tq4", "k4v4+zstd"], 2),
+        ] {
+            let file = try folder.write("kvtierd.json", json)
+            let result = try runToCompletion([Checkout.daemon!, "--config", file, "--print-config"])
+            #expect(result.code == 0, "\(result.output)")
+            let object = try JSONSerialization.jsonObject(with: Data(result.output.utf8)) as? [String: Any]
+            let policy = object?["codecPolicy"] as? [String: Any]
+            #expect(policy?["mode"] as? String == mode)
+            #expect(policy?["maxAttentionError"] as? Double == bound)
+            let names = policy?["candidates"] as? [String] ?? []
+            #expect(Set(names).isSuperset(of: candidates) && names.count >= candidates.count, "\(names)")
+            #expect(policy?["samplePages"] as? Int == samplePages)
+            #expect(policy?["checkEvery"] as? Int == 64)
+        }
     }
 
     /// SIGHUP applies logLevel at once and names keys that wait for a restart. The daemon

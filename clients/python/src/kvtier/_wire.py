@@ -8,10 +8,11 @@ not parse, since a reply that does not parse means the stream cannot be trusted.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import struct
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -62,6 +63,7 @@ class Op:
     PAGES = 0x0051
     EVICT = 0x0052
     MODELS = 0x0053
+    CODECS = 0x0054
 
 
 # Opcodes whose frames may carry inline data (bounded by maxInlineBody, not maxControlBody).
@@ -449,6 +451,52 @@ class RegisteredModel:
 
 MODEL_ENTRY_MIN_BYTES = 8 + 2 + 2 + 2 + 2 + 1 + 1 + 2 + 4
 _DTYPES = {v: k for k, v in ELEMENT_TYPES.items()}
+
+
+@dataclass(frozen=True)
+class CodecChoice:
+    """A model's disk codec as the daemon's codec policy decided it for this tenant (``CODECS``).
+
+    ``policy``: ``fixed`` (the model's own codec, or the daemon's diskCodec under the fixed
+    policy), ``measuring`` (auto, first sample not measured yet), ``chosen`` or ``fell-back``
+    (a later sample measured the codec past the bound and a safer one took over). Errors are
+    fractions; None when not measured."""
+
+    model_id: int
+    policy: str
+    queries_from: str  # "keys" (the keys stood in for the queries) or "queries"
+    codec_tag: int  # the codec new pages are written with
+    attention_error: Optional[float]
+    max_attention_error: Optional[float]
+    last_check_error: Optional[float]
+    checks: int
+    fallbacks: int
+    sampled_tokens: int
+    sampled_layers: int
+    message: str
+
+
+CODEC_CHOICE = struct.Struct("<QBBIfffIIIH")
+_POLICIES = ("fixed", "measuring", "chosen", "fell-back")
+
+
+def codecs_reply(body) -> Tuple[int, List[CodecChoice]]:
+    """``(total, choices)`` of one CODECS page."""
+    r = Reader(body, "CODECS reply")
+    total = r.u32()
+    n = r.count("choices", MAX_LIST_ENTRIES, CODEC_CHOICE.size + 2)
+    out = []
+    for _ in range(n):
+        mid, phase, queries, tag, err, bound, check, checks, fallbacks, tokens, layers = CODEC_CHOICE.unpack(r.take(CODEC_CHOICE.size))
+        if phase > 3 or queries > 1:
+            raise ProtocolViolation(f"CODECS reply: phase {phase} or queriesFrom {queries} out of range")
+        def finite(x):
+            return None if math.isnan(x) else x
+        out.append(CodecChoice(mid, _POLICIES[phase], "keys" if queries == 0 else "queries", tag, finite(err),
+                               None if phase == 0 else finite(bound), finite(check), checks, fallbacks, tokens, layers,
+                               r.string("message")))
+    r.finish()
+    return total, out
 
 
 def models_reply(body) -> Tuple[int, List[RegisteredModel]]:

@@ -845,6 +845,17 @@ class Client:
             if len(models) < _wire.MAX_LIST_ENTRIES or len(out) >= total:
                 return out
 
+    def codec_choices(self) -> List[_wire.CodecChoice]:
+        """The disk codec of each model ``models()`` lists, as the daemon's codec policy decided it
+        for this tenant (docs/codecs.md, "Codec policy"), by model id."""
+        out: List[_wire.CodecChoice] = []
+        while True:
+            body, _ = self._call(Op.CODECS, [_wire.u32(len(out)), _wire.u32(_wire.MAX_LIST_ENTRIES)])
+            total, choices = _wire.codecs_reply(body)
+            out += choices
+            if len(choices) < _wire.MAX_LIST_ENTRIES or len(out) >= total:
+                return out
+
     def ping(self) -> None:
         """A round trip; raises if the daemon is gone."""
         body, _ = self._call(Op.PING)
