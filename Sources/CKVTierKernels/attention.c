@@ -19,40 +19,51 @@ static float dot(const float *a, const float *b, size_t n) {
     return sum;
 }
 
+/* Query row qi ([QH, D]) attends keys 0...last; out [QH, D]. */
+static void attend(const float *qi, const float *k, const float *v, size_t last, size_t QH, size_t KH, size_t D,
+                   float *scores, float *out) {
+    const size_t group = QH / KH;
+    const float scale = 1.0f / sqrtf((float)D);
+    for (size_t h = 0; h < QH; h++) {
+        const size_t g = h / group;
+        const float *qh = qi + h * D;
+        float top = -INFINITY;
+        for (size_t j = 0; j <= last; j++) {
+            float s = dot(qh, k + (j * KH + g) * D, D) * scale;
+            scores[j] = s;
+            if (s > top) top = s;
+        }
+        float total = 0;
+        for (size_t j = 0; j <= last; j++) {
+            scores[j] = expf(scores[j] - top);
+            total += scores[j];
+        }
+        float *o = out + h * D;
+        for (size_t d = 0; d < D; d++) o[d] = 0;
+        for (size_t j = 0; j <= last; j++) {
+            const float w = scores[j];
+            const float *vj = v + (j * KH + g) * D;
+            for (size_t d = 0; d < D; d++) o[d] += w * vj[d];
+        }
+        const float inverse = 1.0f / total;
+        for (size_t d = 0; d < D; d++) o[d] *= inverse;
+    }
+}
+
 int kvt_causal_attention_f32(const float *q, const float *k, const float *v, size_t T, size_t QH, size_t KH,
                              size_t D, const uint32_t *positions, size_t count, float *scores, float *out) {
     if (T == 0 || QH == 0 || KH == 0 || D == 0 || QH % KH != 0) return -1;
     for (size_t p = 0; p < count; p++)
         if (positions[p] >= T) return -1;
-    const size_t group = QH / KH;
-    const float scale = 1.0f / sqrtf((float)D);
-    for (size_t p = 0; p < count; p++) {
-        const size_t i = positions[p];
-        for (size_t h = 0; h < QH; h++) {
-            const size_t g = h / group;
-            const float *qi = q + (i * QH + h) * D;
-            float top = -INFINITY;
-            for (size_t j = 0; j <= i; j++) {
-                float s = dot(qi, k + (j * KH + g) * D, D) * scale;
-                scores[j] = s;
-                if (s > top) top = s;
-            }
-            float total = 0;
-            for (size_t j = 0; j <= i; j++) {
-                scores[j] = expf(scores[j] - top);
-                total += scores[j];
-            }
-            float *o = out + (p * QH + h) * D;
-            for (size_t d = 0; d < D; d++) o[d] = 0;
-            for (size_t j = 0; j <= i; j++) {
-                const float w = scores[j];
-                const float *vj = v + (j * KH + g) * D;
-                for (size_t d = 0; d < D; d++) o[d] += w * vj[d];
-            }
-            const float inverse = 1.0f / total;
-            for (size_t d = 0; d < D; d++) o[d] *= inverse;
-        }
-    }
+    for (size_t p = 0; p < count; p++)
+        attend(q + (size_t)positions[p] * QH * D, k, v, positions[p], QH, KH, D, scores, out + p * QH * D);
+    return 0;
+}
+
+int kvt_attention_at_end_f32(const float *q, size_t count, const float *k, const float *v, size_t T, size_t QH,
+                             size_t KH, size_t D, float *scores, float *out) {
+    if (T == 0 || QH == 0 || KH == 0 || D == 0 || QH % KH != 0) return -1;
+    for (size_t p = 0; p < count; p++) attend(q + p * QH * D, k, v, T - 1, QH, KH, D, scores, out + p * QH * D);
     return 0;
 }
 

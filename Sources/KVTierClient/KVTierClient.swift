@@ -243,6 +243,20 @@ public final class KVTierClient: Sendable {
         _ = try await call(.attention(request), expecting: "ATTENTION") { if case .attention = $0 { () } else { nil } }
     }
 
+    /// Reports a decoding step's attention queries, `[layers, count, queryHeads, headDim]` bit
+    /// patterns of the model's element type (after RoPE), for the daemon's codec policy to
+    /// measure codecs with instead of the keys (docs/codecs.md, "Codec policy").
+    public func reportQueries(_ model: RegisteredModel, queries: [UInt16], count: Int, queryHeads: Int) async throws {
+        let shape = model.specification.shape
+        guard count >= 1, count <= QuerySample.maxQueries, queryHeads >= 1, queryHeads <= Int(UInt16.max),
+              queries.count == shape.layers * count * queryHeads * shape.headDim else {
+            throw KVTierClientError.invalidArgument("queries must be [layers, count, queryHeads, headDim] = [\(shape.layers), 1...\(QuerySample.maxQueries), h, \(shape.headDim)]; got \(queries.count) elements for count \(count) × \(queryHeads) heads")
+        }
+        let request = QuerySample(modelID: model.modelID, layers: UInt16(shape.layers), queryHeads: UInt16(queryHeads),
+                                  headDim: UInt16(shape.headDim), count: UInt16(count), elements: queries)
+        _ = try await call(.querySample(request), expecting: "QUERY_SAMPLE") { if case .querySample = $0 { () } else { nil } }
+    }
+
     /// One exchange whose reply must be the one `extract` accepts.
     func call<T>(_ request: Request, getInline: Bool = false, expecting name: String, _ extract: (Reply) -> T?) async throws -> T {
         let exchange = try await transport.exchange(request, getInline: getInline)

@@ -78,6 +78,10 @@ public struct StoreRequestHandler: RequestHandler {
         case .attention(let r):
             try store.reportAttention(tenant, modelID: r.modelID, tokens: r.tokens, masses: r.pageMass)
             return .reply(.attention)
+        case .querySample(let r):
+            try store.codecPolicy.report(queries: r.elements, layers: Int(r.layers), queryHeads: Int(r.queryHeads), headDim: Int(r.headDim),
+                                         count: Int(r.count), model: store.model(r.modelID), tenant: tenant)
+            return .reply(.querySample)
         case .status:
             return .reply(.status(StatusReply(counters: store.status().map { StatusCounter(name: $0.name, value: $0.value) })))
         case .models(let r):

@@ -136,3 +136,63 @@ public struct CodecsReply: WireBody {
         try reader.finish()
     }
 }
+
+/// `QUERY_SAMPLE` request: a decoding step's attention queries, which the codec policy measures
+/// codecs with instead of the keys (docs/codecs.md, "Codec policy"). `u64 modelID`,
+/// `u16 layers`, `u16 queryHeads`, `u16 headDim`, `u16 count` (1 to `maxQueries`), then
+/// `layers × count × queryHeads × headDim` 16-bit elements in the model's element type, layer
+/// by layer (queries after RoPE). The empty reply needs no type. Matching the shape to the model
+/// is the daemon's check; the body is bounded by `maxControlBody`.
+public struct QuerySample: WireBody {
+    public var modelID: UInt64
+    public var layers: UInt16
+    public var queryHeads: UInt16
+    public var headDim: UInt16
+    public var count: UInt16
+    /// `layers × count × queryHeads × headDim` bit patterns.
+    public var elements: [UInt16]
+
+    /// Most queries (per layer) one sample carries.
+    public static let maxQueries = 16
+
+    public init(modelID: UInt64, layers: UInt16, queryHeads: UInt16, headDim: UInt16, count: UInt16, elements: [UInt16]) {
+        self.modelID = modelID
+        self.layers = layers
+        self.queryHeads = queryHeads
+        self.headDim = headDim
+        self.count = count
+        self.elements = elements
+    }
+
+    var expectedElements: Int { Int(layers) * Int(count) * Int(queryHeads) * Int(headDim) }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
+        guard count >= 1, Int(count) <= Self.maxQueries else {
+            throw .tooLarge(what: "QUERY_SAMPLE queries (1 to maxQueries)", size: UInt64(count), limit: UInt64(Self.maxQueries))
+        }
+        guard elements.count == expectedElements else {
+            throw .malformed("QUERY_SAMPLE holds \(elements.count) elements, not layers × count × queryHeads × headDim = \(expectedElements)")
+        }
+        writer.u64(modelID)
+        writer.u16(layers)
+        writer.u16(queryHeads)
+        writer.u16(headDim)
+        writer.u16(count)
+        elements.withUnsafeBytes { writer.raw($0) }
+    }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "QUERY_SAMPLE request")
+        modelID = try reader.u64()
+        layers = try reader.u16()
+        queryHeads = try reader.u16()
+        headDim = try reader.u16()
+        count = try reader.u16()
+        guard count >= 1, Int(count) <= Self.maxQueries else {
+            throw .malformed("QUERY_SAMPLE count \(count) is outside 1...\(Self.maxQueries)")
+        }
+        let bytes = try reader.bytes(Int(layers) * Int(count) * Int(queryHeads) * Int(headDim) * 2)
+        elements = Array(bytes.bindMemory(to: UInt16.self))
+        try reader.finish()
+    }
+}

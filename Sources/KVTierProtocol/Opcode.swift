@@ -16,6 +16,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case sessionDelete = 0x0035
     case sessionTokens = 0x0036
     case attention = 0x0040
+    case querySample = 0x0041
     case status = 0x0050
     case pages = 0x0051
     case evict = 0x0052
@@ -41,6 +42,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .sessionDelete: "SESSION_DELETE"
         case .sessionTokens: "SESSION_TOKENS"
         case .attention: "ATTENTION"
+        case .querySample: "QUERY_SAMPLE"
         case .status: "STATUS"
         case .pages: "PAGES"
         case .evict: "EVICT"

@@ -18,6 +18,7 @@ public enum Reply: Sendable, Equatable {
     case sessionDelete
     case sessionTokens(SessionTokensReply)
     case attention
+    case querySample
     case status(StatusReply)
     case pages(PagesReply)
     case evict(EvictReply)
@@ -47,6 +48,7 @@ public enum Reply: Sendable, Equatable {
         case .sessionDelete: known = .sessionDelete
         case .sessionTokens: known = .sessionTokens
         case .attention: known = .attention
+        case .querySample: known = .querySample
         case .status: known = .status
         case .pages: known = .pages
         case .evict: known = .evict
@@ -71,7 +73,7 @@ public enum Reply: Sendable, Equatable {
 
     public func encodeBody(into writer: inout ByteWriter) throws(ProtocolError) {
         switch self {
-        case .ping, .release, .sessionPin, .sessionTTL, .sessionDelete, .attention: break
+        case .ping, .release, .sessionPin, .sessionTTL, .sessionDelete, .attention, .querySample: break
         case .hello(let body): try body.encode(into: &writer)
         case .registerModel(let body): try body.encode(into: &writer)
         case .lookup(let body): try body.encode(into: &writer)
@@ -136,6 +138,7 @@ public enum Reply: Sendable, Equatable {
         case .sessionDelete: try expectEmpty(body, opcode, reply: true); return .sessionDelete
         case .sessionTokens: return .sessionTokens(try SessionTokensReply(decoding: body))
         case .attention: try expectEmpty(body, opcode, reply: true); return .attention
+        case .querySample: try expectEmpty(body, opcode, reply: true); return .querySample
         case .status: return .status(try StatusReply(decoding: body))
         case .pages: return .pages(try PagesReply(decoding: body))
         case .evict: return .evict(try EvictReply(decoding: body))

@@ -18,6 +18,7 @@ public enum Request: Sendable, Equatable {
     case sessionDelete(SessionName)
     case sessionTokens(SessionName)
     case attention(Attention)
+    case querySample(QuerySample)
     case status
     case pages(Pages)
     case evict(Evict)
@@ -42,6 +43,7 @@ public enum Request: Sendable, Equatable {
         case .sessionDelete: .sessionDelete
         case .sessionTokens: .sessionTokens
         case .attention: .attention
+        case .querySample: .querySample
         case .status: .status
         case .pages: .pages
         case .evict: .evict
@@ -67,6 +69,7 @@ public enum Request: Sendable, Equatable {
         case .sessionTTL(let body): try body.encode(into: &writer)
         case .sessionFork(let body): try body.encode(into: &writer)
         case .attention(let body): try body.encode(into: &writer)
+        case .querySample(let body): try body.encode(into: &writer)
         case .pages(let body): try body.encode(into: &writer)
         case .evict(let body): try body.encode(into: &writer)
         }
@@ -112,6 +115,7 @@ public enum Request: Sendable, Equatable {
         case .sessionDelete: return .sessionDelete(try SessionName(decoding: body))
         case .sessionTokens: return .sessionTokens(try SessionName(decoding: body))
         case .attention: return .attention(try Attention(decoding: body))
+        case .querySample: return .querySample(try QuerySample(decoding: body))
         case .status: try expectEmpty(body, opcode); return .status
         case .pages: return .pages(try Pages(decoding: body))
         case .evict: return .evict(try Evict(decoding: body))

@@ -207,6 +207,70 @@ import Testing
         #expect(auto.codecPolicy.counters.measurements == 0)
     }
 
+    /// `[layers, count, queryHeads, headDim]` float16 queries, N(0, 2).
+    static func queries(count: Int, queryHeads: Int, seed: UInt64) -> [UInt16] {
+        var random = SplitMix64(seed: seed)
+        return (0..<(model.layers * count * queryHeads * model.headDim)).map { _ in Float16(2 * gaussian(&random)).bitPattern }
+    }
+
+    @Test func reportedQueriesReplaceTheKeysAndTheLatestEightAreKept() async throws {
+        let store = try Self.store(Self.policy(), storage: SimulatedStorage(seed: 8))
+        let (heads, d, layers) = (4, Self.model.headDim, Self.model.layers)
+        let first = Self.queries(count: 6, queryHeads: heads, seed: 1), second = Self.queries(count: 6, queryHeads: heads, seed: 2)
+        for batch in [first, second] {
+            try store.codecPolicy.report(queries: batch, layers: layers, queryHeads: heads, headDim: d, count: 6, model: Self.model, tenant: Self.alice)
+        }
+        let pages = (0..<4).map { Self.page(.smooth, seed: 40 + UInt64($0)) }
+        _ = try await Self.put(store, Self.alice, pages, first: 0)
+        await store.codecPolicy.idle()
+        let choice = store.codecPolicy.choice(for: Self.model, tenant: Self.alice)
+        #expect(choice.queriesFrom == "queries", "\(choice.message)")
+
+        // The advisor with the latest 8: the last 2 of the first report, then the 6 of the second.
+        let vector = heads * d
+        let kept = (0..<layers).map { layer in
+            Array(first[(layer * 6 + 4) * vector..<(layer * 6 + 6) * vector]) + Array(second[(layer * 6) * vector..<(layer * 6 + 6) * vector])
+        }
+        let m = Self.model, part = m.pageTokens * m.kvHeads * m.headDim
+        var keys = Array(repeating: [UInt16](), count: layers), values = keys
+        for page in pages {
+            let elements = page.bytes.bindMemory(to: UInt16.self)
+            for layer in 0..<layers {
+                keys[layer] += elements[(2 * layer) * part..<(2 * layer + 1) * part]
+                values[layer] += elements[(2 * layer + 1) * part..<(2 * layer + 2) * part]
+            }
+        }
+        var options = CodecAdvisor.Options()
+        options.pageTokens = m.pageTokens
+        options.codecs = Self.candidates
+        let tensors = try AdvisorTensors(tokens: 4 * m.pageTokens, kvHeads: m.kvHeads, headDim: d, keys: keys, values: values,
+                                         queryHeads: heads, endQueries: kept)
+        let expected = try CodecAdvisor(tensors: tensors, options: options).run(maxAttentionError: 0.15)
+        #expect(expected.queriesFrom == "end queries" && expected.queryPositionsPerLayer == 8)
+        #expect(choice.codec.name == expected.codec, "\(choice.message); the advisor says \(expected.message)")
+        #expect(abs((choice.attentionError ?? .nan) - (expected.attentionError ?? .nan)) < 1e-9)
+        let proxy = try Self.advised(pages, bound: 0.15)
+        #expect(expected.attentionError != proxy.attentionError, "the queries changed what was measured")
+        #expect(store.codecPolicy.counters.queriesReported == 2)
+    }
+
+    @Test func queriesOfTheWrongShapeOrNotFiniteAreRefused() throws {
+        let store = try Self.store(Self.policy(), storage: SimulatedStorage(seed: 9))
+        let (layers, d) = (Self.model.layers, Self.model.headDim)
+        func refusal(_ body: () throws -> Void) -> String {
+            do { try body(); return "accepted" } catch { return "\(error)" }
+        }
+        let good = Self.queries(count: 1, queryHeads: 2, seed: 3)
+        #expect(refusal { try store.codecPolicy.report(queries: good, layers: layers - 1, queryHeads: 2, headDim: d, count: 1, model: Self.model, tenant: Self.alice) }.contains("layers"))
+        #expect(refusal { try store.codecPolicy.report(queries: good, layers: layers, queryHeads: 3, headDim: d, count: 1, model: Self.model, tenant: Self.alice) }.contains("multiple"))
+        #expect(refusal { try store.codecPolicy.report(queries: Array(good.dropLast()), layers: layers, queryHeads: 2, headDim: d, count: 1, model: Self.model, tenant: Self.alice) }.contains("elements"))
+        var nan = good
+        nan[5] = 0x7E00
+        #expect(refusal { try store.codecPolicy.report(queries: nan, layers: layers, queryHeads: 2, headDim: d, count: 1, model: Self.model, tenant: Self.alice) }.contains("NaN"))
+        #expect(refusal { try store.codecPolicy.report(queries: good, layers: layers, queryHeads: 2, headDim: d, count: 1, model: Self.model, tenant: Self.alice) } == "accepted")
+        #expect(store.codecPolicy.counters.queriesReported == 1)
+    }
+
     @Test func keptLayersAreEvenlySpacedAndIncludeBothEnds() {
         #expect(CodecPolicy.keptLayers(4, limit: 8) == [0, 1, 2, 3])
         #expect(CodecPolicy.keptLayers(30, limit: 8) == [0, 4, 8, 12, 17, 21, 25, 29])

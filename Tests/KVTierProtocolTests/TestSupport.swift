@@ -96,6 +96,11 @@ struct MessageGenerator {
         case .sessionDelete: .sessionDelete(SessionName(string()))
         case .sessionTokens: .sessionTokens(SessionName(string()))
         case .attention: .attention(Attention(modelID: u64(), tokens: tokens(), pageMass: (0..<int(0...maxList)).map { _ in float() }))
+        case .querySample:
+            { (layers: UInt16, heads: UInt16, dim: UInt16, count: UInt16) in
+                .querySample(QuerySample(modelID: u64(), layers: layers, queryHeads: heads, headDim: dim, count: count,
+                                         elements: (0..<(Int(layers) * Int(count) * Int(heads) * Int(dim))).map { _ in u16() }))
+            }(UInt16(int(0...4)), UInt16(int(1...4)), UInt16(int(1...16)), UInt16(int(1...QuerySample.maxQueries)))
         case .status: .status
         case .pages: .pages(Pages(modelID: u64(), offset: u32(), limit: UInt32(int(1...Pages.maxPagesPerReply))))
         case .evict: .evict(Evict(modelID: u64(), tokens: tokens(), deleteFromDisk: bool(), everyPage: bool(), session: string()))
@@ -131,6 +136,7 @@ struct MessageGenerator {
         case .sessionDelete: return .sessionDelete
         case .sessionTokens: return .sessionTokens(SessionTokensReply(modelID: u64(), tokens: tokens()))
         case .attention: return .attention
+        case .querySample: return .querySample
         case .status:
             return .status(StatusReply(counters: (0..<int(0...maxList)).map { _ in StatusCounter(name: string(), value: u64()) }))
         case .pages:

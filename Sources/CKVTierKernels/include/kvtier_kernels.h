@@ -132,6 +132,14 @@ int kvt_tqm_decode(const uint8_t *src, size_t T, size_t H, size_t D, int bits, i
 int kvt_causal_attention_f32(const float *q, const float *k, const float *v, size_t T, size_t QH, size_t KH,
                              size_t D, const uint32_t *positions, size_t count, float *scores, float *out);
 
+/**
+ * Attention of `count` queries q: [count, QH, D] that all stand after the last of T tokens (each
+ * attends keys 0...T-1), as a decoding step's queries do. scores: T floats; out: [count, QH, D].
+ * Returns 0, or -1 on invalid arguments.
+ */
+int kvt_attention_at_end_f32(const float *q, size_t count, const float *k, const float *v, size_t T, size_t QH,
+                             size_t KH, size_t D, float *scores, float *out);
+
 /** Sets sums = {sum (other-reference)^2, sum reference^2, max |other-reference|} in double. */
 void kvt_error_sums_f32(const float *reference, const float *other, size_t count, double sums[3]);
 

@@ -21,6 +21,16 @@ public struct AdvisorTensors: Sendable {
     public var values: [[UInt16]]
     /// Nil when no queries were given: the keys stand in for them (see `CodecAdvisor`).
     public var queries: [[UInt16]]?
+    /// Queries that stand after the last token, as a decoding step's do (`[count, queryHeads,
+    /// headDim]` per layer), measured instead of per-position queries: the daemon's codec policy
+    /// gets them from clients (`QUERY_SAMPLE`), long after the tokens it samples were written.
+    public var endQueries: [[UInt16]]?
+
+    /// Where the attention's queries come from: "queries", "end queries" or "keys".
+    public var queriesFrom: String { endQueries != nil ? "end queries" : queries != nil ? "queries" : "keys" }
+
+    /// Queries per layer in `endQueries`.
+    public var endQueryCount: Int { endQueries.map { $0[0].count / (queryHeads * headDim) } ?? 0 }
 
     public var layers: Int { keys.count }
 
@@ -28,7 +38,8 @@ public struct AdvisorTensors: Sendable {
     /// `tokens × queryHeads × headDim`, query heads a multiple of the KV heads) and that keys,
     /// values and queries have as many layers.
     public init(tokens: Int, kvHeads: Int, headDim: Int, keys: [[UInt16]], values: [[UInt16]],
-                queries: [[UInt16]]? = nil, queryHeads: Int? = nil, elementType: ElementType = .float16) throws(AdvisorError) {
+                queries: [[UInt16]]? = nil, queryHeads: Int? = nil, endQueries: [[UInt16]]? = nil,
+                elementType: ElementType = .float16) throws(AdvisorError) {
         guard tokens >= 1, kvHeads >= 1, headDim >= 1 else {
             throw AdvisorError("an empty shape: \(tokens) tokens, \(kvHeads) KV heads, head dim \(headDim)")
         }
@@ -42,7 +53,21 @@ public struct AdvisorTensors: Sendable {
                 throw AdvisorError("\(role) layer \(bad) holds \(layers[bad].count) elements, not [\(tokens), \(kvHeads), \(headDim)] = \(perLayer)")
             }
         }
-        let queryHeads = queries == nil ? kvHeads : queryHeads ?? kvHeads
+        let queryHeads = queries == nil && endQueries == nil ? kvHeads : queryHeads ?? kvHeads
+        guard queries == nil || endQueries == nil else { throw AdvisorError("give per-position queries or end queries, not both") }
+        if let endQueries {
+            guard endQueries.count == keys.count else {
+                throw AdvisorError("end queries hold \(endQueries.count) layers but keys hold \(keys.count); give one array per key layer")
+            }
+            guard queryHeads >= 1, queryHeads % kvHeads == 0 else {
+                throw AdvisorError("\(queryHeads) query heads is not a multiple of the \(kvHeads) KV heads (grouped-query attention needs qHeads = n × kvHeads)")
+            }
+            let vector = queryHeads * headDim
+            let count = endQueries[0].count / vector
+            if let bad = endQueries.firstIndex(where: { $0.count != count * vector || $0.isEmpty }) {
+                throw AdvisorError("end queries layer \(bad) holds \(endQueries[bad].count) elements; every layer needs the same count of [\(queryHeads), \(headDim)] queries, at least one")
+            }
+        }
         if let queries {
             guard queries.count == keys.count else {
                 throw AdvisorError("queries hold \(queries.count) layers but keys hold \(keys.count); give one query array per key layer")
@@ -63,6 +88,7 @@ public struct AdvisorTensors: Sendable {
         self.keys = keys
         self.values = values
         self.queries = queries
+        self.endQueries = endQueries
     }
 
     /// The elements as Float32, exactly (the kernels' widening).

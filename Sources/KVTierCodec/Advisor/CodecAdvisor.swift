@@ -58,7 +58,8 @@ public struct CodecAdvisor: Sendable {
         public var bitsPerElement: Double?
         public var attentionError: Double?
         public var maxAttentionError: Double
-        /// "queries", or "keys" when the keys stood in for the queries.
+        /// "queries", "end queries" (a decoding step's, after the last token), or "keys" when the
+        /// keys stood in for the queries.
         public var queriesFrom: String
         public var message: String
         public var layers: Int
@@ -178,10 +179,11 @@ public struct CodecAdvisor: Sendable {
         }
         return Report(
             codec: best?.codec, bitsPerElement: best?.bitsPerElement, attentionError: best?.attentionError,
-            maxAttentionError: maxAttentionError, queriesFrom: tensors.queries == nil ? "keys" : "queries",
+            maxAttentionError: maxAttentionError, queriesFrom: tensors.queriesFrom,
             message: message, layers: tensors.layers, tokens: tensors.tokens, kvHeads: tensors.kvHeads,
             queryHeads: tensors.queryHeads, headDim: tensors.headDim, elementType: tensors.elementType.description,
-            pageTokens: options.pageTokens, queryStride: queryStride, queryPositionsPerLayer: queryPositions.count,
+            pageTokens: options.pageTokens, queryStride: queryStride,
+            queryPositionsPerLayer: tensors.endQueries == nil ? queryPositions.count : tensors.endQueryCount,
             candidates: candidates)
     }
 
@@ -263,7 +265,7 @@ private struct Measure {
         self.positions = positions
         keys = tensors.keys.map(tensors.floats)
         values = tensors.values.map(tensors.floats)
-        queries = tensors.queries.map { $0.map(tensors.floats) } ?? keys
+        queries = (tensors.endQueries ?? tensors.queries).map { $0.map(tensors.floats) } ?? keys
         var outputs: [[Float]] = []
         for layer in 0..<tensors.layers {
             outputs.append(Self.attention(tensors: tensors, positions: positions, queries: queries[layer],
@@ -304,6 +306,7 @@ private struct Measure {
     }
 
     static func attention(tensors: AdvisorTensors, positions: [UInt32], queries: [Float], keys: [Float], values: [Float]) -> [Float] {
+        if tensors.endQueries != nil { return attentionAtEnd(tensors: tensors, queries: queries, keys: keys, values: values) }
         let queryHeads = tensors.queries == nil ? tensors.kvHeads : tensors.queryHeads
         var output = [Float](repeating: 0, count: positions.count * queryHeads * tensors.headDim)
         var scores = [Float](repeating: 0, count: tensors.tokens)
@@ -317,6 +320,29 @@ private struct Measure {
                                     q.baseAddress, k.baseAddress, v.baseAddress, tensors.tokens, queryHeads, tensors.kvHeads,
                                     tensors.headDim, p.baseAddress, p.count, s.baseAddress, o.baseAddress)
                             }
+                        }
+                    }
+                }
+            }
+        }
+        precondition(status == 0, "attention arguments were validated by AdvisorTensors")
+        return output
+    }
+}
+
+extension Measure {
+    /// Each end query attends every token.
+    static func attentionAtEnd(tensors: AdvisorTensors, queries: [Float], keys: [Float], values: [Float]) -> [Float] {
+        let count = tensors.endQueryCount
+        var output = [Float](repeating: 0, count: count * tensors.queryHeads * tensors.headDim)
+        var scores = [Float](repeating: 0, count: tensors.tokens)
+        let status = queries.withUnsafeBufferPointer { q in
+            keys.withUnsafeBufferPointer { k in
+                values.withUnsafeBufferPointer { v in
+                    scores.withUnsafeMutableBufferPointer { s in
+                        output.withUnsafeMutableBufferPointer { o in
+                            kvt_attention_at_end_f32(q.baseAddress, count, k.baseAddress, v.baseAddress, tensors.tokens, tensors.queryHeads,
+                                                     tensors.kvHeads, tensors.headDim, s.baseAddress, o.baseAddress)
                         }
                     }
                 }

@@ -73,7 +73,8 @@ public final class CodecPolicy: Sendable {
         /// Tokens × layers of the last sample measured.
         public var sampledTokens: Int
         public var sampledLayers: Int
-        /// "keys": the keys stood in for the queries.
+        /// "keys": the keys stood in for the queries; "queries": decode queries a client reported
+        /// (`report(queries:)`).
         public var queriesFrom: String
         /// One sentence on the last decision.
         public var message: String
@@ -84,6 +85,9 @@ public final class CodecPolicy: Sendable {
     public let defaultCodec: Codec
     /// Bytes of page data held in samples (being filled, waiting or being measured), at most.
     public static let maxSampleBytes = 128 << 20
+    /// Reported decode queries kept per tenant and model (the latest), and their bytes over all.
+    public static let keptQueries = 8
+    public static let maxQueryBytes = 32 << 20
 
     private struct Key: Hashable {
         var tenant: TenantID
@@ -105,6 +109,12 @@ public final class CodecPolicy: Sendable {
         var shape: ModelShape
         var pageTokens: Int
         var sample: Sample?
+        /// The latest reported decode queries (at most `keptQueries`), per kept layer
+        /// `[count, queryHeads, headDim]`; empty until a client reports some.
+        var queries: [[UInt16]] = []
+        var queryHeads = 0
+        var queryCount: Int { queries.first.map { $0.count / max(1, queryHeads * shape.headDim) } ?? 0 }
+        var queryBytes: Int { queries.reduce(0) { $0 + $1.count * 2 } }
         /// Full pages stored since the last sample was taken (the first sample starts at once).
         var pagesSinceSample = 0
         var measuring = false
@@ -113,6 +123,7 @@ public final class CodecPolicy: Sendable {
     private struct State {
         var entries: [Key: Entry] = [:]
         var sampleBytes = 0
+        var queryBytes = 0
         /// A measurement is queued or running.
         var busy = false
         /// Callers of `idle()` waiting for `busy` to clear.
@@ -126,6 +137,8 @@ public final class CodecPolicy: Sendable {
         public var checks = 0
         public var fallbacks = 0
         public var samplesSkipped = 0
+        public var queriesReported = 0
+        public var queriesDropped = 0
     }
 
     private let state = Mutex(State())
@@ -208,6 +221,53 @@ public final class CodecPolicy: Sendable {
         if let (entry, sample) = ready { measure(key, entry, sample) }
     }
 
+    /// Keeps a decoding step's queries (`elements`: `[layers, count, queryHeads, headDim]`, the
+    /// model's element type, after RoPE) for `tenant`'s `model`: later measurements attend with
+    /// them instead of the keys. Only the kept layers and the latest `keptQueries` are held;
+    /// ignored for models the policy does not measure. Throws for a shape that is not the
+    /// model's, or non-finite values.
+    public func report(queries elements: [UInt16], layers: Int, queryHeads: Int, headDim: Int, count: Int,
+                       model: ModelSpec, tenant: TenantID) throws(StoreError) {
+        guard layers == model.layers, headDim == model.headDim else {
+            throw .invalidArgument("query sample is \(layers) layers × head dim \(headDim) but model \(model.name) has \(model.layers) × \(model.headDim)")
+        }
+        guard queryHeads >= 1, queryHeads % model.kvHeads == 0, queryHeads <= model.kvHeads * 64 else {
+            throw .invalidArgument("query sample has \(queryHeads) query heads: send a multiple of the model's \(model.kvHeads) KV heads, at most 64 times as many")
+        }
+        guard count >= 1, elements.count == layers * count * queryHeads * headDim else {
+            throw .invalidArgument("query sample holds \(elements.count) elements, not layers × count × queryHeads × headDim")
+        }
+        let exponent: UInt16 = model.elementType == .float16 ? 0x7C00 : 0x7F80
+        if let bad = elements.firstIndex(where: { $0 & exponent == exponent }) {
+            throw .invalidArgument("query sample element \(bad) is NaN or infinite: send finite queries")
+        }
+        guard configuration.mode == .auto, model.diskCodec == nil else { return }
+        let kept = Self.keptLayers(layers, limit: configuration.sampleLayers)
+        let vector = queryHeads * headDim
+        let take = min(count, Self.keptQueries)
+        let fresh = kept.map { layer in Array(elements[(layer * count + count - take) * vector..<(layer * count + count) * vector]) }
+        state.withLock { s in
+            let key = Key(tenant: tenant, modelID: model.id)
+            var entry = s.entries[key] ?? Self.newEntry(model, configuration: configuration, defaultCodec: defaultCodec)
+            let before = entry.queryBytes
+            if entry.queryHeads != queryHeads {
+                entry.queries = []
+                entry.queryHeads = queryHeads
+            }
+            let keep = min(Self.keptQueries - take, entry.queryCount) * vector
+            let merged = entry.queries.isEmpty ? fresh : zip(entry.queries, fresh).map { Array($0.0.suffix(keep)) + $0.1 }
+            let after = merged.reduce(0) { $0 + $1.count * 2 }
+            guard s.queryBytes - before + after <= Self.maxQueryBytes else {
+                s.counters.queriesDropped += 1
+                return
+            }
+            s.queryBytes += after - before
+            entry.queries = merged
+            s.counters.queriesReported += 1
+            s.entries[key] = entry
+        }
+    }
+
     /// What the policy decided for `tenant`'s `model`: a model registered with its own codec,
     /// or any model when the policy is `fixed`, is `fixed`; an auto model no page of which was
     /// stored yet is `measuring`.
@@ -237,7 +297,8 @@ public final class CodecPolicy: Sendable {
         return [("codec_policy_auto", configuration.mode == .auto ? 1 : 0), ("codec_measurements", UInt64(c.measurements)),
                 ("codec_choices", UInt64(c.choices)), ("codec_checks", UInt64(c.checks)),
                 ("codec_fallbacks", UInt64(c.fallbacks)), ("codec_models_measuring", UInt64(measuring)),
-                ("codec_sample_bytes", UInt64(bytes)), ("codec_samples_skipped", UInt64(c.samplesSkipped))]
+                ("codec_sample_bytes", UInt64(bytes)), ("codec_samples_skipped", UInt64(c.samplesSkipped)),
+                ("codec_query_samples", UInt64(c.queriesReported)), ("codec_query_samples_dropped", UInt64(c.queriesDropped))]
     }
 
     /// Returns once no measurement is queued or running (tests, shutdown).
@@ -303,8 +364,12 @@ public final class CodecPolicy: Sendable {
         choice.sampledLayers = sample.layers.count
         func percent(_ x: Double) -> String { formatDecimal(x * 100, places: 2) + " %" }
         do throws(AdvisorError) {
+            // Reported queries when a client sent some (kept for the same layers as the sample).
+            let queries = entry.queries.isEmpty ? nil : entry.queries
             let tensors = try AdvisorTensors(tokens: sample.tokens, kvHeads: entry.shape.kvHeads, headDim: entry.shape.headDim,
-                                             keys: sample.keys, values: sample.values, elementType: entry.shape.elementType)
+                                             keys: sample.keys, values: sample.values, queryHeads: queries == nil ? nil : entry.queryHeads,
+                                             endQueries: queries, elementType: entry.shape.elementType)
+            choice.queriesFrom = queries == nil ? "keys" : "queries"
             var options = CodecAdvisor.Options()
             options.pageTokens = entry.pageTokens
             let page = SectionShape(tokens: entry.pageTokens, kvHeads: entry.shape.kvHeads, headDim: entry.shape.headDim,

@@ -101,3 +101,35 @@ def test_a_fixed_daemon_reports_every_model_as_fixed(daemon):
         assert by_id[own.model_id()].policy == "fixed" and by_id[own.model_id()].codec_tag == TAGS["q8"]
         assert by_id[spec.model_id()].attention_error is None and by_id[spec.model_id()].max_attention_error is None
         assert c.status()["codec_policy_auto"] == 0
+
+
+def test_reported_queries_replace_the_keys_in_the_measurement(auto_daemon):
+    k, v = fixture_kv()
+    layers, tokens, heads, dim = k.shape
+    q = np.stack([np.load(KV / f"q_{i}.npy") for i in range(layers)])  # [layers, tokens, q_heads, dim]
+    proxy = kvtier.ModelSpec("codec-policy-proxy", layers=layers, kv_heads=heads, head_dim=dim, page_tokens=256)
+    asked = kvtier.ModelSpec("codec-policy-queries", layers=layers, kv_heads=heads, head_dim=dim, page_tokens=256)
+    toks = list(range(tokens))
+    with kvtier.Client(auto_daemon.socket) as c:
+        c.register(proxy)
+        c.register(asked)
+        # The last 8 positions' queries, as a decoding step would report them.
+        c.report_queries(asked, np.ascontiguousarray(q[:, -8:]))
+        for spec in (proxy, asked):
+            c.put(spec, toks, k, v)
+        by_keys, by_queries = wait_for_choice(c, proxy.model_id()), wait_for_choice(c, asked.model_id())
+        assert by_keys.queries_from == "keys" and by_queries.queries_from == "queries", (by_keys, by_queries)
+        assert by_queries.policy == "chosen" and by_queries.attention_error is not None
+        assert by_queries.attention_error != pytest.approx(by_keys.attention_error, rel=1e-3), "the queries changed nothing"
+        assert c.status()["codec_query_samples"] >= 1
+
+        with pytest.raises(ValueError):
+            c.report_queries(asked, q[:-1, -8:])  # a layer short
+        with pytest.raises(ValueError):
+            c.report_queries(asked, np.zeros((layers, 17, q.shape[2], dim), np.float16))  # over 16 per layer
+        bad = np.ascontiguousarray(q[:, -1:]).copy()
+        bad[0, 0, 0, 0] = np.nan
+        with pytest.raises(kvtier.KVTierError) as refused:
+            c.report_queries(asked, bad)
+        assert refused.value.code == "invalidArgument" and "NaN" in str(refused.value)
+        c.ping()  # the connection survives a refused report

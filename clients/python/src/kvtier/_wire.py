@@ -59,6 +59,7 @@ class Op:
     SESSION_DELETE = 0x0035
     SESSION_TOKENS = 0x0036
     ATTENTION = 0x0040
+    QUERY_SAMPLE = 0x0041
     STATUS = 0x0050
     PAGES = 0x0051
     EVICT = 0x0052
@@ -476,6 +477,7 @@ class CodecChoice:
     message: str
 
 
+MAX_QUERY_SAMPLE = 16  # queries per layer of one QUERY_SAMPLE (QuerySample.maxQueries)
 CODEC_CHOICE = struct.Struct("<QBBIfffIIIH")
 _POLICIES = ("fixed", "measuring", "chosen", "fell-back")
 

@@ -464,9 +464,9 @@ class Client:
     # ------------------------------------------------------------ put
 
     @staticmethod
-    def _as_bits(name: str, arr, spec: ModelSpec, n: int) -> np.ndarray:
+    def _as_bits(name: str, arr, spec: ModelSpec, n: int, shape=None) -> np.ndarray:
         arr = np.asarray(arr)
-        want = spec.shape.kv_shape(n)
+        want = tuple(shape) if shape is not None else spec.shape.kv_shape(n)
         if arr.shape != want:
             raise ValueError(f"{name} has shape {arr.shape}; model {spec.name!r} needs [layers, tokens, kv_heads, head_dim] = {list(want)}")
         dt = arr.dtype
@@ -796,6 +796,30 @@ class Client:
             raise ValueError(f"{len(mass)} page masses; the protocol allows {_wire.MAX_TOKENS_PER_REQUEST}")
         body, _ = self._call(Op.ATTENTION, [_wire.u64(mid), _wire.tokens_field(toks), _wire.u32(len(mass)), mass.tobytes()])
         _wire.empty_reply(body, "ATTENTION reply")
+
+    def report_queries(self, model: ModelSpec, queries) -> None:
+        """Reports a decoding step's attention queries for the daemon's codec policy to measure
+        codecs with (docs/codecs.md, "Codec policy"); without them the keys stand in.
+
+        ``queries``: ``[layers, count, query_heads, head_dim]`` after RoPE, in the model's dtype
+        (float16, or bfloat16 as uint16 bit patterns or ``ml_dtypes.bfloat16``), ``count`` 1 to
+        16, ``query_heads`` a multiple of the model's KV heads. The daemon keeps the latest few
+        for this tenant and model; it ignores them when the model has its own codec or the
+        policy is ``fixed``."""
+        spec, _ = self._spec(model)
+        arr = np.asarray(queries)
+        if arr.ndim != 4 or arr.shape[0] != spec.layers or arr.shape[3] != spec.head_dim:
+            raise ValueError(f"queries have shape {arr.shape}; model {spec.name!r} needs "
+                             f"[layers, count, query_heads, head_dim] = [{spec.layers}, n, h, {spec.head_dim}]")
+        layers, count, heads, dim = arr.shape
+        if not 1 <= count <= _wire.MAX_QUERY_SAMPLE:
+            raise ValueError(f"{count} queries per layer; send 1 to {_wire.MAX_QUERY_SAMPLE}")
+        if heads < 1 or heads % spec.kv_heads:
+            raise ValueError(f"{heads} query heads is not a multiple of the model's {spec.kv_heads} KV heads")
+        bits = self._as_bits("queries", arr, spec, count, shape=(layers, count, heads, dim))
+        body, _ = self._call(Op.QUERY_SAMPLE, [_wire.u64(spec.model_id()), struct.pack("<HHHH", layers, heads, dim, count),
+                                               np.ascontiguousarray(bits).astype("<u2", copy=False).tobytes()])
+        _wire.empty_reply(body, "QUERY_SAMPLE reply")
 
     def status(self) -> Dict[str, int]:
         """The daemon's counters and gauges (``ram_pages``, ``leases``, ``puts``, ...)."""
