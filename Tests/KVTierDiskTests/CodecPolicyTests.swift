@@ -3,6 +3,7 @@ import KVTierCore
 import KVTierIO
 import KVTierStore
 import KVTierStoreTesting
+import KVTierTestProcess
 import Logging
 import Testing
 
@@ -50,6 +51,12 @@ import Testing
         return buffer
     }
 
+    /// Pages made on a thread of their own (as every CPU-heavy step here): a debug build takes
+    /// long enough that blocking the cooperative pool starves other suites' in-process servers.
+    static func pages(_ kind: Kind, seeds: Range<UInt64>) async -> [PageBuffer] {
+        await EventWaits.onThread { seeds.map { page(kind, seed: $0) } }
+    }
+
     static func gaussian(_ random: inout SplitMix64) -> Float {
         let u = max(Float(random.next() >> 40) / Float(1 << 24), 1e-7), v = Float(random.next() >> 40) / Float(1 << 24)
         return (-2 * Float.log(u)).squareRoot() * Float.cos(2 * .pi * v)
@@ -88,8 +95,14 @@ import Testing
         return tokens
     }
 
-    /// What `CodecAdvisor` chooses on `pages` (every layer: the model has fewer than `sampleLayers`).
-    static func advised(_ pages: [PageBuffer], bound: Double, codecs: [Codec] = candidates) throws -> CodecAdvisor.Report {
+    /// What `CodecAdvisor` chooses on `pages` (every layer: the model has fewer than `sampleLayers`),
+    /// measured on a thread of its own.
+    static func advised(_ pages: [PageBuffer], bound: Double, codecs: [Codec] = candidates,
+                        endQueries: [[UInt16]]? = nil, queryHeads: Int? = nil) async throws -> CodecAdvisor.Report {
+        try await EventWaits.onThread { Result { try advisedNow(pages, bound: bound, codecs: codecs, endQueries: endQueries, queryHeads: queryHeads) } }.get()
+    }
+
+    static func advisedNow(_ pages: [PageBuffer], bound: Double, codecs: [Codec], endQueries: [[UInt16]]?, queryHeads: Int?) throws -> CodecAdvisor.Report {
         let m = model
         let part = m.pageTokens * m.kvHeads * m.headDim
         var keys = Array(repeating: [UInt16](), count: m.layers), values = keys
@@ -103,7 +116,8 @@ import Testing
         var options = CodecAdvisor.Options()
         options.pageTokens = m.pageTokens
         options.codecs = codecs
-        let tensors = try AdvisorTensors(tokens: pages.count * m.pageTokens, kvHeads: m.kvHeads, headDim: m.headDim, keys: keys, values: values)
+        let tensors = try AdvisorTensors(tokens: pages.count * m.pageTokens, kvHeads: m.kvHeads, headDim: m.headDim, keys: keys, values: values,
+                                         queryHeads: queryHeads, endQueries: endQueries)
         return try CodecAdvisor(tensors: tensors, options: options).run(maxAttentionError: bound)
     }
 
@@ -116,11 +130,11 @@ import Testing
         #expect(store.codecPolicy.choice(for: Self.model, tenant: Self.alice).phase == .measuring)
         #expect(store.codecPolicy.codec(for: Self.model, tenant: Self.alice) == Codec(.k4v4), "diskCodec until measured")
 
-        let pages = (0..<4).map { Self.page(.smooth, seed: UInt64($0)) }
+        let pages = await Self.pages(.smooth, seeds: 0..<4)
         _ = try await Self.put(store, Self.alice, pages, first: 0)
         await store.codecPolicy.idle()
 
-        let expected = try Self.advised(pages, bound: 0.15)
+        let expected = try await Self.advised(pages, bound: 0.15)
         let choice = store.codecPolicy.choice(for: Self.model, tenant: Self.alice)
         #expect(choice.phase == .chosen, "\(choice.message)")
         #expect(choice.codec.name == expected.codec, "\(choice.message); the advisor says \(expected.message)")
@@ -138,18 +152,18 @@ import Testing
 
     @Test func aCheckPastTheBoundMovesNewPagesToASaferCodecAndOldPagesKeepTheirs() async throws {
         let store = try Self.store(Self.policy(samplePages: 2, checkEvery: 4), storage: SimulatedStorage(seed: 4))
-        let smooth = (0..<2).map { Self.page(.smooth, seed: 100 + UInt64($0)) }
+        let smooth = await Self.pages(.smooth, seeds: 100..<102)
         let early = try await Self.put(store, Self.alice, smooth, first: 0)
         await store.codecPolicy.idle()
         #expect(store.codecPolicy.choice(for: Self.model, tenant: Self.alice).codec == Codec(.tq3))
         _ = try await store.evict(Self.alice, modelID: Self.model.id, tokens: nil, deleteFromDisk: false)
 
         // Four more pages reach `checkEvery`: the first two are the check's sample.
-        let spiky = (0..<4).map { Self.page(.spiky, seed: 200 + UInt64($0)) }
+        let spiky = await Self.pages(.spiky, seeds: 200..<204)
         let late = try await Self.put(store, Self.alice, spiky, first: 10_000)
         await store.codecPolicy.idle()
-        let inForce = try Self.advised(Array(spiky.prefix(2)), bound: 0.15, codecs: [Codec(.tq3)])
-        let safer = try Self.advised(Array(spiky.prefix(2)), bound: 0.15, codecs: Self.candidates.filter { $0 != Codec(.tq3) })
+        let inForce = try await Self.advised(Array(spiky.prefix(2)), bound: 0.15, codecs: [Codec(.tq3)])
+        let safer = try await Self.advised(Array(spiky.prefix(2)), bound: 0.15, codecs: Self.candidates.filter { $0 != Codec(.tq3) })
         #expect((inForce.candidates[0].attentionError ?? 0) > 0.15, "the spiky pages break tq3: \(inForce.message)")
 
         let choice = store.codecPolicy.choice(for: Self.model, tenant: Self.alice)
@@ -172,12 +186,12 @@ import Testing
 
     @Test func aTenantsChoiceComesFromItsOwnPagesOnly() async throws {
         let store = try Self.store(Self.policy(), storage: SimulatedStorage(seed: 5))
-        _ = try await Self.put(store, Self.alice, (0..<4).map { Self.page(.smooth, seed: UInt64($0)) }, first: 0)
+        _ = try await Self.put(store, Self.alice, await Self.pages(.smooth, seeds: 0..<4), first: 0)
         await store.codecPolicy.idle()
         #expect(store.codecPolicy.choice(for: Self.model, tenant: Self.alice).codec == Codec(.tq3))
         #expect(store.codecPolicy.choice(for: Self.model, tenant: Self.bob).phase == .measuring)
 
-        _ = try await Self.put(store, Self.bob, (0..<4).map { Self.page(.spiky, seed: 50 + UInt64($0)) }, first: 0)
+        _ = try await Self.put(store, Self.bob, await Self.pages(.spiky, seeds: 50..<54), first: 0)
         await store.codecPolicy.idle()
         let bob = store.codecPolicy.choice(for: Self.model, tenant: Self.bob)
         #expect(bob.phase == .chosen && bob.codec != Codec(.tq3), "\(bob.message)")
@@ -188,7 +202,7 @@ import Testing
         var fixed = Self.policy()
         fixed.mode = .fixed
         let store = try Self.store(fixed, storage: SimulatedStorage(seed: 6))
-        _ = try await Self.put(store, Self.alice, (0..<4).map { Self.page(.smooth, seed: UInt64($0)) }, first: 0)
+        _ = try await Self.put(store, Self.alice, await Self.pages(.smooth, seeds: 0..<4), first: 0)
         await store.codecPolicy.idle()
         #expect(store.codecPolicy.choice(for: Self.model, tenant: Self.alice).phase == .fixed)
         #expect(store.codecPolicy.counters.measurements == 0)
@@ -200,7 +214,7 @@ import Testing
         try auto.register(own)
         let tokens = (0..<256).map { UInt32($0) }
         _ = try await auto.put(Self.alice, owner: 1, modelID: own.id, tokens: tokens, dataStart: 0,
-                               chunks: (0..<4).map { .bytes(Self.page(.smooth, seed: UInt64($0))) }, durable: false)
+                               chunks: await Self.pages(.smooth, seeds: 0..<4).map { .bytes($0) }, durable: false)
         await auto.codecPolicy.idle()
         let choice = auto.codecPolicy.choice(for: own, tenant: Self.alice)
         #expect(choice.phase == .fixed && choice.codec == Codec(.q8))
@@ -220,7 +234,7 @@ import Testing
         for batch in [first, second] {
             try store.codecPolicy.report(queries: batch, layers: layers, queryHeads: heads, headDim: d, count: 6, model: Self.model, tenant: Self.alice)
         }
-        let pages = (0..<4).map { Self.page(.smooth, seed: 40 + UInt64($0)) }
+        let pages = await Self.pages(.smooth, seeds: 40..<44)
         _ = try await Self.put(store, Self.alice, pages, first: 0)
         await store.codecPolicy.idle()
         let choice = store.codecPolicy.choice(for: Self.model, tenant: Self.alice)
@@ -231,25 +245,11 @@ import Testing
         let kept = (0..<layers).map { layer in
             Array(first[(layer * 6 + 4) * vector..<(layer * 6 + 6) * vector]) + Array(second[(layer * 6) * vector..<(layer * 6 + 6) * vector])
         }
-        let m = Self.model, part = m.pageTokens * m.kvHeads * m.headDim
-        var keys = Array(repeating: [UInt16](), count: layers), values = keys
-        for page in pages {
-            let elements = page.bytes.bindMemory(to: UInt16.self)
-            for layer in 0..<layers {
-                keys[layer] += elements[(2 * layer) * part..<(2 * layer + 1) * part]
-                values[layer] += elements[(2 * layer + 1) * part..<(2 * layer + 2) * part]
-            }
-        }
-        var options = CodecAdvisor.Options()
-        options.pageTokens = m.pageTokens
-        options.codecs = Self.candidates
-        let tensors = try AdvisorTensors(tokens: 4 * m.pageTokens, kvHeads: m.kvHeads, headDim: d, keys: keys, values: values,
-                                         queryHeads: heads, endQueries: kept)
-        let expected = try CodecAdvisor(tensors: tensors, options: options).run(maxAttentionError: 0.15)
+        let expected = try await Self.advised(pages, bound: 0.15, endQueries: kept, queryHeads: heads)
         #expect(expected.queriesFrom == "end queries" && expected.queryPositionsPerLayer == 8)
         #expect(choice.codec.name == expected.codec, "\(choice.message); the advisor says \(expected.message)")
         #expect(abs((choice.attentionError ?? .nan) - (expected.attentionError ?? .nan)) < 1e-9)
-        let proxy = try Self.advised(pages, bound: 0.15)
+        let proxy = try await Self.advised(pages, bound: 0.15)
         #expect(expected.attentionError != proxy.attentionError, "the queries changed what was measured")
         #expect(store.codecPolicy.counters.queriesReported == 2)
     }
