@@ -861,23 +861,21 @@ class Client:
     def models(self) -> List[_wire.RegisteredModel]:
         """The models this tenant registered since the daemon started, and its sessions' models
         (another tenant's are not listed), by id; fetched a page at a time."""
-        out: List[_wire.RegisteredModel] = []
-        while True:
-            body, _ = self._call(Op.MODELS, [_wire.u32(len(out)), _wire.u32(_wire.MAX_LIST_ENTRIES)])
-            total, models = _wire.models_reply(body)
-            out += models
-            if len(models) < _wire.MAX_LIST_ENTRIES or len(out) >= total:
-                return out
+        return self._whole_list(Op.MODELS, _wire.models_reply)
 
     def codec_choices(self) -> List[_wire.CodecChoice]:
         """The disk codec of each model ``models()`` lists, as the daemon's codec policy decided it
         for this tenant (docs/codecs.md, "Codec policy"), by model id."""
-        out: List[_wire.CodecChoice] = []
+        return self._whole_list(Op.CODECS, _wire.codecs_reply)
+
+    def _whole_list(self, op: int, decode) -> list:
+        """Every entry of a list request (``u32 offset, u32 limit`` → ``u32 total`` and a page)."""
+        out: list = []
         while True:
-            body, _ = self._call(Op.CODECS, [_wire.u32(len(out)), _wire.u32(_wire.MAX_LIST_ENTRIES)])
-            total, choices = _wire.codecs_reply(body)
-            out += choices
-            if len(choices) < _wire.MAX_LIST_ENTRIES or len(out) >= total:
+            body, _ = self._call(op, [_wire.u32(len(out)), _wire.u32(_wire.MAX_LIST_ENTRIES)])
+            total, entries = decode(body)
+            out += entries
+            if len(entries) < _wire.MAX_LIST_ENTRIES or len(out) >= total:
                 return out
 
     def ping(self) -> None:
