@@ -40,28 +40,24 @@ extension KVTierClient {
     /// The models this tenant registered since the daemon started, and its sessions' models,
     /// by id; fetched `maxListEntries` at a time.
     public func models() async throws -> [ModelEntry] {
-        var models: [ModelEntry] = []
-        while true {
-            let page = ListPage(offset: UInt32(clamping: models.count))
-            let reply = try await call(.models(page), expecting: "MODELS") { if case .models(let r) = $0 { r } else { nil } }
-            models += reply.models
-            if reply.models.count < Int(page.limit) || models.count >= Int(reply.total) { break }
-        }
-        return models
+        try await wholeList(Request.models, expecting: "MODELS") { if case .models(let r) = $0 { (r.total, r.models) } else { nil } }
     }
-}
 
-extension KVTierClient {
     /// The disk codec of each of this tenant's models (those `models()` lists), as the daemon's
     /// codec policy decided it for this tenant, by model id.
     public func codecChoices() async throws -> [CodecChoiceInfo] {
-        var choices: [CodecChoiceInfo] = []
+        try await wholeList(Request.codecs, expecting: "CODECS") { if case .codecs(let r) = $0 { (r.total, r.choices) } else { nil } }
+    }
+
+    /// Every entry of a list request, fetched a page (`ListPage`) at a time.
+    func wholeList<Entry>(_ request: (ListPage) -> Request, expecting name: String,
+                          _ extract: (Reply) -> (total: UInt32, entries: [Entry])?) async throws -> [Entry] {
+        var entries: [Entry] = []
         while true {
-            let page = ListPage(offset: UInt32(clamping: choices.count))
-            let reply = try await call(.codecs(page), expecting: "CODECS") { if case .codecs(let r) = $0 { r } else { nil } }
-            choices += reply.choices
-            if reply.choices.count < Int(page.limit) || choices.count >= Int(reply.total) { break }
+            let page = ListPage(offset: UInt32(clamping: entries.count))
+            let reply = try await call(request(page), expecting: name, extract)
+            entries += reply.entries
+            if reply.entries.count < Int(page.limit) || entries.count >= Int(reply.total) { return entries }
         }
-        return choices
     }
 }
