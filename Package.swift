@@ -169,7 +169,7 @@ let package = Package(
         ),
         // kvtierd as operators run it: systemd units, socket activation and sd_notify, configuration
         // errors and SIGHUP, /metrics, `kvtier status`, `top` and the cache commands (real processes).
-        .testTarget(name: "KVTierOpsTests", dependencies: ["KVTierDaemon", "KVTierServer", "KVTierStore", "KVTierIO", "KVTierClient", "KVTierProtocol", "KVTierCore", "KVTierTestProcess", .product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "KVTierOpsTests", dependencies: ["KVTierDaemon", "KVTierServer", "KVTierStore", "KVTierIO", "KVTierClient", "KVTierProtocol", "KVTierCodec", "KVTierCore", "KVTierTestProcess", .product(name: "Logging", package: "swift-log")]),
         .testTarget(
             name: "KVTierServerTests",
             dependencies: [

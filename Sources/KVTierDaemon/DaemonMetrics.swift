@@ -1,4 +1,5 @@
 import CoreMetrics
+import KVTierCore
 import KVTierProtocol
 import KVTierStore
 import Prometheus
@@ -67,6 +68,10 @@ public final class DaemonMetrics: Sendable {
         Mapping(source: "prefetch_issued", name: "kvtier_prefetch_pages_total", labels: [("state", "issued")], kind: .counter, help: "Disk pages prefetch was asked to load, loaded, and later served (useful)."),
         Mapping(source: "prefetch_loaded", name: "kvtier_prefetch_pages_total", labels: [("state", "loaded")], kind: .counter, help: "Disk pages prefetch was asked to load, loaded, and later served (useful)."),
         Mapping(source: "prefetch_useful", name: "kvtier_prefetch_pages_total", labels: [("state", "useful")], kind: .counter, help: "Disk pages prefetch was asked to load, loaded, and later served (useful)."),
+        Mapping(source: "codec_measurements", name: "kvtier_codec_measurements_total", labels: [], kind: .counter, help: "Samples the codec policy measured (first choices and checks)."),
+        Mapping(source: "codec_choices", name: "kvtier_codec_choices_total", labels: [], kind: .counter, help: "Models (per tenant) the codec policy chose a disk codec for."),
+        Mapping(source: "codec_checks", name: "kvtier_codec_checks_total", labels: [], kind: .counter, help: "Later samples measured with the codec in force."),
+        Mapping(source: "codec_fallbacks", name: "kvtier_codec_fallbacks_total", labels: [], kind: .counter, help: "Checks past the bound that moved a model's new pages to a safer codec."),
         Mapping(source: "server.connections.open", name: "kvtier_clients", labels: [], kind: .gauge, help: "Client connections open."),
         Mapping(source: "server.connections.accepted", name: "kvtier_connections_accepted_total", labels: [], kind: .counter, help: "Client connections accepted."),
         Mapping(source: "server.connections.rejected", name: "kvtier_connections_rejected_total", labels: [], kind: .counter, help: "Client connections refused (limit or handshake)."),
@@ -89,6 +94,8 @@ public final class DaemonMetrics: Sendable {
     }
 
     private let state = Mutex(State())
+    /// Per tenant and model: the codec policy's measured attention error and bits per element.
+    private let codecGauges = Mutex<[String: (error: Prometheus.Gauge, bits: Prometheus.Gauge)]>([:])
     private let tierBudget: Prometheus.Gauge
     private let ioPath: [String: Prometheus.Gauge]
     private let startTime: Prometheus.Gauge
@@ -174,6 +181,29 @@ public final class DaemonMetrics: Sendable {
                     }
                     s.lastCounterValues[name] = value
                 }
+            }
+        }
+    }
+
+    /// The codec policy's decision for each tenant's model: `kvtier_codec_attention_error` (as
+    /// measured when the codec in force was chosen; -1 before) and `kvtier_codec_bits_per_element`
+    /// of that codec, labelled `tenant` and `model` (hex id). A series stays once made: a model's
+    /// choice only changes, it never goes away while the daemon runs.
+    public func refreshCodecs(_ choices: [(tenant: TenantID, choice: CodecPolicy.Choice, bitsPerElement: Double)]) {
+        codecGauges.withLock { gauges in
+            for (tenant, choice, bits) in choices {
+                let labels = [("tenant", "\(tenant)"), ("model", PageKey.hex(choice.modelID))]
+                let key = "\(tenant)/\(choice.modelID)"
+                let pair = gauges[key] ?? (
+                    registry.makeGauge(descriptor: MetricNameDescriptor(metricName: "kvtier_codec_attention_error", unitName: "",
+                                                                        helpText: "Attention-output error the codec policy measured for the disk codec in force (a fraction; -1: not measured yet)."),
+                                       labels: labels),
+                    registry.makeGauge(descriptor: MetricNameDescriptor(metricName: "kvtier_codec_bits_per_element", unitName: "",
+                                                                        helpText: "Bits per element of the disk codec the codec policy writes the model's new pages with."),
+                                       labels: labels))
+                gauges[key] = pair
+                pair.error.set(choice.attentionError ?? -1)
+                pair.bits.set(bits)
             }
         }
     }

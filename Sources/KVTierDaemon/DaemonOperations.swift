@@ -72,6 +72,7 @@ final class DaemonOperations: Sendable {
         if let metrics, let metricsServer {
             metricsServer.start {
                 metrics.refresh(store.status() + server.counters.snapshot().map { ($0.name, $0.value) })
+                metrics.refreshCodecs(store.codecPolicy.everyChoice())
                 return metrics.exposition()
             }
             logger.info("metrics listening", metadata: [

@@ -1,7 +1,9 @@
 @preconcurrency import Glibc
 import Foundation
 import KVTierClient
+import KVTierCodec
 import KVTierCore
+import KVTierTestProcess
 import Testing
 
 /// `--metrics-listen`: Prometheus text on GET /metrics of a real kvtierd, values that follow the
@@ -23,6 +25,47 @@ struct MetricsTests {
             }
         }
         throw lastError!
+    }
+
+    /// The codec policy's choice per tenant and model, as gauges beside its counters.
+    @Test func codecPolicyChoicesAreGaugesPerTenantAndModel() async throws {
+        let folder = try TemporaryFolder()
+        defer { folder.remove() }
+        let config = try folder.write("kvtierd.json", #"{"codecPolicy": {"mode": "auto", "samplePages": 2}}"#)
+        var started: (ChildProcess, UInt16)?
+        for _ in 0..<3 where started == nil {
+            let port = try freeLoopbackPort()
+            started = try? await (startDaemon(in: folder, ["--metrics-listen", "127.0.0.1:\(port)", "--config", config]), port)
+        }
+        guard let (daemon, port) = started else { throw TestFailure("kvtierd did not start with metrics") }
+        defer { daemon.stop() }
+        let client = try await KVTierClient.connect(socketPath: folder.path + "/s.sock")
+        let model = try await client.registerModel(Self.spec)
+        var random = SplitMix64(seed: 77)
+        let elements = Self.spec.shape.elements(tokens: 32)
+        let keys = (0..<elements).map { _ in UInt16.random(in: 0...0x3BFF, using: &random) }  // finite, below 1.0
+        let values = (0..<elements).map { _ in UInt16.random(in: 0...0x3BFF, using: &random) }
+        #expect(try await client.put(model, tokens: Array(0..<32), keys: keys, values: values) == 32)
+        // The measurement runs in the background: wait for its answer (CODECS), not for a time.
+        var choice = try await client.codecChoices().first { $0.modelID == model.modelID }
+        let deadline = ContinuousClock.now + .seconds(EventWaits.stuckSeconds)
+        while choice?.phase == .measuring, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(20))
+            choice = try await client.codecChoices().first { $0.modelID == model.modelID }
+        }
+        await client.close()
+        guard let choice, choice.phase == .chosen else { throw TestFailure("no choice: \(String(describing: choice))") }
+
+        let body = try httpRequest(port: port, path: "/metrics").body
+        let labels = "{tenant=\"\(getuid())\",model=\"\(PageKey.hex(model.modelID))\"}"
+        let error = sample("kvtier_codec_attention_error" + labels, in: body)
+        #expect(error != nil && abs(error! - Double(choice.attentionError)) < 1e-6, "\(body)")
+        let codec = try Codec(tag: choice.codecTag)
+        let bits = codec.quantizer.bitsPerElement(SectionShape(tokens: 16, kvHeads: 2, headDim: 32))
+        #expect(sample("kvtier_codec_bits_per_element" + labels, in: body) == bits)
+        #expect(sample("kvtier_codec_choices_total", in: body) == 1)
+        #expect(sample("kvtier_codec_measurements_total", in: body) == 1)
+        #expect(sample("kvtier_codec_fallbacks_total", in: body) == 0)
     }
 
     @Test func metricsFollowTraffic() async throws {

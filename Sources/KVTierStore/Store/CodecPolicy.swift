@@ -268,6 +268,17 @@ public final class CodecPolicy: Sendable {
         }
     }
 
+    /// Every tenant's measured models (metrics), by tenant then model id.
+    public func everyChoice() -> [(tenant: TenantID, choice: Choice, bitsPerElement: Double)] {
+        state.withLock { s in
+            s.entries.map { key, entry in
+                let page = SectionShape(tokens: entry.pageTokens, kvHeads: entry.shape.kvHeads, headDim: entry.shape.headDim,
+                                        elementType: entry.shape.elementType)
+                return (key.tenant, entry.choice, entry.choice.codec.quantizer.bitsPerElement(page))
+            }
+        }.sorted { ($0.tenant, $0.choice.modelID) < ($1.tenant, $1.choice.modelID) }
+    }
+
     /// What the policy decided for `tenant`'s `model`: a model registered with its own codec,
     /// or any model when the policy is `fixed`, is `fixed`; an auto model no page of which was
     /// stored yet is `measuring`.
