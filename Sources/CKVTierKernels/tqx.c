@@ -201,7 +201,12 @@ int kvt_tqx_decode(const uint8_t *src, size_t T, size_t H, size_t D, int dtype, 
             if (kvt_h_nonfinite(kvt_le16(mean + 2 * i))) return 1;
     for (size_t h = 0; h < H; h++)
         if (kvt_bad_scale(kvt_le16(amax + 2 * h))) return 1;
-    for (size_t i = 0; i < e * HD; i++) kvt_st16(dst + i, kvt_le16(src + 2 * i));
+    uint16_t nf = kvt_nf(dtype);
+    for (size_t i = 0; i < e * HD; i++) { /* the encoder never stores a non-finite element */
+        uint16_t b = kvt_le16(src + 2 * i);
+        if ((b & nf) == nf) return 1;
+        kvt_st16(dst + i, b);
+    }
     for (size_t t = e; t < T; t++)
         for (size_t h = 0; h < H; h++) {
             const uint8_t *v = vec + ((t - e) * H + h) * vb;

@@ -81,6 +81,9 @@ enum QuantizerKernels {
         precondition(statuses.0 >= 0 && statuses.1 >= 0, "kernel refused a shape that passed Quantizer.check")
         if statuses.0 != 0 || statuses.1 != 0 {
             let part = statuses.0 != 0 ? "keys" : "values"
+            if MixedTQLayout(quantizer) != nil {
+                throw .corrupt("\(quantizer.name) \(part) hold a non-finite kept element or mean, or a non-finite or negative maximum alpha")
+            }
             throw .corrupt("\(quantizer.name) \(part) hold a non-finite or negative scale or minimum")
         }
     }

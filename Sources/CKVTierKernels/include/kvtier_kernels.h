@@ -133,8 +133,8 @@ size_t kvt_tqx_part_size(size_t T, size_t H, size_t D, int bits, int half, int c
  * and per-head maxima that overflow fp16; 0 = ok) or SIZE_MAX for bad arguments. */
 size_t kvt_tqx_encode(const uint16_t *src, size_t T, size_t H, size_t D, int dtype, int bits, int half, int center,
                       int proj, size_t exact, float *scratch, uint8_t *dst);
-/** Decode one part into T*H*D elements of dtype. Returns 0, 1 (a non-finite mean, or a maximum
- * that is not finite or is negative) or -1 for bad arguments. */
+/** Decode one part into T*H*D elements of dtype. Returns 0, 1 (a kept element or a mean that is
+ * not finite, or a maximum that is not finite or is negative) or -1 for bad arguments. */
 int kvt_tqx_decode(const uint8_t *src, size_t T, size_t H, size_t D, int dtype, int bits, int half, int center,
                    size_t exact, uint16_t *dst);
 
