@@ -62,6 +62,14 @@ def designs():
     add("Km3l/Vm2.5l", tq(3, scale_bits=8, center=True), tq(2.5, scale_bits=8, center=True))
     add("Km2.5l/Vm2l", tq(2.5, scale_bits=8, center=True), tq(2, scale_bits=8, center=True))
     add("Km2.5l/Vm2l+1x", tq(2.5, scale_bits=8, center=True), tq(2, scale_bits=8, center=True), exact=1)
+    # noise: the winners (= tq3s, tq2s) with other Hadamard sign seeds
+    for j, sd in enumerate(SEEDS[:2]):
+        add(f"tq3s #s{j}", tq(3, scale_bits=8, center=True, seed=sd), tq(2.5, scale_bits=8, center=True, seed=sd), exact=1)
+        add(f"tq2s #s{j}", tq(2.5, scale_bits=8, center=True, seed=sd), tq(2, scale_bits=8, center=True, seed=sd), exact=1)
+    # ablations of the winners: no kept token / no centring of keys or values
+    add("K3l/Vm2.5l+1x", tq(3, scale_bits=8), tq(2.5, scale_bits=8, center=True), exact=1)
+    add("Km3l/V2.5l+1x", tq(3, scale_bits=8, center=True), tq(2.5, scale_bits=8), exact=1)
+    add("K3l/V2.5l+1x", tq(3, scale_bits=8), tq(2.5, scale_bits=8), exact=1)
     return d
 
 

@@ -45,7 +45,7 @@ import Testing
     /// implementation, tight enough that a broken quantizer fails.
     @Test(arguments: [
         (Quantizer.q8, 0.02, 0.01), (.k4v4, 0.06, 0.12), (.tq4, 0.11, 0.11), (.tq3, 0.2, 0.2), (.tq3m, 0.16, 0.2),
-        (.tq3s, 0.16, 0.3), (.tq2s, 0.22, 0.38),
+        (.tq3s, 0.06, 0.3), (.tq2s, 0.09, 0.37),
     ])
     func lossyErrorIsBounded(quantizer: Quantizer, keyBound: Double, valueBound: Double) throws {
         let seed: UInt64 = 0xC0DEC
