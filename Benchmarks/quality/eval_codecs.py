@@ -1,15 +1,24 @@
 #!/usr/bin/env python3
-"""End-to-end quality harness for KVTier KV codecs.
+"""End-to-end quality harness for KVTier KV codecs, on the fixture model and on SmolLM2-135M.
 
-For each codec: exact bits/element, K and V relative error and causal attention-output relative
-error on the captured fixture tensors (fixtures/kv/tinyllama-license), and the bits-per-byte
-change of the fixture model (fixtures/tinyllama) on held-out prose with every token's K and V
-round-tripped through the codec inside the forward pass.
+For each codec and model: exact bits/element at the model's own KV heads and head dim (a full
+page of 256 tokens), K and V relative error and causal attention-output relative error on the
+model's captured tensors, and the quality change:
 
-  python3 Benchmarks/quality/eval_codecs.py                       # numpy reference codecs
+  fixture  (fixtures/tinyllama, head dim 128) bits per byte on held-out prose with every token's
+           K and V round-tripped inside the forward pass (20 windows of 1024 bytes); tensors:
+           fixtures/kv/tinyllama-license.
+  smollm2  (SmolLM2-135M-Instruct, head dim 64) NLL of 256 tokens after a restored 768-token
+           prefix whose cache was round-tripped (smollm2_nll.py, 15 windows); tensors: a
+           capture_kvq.py capture (--capture, made when missing).
+
+Every quality change comes with its standard error over windows (paired per-window changes).
+
+  python3 Benchmarks/quality/eval_codecs.py                       # fixture, numpy reference codecs
+  python3 Benchmarks/quality/eval_codecs.py --model both fp16 tq3s tq2s
   python3 Benchmarks/quality/eval_codecs.py fp16 tq4 --windows 4  # quicker
   python3 Benchmarks/quality/eval_codecs.py --backend cli --kvtier .build/release/kvtier
-  ... --json                                                      # JSON instead of markdown
+  ... --json / --out FILE                                         # JSON instead of / besides markdown
 
 Backends:
   numpy  the reference implementations in codecs_ref.py (next to this file).
@@ -17,9 +26,9 @@ Backends:
          --out-values V2.npy --page-tokens 256 --json`, on float16 [T, H, D] .npy files; its JSON
          must carry `bitsPerElement` and `encodedBytes`.
 
-Baselines: bits-per-byte is measured against the unmodified model (no hook, float32 K/V); the
-`fp16` row is therefore the cost of the float16 cache itself. Attention errors are against the
-float16 captured tensors (computed in float32).
+Baselines: the unmodified model (float32 K/V, no codec); the `fp16` row is therefore the cost of
+the float16 cache itself. Attention errors are against the float16 captured tensors (computed in
+float32). SmolLM2 exits with "SKIPPED" and the reason when the model cannot be prepared.
 """
 import argparse, json, math, os, shutil, subprocess, sys, tempfile, time
 

@@ -4,6 +4,8 @@
   python3 Benchmarks/quality/explore_sub3.py --model smollm2 [--only SUBSTR] >> explore-sub3.jsonl
   python3 Benchmarks/quality/explore_sub3.py --model fixture [--only SUBSTR] >> explore-sub3.jsonl
   python3 Benchmarks/quality/explore_sub3.py --list            # designs with their bits/element
+  python3 Benchmarks/quality/explore_sub3.py --table Benchmarks/quality/explore-sub3-results.jsonl
+                                                   # the markdown table of README.md (both models)
 
 One JSON line per (model, design): exact bits/element at the model's own KV heads and head dim
 (pages of 256 tokens), K/V/attention-output errors on the model's captured tensors, and the
@@ -77,6 +79,37 @@ def bpe(design, H, D):
     return C.design_bits_per_element(design, C.PAGE_TOKENS, H, D)
 
 
+def table(paths):
+    """One row per design (in first-seen order; the last result of a (model, design) wins): both
+    models' bits/element, quality change with its standard error, and errors."""
+    rows, order = {}, []
+    for path in paths:
+        for line in open(path):
+            r = json.loads(line)
+            if r["design"] not in order:
+                order.append(r["design"])
+            rows[(r["model"], r["design"])] = r
+    ds = designs()
+    out = ["| design | label | b/el fixture (d=128) | fixture bpb change | b/el SmolLM2 (d=64) | SmolLM2 NLL change "
+           "| K / V / attn err. fixture | K / V / attn err. SmolLM2 |",
+           "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
+
+    def cells(model, name):
+        r = rows.get((model, name))
+        if r is None:
+            dz = ds.get(name)
+            b = "" if dz is None else f"{bpe(dz, *((2, 128) if model == 'fixture' else (3, 64))):.4f}"
+            return b, "-", "-"
+        return (f"{r['bpe']:.4f}", f"{r['change_pct']:+.2f}% ± {r['change_se_pct']:.2f}",
+                f"{r['k_rel_err']:.3f} / {r['v_rel_err']:.3f} / {r['attn_rel_err']:.3f}")
+
+    for name in order:
+        f, s = cells("fixture", name), cells("smollm2", name)
+        label = (rows.get(("smollm2", name)) or rows.get(("fixture", name)))["label"]
+        out.append(f"| {name} | {label} | {f[0]} | {f[1]} | {s[0]} | {s[1]} | {f[2]} | {s[2]} |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["fixture", "smollm2"], default="smollm2")
@@ -85,7 +118,11 @@ def main():
     ap.add_argument("--fixtures", default=E.DEFAULT_FIXTURES)
     ap.add_argument("--capture", default=None)
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--table", nargs="+", metavar="JSONL", help="print the markdown table of these results and exit")
     a = ap.parse_args()
+    if a.table:
+        print(table(a.table))
+        return
     ds = designs()
     if a.only:
         names = a.only.split(",")

@@ -134,7 +134,11 @@ static void decode_vec(const kvt_tq_tables *tb, const uint8_t *in, size_t D, int
     uint8_t code[256];
     for (size_t blk = 0; blk < D / 32; blk++)
         unpack_block(in + blk * block_bytes(bits, half), bits, half, code + 32 * blk);
-    for (size_t i = 0; i < D; i++) x[i] = a * tb->lev[book(i, bits, half)][code[i]];
+    const float *lo = tb->lev[bits - 2], *hi = tb->lev[bits - 2 + half];
+    for (size_t i = 0; i < D; i += 32) {
+        for (size_t j = 0; j < 16; j++) x[i + j] = a * hi[code[i + j]];
+        for (size_t j = 16; j < 32; j++) x[i + j] = a * lo[code[i + j]];
+    }
     fwht(x, D);
     float invD = 1.0f / (float)D; /* a power of two: x * invD == x / D */
     for (size_t i = 0; i < D; i++) x[i] = tb->sign[i] * x[i] * invD;
@@ -207,17 +211,20 @@ int kvt_tqx_decode(const uint8_t *src, size_t T, size_t H, size_t D, int dtype, 
         if ((b & nf) == nf) return 1;
         kvt_st16(dst + i, b);
     }
-    for (size_t t = e; t < T; t++)
-        for (size_t h = 0; h < H; h++) {
+    for (size_t h = 0; h < H; h++) { /* head-major: the mean is widened once per head */
+        float mf[256];
+        for (size_t d = 0; d < D; d++) mf[d] = center ? kvt_h2f(kvt_le16(mean + 2 * (h * D + d))) : 0.0f;
+        float am = kvt_h2f(kvt_le16(amax + 2 * h));
+        for (size_t t = e; t < T; t++) {
             const uint8_t *v = vec + ((t - e) * H + h) * vb;
-            float a = kvt_h2f(kvt_le16(amax + 2 * h)) * log8_factor(v[0]);
             float x[256];
-            decode_vec(tb, v + 1, D, bits, half, a, x);
+            decode_vec(tb, v + 1, D, bits, half, am * log8_factor(v[0]), x);
             uint16_t *out = dst + t * HD + h * D;
-            for (size_t d = 0; d < D; d++) {
-                float m = center ? kvt_h2f(kvt_le16(mean + 2 * (h * D + d))) : 0.0f;
-                kvt_st16(out + d, kvt_narrow(center ? x[d] + m : x[d], dtype));
-            }
+            if (center)
+                for (size_t d = 0; d < D; d++) kvt_st16(out + d, kvt_narrow(x[d] + mf[d], dtype));
+            else
+                for (size_t d = 0; d < D; d++) kvt_st16(out + d, kvt_narrow(x[d], dtype));
         }
+    }
     return 0;
 }
