@@ -14,6 +14,12 @@ public enum Quantizer: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     /// The aggressive codec: each page's per-channel mean (fp16) is subtracted from keys and
     /// values, then the residual is coded as `tq3`. 3.1875 bits/element at 128 × 256.
     case tq3m = 6
+    /// The sub-3-bit codec: per page, the first token kept as given, channel means removed from
+    /// keys and values, keys 3-bit and values 2.5-bit (half the rotated coordinates 3-bit, half
+    /// 2-bit), one log-scale byte per vector. 2.93 bits/element at 128 × 256, 2.99 at 64 × 256.
+    case tq3s = 7
+    /// As `tq3s` with keys 2.5-bit and values 2-bit: 2.43 bits/element at 128 × 256, 2.49 at 64.
+    case tq2s = 8
 
     public var name: String {
         switch self {
@@ -23,6 +29,8 @@ public enum Quantizer: UInt8, Sendable, CaseIterable, CustomStringConvertible {
         case .tq4: "tq4"
         case .tq3: "tq3"
         case .tq3m: "tq3m"
+        case .tq3s: "tq3s"
+        case .tq2s: "tq2s"
         }
     }
 
@@ -45,6 +53,8 @@ public enum Quantizer: UInt8, Sendable, CaseIterable, CustomStringConvertible {
         case .tq4: "random-sign Hadamard rotation, 4-bit Lloyd-Max codebook, fp16 scale per vector"
         case .tq3: "random-sign Hadamard rotation, 3-bit Lloyd-Max codebook, fp16 scale per vector"
         case .tq3m: "per-page channel means removed, then tq3 (aggressive, near-4-bit quality)"
+        case .tq3s: "first token kept, channel means removed, keys 3-bit / values 2.5-bit rotated, log8 scales"
+        case .tq2s: "first token kept, channel means removed, keys 2.5-bit / values 2-bit rotated, log8 scales"
         }
     }
 
@@ -53,7 +63,7 @@ public enum Quantizer: UInt8, Sendable, CaseIterable, CustomStringConvertible {
         switch self {
         case .fp16, .q8: "any"
         case .k4v4: "multiple of 32"
-        case .tq4, .tq3, .tq3m: "power of 2, 32-256"
+        case .tq4, .tq3, .tq3m, .tq3s, .tq2s: "power of 2, 32-256"
         }
     }
 
@@ -66,7 +76,7 @@ public enum Quantizer: UInt8, Sendable, CaseIterable, CustomStringConvertible {
             return
         case .k4v4:
             guard d % 32 == 0 else { throw .unsupportedShape(shape, "k4v4 needs headDim divisible by 32") }
-        case .tq4, .tq3, .tq3m:
+        case .tq4, .tq3, .tq3m, .tq3s, .tq2s:
             guard d >= 32, d <= 256, d & (d - 1) == 0 else {
                 throw .unsupportedShape(shape, "\(name) needs headDim a power of two from 32 to 256")
             }
@@ -91,6 +101,10 @@ public enum Quantizer: UInt8, Sendable, CaseIterable, CustomStringConvertible {
         case .tq3m:
             let part = h * d * 2 + t * h * (2 + d * 3 / 8)
             return (part, part)
+        case .tq3s, .tq2s:
+            let layout = MixedTQLayout(self)!
+            return (layout.keys.bytes(shape, exactTokens: layout.exactTokens),
+                    layout.values.bytes(shape, exactTokens: layout.exactTokens))
         }
     }
 

@@ -34,6 +34,12 @@ enum QuantizerKernels {
         case .tq3m:
             badKeys = kvt_tqm_encode(k, t, h, d, 3, dtype, keysOut)
             badValues = kvt_tqm_encode(v, t, h, d, 3, dtype, valuesOut)
+        case .tq3s, .tq2s:
+            let layout = MixedTQLayout(quantizer)!
+            (badKeys, badValues) = withUnsafeTemporaryAllocation(of: Float.self, capacity: t) { scratch in
+                (encodeMixed(layout.keys, k, shape, layout.exactTokens, scratch.baseAddress!, keysOut),
+                 encodeMixed(layout.values, v, shape, layout.exactTokens, scratch.baseAddress!, valuesOut))
+            }
         }
         // A negative count is SIZE_MAX: arguments `Quantizer.check` should have refused.
         precondition(badKeys >= 0 && badValues >= 0, "kernel refused a shape that passed Quantizer.check")
@@ -67,12 +73,36 @@ enum QuantizerKernels {
             statuses = (kvt_tq_decode(keysIn, t * h, d, bits, dtype, k), kvt_tq_decode(valuesIn, t * h, d, bits, dtype, v))
         case .tq3m:
             statuses = (kvt_tqm_decode(keysIn, t, h, d, 3, dtype, k), kvt_tqm_decode(valuesIn, t, h, d, 3, dtype, v))
+        case .tq3s, .tq2s:
+            let layout = MixedTQLayout(quantizer)!
+            statuses = (decodeMixed(layout.keys, keysIn, shape, layout.exactTokens, k),
+                        decodeMixed(layout.values, valuesIn, shape, layout.exactTokens, v))
         }
         precondition(statuses.0 >= 0 && statuses.1 >= 0, "kernel refused a shape that passed Quantizer.check")
         if statuses.0 != 0 || statuses.1 != 0 {
             let part = statuses.0 != 0 ? "keys" : "values"
+            if MixedTQLayout(quantizer) != nil {
+                throw .corrupt("\(quantizer.name) \(part) hold a non-finite kept element or mean, or a non-finite or negative maximum alpha")
+            }
             throw .corrupt("\(quantizer.name) \(part) hold a non-finite or negative scale or minimum")
         }
+    }
+
+    private static func encodeMixed(
+        _ part: MixedTQLayout.Part, _ source: UnsafePointer<UInt16>, _ shape: SectionShape, _ exactTokens: Int,
+        _ scratch: UnsafeMutablePointer<Float>, _ output: UnsafeMutablePointer<UInt8>
+    ) -> Int {
+        kvt_tqx_encode(source, shape.tokens, shape.kvHeads, shape.headDim, Int32(shape.elementType.rawValue),
+                       Int32(part.bits), part.half ? 1 : 0, part.centred ? 1 : 0, part.projectionAlpha ? 1 : 0,
+                       exactTokens, scratch, output)
+    }
+
+    private static func decodeMixed(
+        _ part: MixedTQLayout.Part, _ input: UnsafePointer<UInt8>, _ shape: SectionShape, _ exactTokens: Int,
+        _ output: UnsafeMutablePointer<UInt16>
+    ) -> Int32 {
+        kvt_tqx_decode(input, shape.tokens, shape.kvHeads, shape.headDim, Int32(shape.elementType.rawValue),
+                       Int32(part.bits), part.half ? 1 : 0, part.centred ? 1 : 0, exactTokens, output)
     }
 }
 

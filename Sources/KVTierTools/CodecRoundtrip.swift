@@ -31,8 +31,12 @@ public struct CodecRoundtrip {
         self.elementType = elementType
     }
 
-    /// Round-trips `keys` and `values` (both `[T, H, D]`) and returns the decoded arrays.
-    public func run(keys: NumPyArray, values: NumPyArray) throws -> (keys: NumPyArray, values: NumPyArray, report: Report) {
+    /// Round-trips `keys` and `values` (both `[T, H, D]`) and returns the decoded arrays, and
+    /// with `keepEncoded` every page's encoded section in page order (otherwise empty): what the
+    /// quality tests compare byte for byte with the NumPy reference.
+    public func run(keys: NumPyArray, values: NumPyArray, keepEncoded: Bool = false) throws
+        -> (keys: NumPyArray, values: NumPyArray, report: Report, encoded: [UInt8])
+    {
         guard keys.shape.count == 3 else {
             throw ToolError("keys have shape \(keys.shape); expected [tokens, kvHeads, headDim]")
         }
@@ -48,6 +52,7 @@ public struct CodecRoundtrip {
         var outKeys = [UInt16](repeating: 0, count: keys.elements.count)
         var outValues = [UInt16](repeating: 0, count: values.elements.count)
         var encodedBytes = 0
+        var encoded: [UInt8] = []
         var pages = 0
         let rowElements = h * d
         var buffer = [UInt8](repeating: 0, count: section.maxEncodedSize(
@@ -77,6 +82,7 @@ public struct CodecRoundtrip {
                 }
             }
             encodedBytes += written
+            if keepEncoded { encoded += buffer[0..<written] }
             pages += 1
         }
         let elements = 2 * keys.elements.count
@@ -86,7 +92,8 @@ public struct CodecRoundtrip {
             bitsPerElement: Double(encodedBytes * 8) / Double(elements),
             keysRelativeError: relativeError(keys.elements, outKeys),
             valuesRelativeError: relativeError(values.elements, outValues))
-        return (NumPyArray(shape: keys.shape, elements: outKeys), NumPyArray(shape: values.shape, elements: outValues), report)
+        return (NumPyArray(shape: keys.shape, elements: outKeys), NumPyArray(shape: values.shape, elements: outValues),
+                report, encoded)
     }
 
     private func relativeError(_ reference: [UInt16], _ decoded: [UInt16]) -> Double {

@@ -159,6 +159,15 @@ public struct NumPyArray: Equatable, Sendable {
     }
 }
 
+/// Writes `bytes` to `path` (replacing it), as `NumPyArray.write` does for arrays.
+public func writeBytes(_ bytes: [UInt8], path: String) throws {
+    do {
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+    } catch {
+        throw ToolError("cannot write '\(path)': \(error)")
+    }
+}
+
 /// The Python dict literal of a `.npy` header, split into top-level `key: value` texts.
 private struct HeaderDictionary {
     var values: [String: String] = [:]

@@ -62,6 +62,8 @@ struct CodecCommand: ParsableCommand {
         var pageTokens = Limits.defaultPageTokens
         @Option(help: "Element type of the arrays: float16, or bfloat16 stored as uint16 bit patterns.")
         var dtype = "float16"
+        @Option(name: .customLong("out-encoded"), help: "Also write every page's encoded section here, in page order.")
+        var outEncoded: String?
         @Flag(help: "Print the report as JSON.") var json = false
 
         func run() throws {
@@ -71,9 +73,11 @@ struct CodecCommand: ParsableCommand {
             }
             let k = try NumPyArray.read(path: keys)
             let v = try NumPyArray.read(path: values)
-            let result = try CodecRoundtrip(codec: codec, pageTokens: pageTokens, elementType: elementType).run(keys: k, values: v)
+            let result = try CodecRoundtrip(codec: codec, pageTokens: pageTokens, elementType: elementType)
+                .run(keys: k, values: v, keepEncoded: outEncoded != nil)
             try result.keys.write(path: outKeys)
             try result.values.write(path: outValues)
+            if let outEncoded { try writeBytes(result.encoded, path: outEncoded) }
             let r = result.report
             if json { return try printJSON(r) }
             printTable(["CODEC", "PAGES", "ENCODED", "BITS/EL", "K REL ERR", "V REL ERR"], [[

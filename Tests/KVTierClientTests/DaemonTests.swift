@@ -76,6 +76,56 @@ struct DaemonTests {
         await client.close()
     }
 
+    /// The sub-3-bit codecs as the daemon's `diskCodec`: pages evicted to disk are stored with
+    /// the codec's tag and served back decoded (each page's first token bit for bit, the rest
+    /// within the codec's error), the same bytes on every read.
+    @Test(arguments: [("tq3s", UInt32(7), 0.32), ("tq2s", UInt32(8), 0.40)])
+    func subThreeBitDiskCodecsStoreAndServePages(codec: String, tag: UInt32, bound: Double) async throws {
+        let seed = testSeed("DaemonTests.subThreeBitDiskCodecsStoreAndServePages(\(codec))")
+        var random = SplitMix64(seed: seed)
+        let daemon = try await DaemonProcess.start(arguments: ["--disk-codec", codec])
+        defer { daemon.stop() }
+        let client = try await KVTierClient.connect(socketPath: daemon.socketPath, clientName: "client-tests")
+        let model = try await client.registerModel(Self.spec)
+        let tokens = Self.randomTokens(40, &random)
+        let count = Self.spec.shape.elements(tokens: 40)
+        // KV-like data: values near N(0, 1), keys with a per-channel offset (what real keys have).
+        let row = Self.spec.shape.rowElements
+        let offsets = (0..<row).map { _ in 3 * random.nextGaussian() }
+        let keys = (0..<count).map { ElementType.float16.bits(from: offsets[$0 % row] + random.nextGaussian()) }
+        let values = (0..<count).map { _ in ElementType.float16.bits(from: random.nextGaussian()) }
+        #expect(try await client.put(model, tokens: tokens, keys: keys, values: values) == 40)
+        #expect(try await client.evictAll(modelID: model.modelID).evicted == 3)
+        let pages = try await client.pages(modelID: model.modelID).pages
+        #expect(pages.count == 3 && pages.allSatisfy { !$0.tiers.contains(.ram) && $0.codecTag == tag },
+                "\(codec) is tag \(tag): \(pages.map { String($0.codecTag, radix: 16) })")
+        let got = try await client.get(model, tokens: tokens)
+        #expect(got.tokens == 40)
+        func error(_ a: [UInt16], _ b: [UInt16]) -> Double {
+            var difference = 0.0, norm = 0.0
+            for (x, y) in zip(a, b) {
+                let u = Double(ElementType.float16.float(fromBits: x)), v = Double(ElementType.float16.float(fromBits: y))
+                difference += (u - v) * (u - v)
+                norm += u * u
+            }
+            return (difference / norm).squareRoot()
+        }
+        let (keyError, valueError) = (error(keys, got.keys), error(values, got.values))
+        #expect(keyError > 0 && keyError < bound && valueError > 0 && valueError < bound,
+                "\(codec): K error \(keyError), V error \(valueError), seed \(seed)")
+        // Token 0 of every page (0, 16, 32), in both layers, comes back bit for bit.
+        for layer in 0..<2 {
+            for token in [0, 16, 32] {
+                let at = (layer * 40 + token) * row
+                #expect(got.keys[at..<at + row] == keys[at..<at + row] && got.values[at..<at + row] == values[at..<at + row],
+                        "\(codec): layer \(layer) token \(token) is a page's first token")
+            }
+        }
+        let again = try await client.get(model, tokens: tokens)
+        #expect(again.keys == got.keys && again.values == got.values, "a second read decodes the same bytes")
+        await client.close()
+    }
+
     /// Turn 1 stores 40 tokens; turn 2 extends to 70. Turn 2's keys and values for the cached
     /// 40 tokens are garbage: if the client sent any of them (say from the page start at 32),
     /// the GET would return garbage for tokens 32..<40.

@@ -33,6 +33,8 @@ import Testing
         #expect(Quantizer.tq4.bitsPerElement(page) == 4.125)
         #expect(Quantizer.tq3.bitsPerElement(page) == 3.125)
         #expect(Quantizer.tq3m.bitsPerElement(page) == 3.1875)
+        #expect(Quantizer.tq3s.bitsPerElement(page) == 2.927001953125)
+        #expect(Quantizer.tq2s.bitsPerElement(page) == 2.428955078125)
     }
 }
 
@@ -43,6 +45,7 @@ import Testing
     /// implementation, tight enough that a broken quantizer fails.
     @Test(arguments: [
         (Quantizer.q8, 0.02, 0.01), (.k4v4, 0.06, 0.12), (.tq4, 0.11, 0.11), (.tq3, 0.2, 0.2), (.tq3m, 0.16, 0.2),
+        (.tq3s, 0.06, 0.3), (.tq2s, 0.09, 0.37),
     ])
     func lossyErrorIsBounded(quantizer: Quantizer, keyBound: Double, valueBound: Double) throws {
         let seed: UInt64 = 0xC0DEC
@@ -105,7 +108,7 @@ import Testing
 @Suite struct CodecInputValidationTests {
     static let shape = SectionShape(tokens: 40, kvHeads: 2, headDim: 64)
 
-    @Test(arguments: [Quantizer.q8, .k4v4, .tq4, .tq3, .tq3m])
+    @Test(arguments: [Quantizer.q8, .k4v4, .tq4, .tq3, .tq3m, .tq3s, .tq2s])
     func nonFiniteInputIsRefusedWithACount(quantizer: Quantizer) throws {
         for type in ElementType.allCases {
             let shape = SectionShape(tokens: 40, kvHeads: 2, headDim: 64, elementType: type)
@@ -184,7 +187,7 @@ import Testing
 
     @Test func nonFiniteScaleIsReportedAsCorruption() throws {
         let (keys, values) = kvSection(Self.shape, seed: 21)
-        for quantizer in [Quantizer.q8, .k4v4, .tq4, .tq3, .tq3m] {
+        for quantizer in [Quantizer.q8, .k4v4, .tq4, .tq3, .tq3m, .tq3s, .tq2s] {
             let section = SectionCodec(Codec(quantizer))
             var encoded = try section.encode(keys: keys, values: values, shape: Self.shape)
             // The first fp16 of every layout is a scale or a minimum of the keys.

@@ -94,7 +94,7 @@ import Testing
         #expect(e("tq3m") < e("tq3"), "mean removal must help")
         // Benchmarks/quality/eval_codecs.py (NumPy, every query position) measured these on the same
         // tensors (docs/benchmarks.md); every 4th position must land within 3 % of them.
-        let numpy = ["q8": 0.0108, "k4v4": 0.0872, "tq4": 0.1262, "tq3": 0.2391, "tq3m": 0.2059]
+        let numpy = ["q8": 0.0108, "k4v4": 0.0872, "tq4": 0.1262, "tq3": 0.2391, "tq3m": 0.2059, "tq3s": 0.2833, "tq2s": 0.3639]
         for (codec, expected) in numpy {
             #expect(abs(e(codec) / expected - 1) < 0.03, "\(codec): \(e(codec)) against NumPy's \(expected)")
         }
@@ -110,7 +110,7 @@ import Testing
     func fixtureChoicesFollowTheBound() throws {
         let (advisor, candidates) = try Self.fixtureCandidates.get()
         let expected: [(Double, String)] = [(0, "fp16"), (1e-4, "fp16"), (0.05, "q8"), (0.1, "k4v4"), (0.15, "tq4"),
-                                            (0.21, "tq3m"), (0.5, "tq3")]
+                                            (0.21, "tq3m"), (0.25, "tq3"), (0.3, "tq3s"), (0.5, "tq2s")]
         for (bound, codec) in expected {
             let report = try advisor.report(candidates, maxAttentionError: bound)
             #expect(report.codec == codec, "bound \(bound): \(report.message)")

@@ -121,6 +121,23 @@ size_t kvt_tqm_encode(const uint16_t *src, size_t T, size_t H, size_t D, int bit
 /** Decode one tqm part into T*H*D elements of dtype. Returns 0, 1 (non-finite mean or alpha) or -1. */
 int kvt_tqm_decode(const uint8_t *src, size_t T, size_t H, size_t D, int bits, int dtype, uint16_t *dst);
 
+/* ---- tqx: the parts of tq3s and tq2s (layout: docs/codec-layouts.md, "tq3s and tq2s") ----
+ * A part is [the first `exact` tokens as given: exact*H*D 16-bit elements][mean: H*D fp16 when
+ * center][amax: H fp16][for each later (t, h): q u8, D/32 code blocks]. Every coordinate has
+ * `bits` (2 or 3) bits, and when `half` the first 16 of every 32 one more. proj picks the alpha
+ * that keeps the projection (|y|^2 / y.L) instead of the least-squares one. D as tq. Scalar. */
+
+/** Bytes of one part; 0 if D, bits or half is not allowed. */
+size_t kvt_tqx_part_size(size_t T, size_t H, size_t D, int bits, int half, int center, size_t exact);
+/** Encode one part [T,H,D]. scratch: T floats. Returns failures (non-finite elements, else means
+ * and per-head maxima that overflow fp16; 0 = ok) or SIZE_MAX for bad arguments. */
+size_t kvt_tqx_encode(const uint16_t *src, size_t T, size_t H, size_t D, int dtype, int bits, int half, int center,
+                      int proj, size_t exact, float *scratch, uint8_t *dst);
+/** Decode one part into T*H*D elements of dtype. Returns 0, 1 (a kept element or a mean that is
+ * not finite, or a maximum that is not finite or is negative) or -1 for bad arguments. */
+int kvt_tqx_decode(const uint8_t *src, size_t T, size_t H, size_t D, int dtype, int bits, int half, int center,
+                   size_t exact, uint16_t *dst);
+
 /* ---- Quality measurement (not a codec; used by `kvtier codec advise`) ---- */
 
 /**

@@ -277,7 +277,7 @@ def model_id(register_request_body: bytes, page_tokens_in_force: int) -> int:
 
 # Disk codec names as the daemon parses them (`Codec(name:)`, docs/codecs.md): a quantizer,
 # optionally `+` and a lossless stage; case-insensitive.
-CODEC_QUANTIZERS = ("fp16", "q8", "k4v4", "tq4", "tq3", "tq3m")
+CODEC_QUANTIZERS = ("fp16", "q8", "k4v4", "tq4", "tq3", "tq3m", "tq3s", "tq2s")
 _ZSTD_LEVEL = re.compile(r"zstd(?:\(([+-]?[0-9]+)\)|-?([+-]?[0-9]+))\Z")
 
 
