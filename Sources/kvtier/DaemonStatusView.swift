@@ -24,6 +24,8 @@ struct DaemonStatusView: Encodable {
         var used: UInt64
         /// Evicted without a GET having used them.
         var wasted: UInt64
+        /// Asked for by a GET while still being read (counted in `used` too).
+        var late: UInt64
         /// `used` over `issued`; nil before the first prefetch.
         var accuracy: Double?
     }
@@ -55,7 +57,7 @@ struct DaemonStatusView: Encodable {
         tenants = value("tenants")
         let issued = value("prefetch_issued")
         prefetch = Prefetch(issued: issued, loaded: value("prefetch_loaded"), used: value("prefetch_useful"),
-                            wasted: value("prefetch_wasted"), accuracy: issued == 0 ? nil : Double(value("prefetch_useful")) / Double(issued))
+                            wasted: value("prefetch_wasted"), late: value("prefetch_late"), accuracy: issued == 0 ? nil : Double(value("prefetch_useful")) / Double(issued))
         tiers = [
             "ram": Tier(pages: value("ram_pages"), bytes: value("ram_bytes"), budgetBytes: counters["ram_budget_bytes"],
                         hits: value("lookup_hits_ram"), hitRate: rate(value("lookup_hits_ram"))),
@@ -64,9 +66,9 @@ struct DaemonStatusView: Encodable {
         ]
     }
 
-    /// The prefetch row of `kvtier status`: "issued 40, loaded 40, used 36 (90.0%), wasted 2".
+    /// The prefetch row of `kvtier status`: "issued 40, loaded 40, used 36 (90.0%, 3 late), wasted 2".
     var prefetchSummary: String {
-        "issued \(prefetch.issued), loaded \(prefetch.loaded), used \(prefetch.used) (\(prefetch.accuracy.map(Self.percent) ?? "-")), wasted \(prefetch.wasted)"
+        "issued \(prefetch.issued), loaded \(prefetch.loaded), used \(prefetch.used) (\(prefetch.accuracy.map(Self.percent) ?? "-"), \(prefetch.late) late), wasted \(prefetch.wasted)"
     }
 
     static let tierOrder = ["ram", "disk"]

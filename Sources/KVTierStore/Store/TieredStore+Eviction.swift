@@ -418,6 +418,7 @@ extension TieredStore {
                 ("disk_write_failures", UInt64(c.diskWriteFailures)),
                 ("prefetch_issued", UInt64(c.prefetchIssued)), ("prefetch_loaded", UInt64(c.prefetchLoaded)),
                 ("prefetch_useful", UInt64(c.prefetchUseful)), ("prefetch_wasted", UInt64(c.prefetchWasted)),
+                ("prefetch_late", UInt64(c.prefetchLate)),
                 ("sessions", UInt64(sessions)),
                 ("sessions_expired", UInt64(c.sessionsExpired)), ("pinned_bytes", UInt64(pinnedBytes)),
                 ("puts_waited", UInt64(c.putsWaited)), ("evicting", s.evicting ? 1 : 0),

@@ -183,8 +183,9 @@ public final class TieredStore: Sendable {
         var puts = 0, pagesStored = 0, pagesDeduplicated = 0
         var gets = 0, promotions = 0, evictions = 0, diskWriteFailures = 0
         /// Prefetch: pages queued (not in RAM nor loading), read in, then leased by a GET before
-        /// leaving RAM (useful), or evicted without one (wasted).
-        var prefetchIssued = 0, prefetchLoaded = 0, prefetchUseful = 0, prefetchWasted = 0
+        /// leaving RAM (useful), or evicted without one (wasted); late: pages a GET asked for
+        /// while prefetch was still reading them (the GET waited for that read).
+        var prefetchIssued = 0, prefetchLoaded = 0, prefetchUseful = 0, prefetchWasted = 0, prefetchLate = 0
         var sessionsExpired = 0
         /// Puts that waited for eviction because RAM had no room left (the background evictor
         /// fell behind); with headroom to spare this stays 0.

@@ -415,7 +415,8 @@ class PagedAttention:
     def _fetched(self, index: int, ids):
         """Keys and values ``[H, F, P, D]`` of the pages ``ids`` names (from this step's leases,
         leasing the pages no earlier layer of the step needed)."""
-        wanted = sorted(set(ids[ids >= 0].tolist()))
+        wanted_ids = _torch.unique(ids[ids >= 0])          # sorted
+        wanted = wanted_ids.tolist()
         missing = [page for page in wanted if page not in self._step_pages]
         if missing:
             self._lease(missing)
@@ -424,12 +425,13 @@ class PagedAttention:
         if not wanted:
             z = _torch.zeros(heads, ids.shape[1], p, dim, dtype=self.dtype, device=self.device)
             return z, z
-        position = {page: j for j, page in enumerate(wanted)}
-        stacked = _torch.stack([self._step_pages[page][index] for page in wanted])   # [U, 2, P, H, D]
-        stacked = stacked.to(self.device).to(self.dtype)
-        u = _torch.tensor([[position.get(page, 0) for page in row] for row in ids.tolist()], dtype=_torch.long, device=self.device)
+        stacked = _torch.stack([self._step_pages[page][index] for page in wanted])   # [U, 2, P, H, D], host
+        stacked = stacked.to(self.device, non_blocking=True).to(self.dtype)
+        position = _torch.zeros(wanted[-1] + 1, dtype=_torch.long, device=self.device)
+        position[wanted_ids] = _torch.arange(len(wanted), device=self.device)
+        u = position[ids.clamp(min=0)]                      # [H, F]: each page's place in `stacked`
         h = _torch.arange(heads, device=self.device)[:, None]
-        keys = stacked[:, 0][u, :, h, :]       # [H, F, P, D]
+        keys = stacked[:, 0][u, :, h, :]                    # [H, F, P, D]
         values = stacked[:, 1][u, :, h, :]
         self.stats.pages_fetched += int((ids >= 0).sum())
         return keys, values

@@ -213,12 +213,16 @@ class OffloadedCache(DynamicCache):
         self._tokens = []
         self._prompt_mass = {}
 
-    def fork(self, plan: OffloadPlan = None) -> "OffloadedCache":
+    def fork(self, plan: OffloadPlan = None, *, report_attention: bool = None) -> "OffloadedCache":
         """A new cache over this one's prompt, before its first decode step, with ``plan`` (default:
-        this one's): one prefill, several policies, as the benchmarks compare them."""
+        this one's) and ``report_attention`` (default: this one's): one prefill, several policies,
+        as the benchmarks compare them."""
         if self.paged is not None:
             raise ValueError("fork a cache before its first decode step: its prompt is offloaded after that")
-        twin = OffloadedCache(self._client, self.spec, plan or self.plan, **self._paged_args)
+        args = dict(self._paged_args)
+        if report_attention is not None:
+            args["report_attention"] = report_attention
+        twin = OffloadedCache(self._client, self.spec, plan or self.plan, **args)
         for index, layer in enumerate(self.layers):
             if len(twin.layers) <= index:
                 twin.layers.append(type(layer)())
