@@ -6,7 +6,7 @@ This is how offload_quality.py's defaults were chosen; docs/attention-offload.md
     python3 Benchmarks/offload/explore_plans.py --model smollm2 --context 4096 --continuation 128 \\
         --docs 2 --plans "32:8:0.25,32:8:0,32:4:0.25,16:16:0.25,16:8:0.25,64:4:0.25"
 
-A plan is ``page:window_pages:promoted_share`` (mode "summary"); "window" and "promote" add the
+A plan is ``page:window_pages:promoted_share[:dense_layers]`` (mode "summary"); "window" and "promote" add the
 baselines at the plan's page size. Every plan attends to at most ``--budget`` of the context.
 """
 
@@ -28,14 +28,16 @@ from kvtier.offload import OffloadPlan  # noqa: E402
 from kvtier.transformers import OffloadedCache, enable_offload  # noqa: E402
 
 
-def parse(plans: str, budget: int):
+def parse(plans: str, budget: int, layers: int, context: int):
     out = []
     for item in plans.split(","):
         if item in ("window", "promote"):
             out.append((item, None))
             continue
-        page, window, share = item.split(":")
-        out.append((item, OffloadPlan.for_budget(budget, int(page), "summary", window_pages=int(window), promoted_share=float(share))))
+        page, window, share, *dense = item.split(":")
+        extra = dict(dense_layers=int(dense[0]), layers=layers, context_tokens=context) if dense else {}
+        out.append((item, OffloadPlan.for_budget(budget, int(page), "summary", window_pages=int(window), promoted_share=float(share),
+                                                 **extra)))
     return out
 
 
@@ -58,7 +60,7 @@ def main():
     model = enable_offload(model)
     cfg = model.config
     budget = int(args.context * args.budget)
-    plans = parse(args.plans, budget)
+    plans = parse(args.plans, budget, cfg.num_hidden_layers, args.context)
     for name, plan in plans:
         if plan is None:
             p = args.baseline_page
@@ -101,7 +103,8 @@ def main():
                     logits, per_token = runner.feed(cache, continuation[:-1])
                     value = oq.nll(first, logits, continuation)
                     results[name].append(value / full - 1)
-                    print(f"  {name:>14} attends <= {plan.max_attended_tokens:5d}: NLL {value:.4f} ({(value / full - 1) * 100:+.2f}%) "
+                    mean = cache.stats.attended_tokens_sum / max(1, cache.stats.attended_layer_steps)
+                    print(f"  {name:>14} attends <= {plan.max_attended_tokens:5d} (mean {mean:.0f}): NLL {value:.4f} ({(value / full - 1) * 100:+.2f}%) "
                           f"{time.perf_counter() - start:.0f} s, promoted {plan.promoted_pages} fetched {plan.fetch_pages}", flush=True)
     finally:
         daemon.stop()

@@ -54,7 +54,7 @@ from kvtier.transformers import OffloadedCache, enable_offload  # noqa: E402
 
 FIXTURE = Path(os.environ.get("KVTIER_FIXTURES", REPO.parent / "shared" / "fixtures")) / "tinyllama"
 DOCS = ["architecture.md", "benchmarks.md", "security.md", "protocol.md", "operations.md", "testing.md", "codecs.md"]
-METHODS = ("full", "window", "promote", "summary")
+METHODS = ("full", "window", "promote", "summary", "summary-noreport")
 
 
 # ---------------------------------------------------------------- models
@@ -175,8 +175,10 @@ class Runner:
 
     def caches(self, base, plans):
         yield "full", self.full_cache(base)
-        for name in METHODS[1:]:
+        for name in METHODS[1:4]:
             yield name, base.fork(plans[name])
+        if self.args.compare_prefetch:
+            yield "summary-noreport", base.fork(plans["summary"], report_attention=False)
 
 
 def nll(first_logits, logits, targets):
@@ -231,12 +233,22 @@ def run(args):
                     prefill_s = time.perf_counter() - t0
                     row = {"context": context, "doc": name, "prefill_seconds": prefill_s, "methods": {}}
                     for method, cache in runner.caches(base, plans):
+                        if args.cold_start and method.startswith("summary"):
+                            # A later turn: the sequence's pages are in kvtierd already (the methods
+                            # before put them), moved to disk; decoding starts from there.
+                            client.evict(spec, prompt)
                         before = client.status()
-                        logits, per_token = runner.feed(cache, continuation[:-1])
+                        logits, first_step = runner.feed(cache, continuation[:1])
+                        early = client.status()
+                        more, per_token = runner.feed(cache, continuation[1:-1])
+                        logits += more
                         after = client.status()
-                        entry = {"nll": nll(first, logits, continuation), "seconds_per_token": per_token}
+                        entry = {"nll": nll(first, logits, continuation), "seconds_per_token": per_token,
+                                 "first_step_seconds": first_step}
                         if method != "full":
                             entry.update(stats_of(cache, before, after))
+                            entry["first_step"] = {k: early.get(k, 0) - before.get(k, 0)
+                                                   for k in ("promotions", "prefetch_useful", "prefetch_late", "prefetch_issued")}
                         row["methods"][method] = entry
                     full = row["methods"]["full"]["nll"]
                     for entry in row["methods"].values():
@@ -282,9 +294,11 @@ def stats_of(cache, before, after):
              "pages_leased": leased, "lease_requests": s.lease_requests, "pages_fetched": s.pages_fetched,
              "demand_loads": delta.get("promotions", 0), "prefetch_issued": delta.get("prefetch_issued", 0),
              "prefetch_used": delta.get("prefetch_useful", 0), "prefetch_wasted": delta.get("prefetch_wasted", 0)}
+    entry["prefetch_late"] = delta.get("prefetch_late", 0)
     if leased:
-        entry["in_ram_fraction"] = 1 - entry["demand_loads"] / leased
-        entry["prefetched_fraction"] = entry["prefetch_used"] / leased
+        # In RAM when the GET came: neither read for it nor still being read by a prefetch.
+        entry["in_ram_fraction"] = 1 - (entry["demand_loads"] + entry["prefetch_late"]) / leased
+        entry["prefetched_fraction"] = (entry["prefetch_used"] - entry["prefetch_late"]) / leased
     return entry
 
 
@@ -297,18 +311,20 @@ def summarize(report):
     for row in report["passkey"]:
         for method, e in row["methods"].items():
             keys.setdefault((row["context"], method), []).append(e["correct"])
-    print("\n| context | method | NLL | change | passkey | decode tok/s | in RAM | by prefetch |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| context | method | NLL | change | passkey | decode tok/s | pages leased | in RAM at the GET | there by prefetch | prefetch used / issued |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (context, method), entries in sorted(by.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1]))):
         mean = sum(e["nll"] for e in entries) / len(entries)
         change = sum(e["nll_change"] for e in entries) / len(entries)
         speed = len(entries) / sum(e["seconds_per_token"] for e in entries)
         found = keys.get((context, method), [])
-        leased = sum(e.get("pages_leased", 0) for e in entries)
-        ram = f"{100 * (1 - sum(e.get('demand_loads', 0) for e in entries) / leased):.1f}%" if leased else "-"
-        pre = f"{100 * sum(e.get('prefetch_used', 0) for e in entries) / leased:.1f}%" if leased else "-"
+        total = lambda key: sum(e.get(key, 0) for e in entries)  # noqa: E731
+        leased = total("pages_leased")
+        ram = f"{100 * (1 - (total('demand_loads') + total('prefetch_late')) / leased):.1f}%" if leased else "-"
+        pre = f"{100 * (total('prefetch_used') - total('prefetch_late')) / leased:.1f}%" if leased else "-"
+        accuracy = f"{total('prefetch_used')} / {total('prefetch_issued')}" if total("prefetch_issued") else "-"
         pk = f"{sum(found)}/{len(found)}" if found else "-"
-        print(f"| {context} | {method} | {mean:.4f} | {change * 100:+.2f}% | {pk} | {speed:.1f} | {ram} | {pre} |")
+        print(f"| {context} | {method} | {mean:.4f} | {change * 100:+.2f}% | {pk} | {speed:.2f} | {leased or '-'} | {ram} | {pre} | {accuracy} |")
 
 
 def note(text):
@@ -333,6 +349,10 @@ def main():
     parser.add_argument("--dtype", default=None, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     parser.add_argument("--ram-budget", default="4GiB", help="kvtierd's RAM budget (small: pages go to disk)")
+    parser.add_argument("--cold-start", action="store_true",
+                        help="move every page of the sequence to kvtierd's disk after the first decode step (summary methods)")
+    parser.add_argument("--compare-prefetch", action="store_true",
+                        help="also run the summary method without ATTENTION reports (no prefetch)")
     parser.add_argument("--daemon", help="kvtierd binary (default: .build/release, then debug)")
     parser.add_argument("--socket", help="a running kvtierd instead of one of our own")
     parser.add_argument("--json", help="write every figure here")

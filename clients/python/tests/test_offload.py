@@ -302,3 +302,34 @@ def test_generate_runs_with_an_offloaded_cache(client):
     # Attending to every page (float16-rounded ones): the same greedy tokens on this seed.
     assert torch.equal(out, plain)
     assert math.isclose(cache.stats.steps, 11)
+
+
+def test_dense_layers_fetch_every_cold_page(client):
+    n = 10 * PAGE
+    keys, values = prompt_kv(n, seed=11)
+    plan = OffloadPlan.for_budget(8 * PAGE, PAGE, window_pages=2, promoted_share=0, dense_layers=1, layers=LAYERS,
+                                  context_tokens=n)
+    # Two layers at 8 pages of budget each: the dense one takes all 10, the other what is left (6
+    # pages: a sink page, the window and 2 to fetch), so the mean keeps to the budget.
+    assert plan.dense_layers == 1 and plan.fetch_pages == 2 and plan.promoted_pages == 0
+    assert (n + plan.max_attended_tokens) / 2 <= 8 * PAGE
+    with pytest.raises(ValueError):
+        OffloadPlan.for_budget(5 * PAGE, PAGE, window_pages=2, dense_layers=1, layers=LAYERS, context_tokens=n)
+    paged = PagedAttention(client, spec(), plan, query_heads=KV_HEADS * GROUPS, dtype=torch.float32)
+    paged.start(keys, values, token_ids(n, seed=11))
+    cold = paged.cold_pages
+    new_k, new_v = prompt_kv(1, seed=12)
+    paged.add_token(1)
+    q = torch.randn(KV_HEADS * GROUPS, DIM, generator=torch.Generator().manual_seed(13))
+    for layer in range(LAYERS):
+        paged.append(layer, new_k[layer], new_v[layer])
+    outs = [paged.attend(layer, q, SCALE) for layer in range(LAYERS)]
+    for h in range(KV_HEADS):
+        assert sorted(paged.last_fetch[0][h].tolist()) == list(cold)
+        assert len(paged.last_fetch[1][h]) == 2
+    # The dense layer attends to everything: the dense reference over every token.
+    everything = [list(range(paged.length))] * KV_HEADS
+    k0 = torch.cat([keys[0], new_k[0]], 1)
+    v0 = torch.cat([values[0], new_v[0]], 1)
+    assert torch.allclose(outs[0], dense(q, k0, v0, everything), rtol=0, atol=1e-5)
+    paged.end_step()

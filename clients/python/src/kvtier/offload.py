@@ -33,6 +33,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("kvtier.offload needs PyTorch: pip install torch (kvtier itself needs only NumPy)") from e
 
 from .client import Client, PageLease
+from .errors import KVTierError
 from .model import ModelSpec
 from .torch import torch_dtype
 
@@ -46,7 +47,9 @@ class OffloadPlan:
     Per layer and KV head a step attends to ``sink_pages`` pages, the window (``window_tokens``
     up to ``window_tokens + page_tokens - 1`` recent tokens: it gives up a page at a time),
     ``promoted_pages`` promoted pages and ``fetch_pages`` pages fetched for this step;
-    ``max_attended_tokens`` is the sum. ``mode``:
+    ``max_attended_tokens`` is the sum. The first ``dense_layers`` layers fetch every cold page
+    instead (early layers attend diffusely; ``for_budget`` then gives the others less, so the
+    average over layers keeps to the budget). ``mode``:
 
     - ``"summary"``: fetch by key-bound summaries, promote by observed mass (this module's method);
     - ``"promote"``: no fetching; pages are promoted only by mass observed while they were visible
@@ -65,6 +68,7 @@ class OffloadPlan:
     patience: int = 8
     decay: float = 0.7
     swap_margin: float = 2.0
+    dense_layers: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -77,6 +81,8 @@ class OffloadPlan:
             raise ValueError(f"mode {self.mode!r} fetches nothing: set fetch_pages=0")
         if self.mode == "window" and self.promoted_pages:
             raise ValueError("mode 'window' promotes nothing: set promoted_pages=0")
+        if self.dense_layers < 0 or (self.dense_layers and self.mode != "summary"):
+            raise ValueError("dense_layers (first layers that fetch every cold page) needs mode 'summary'")
         if not 0 <= self.decay < 1 or self.demote_mass > self.promote_mass or self.patience < 1 or self.swap_margin < 1:
             raise ValueError("need 0 <= decay < 1, demote_mass <= promote_mass, patience >= 1, swap_margin >= 1")
 
@@ -87,12 +93,19 @@ class OffloadPlan:
 
     @classmethod
     def for_budget(cls, budget_tokens: int, page_tokens: int, mode: str = "summary", *, window_pages: int = 8,
-                   promoted_share: float = 0.25, **policy) -> "OffloadPlan":
+                   promoted_share: float = 0.25, dense_layers: int = 0, layers: int = 0, context_tokens: int = 0,
+                   **policy) -> "OffloadPlan":
         """A plan attending to at most ``budget_tokens`` per step: one sink page, then
         ``"window"``: the rest as window; otherwise a window of ``window_pages`` pages and the rest
         as page slots, ``promoted_share`` of them promoted and the others fetched (``"summary"``)
-        or all promoted (``"promote"``)."""
+        or all promoted (``"promote"``). With ``dense_layers`` of the model's ``layers`` attending
+        to all ``context_tokens``, the other layers share what is left of ``layers × budget``."""
         p = page_tokens
+        if dense_layers:
+            if not 0 < dense_layers < layers or context_tokens <= 0:
+                raise ValueError("dense_layers needs layers (more than dense_layers) and context_tokens")
+            budget_tokens = (layers * budget_tokens - dense_layers * context_tokens) // (layers - dense_layers)
+            policy["dense_layers"] = dense_layers
         if mode == "window":
             return cls(page_tokens=p, window_tokens=budget_tokens - 2 * p + 1, mode=mode, **policy)
         window = window_pages * p
@@ -118,7 +131,9 @@ class OffloadStats:
     promotions: int = 0
     demotions: int = 0
     pages_offloaded: int = 0         # pages put into kvtierd
-    attended_tokens_max: int = 0     # most tokens one step attended to (per layer and head)
+    attended_tokens_max: int = 0     # most tokens one step of a non-dense layer attended to (per head)
+    attended_tokens_sum: int = 0     # tokens attended, summed over layers and steps (head 0)
+    attended_layer_steps: int = 0
     fetched_by_step: List[int] = field(default_factory=list)
 
 
@@ -224,6 +239,14 @@ class PagedAttention:
                 self._seed_promotions(layer, k, v)
         if self.window_start:
             self._put(self.window_start, lambda index, a, b: (keys[index][:, a:b], values[index][:, a:b]))
+        if observed_mass is not None and plan.fetch_pages:
+            # Where the prompt's last token looked: what the first step will likely fetch. If the
+            # pages were stored already (an earlier turn) and went to disk, kvtierd reads them now.
+            cold = self.cold_pages
+            for layer in self.layers:
+                seen = layer.mass[:, cold.start:cold.stop]
+                layer.predicted = seen.mean(0) / seen.mean(0).sum().clamp(min=1e-9) if len(cold) else None
+            self._report()
 
     def _summarize(self, layer: _Layer, keys) -> None:
         """Appends the key bounds of the whole pages of ``keys`` ([H, n, D], n a page multiple)."""
@@ -330,10 +353,11 @@ class PagedAttention:
             parts_v.append(layer.prom_v.reshape(heads, m * p, dim))
             biases.append(self._slot_bias(layer.prom_ids))
         fetch_ids = fk = fv = None
-        if plan.fetch_pages:
+        dense = index < plan.dense_layers
+        if plan.fetch_pages or dense:
             bound = self._bounds(layer, q, scaling)                       # [H, pages]
             if len(cold):
-                fetch_ids = self._choose(layer, bound, cold)              # [H, F], -1: none
+                fetch_ids = self._choose(layer, bound, cold, len(cold) if dense else plan.fetch_pages)  # [H, F], -1: none
                 fk, fv = self._fetched(index, fetch_ids)
                 parts_k.append(fk.reshape(heads, -1, dim))
                 parts_v.append(fv.reshape(heads, -1, dim))
@@ -347,20 +371,25 @@ class PagedAttention:
         logits = _torch.einsum("hgd,htd->hgt", q.float(), keys.float()) * scaling + bias[:, None, :]
         probs = _torch.softmax(logits, dim=-1)
         out = _torch.einsum("hgt,htd->hgd", probs, values.float()).to(self.dtype)
-        self.stats.attended_tokens_max = max(self.stats.attended_tokens_max, int((bias[0] == 0).sum()))
+        attended = int((bias[0] == 0).sum())
+        if not dense:
+            self.stats.attended_tokens_max = max(self.stats.attended_tokens_max, attended)
+        self.stats.attended_tokens_sum += attended
+        self.stats.attended_layer_steps += 1
         self._observe(layer, probs.mean(1), fetch_ids, fk, fv)
         return out.reshape(heads * self.groups, dim)
 
     def end_step(self) -> None:
         """After the last layer: releases the pages this step leased and reports the attention the
         summaries expect at the next step, so kvtierd can read those pages from disk meanwhile."""
-        for lease in self._leases:
-            lease.release()
-        self._leases.clear()
-        self._step_pages.clear()
+        self._release_leases()
         self.stats.steps += 1
         self.stats.fetched_by_step.append(self._step_fetched)
         self._step_fetched = 0
+        self._report()
+
+    def _report(self) -> None:
+        """Sends kvtierd the attention the layers expect at the next step, per cold page."""
         cold = self.cold_pages
         if self.report and len(cold) and self.layers[0].predicted is not None:
             mass = _torch.zeros(cold.stop, dtype=_torch.float32)
@@ -387,9 +416,8 @@ class PagedAttention:
         upper = _torch.einsum("hgd,hpd->hgp", qf.clamp(min=0), layer.kmax) + _torch.einsum("hgd,hpd->hgp", qf.clamp(max=0), layer.kmin)
         return upper.amax(1) * scaling
 
-    def _choose(self, layer: _Layer, bound, cold: range):
-        """The ``fetch_pages`` cold pages per head with the highest bounds, promoted ones excepted."""
-        f = self.plan.fetch_pages
+    def _choose(self, layer: _Layer, bound, cold: range, f: int):
+        """The ``f`` cold pages per head with the highest bounds, promoted ones excepted."""
         scores = _torch.full_like(bound, -math.inf)
         scores[:, cold.start:cold.stop] = bound[:, cold.start:cold.stop]
         promoted = layer.prom_ids
@@ -418,8 +446,13 @@ class PagedAttention:
         wanted_ids = _torch.unique(ids[ids >= 0])          # sorted
         wanted = wanted_ids.tolist()
         missing = [page for page in wanted if page not in self._step_pages]
-        if missing:
-            self._lease(missing)
+        if missing and not self._lease(missing):
+            # The tenant's RAM quota cannot hold this step's leases and these pages: let the
+            # earlier layers' pages go (they were copied already) and ask for this layer's alone.
+            self._release_leases()
+            if not self._lease(wanted):
+                raise RuntimeError(f"kvtierd served fewer than the {len(wanted)} offloaded pages one layer needs: were they "
+                                   "deleted, or is the tenant's RAM quota (tenantRAMQuota) smaller than one step's pages?")
         heads = ids.shape[0]
         p, dim = self.plan.page_tokens, self.model.head_dim
         if not wanted:
@@ -436,19 +469,32 @@ class PagedAttention:
         self.stats.pages_fetched += int((ids >= 0).sum())
         return keys, values
 
-    def _lease(self, pages: List[int]) -> None:
+    def _lease(self, pages: List[int]) -> bool:
+        """Leases ``pages`` for the rest of the step; False (and nothing held) when kvtierd served
+        fewer."""
         p = self.plan.page_tokens
-        lease = self.client.lease_pages(self.model, self.tokens[:(pages[-1] + 1) * p], pages)
-        self._leases.append(lease)
         self.stats.lease_requests += 1
+        try:
+            lease = self.client.lease_pages(self.model, self.tokens[:(pages[-1] + 1) * p], pages)
+        except KVTierError as e:
+            if e.code == "overBudget":  # the tenant's leases fill its RAM quota: not even one page
+                return False
+            raise
         if len(lease.pages) != len(pages):
             lease.release()
-            raise RuntimeError(f"kvtierd served {len(lease.pages)} of {len(pages)} offloaded pages (the first missing: "
-                               f"{pages[len(lease.pages)]}): were they deleted, or is the tenant's RAM quota full of leases?")
+            return False
+        self._leases.append(lease)
         for j, page in enumerate(lease.pages):
             self._step_pages[page] = _host_tensor(lease.page(j), self.model)
         self.stats.pages_leased += len(pages)
         self._step_fetched += len(pages)
+        return True
+
+    def _release_leases(self) -> None:
+        self._step_pages.clear()
+        for lease in self._leases:
+            lease.release()
+        self._leases.clear()
 
     def _observe(self, layer: _Layer, mass, fetch_ids, fk, fv) -> None:
         """Folds the mass each visible page got (``mass`` [H, tokens], in attend's order) into
