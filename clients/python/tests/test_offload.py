@@ -163,10 +163,12 @@ def test_promotion_is_sticky(client):
         return [paged.layers[layer].prom_ids[:, 0].tolist() for layer in range(LAYERS)]
 
     assert step(toward) == [[hot, hot]] * LAYERS           # fetched, mass ~1, average 0.5: promoted
+    assert paged.last_fetch[0].shape[1] == 3, "the empty promoted slot fetched a page too"
     promoted_at = paged.stats.promotions
     # Averages after each step away: 0.25, 0.125, 0.0625, then 0.031 (below 0.05: 1), 0.016 (2), 0.008 (3: out).
     for _ in range(5):
         assert step(away) == [[hot, hot]] * LAYERS
+        assert paged.last_fetch[0].shape[1] == 2
         assert all(hot not in paged.last_fetch[layer].flatten().tolist() for layer in range(LAYERS))
     gone = step(away)
     assert all(hot not in row for row in gone), gone

@@ -357,7 +357,13 @@ class PagedAttention:
         if plan.fetch_pages or dense:
             bound = self._bounds(layer, q, scaling)                       # [H, pages]
             if len(cold):
-                fetch_ids = self._choose(layer, bound, cold, len(cold) if dense else plan.fetch_pages)  # [H, F], -1: none
+                if dense:
+                    fetch_ids = self._choose(layer, bound, cold, len(cold))
+                else:
+                    # A promoted slot nobody holds lends its page to fetching: the budget is spent.
+                    spare = (layer.prom_ids < 0).sum(1)
+                    fetch_ids = self._choose(layer, bound, cold, plan.fetch_pages + int(spare.max()) if len(spare) else plan.fetch_pages,
+                                             per_head=plan.fetch_pages + spare if len(spare) else None)   # [H, F], -1: none
                 fk, fv = self._fetched(index, fetch_ids)
                 parts_k.append(fk.reshape(heads, -1, dim))
                 parts_v.append(fv.reshape(heads, -1, dim))
@@ -416,8 +422,9 @@ class PagedAttention:
         upper = _torch.einsum("hgd,hpd->hgp", qf.clamp(min=0), layer.kmax) + _torch.einsum("hgd,hpd->hgp", qf.clamp(max=0), layer.kmin)
         return upper.amax(1) * scaling
 
-    def _choose(self, layer: _Layer, bound, cold: range, f: int):
-        """The ``f`` cold pages per head with the highest bounds, promoted ones excepted."""
+    def _choose(self, layer: _Layer, bound, cold: range, f: int, per_head=None):
+        """The ``f`` cold pages per head with the highest bounds, promoted ones excepted (with
+        ``per_head``, a tensor [H], only that many for each head; -1 fills the rest)."""
         scores = _torch.full_like(bound, -math.inf)
         scores[:, cold.start:cold.stop] = bound[:, cold.start:cold.stop]
         promoted = layer.prom_ids
@@ -430,6 +437,9 @@ class PagedAttention:
         ids = _torch.where(_torch.isfinite(best), ids, _torch.full_like(ids, -1))
         if k < f:
             ids = _torch.cat([ids, _torch.full((ids.shape[0], f - k), -1, dtype=ids.dtype, device=ids.device)], 1)
+        if per_head is not None:
+            column = _torch.arange(f, device=self.device)[None, :]
+            ids = _torch.where(column < per_head[:, None], ids, _torch.full_like(ids, -1))
         return ids
 
     def _predict(self, layer: _Layer, bound, cold: range) -> None:
