@@ -65,9 +65,11 @@ public final class DaemonMetrics: Sendable {
         Mapping(source: "sessions", name: "kvtier_sessions", labels: [], kind: .gauge, help: "Named sessions."),
         Mapping(source: "sessions_expired", name: "kvtier_sessions_expired_total", labels: [], kind: .counter, help: "Sessions deleted when their TTL ran out."),
         Mapping(source: "pinned_bytes", name: "kvtier_pinned_bytes", labels: [], kind: .gauge, help: "Bytes of pages held in RAM by pinned sessions."),
-        Mapping(source: "prefetch_issued", name: "kvtier_prefetch_pages_total", labels: [("state", "issued")], kind: .counter, help: "Disk pages prefetch was asked to load, loaded, and later served (useful)."),
-        Mapping(source: "prefetch_loaded", name: "kvtier_prefetch_pages_total", labels: [("state", "loaded")], kind: .counter, help: "Disk pages prefetch was asked to load, loaded, and later served (useful)."),
-        Mapping(source: "prefetch_useful", name: "kvtier_prefetch_pages_total", labels: [("state", "useful")], kind: .counter, help: "Disk pages prefetch was asked to load, loaded, and later served (useful)."),
+        Mapping(source: "prefetch_issued", name: "kvtier_prefetch_pages_total", labels: [("state", "issued")], kind: .counter, help: "Disk pages prefetch queued (issued), read into RAM (loaded), then served by a GET before leaving RAM (useful) or evicted unused (wasted)."),
+        Mapping(source: "prefetch_loaded", name: "kvtier_prefetch_pages_total", labels: [("state", "loaded")], kind: .counter, help: "Disk pages prefetch queued (issued), read into RAM (loaded), then served by a GET before leaving RAM (useful) or evicted unused (wasted)."),
+        Mapping(source: "prefetch_useful", name: "kvtier_prefetch_pages_total", labels: [("state", "useful")], kind: .counter, help: "Disk pages prefetch queued (issued), read into RAM (loaded), then served by a GET before leaving RAM (useful) or evicted unused (wasted)."),
+        Mapping(source: "prefetch_late", name: "kvtier_prefetch_late_pages_total", labels: [], kind: .counter, help: "Pages a GET asked for while prefetch was still reading them: the GET waited for that read."),
+        Mapping(source: "prefetch_wasted", name: "kvtier_prefetch_pages_total", labels: [("state", "wasted")], kind: .counter, help: "Disk pages prefetch queued (issued), read into RAM (loaded), then served by a GET before leaving RAM (useful) or evicted unused (wasted)."),
         Mapping(source: "codec_measurements", name: "kvtier_codec_measurements_total", labels: [], kind: .counter, help: "Samples the codec policy measured (first choices and checks)."),
         Mapping(source: "codec_choices", name: "kvtier_codec_choices_total", labels: [], kind: .counter, help: "Models (per tenant) the codec policy chose a disk codec for."),
         Mapping(source: "codec_checks", name: "kvtier_codec_checks_total", labels: [], kind: .counter, help: "Later samples measured with the codec in force."),
@@ -99,6 +101,8 @@ public final class DaemonMetrics: Sendable {
     private let tierBudget: Prometheus.Gauge
     private let ioPath: [String: Prometheus.Gauge]
     private let startTime: Prometheus.Gauge
+    /// Prefetched pages a GET used over pages prefetch issued (`prefetch_useful` / `prefetch_issued`).
+    private let prefetchAccuracy: Prometheus.Gauge
 
     /// `ioPath`: "io_uring" or "pread", the disk tier's read path; `diskBudgetBytes` when set.
     public init(ioPath currentPath: String, diskBudgetBytes: Int?, startTimeSeconds: Double) {
@@ -123,6 +127,9 @@ public final class DaemonMetrics: Sendable {
         startTime = registry.makeGauge(
             descriptor: MetricNameDescriptor(metricName: "kvtier_start_time", unitName: "seconds", helpText: "When kvtierd started, seconds since the Unix epoch."))
         startTime.set(startTimeSeconds)
+        prefetchAccuracy = registry.makeGauge(
+            descriptor: MetricNameDescriptor(metricName: "kvtier_prefetch_accuracy", unitName: "ratio",
+                                             helpText: "Prefetched pages a GET used before they left RAM, over pages prefetch issued (0 before any)."))
         state.withLock { s in
             for mapping in Self.mappings { s.exported[mapping.source] = Self.make(mapping, in: registry) }
             // STATUS carries the disk budget when there is one: the same gauge, not a second one.
@@ -157,6 +164,9 @@ public final class DaemonMetrics: Sendable {
     /// Copies `counters` (store status and server counters, by their `STATUS` names) into the
     /// metrics. Unknown names become gauges `kvtier_store_<name>`.
     public func refresh(_ counters: [(name: String, value: UInt64)]) {
+        let issued = counters.first { $0.name == "prefetch_issued" }?.value ?? 0
+        let used = counters.first { $0.name == "prefetch_useful" }?.value ?? 0
+        prefetchAccuracy.set(issued == 0 ? 0 : Double(used) / Double(issued))
         state.withLock { s in
             for (name, value) in counters {
                 let exported: Exported

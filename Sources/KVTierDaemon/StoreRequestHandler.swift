@@ -68,8 +68,16 @@ public struct StoreRequestHandler: RequestHandler {
                 throw .invalidArgument("this connection has no shared memory: send GET with the inline flag")
             }
             let model = try store.model(r.modelID)
-            let maxTokens = r.inline ? Self.inlineLimit(model, requested: r.maxTokens) : Int(r.maxTokens)
-            let outcome = try store.beginGet(tenant, owner: context.connectionID, modelID: r.modelID, tokens: r.tokens, maxTokens: maxTokens)
+            let outcome: TieredStore.Outcome<TieredStore.GetResult>
+            if let pages = r.pages {
+                // Inline: the leading pages that fit one reply; the client asks again for the rest.
+                let fitting = r.inline ? Self.inlineLimit(model, requested: 0) / model.pageTokens : pages.count
+                outcome = try store.beginGetPages(tenant, owner: context.connectionID, modelID: r.modelID, tokens: r.tokens,
+                                                  pages: pages.prefix(fitting).map { Int($0) })
+            } else {
+                let maxTokens = r.inline ? Self.inlineLimit(model, requested: r.maxTokens) : Int(r.maxTokens)
+                outcome = try store.beginGet(tenant, owner: context.connectionID, modelID: r.modelID, tokens: r.tokens, maxTokens: maxTokens)
+            }
             return finish(outcome, request) { [self] got throws(StoreError) in try getReply(got, model, inline: r.inline, context) }
         case .release(let r):
             return .reply(try release(r, context))

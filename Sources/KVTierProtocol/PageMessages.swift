@@ -138,28 +138,40 @@ public struct PutReply: WireBody {
 }
 
 /// `GET` request: `u64 modelID`, `tokens`, `u32 maxTokens` (0: all cached), `u8 flags` (bit 1
-/// inline; bit 0 is undefined and rejected).
+/// inline, bit 2 pages; bit 0 is undefined and rejected), then with bit 2 `u32 count` and
+/// `count × u32` page indices, strictly increasing: those whole pages of `tokens` instead of the
+/// cached prefix (an offloading client fetching the cold pages a step needs). `maxTokens` must
+/// then be 0. Whether each index is a whole page of `tokens` is the daemon's `invalidArgument`.
 public struct Get: WireBody {
     public var modelID: UInt64
     public var tokens: [UInt32]
     public var maxTokens: UInt32
     /// Ask for the pages inline in the reply instead of as arena extents.
     public var inline: Bool
+    /// nil: the cached prefix. Otherwise the indices of the whole pages of `tokens` wanted, in
+    /// increasing order.
+    public var pages: [UInt32]?
 
     static let inlineFlag: UInt8 = 1 << 1
+    static let pagesFlag: UInt8 = 1 << 2
 
-    public init(modelID: UInt64, tokens: [UInt32], maxTokens: UInt32 = 0, inline: Bool = false) {
+    public init(modelID: UInt64, tokens: [UInt32], maxTokens: UInt32 = 0, inline: Bool = false, pages: [UInt32]? = nil) {
         self.modelID = modelID
         self.tokens = tokens
         self.maxTokens = maxTokens
         self.inline = inline
+        self.pages = pages
     }
 
     public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
         writer.u64(modelID)
         try writer.wireTokens(tokens, field: "tokens")
         writer.u32(maxTokens)
-        writer.u8(inline ? Self.inlineFlag : 0)
+        writer.u8((inline ? Self.inlineFlag : 0) | (pages != nil ? Self.pagesFlag : 0))
+        if let pages {
+            if let defect = Self.pagesDefect(pages, maxTokens: maxTokens) { throw .malformed("GET request: \(defect)") }
+            try writer.wireTokens(pages, field: "pages")
+        }
     }
 
     public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
@@ -167,8 +179,28 @@ public struct Get: WireBody {
         modelID = try reader.u64()
         tokens = try reader.tokens("tokens")
         maxTokens = try reader.u32()
-        inline = try reader.flags("flags", known: Self.inlineFlag) != 0
+        let flags = try reader.flags("flags", known: Self.inlineFlag | Self.pagesFlag)
+        inline = flags & Self.inlineFlag != 0
+        if flags & Self.pagesFlag != 0 {
+            let count = try reader.count("page list", limit: ProtocolLimits.maxExtents, elementBytes: 4)
+            let pages = try reader.u32Array(count)
+            if let defect = Self.pagesDefect(pages, maxTokens: maxTokens) { throw .malformed("GET request: \(defect)") }
+            self.pages = pages
+        } else {
+            pages = nil
+        }
         try reader.finish()
+    }
+
+    /// Why a page list cannot be sent: more than one reply's extents, out of order, or with a
+    /// `maxTokens` it would contradict.
+    static func pagesDefect(_ pages: [UInt32], maxTokens: UInt32) -> String? {
+        if pages.count > ProtocolLimits.maxExtents { return "\(pages.count) pages asked for; one GET serves at most \(ProtocolLimits.maxExtents)" }
+        if maxTokens != 0 { return "maxTokens is \(maxTokens) with a page list; send 0 (the pages say what is wanted)" }
+        for i in pages.indices.dropFirst() where pages[i] <= pages[i - 1] {
+            return "page indices must increase strictly; \(pages[i]) follows \(pages[i - 1])"
+        }
+        return nil
     }
 }
 

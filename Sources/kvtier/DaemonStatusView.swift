@@ -15,6 +15,21 @@ struct DaemonStatusView: Encodable {
         var hitRate: Double?
     }
 
+    /// Disk pages prefetch read ahead of a GET (on session resume, pin, or an ATTENTION report).
+    struct Prefetch: Encodable {
+        /// Queued: on disk, neither in RAM nor being read.
+        var issued: UInt64
+        var loaded: UInt64
+        /// Leased by a GET before they left RAM.
+        var used: UInt64
+        /// Evicted without a GET having used them.
+        var wasted: UInt64
+        /// Asked for by a GET while still being read (counted in `used` too).
+        var late: UInt64
+        /// `used` over `issued`; nil before the first prefetch.
+        var accuracy: Double?
+    }
+
     var socket: String
     var tiers: [String: Tier]
     /// Named sessions (the daemon's `sessions` counter; 0 where it has none).
@@ -24,6 +39,7 @@ struct DaemonStatusView: Encodable {
     var leases: UInt64
     var models: UInt64
     var tenants: UInt64
+    var prefetch: Prefetch
     /// Every counter as the daemon reported it.
     var counters: [String: UInt64]
     /// The disk codec of each of the tenant's models (`kvtier status`; `top` leaves it empty).
@@ -41,12 +57,20 @@ struct DaemonStatusView: Encodable {
         leases = value("leases")
         models = value("models")
         tenants = value("tenants")
+        let issued = value("prefetch_issued")
+        prefetch = Prefetch(issued: issued, loaded: value("prefetch_loaded"), used: value("prefetch_useful"),
+                            wasted: value("prefetch_wasted"), late: value("prefetch_late"), accuracy: issued == 0 ? nil : Double(value("prefetch_useful")) / Double(issued))
         tiers = [
             "ram": Tier(pages: value("ram_pages"), bytes: value("ram_bytes"), budgetBytes: counters["ram_budget_bytes"],
                         hits: value("lookup_hits_ram"), hitRate: rate(value("lookup_hits_ram"))),
             "disk": Tier(pages: value("disk_pages"), bytes: value("disk_live_bytes"), budgetBytes: counters["disk_budget_bytes"],
                          hits: value("lookup_hits_disk"), hitRate: rate(value("lookup_hits_disk"))),
         ]
+    }
+
+    /// The prefetch row of `kvtier status`: "issued 40, loaded 40, used 36 (90.0%, 3 late), wasted 2".
+    var prefetchSummary: String {
+        "issued \(prefetch.issued), loaded \(prefetch.loaded), used \(prefetch.used) (\(prefetch.accuracy.map(Self.percent) ?? "-"), \(prefetch.late) late), wasted \(prefetch.wasted)"
     }
 
     static let tierOrder = ["ram", "disk"]

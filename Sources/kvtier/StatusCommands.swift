@@ -62,6 +62,7 @@ struct StatusCommand: AsyncParsableCommand {
             ["tenants", "\(view.tenants)"],
             ["evictions", "\(view.counters["evictions"] ?? 0)"],
             ["promotions", "\(view.counters["promotions"] ?? 0)"],
+            ["prefetch", view.prefetchSummary],
             ["checksum failures", "\(view.counters["disk_checksum_failures"] ?? 0)"],
         ])
         if !codecs.isEmpty {

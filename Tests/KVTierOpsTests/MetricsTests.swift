@@ -156,6 +156,10 @@ struct MetricsTests {
         #expect(sample("kvtier_prefetch_pages_total{state=\"issued\"}", in: body) == 3)
         let loaded = sample("kvtier_prefetch_pages_total{state=\"loaded\"}", in: body) ?? -1
         #expect(loaded >= 0 && loaded <= 3 && sample("kvtier_prefetch_pages_total{state=\"useful\"}", in: body) == loaded)
+        #expect(sample("kvtier_prefetch_accuracy_ratio", in: body) == loaded / 3, "used over issued")
+        #expect(sample("kvtier_prefetch_pages_total{state=\"wasted\"}", in: body) == 0)
+        let late = sample("kvtier_prefetch_late_pages_total", in: body) ?? -1
+        #expect(late >= 0 && late <= loaded, "a GET that waited for a prefetch read is late: \(late)")
         #expect(sample("kvtier_sessions", in: body) == 1)
     }
 

@@ -79,6 +79,28 @@ struct StatusCommandTests {
         #expect(table.output.contains("sessions"))
     }
 
+    /// An ATTENTION report on disk pages starts a prefetch; status shows issued, loaded, used
+    /// (and the ratio), late and wasted.
+    @Test func statusReportsPrefetch() async throws {
+        let folder = try TemporaryFolder()
+        defer { folder.remove() }
+        let daemon = try await startDaemon(in: folder, [])
+        defer { daemon.stop() }
+        let socket = folder.path + "/s.sock"
+        let writer = try await Writer(socket: socket, tokens: 48)  // 3 pages of 16 tokens
+        try await writer.put()
+        _ = try await writer.client.evict(writer.model, tokens: writer.tokens)
+        try await writer.client.reportAttention(writer.model, tokens: writer.tokens, pageMass: [0, 0.5, 0.2])
+        await writer.client.close()
+        let status = try Self.statusJSON(socket: socket)
+        let prefetch = status["prefetch"] as? [String: Any]
+        #expect(prefetch?["issued"] as? Int == 2, "\(status)")
+        #expect(prefetch?["used"] as? Int == 0 && prefetch?["accuracy"] as? Double == 0)
+        let table = try runToCompletion([Checkout.cli!, "status", "--socket", socket])
+        let row = table.output.split(separator: "\n").first { $0.hasPrefix("prefetch ") }.map(String.init) ?? ""
+        #expect(row.contains("issued 2,") && row.contains("used 0 (0.0%, 0 late), wasted 0"), "prefetch row: \(row)\n\(table.output)")
+    }
+
     @Test func statusFailsClearlyWithoutADaemon() throws {
         let folder = try TemporaryFolder()
         defer { folder.remove() }

@@ -158,6 +158,28 @@ import Testing
         let get = { (flags: UInt8) in body { $0.u64(1); $0.u32(0); $0.u32(0); $0.u8(flags) } }
         #expect((try? Get(decoding: get(2)))?.inline == true)
         expectError(.malformed) { () throws(ProtocolError) in _ = try Get(decoding: get(1)) }
+        // A page list (flag bit 2): strictly increasing, at most maxExtents, and maxTokens 0.
+        let pages = { (maxTokens: UInt32, list: [UInt32], count: UInt32?) in
+            body { w in
+                w.u64(1); w.u32(0); w.u32(maxTokens); w.u8(4)
+                w.u32(count ?? UInt32(list.count))
+                for page in list { w.u32(page) }
+            }
+        }
+        #expect((try? Get(decoding: pages(0, [0, 3, 9], nil)))?.pages == [0, 3, 9])
+        #expect((try? Get(decoding: pages(0, [], nil)))?.pages == [])
+        #expect((try? Get(decoding: get(0)))?.pages == nil)
+        expectError(.malformed) { () throws(ProtocolError) in _ = try Get(decoding: pages(0, [3, 3], nil)) }
+        expectError(.malformed) { () throws(ProtocolError) in _ = try Get(decoding: pages(0, [4, 2], nil)) }
+        expectError(.malformed) { () throws(ProtocolError) in _ = try Get(decoding: pages(16, [1], nil)) }
+        expectError(.malformed) { () throws(ProtocolError) in _ = try Get(decoding: pages(0, [1, 2], 3)) }
+        expectError(.tooLarge) { () throws(ProtocolError) in
+            _ = try Get(decoding: pages(0, [], UInt32(ProtocolLimits.maxExtents + 1)))
+        }
+        expectError(.malformed) { () throws(ProtocolError) in
+            var writer = ByteWriter()
+            try Get(modelID: 1, tokens: [], inline: false, pages: [2, 1]).encode(into: &writer)
+        }
         expectError(.malformed) { () throws(ProtocolError) in _ = try withRawBytes([1]) { (raw) throws(ProtocolError) in try Request.decodeBody(opcode: .ping, raw) } }
     }
 }

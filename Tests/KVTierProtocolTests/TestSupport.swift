@@ -65,6 +65,15 @@ struct MessageGenerator {
         }
     }
 
+    /// A GET's page list: strictly increasing indices.
+    mutating func increasingPages() -> [UInt32] {
+        var page: UInt32 = 0
+        return (0..<int(0...maxList)).map { _ in
+            page += UInt32(int(1...1_000))
+            return page - 1
+        }
+    }
+
     mutating func pageData() -> PageData {
         if bool() { return .extents(extents()) }
         return .inline((0..<int(0...maxList * 8)).map { _ in UInt8(truncatingIfNeeded: random.next()) })
@@ -85,7 +94,9 @@ struct MessageGenerator {
                                          diskCodec: diskCodec()))
         case .lookup: .lookup(Lookup(modelID: u64(), tokens: tokens()))
         case .put: .put(Put(modelID: u64(), session: string(), durable: bool(), tokens: tokens(), dataStart: u32(), data: pageData()))
-        case .get: .get(Get(modelID: u64(), tokens: tokens(), maxTokens: u32(), inline: bool()))
+        case .get:
+            bool() ? .get(Get(modelID: u64(), tokens: tokens(), maxTokens: u32(), inline: bool()))
+                : .get(Get(modelID: u64(), tokens: tokens(), inline: bool(), pages: increasingPages()))
         case .release: .release(Release(leaseID: u64()))
         case .alloc: .alloc(Alloc(byteCounts: (0..<int(0...maxList)).map { _ in u64() }))
         case .sessionList: .sessionList(ListPage(offset: u32(), limit: UInt32(int(1...ProtocolLimits.maxListEntries))))

@@ -140,18 +140,28 @@ extension TieredStore {
     /// or nil when nothing is on disk only.
     func prefetch(_ tenant: TenantID, model: ModelSpec, tokens: [UInt32], budgetBytes: Int) -> Task<Int, Never>? {
         let pages = locate(tenant, model, tokens).filter { $0.tier == .disk }
-        guard !pages.isEmpty, let memory = try? memory(for: tenant) else { return nil }
-        let heat = state.withLock { s in
-            s.counters.prefetchIssued += pages.count
-            return pages.map { s.evictedHeat[$0.address] ?? 0 }
-        }
+        guard !pages.isEmpty else { return nil }
+        let heat = state.withLock { s in pages.map { s.evictedHeat[$0.address] ?? 0 } }
         var order = pages.indices.sorted { heat[$0] != heat[$1] ? heat[$0] > heat[$1] : $0 < $1 }
         var bytes = 0
         order = Array(order.prefix { index in
             bytes += pages[index].tokens.count * model.bytesPerToken
             return bytes <= budgetBytes
         })
-        let addresses = order.map { pages[$0].address }
+        return prefetch(tenant, model: model, addresses: order.map { pages[$0].address })
+    }
+
+    /// Starts loading `addresses` (disk pages, in the order given) into RAM without leasing them;
+    /// pages in RAM or being loaded already are skipped, the others count as issued. Returns
+    /// the task (its value: pages loaded), or nil when there is nothing to load.
+    func prefetch(_ tenant: TenantID, model: ModelSpec, addresses wanted: [PageAddress]) -> Task<Int, Never>? {
+        guard let memory = try? memory(for: tenant) else { return nil }
+        let addresses = state.withLock { s in
+            let missing = wanted.filter { s.resident[$0] == nil && s.loading[$0] == nil }
+            s.counters.prefetchIssued += missing.count
+            return missing
+        }
+        guard !addresses.isEmpty else { return nil }
         return Task {
             // Batches of a few pages: a GET that comes meanwhile waits only for the batch
             // holding its page, and reads the pages not started yet itself.

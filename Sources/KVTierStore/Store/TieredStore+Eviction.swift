@@ -256,6 +256,7 @@ extension TieredStore {
                   !requiringDiskCopy || disk?.contains(address) == true else { return nil }
             _ = s.removeResident(address)
             s.counters.evictions += 1
+            if page.prefetched { s.counters.prefetchWasted += 1 }
             if s.evictedHeat.count >= Self.evictedHeatLimit { s.evictedHeat.removeAll(keepingCapacity: true) }
             s.evictedHeat[address] = heat(page, now: Clocks.monotonicMicros())
             return (page.extent, memory)
@@ -343,19 +344,34 @@ extension TieredStore {
 
     // MARK: attention and status
 
-    /// Adds the attention mass a client measured per page of `tokens` to those pages' heat.
-    public func reportAttention(_ tenant: TenantID, modelID: UInt64, tokens: [UInt32], masses: [Float]) throws(StoreError) {
+    /// Adds the attention mass a client measured per page of `tokens` to those pages' heat, and
+    /// prefetches the disk pages among them reported with at least `attentionPrefetchMinMass`
+    /// (most mass first, at most `attentionPrefetchPages`): a client reports the attention it
+    /// expects at its next step, so the pages it will ask for are read while it computes.
+    /// Returns the prefetch (its value: pages loaded), or nil when nothing was to be read.
+    @discardableResult
+    public func reportAttention(_ tenant: TenantID, modelID: UInt64, tokens: [UInt32], masses: [Float]) throws(StoreError) -> Task<Int, Never>? {
         let model = try model(modelID)
         let pages = locate(tenant, model, tokens)
-        state.withLock { s in
+        let limit = configuration.attentionPrefetchPages, least = configuration.attentionPrefetchMinMass
+        let cold = state.withLock { s -> [(address: PageAddress, mass: Float)] in
+            var cold: [(address: PageAddress, mass: Float)] = []
             for (page, mass) in zip(pages, masses) where mass.isFinite && mass > 0 {
                 if s.resident[page.address] != nil {
                     s.resident[page.address]!.attention += Double(mass)
-                } else if s.evictedHeat.count < Self.evictedHeatLimit {
+                    continue
+                }
+                if s.evictedHeat.count < Self.evictedHeatLimit {
                     s.evictedHeat[page.address, default: 0] += Double(mass)  // steers prefetch order
                 }
+                if limit > 0, page.tier == .disk, mass >= least, s.loading[page.address] == nil { cold.append((page.address, mass)) }
             }
+            return cold
         }
+        guard !cold.isEmpty else { return nil }
+        // Most attended first; equal masses in sequence order (the sort is stable).
+        let chosen = cold.sorted { $0.mass > $1.mass }.prefix(limit).map(\.address)
+        return prefetch(tenant, model: model, addresses: Array(chosen))
     }
 
     /// Counters and gauges, named as in `kvtier status`. Never waits for the store's lock:
@@ -401,7 +417,9 @@ extension TieredStore {
                 ("promotions", UInt64(c.promotions)), ("evictions", UInt64(c.evictions)),
                 ("disk_write_failures", UInt64(c.diskWriteFailures)),
                 ("prefetch_issued", UInt64(c.prefetchIssued)), ("prefetch_loaded", UInt64(c.prefetchLoaded)),
-                ("prefetch_useful", UInt64(c.prefetchUseful)), ("sessions", UInt64(sessions)),
+                ("prefetch_useful", UInt64(c.prefetchUseful)), ("prefetch_wasted", UInt64(c.prefetchWasted)),
+                ("prefetch_late", UInt64(c.prefetchLate)),
+                ("sessions", UInt64(sessions)),
                 ("sessions_expired", UInt64(c.sessionsExpired)), ("pinned_bytes", UInt64(pinnedBytes)),
                 ("puts_waited", UInt64(c.putsWaited)), ("evicting", s.evicting ? 1 : 0),
             ]

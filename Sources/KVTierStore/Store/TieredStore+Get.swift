@@ -48,6 +48,49 @@ extension TieredStore {
         }
     }
 
+    /// A GET of chosen whole pages of `tokens` (`indices`, increasing) instead of its cached
+    /// prefix: what an offloading client asks for when a step needs cold pages. The pages are
+    /// found by their keys alone (a page's key fixes its tokens and all before them), so pages
+    /// between them need not be cached. Serves the leading pages of `indices` that are stored
+    /// and fit the tenant's quota; `tokens` of the result is their count times the page size.
+    public func beginGetPages(_ tenant: TenantID, owner: UInt64, modelID: UInt64, tokens: [UInt32],
+                              pages indices: [Int]) throws(StoreError) -> Outcome<GetResult> {
+        let (found, existing) = state.withLock { s in (s.models[modelID], s.memories[tenant]) }
+        guard let model = found else { throw .unknownModel(modelID) }
+        let size = model.pageTokens
+        guard let last = indices.last else {
+            throw .invalidArgument("GET names an empty page list: name at least one page, or send no list for the cached prefix")
+        }
+        guard (last + 1) * size <= tokens.count else {
+            throw .invalidArgument("GET asks for page \(last), but \(tokens.count) tokens hold \(tokens.count / size) whole pages of \(size): send the tokens up to the end of the last page wanted")
+        }
+        let memory: any PageMemory
+        if let existing { memory = existing } else { memory = try self.memory(for: tenant) }
+        let keys = Self.wholePageKeys(model, tokens, limit: last + 1)
+        var wanted = indices.map { index in
+            PageRef(address: PageAddress(tenant: tenant, key: keys[index]), tokens: index * size..<(index + 1) * size, tier: .ram)
+        }
+        @Sendable func counted(_ result: GetResult) -> GetResult {
+            var result = result
+            result.tokens = result.pages.count * size
+            return result
+        }
+        if let result = try leaseIfResident(tenant, owner: owner, wanted, maxTokens: 0) { return .done(counted(result)) }
+        // The leading pages stored in either tier: the rest of the list is not served.
+        let inRAM = state.withLock { s in wanted.map { s.resident[$0.address] != nil } }
+        let onDisk = disk?.containsEach(wanted.map(\.address), skipping: inRAM) ?? inRAM.map { _ in false }
+        let stored = wanted.indices.prefix { inRAM[$0] || onDisk[$0] }
+        wanted = stored.map { index in
+            var page = wanted[index]
+            page.tier = inRAM[index] ? .ram : .disk
+            return page
+        }
+        let located = wanted
+        return .pending { [self] () async throws(StoreError) -> GetResult in
+            counted(try await finishGet(tenant, owner: owner, model, memory, located, maxTokens: 0))
+        }
+    }
+
     /// Leases `pages` when all are in RAM and the leases keep the tenant within its quota, in one
     /// lock of the store; nil (nothing changed) otherwise. Throws when the connection or tenant
     /// may hold no more leases.

@@ -5,6 +5,8 @@ extension TieredStore {
     /// A load in flight: the callers waiting for its pages.
     struct Loading {
         var waiters: [CheckedContinuation<Void, Never>] = []
+        /// Prefetch started it: a GET that waits for it counts as late (`prefetchLate`).
+        var prefetch = false
     }
 
     /// Brings disk pages into the tenant's memory, unleased: one batched disk read (reads in
@@ -28,10 +30,11 @@ extension TieredStore {
         var theirs: [PageAddress] = []
         state.withLock { s in
             for address in addresses where s.resident[address] == nil {
-                if s.loading[address] != nil {
+                if let other = s.loading[address] {
                     theirs.append(address)
+                    if other.prefetch && !prefetch { s.counters.prefetchLate += 1 }
                 } else {
-                    s.loading[address] = Loading()
+                    s.loading[address] = Loading(prefetch: prefetch)
                     mine.append(address)
                 }
             }

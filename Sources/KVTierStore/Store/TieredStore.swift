@@ -44,6 +44,13 @@ public final class TieredStore: Sendable {
         /// when less than half of this is free and stops when all of it is; nil: an eighth of
         /// the budget, and at least 64 MiB (half the budget at most).
         public var evictionHeadroomBytes: Int? = nil
+        /// Disk pages one `ATTENTION` report may start prefetching (those with the most mass
+        /// first): a client that reports the attention it expects next gets those pages read into
+        /// RAM before it asks for them. 0: reports only feed heat.
+        public var attentionPrefetchPages = 64
+        /// Least mass a page must be reported with to be prefetched (a step's masses sum to
+        /// about 1, so 0.01 is a hundredth of its attention).
+        public var attentionPrefetchMinMass: Float = 0.01
         /// Most models one tenant may register while the daemon runs (`register(_:for:)`).
         public var maxModelsPerTenant = 256
         public init() {}
@@ -178,7 +185,11 @@ public final class TieredStore: Sendable {
         var lookups = 0, hitsRAM = 0, hitsDisk = 0, misses = 0
         var puts = 0, pagesStored = 0, pagesDeduplicated = 0
         var gets = 0, promotions = 0, evictions = 0, diskWriteFailures = 0
-        var prefetchIssued = 0, prefetchLoaded = 0, prefetchUseful = 0, sessionsExpired = 0
+        /// Prefetch: pages queued (not in RAM nor loading), read in, then leased by a GET before
+        /// leaving RAM (useful), or evicted without one (wasted); late: pages a GET asked for
+        /// while prefetch was still reading them (the GET waited for that read).
+        var prefetchIssued = 0, prefetchLoaded = 0, prefetchUseful = 0, prefetchWasted = 0, prefetchLate = 0
+        var sessionsExpired = 0
         /// Puts that waited for eviction because RAM had no room left (the background evictor
         /// fell behind); with headroom to spare this stays 0.
         var putsWaited = 0

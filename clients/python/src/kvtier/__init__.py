@@ -9,7 +9,7 @@
 """
 
 from ._wire import EvictResult, Extent, PageInfo, RegisteredModel, SessionEntry, SessionInfo
-from .client import Client, LookupResult, PutResult
+from .client import Client, LookupResult, PageLease, PutResult
 from .errors import KVTierConnectionError, KVTierError, ProtocolViolation
 from .model import ModelShape, ModelSpec
 from .paths import NoDefaultPath, default_socket_path, default_state_dir
@@ -27,6 +27,7 @@ __all__ = [
     "ModelShape",
     "ModelSpec",
     "PageInfo",
+    "PageLease",
     "PrefixCache",
     "ProtocolViolation",
     "PutResult",

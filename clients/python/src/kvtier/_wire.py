@@ -30,6 +30,7 @@ CAP_SHARED_MEMORY = 1 << 0
 PUT_DURABLE = 1 << 0
 PUT_INLINE = 1 << 1
 GET_INLINE = 1 << 1
+GET_PAGES = 1 << 2  # a page list follows the flags: chosen whole pages instead of the prefix
 
 # Fixed v1 limits (ProtocolLimits); the first three are replaced by the HELLO reply's values.
 MAX_CONTROL_BODY = 2 << 20

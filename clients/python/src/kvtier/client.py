@@ -785,6 +785,65 @@ class Client:
             self._release_quietly(lease)
         return served
 
+    def lease_pages(self, model: ModelSpec, tokens, pages: Sequence[int]) -> "PageLease":
+        """Chosen whole pages of ``tokens`` (``GET`` with a page list): page ``i`` holds tokens
+        ``i * page_tokens ..< (i + 1) * page_tokens``; ``pages`` strictly increasing, and
+        ``tokens`` must reach the end of the last one. Pages between them need not be cached.
+
+        Returns a ``PageLease`` holding the leading pages of ``pages`` that kvtierd has (it stops
+        at the first it lacks, or where the tenant's RAM quota is full): ``lease.pages`` lists
+        them and ``lease.page(j)`` is the ``j``-th as a read-only uint16 array ``[layers, 2,
+        page_tokens, kv_heads, head_dim]`` (keys at ``[:, 0]``). With shared memory that is a view
+        of the daemon's page arena, valid until ``lease.release()`` (or the ``with`` block ends);
+        inline, a copy. An offloading cache asks for the cold pages a decode step needs this way.
+        """
+        spec, reg = self._spec(model)
+        toks = self._tokens(tokens, truncate=True)
+        wanted = [int(p) for p in pages]
+        if not wanted:
+            return PageLease(self, [], [], 0)
+        if len(wanted) > _wire.MAX_EXTENTS:
+            raise ValueError(f"{len(wanted)} pages asked for; one GET serves at most {_wire.MAX_EXTENTS}")
+        if any(b <= a for a, b in zip(wanted, wanted[1:])) or wanted[0] < 0:
+            raise ValueError("page indices must be non-negative and strictly increasing")
+        page = reg.page_tokens
+        if (wanted[-1] + 1) * page > len(toks):
+            raise ValueError(f"page {wanted[-1]} ends at token {(wanted[-1] + 1) * page}; only {len(toks)} tokens given")
+        inline = not self.shared_memory
+        flags = _wire.GET_PAGES | (_wire.GET_INLINE if inline else 0)
+        body, _ = self._call(Op.GET, [_wire.u64(reg.model_id), _wire.tokens_field(toks), _wire.u32(0), _wire.u8(flags),
+                                      _wire.u32(len(wanted)), np.asarray(wanted, dtype="<u4").tobytes()])
+        served, lease, r = _wire.get_reply_head(body, inline=inline)
+        shape = spec.shape.page_shape(page)
+        count = spec.shape.page_elements(page)
+        views: List[np.ndarray] = []
+        try:
+            if served % page or served // page > len(wanted):
+                raise self._protocol(f"GET reply: {served} tokens served for {len(wanted)} pages of {page}")
+            n = served // page
+            if inline:
+                length = r.u64()
+                if length != r.remaining() or length != n * count * 2:
+                    raise self._protocol(f"GET reply: {length} inline bytes for {n} pages of {count * 2}")
+                for j in range(n):
+                    views.append(np.frombuffer(body, dtype=np.uint16, count=count, offset=r.at + j * count * 2).reshape(shape))
+            else:
+                extents = r.extents()
+                r.finish()
+                if len(extents) != n:
+                    raise self._protocol(f"GET reply: {len(extents)} extents for {n} pages served")
+                for e in extents:
+                    if e.tokens != page:
+                        raise self._protocol(f"GET reply: a page of {e.tokens} tokens where whole pages of {page} were asked for")
+                    self._check_extent(e, page * spec.bytes_per_token, "GET reply", self.arena_bytes)
+                    views.append(np.frombuffer(self._mm, dtype=np.uint16, count=count, offset=e.offset).reshape(shape))
+        except BaseException:
+            views.clear()
+            if lease and self._sock is not None:
+                self._release_quietly(lease)
+            raise
+        return PageLease(self, wanted[:len(views)], views, lease)
+
     # ------------------------------------------------------------ attention, status
 
     def report_attention(self, model: ModelRef, tokens, page_mass: Iterable[float]) -> None:
@@ -930,3 +989,33 @@ class Client:
         mid, toks = r.u64(), r.tokens()
         r.finish()
         return mid, toks
+
+
+class PageLease:
+    """Pages ``Client.lease_pages`` served: ``pages`` (their indices) and ``page(j)`` (the j-th,
+    ``[layers, 2, page_tokens, kv_heads, head_dim]`` uint16). Shared-memory views stay valid
+    until ``release()``, which a ``with`` block calls; a released lease serves nothing."""
+
+    def __init__(self, client: "Client", pages: List[int], views: List[np.ndarray], lease_id: int):
+        self._client = client
+        self.pages = pages
+        self._views = views
+        self.lease_id = lease_id
+
+    def page(self, j: int) -> np.ndarray:
+        if self._views is None:
+            raise ValueError("this lease was released: its pages may have moved")
+        return self._views[j]
+
+    def release(self) -> None:
+        if self._views is None:
+            return
+        self._views = None
+        if self.lease_id and self._client._sock is not None:
+            self._client._release_quietly(self.lease_id)
+
+    def __enter__(self) -> "PageLease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -11,9 +11,19 @@ including 5.x; tested with 4.56.2, 4.57.6 and 5.23.0. Needs ``torch`` and ``tran
 
 One sequence per cache (batch size 1), full-attention layers only: a sliding-window layer keeps
 only its window, so there would be nothing whole to store.
+
+``OffloadedCache`` keeps only part of a long context resident while decoding and fetches the
+rest from kvtierd as attention needs it (``kvtier.offload``; docs/attention-offload.md):
+
+    enable_offload(model)                          # its attention, and token ids for the cache
+    plan = OffloadPlan.for_budget(1024, page_tokens=32)
+    cache = OffloadedCache(client, spec, plan, query_heads=model.config.num_attention_heads)
+    out = model.generate(torch.tensor([prompt_ids]), past_key_values=cache, max_new_tokens=64)
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -26,6 +36,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from .client import Client
 from .model import ModelSpec
+from .offload import OffloadPlan, PagedAttention
 from .prefix import PrefixCache
 from .torch import from_numpy, to_numpy, torch_dtype
 
@@ -111,4 +122,180 @@ def _token_list(tokens) -> np.ndarray:
     return np.asarray(tokens, dtype=np.int64).ravel()
 
 
-__all__ = ["KVTierCache"]
+OFFLOAD_ATTENTION = "kvtier_offload"
+_ids = threading.local()
+
+
+def enable_offload(model):
+    """Makes ``model`` (a Transformers causal LM) able to run with an ``OffloadedCache``: its
+    attention becomes ``"kvtier_offload"`` (SDPA whenever the cache is not an offloaded one, so
+    other caches work as before), and a hook on its input embeddings hands each forward's token
+    ids to the cache, which keys pages by them. Returns ``model``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(OFFLOAD_ATTENTION, _attention)
+    AttentionMaskInterface.register(OFFLOAD_ATTENTION, sdpa_mask)
+    model.config._attn_implementation = OFFLOAD_ATTENTION
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = OFFLOAD_ATTENTION
+    embeddings = model.get_input_embeddings()
+    if not getattr(embeddings, "_kvtier_ids_hook", False):
+        embeddings.register_forward_pre_hook(_record_ids)
+        embeddings._kvtier_ids_hook = True
+    return model
+
+
+def _record_ids(module, args):
+    if args and isinstance(args[0], _torch.Tensor):
+        _ids.value = args[0]
+
+
+def _take_ids(count: int):
+    ids = getattr(_ids, "value", None)
+    _ids.value = None
+    if ids is None:
+        raise ValueError("OffloadedCache needs the token ids of each forward: call kvtier.transformers.enable_offload(model) "
+                         "first, and pass input_ids (not inputs_embeds)")
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] != count:
+        raise ValueError(f"OffloadedCache holds one sequence; this forward's input ids have shape {tuple(ids.shape)} "
+                         f"for {count} new tokens")
+    return ids[0].tolist()
+
+
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """The ``kvtier_offload`` attention: an offloaded cache's paged attention for a decode step,
+    SDPA otherwise (a prompt's forward also records where its last token's attention went)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    marker = getattr(key, "_kvtier_offload", None)
+    if marker is not None:
+        cache, layer = marker
+        if query.shape[0] != 1 or query.shape[2] != 1:
+            raise ValueError("an offloaded cache decodes one token of one sequence per forward")
+        out = cache.paged.attend(layer, query[0, :, 0], scale)            # [Hq, D]
+        if layer == len(cache.paged.layers) - 1:
+            cache.paged.end_step()
+        return out.to(query.dtype)[None, None], None                       # [1, 1, Hq, D]
+    prompt = getattr(key, "_kvtier_prompt", None)
+    if prompt is not None:
+        prompt[0]._observe_prompt(prompt[1], query, key, scale)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+class OffloadedCache(DynamicCache):
+    """A cache that prefills like ``DynamicCache`` and, from the first decode step on, keeps only
+    what ``plan`` says resident (sinks, window, promoted pages) and fetches the cold pages each
+    step needs from kvtierd (``kvtier.offload.PagedAttention``, which ``paged`` is once started).
+
+    The model must be prepared with ``enable_offload(model)``. ``model`` is the ``ModelSpec`` of
+    the network's KV with ``page_tokens`` equal to the plan's; ``query_heads`` the network's
+    attention heads; ``dtype`` and ``device`` those of its attention tensors (default: the
+    spec's dtype, CPU). One sequence per cache; decode feeds one token per forward.
+    """
+
+    def __init__(self, client: Client, model: ModelSpec, plan: OffloadPlan, *, query_heads: int, dtype=None, device=None,
+                 report_attention: bool = True, config=None):
+        if config is None:
+            super().__init__()
+        else:
+            super().__init__(config=config)
+        if any(getattr(layer, "is_sliding", False) for layer in self.layers):
+            raise ValueError("OffloadedCache holds full-attention layers only")
+        self.spec = model
+        self.plan = plan
+        self.paged: PagedAttention = None
+        self._paged_args = dict(query_heads=query_heads, dtype=dtype, device=device, report_attention=report_attention)
+        self._client = client
+        self._tokens = []
+        self._prompt_mass = {}
+
+    def fork(self, plan: OffloadPlan = None, *, report_attention: bool = None) -> "OffloadedCache":
+        """A new cache over this one's prompt, before its first decode step, with ``plan`` (default:
+        this one's) and ``report_attention`` (default: this one's): one prefill, several policies,
+        as the benchmarks compare them."""
+        if self.paged is not None:
+            raise ValueError("fork a cache before its first decode step: its prompt is offloaded after that")
+        args = dict(self._paged_args)
+        if report_attention is not None:
+            args["report_attention"] = report_attention
+        twin = OffloadedCache(self._client, self.spec, plan or self.plan, **args)
+        for index, layer in enumerate(self.layers):
+            if len(twin.layers) <= index:
+                twin.layers.append(type(layer)())
+            copy = twin.layers[index]
+            copy.lazy_initialization(layer.keys, layer.values)
+            copy.keys, copy.values = layer.keys.clone(), layer.values.clone()
+        twin._tokens = list(self._tokens)
+        twin._prompt_mass = {i: m.clone() for i, m in self._prompt_mass.items()}
+        return twin
+
+    @property
+    def stats(self):
+        """``kvtier.offload.OffloadStats`` of the decode steps so far (None before the first)."""
+        return self.paged.stats if self.paged is not None else None
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.paged is None and not (key_states.shape[-2] == 1 and self.get_seq_length() > 0):
+            if layer_idx == 0:
+                self._tokens.extend(_take_ids(key_states.shape[-2]))
+            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            keys._kvtier_prompt = (self, layer_idx)
+            return keys, values
+        if key_states.shape[0] != 1 or key_states.shape[-2] != 1:
+            raise ValueError("an offloaded cache decodes one token of one sequence per forward "
+                             f"(got keys of shape {tuple(key_states.shape)})")
+        if layer_idx == 0:
+            token = _take_ids(1)[0]
+            if self.paged is None:
+                self._start()
+            self.paged.add_token(token)
+        self.paged.append(layer_idx, key_states[0], value_states[0])
+        key_states._kvtier_offload = (self, layer_idx)
+        return key_states, value_states
+
+    def _start(self) -> None:
+        """Hands the prefilled prompt to ``PagedAttention``, which offloads its cold pages, and
+        drops the full copy."""
+        self.paged = PagedAttention(self._client, self.spec, self.plan, **self._paged_args)
+        keys = [layer.keys[0] for layer in self.layers]
+        values = [layer.values[0] for layer in self.layers]
+        masses = [self._prompt_mass.get(i) for i in range(len(self.layers))]
+        self.paged.start(keys, values, self._tokens, None if any(m is None for m in masses) else masses)
+        for layer in self.layers:
+            layer.keys = layer.keys[:, :, :0]
+            layer.values = layer.values[:, :, :0]
+        self._prompt_mass.clear()
+
+    def _observe_prompt(self, layer_idx: int, query, keys, scale: float) -> None:
+        """Attention mass the prompt's last token gives each whole page, per KV head (seeds promotion)."""
+        p = self.plan.page_tokens
+        heads, n = keys.shape[1], keys.shape[2]
+        q = query[0, :, -1].float().reshape(heads, -1, query.shape[-1])
+        probs = _torch.softmax(_torch.einsum("hgd,htd->hgt", q, keys[0].float()) * scale, dim=-1).mean(1)
+        whole = n // p
+        self._prompt_mass[layer_idx] = probs[:, :whole * p].reshape(heads, whole, p).sum(2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if self.paged is not None:
+            return self.paged.length
+        return super().get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0):
+        if self.paged is not None:
+            return self.paged.length + query_length, 0
+        return super().get_mask_sizes(query_length, layer_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.paged is not None:
+            raise NotImplementedError("an offloaded cache cannot be cropped: its pages are in kvtierd")
+        super().crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("an offloaded cache holds one sequence: no beam search")
+
+
+__all__ = ["KVTierCache", "OffloadedCache", "OffloadPlan", "enable_offload"]
