@@ -219,11 +219,12 @@ int kvt_tqx_decode(const uint8_t *src, size_t T, size_t H, size_t D, int dtype, 
             const uint8_t *v = vec + ((t - e) * H + h) * vb;
             float x[256];
             decode_vec(tb, v + 1, D, bits, half, am * log8_factor(v[0]), x);
-            uint16_t *out = dst + t * HD + h * D;
             if (center)
-                for (size_t d = 0; d < D; d++) kvt_st16(out + d, kvt_narrow(x[d] + mf[d], dtype));
-            else
-                for (size_t d = 0; d < D; d++) kvt_st16(out + d, kvt_narrow(x[d], dtype));
+                for (size_t d = 0; d < D; d++) x[d] = x[d] + mf[d];
+            /* The dispatched conversions (F16C / AVX-512 where the CPU has them) round exactly
+             * like kvt_narrow. */
+            if (dtype == KVT_F16) kvt_f32_to_f16(x, D, dst + t * HD + h * D);
+            else kvt_f32_to_bf16(x, D, dst + t * HD + h * D);
         }
     }
     return 0;

@@ -158,13 +158,18 @@ def encoded_bytes(tmp_path, codec, k, v, page_tokens=256):
 @needs_cli
 @pytest.mark.parametrize("codec", MIXED)
 def test_mixed_codecs_write_the_reference_bytes_on_synthetic_pages(tmp_path, codec):
-    """Full, short and one-token pages, H = 3, D = 64 and 1 x 32 and 2 x 256: byte for byte."""
+    """Full, short and one-token pages, H = 3, D = 64 and 1 x 32 and 2 x 256: byte for byte, and
+    the decoded values bit for bit."""
     rng = np.random.default_rng(13)
     for tokens, heads, dim, page in ((300, 3, 64, 256), (5, 1, 32, 256), (40, 2, 256, 16), (33, 2, 128, 32)):
         k = rng.standard_normal((tokens, heads, dim)) * 1.5 + rng.standard_normal((1, heads, dim)) * 4
         v = rng.standard_normal((tokens, heads, dim))
         got, ref = encoded_bytes(tmp_path, codec, k, v, page)
         assert got.size == ref.size and np.array_equal(got, ref), f"{codec} {k.shape} pages of {page}: {(got != ref).sum()} bytes differ"
+        # ... and decodes them to the reference's values, bit for bit.
+        rk, rv = C.roundtrip(codec, k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32), page)
+        np.testing.assert_array_equal(np.load(tmp_path / "k2.npy"), rk.astype(np.float16))
+        np.testing.assert_array_equal(np.load(tmp_path / "v2.npy"), rv.astype(np.float16))
 
 
 @needs_cli
