@@ -4,9 +4,9 @@ quality (continuation NLL, passkey retrieval) and speed (decode tokens/s, pages 
 RAM when asked), with a real kvtierd and a real pretrained model.
 
     python3 Benchmarks/offload/offload_quality.py --model smollm2 --contexts 4096,8192 \\
-        [--budget 0.25] [--page 32] [--continuation 256] [--docs 2] [--passkeys 8] \\
+        [--budget 0.25] [--page 16] [--continuation 256] [--docs 2] [--passkeys 8] \\
         [--device cpu|cuda] [--ram-budget 4GiB] [--daemon .build/release/kvtierd] [--json out.json]
-    python3 Benchmarks/offload/offload_quality.py --model fixture --contexts 1024 --page 16
+    python3 Benchmarks/offload/offload_quality.py --model fixture --contexts 768
 
 Every method attends to at most ``budget`` of the context per step and per KV head (the plans'
 ``max_attended_tokens``): ``window`` (one sink page plus a sliding window), ``promote`` (sink,
@@ -174,9 +174,12 @@ class Runner:
         return out, (time.perf_counter() - start) / max(1, len(ids))
 
     def caches(self, base, plans):
-        yield "full", self.full_cache(base)
+        methods = self.args.methods.split(",")
+        if "full" in methods:
+            yield "full", self.full_cache(base)
         for name in METHODS[1:4]:
-            yield name, base.fork(plans[name])
+            if name in methods:
+                yield name, base.fork(plans[name])
         if self.args.compare_prefetch:
             yield "summary-noreport", base.fork(plans["summary"], report_attention=False)
 
@@ -250,7 +253,7 @@ def run(args):
                             entry["first_step"] = {k: early.get(k, 0) - before.get(k, 0)
                                                    for k in ("promotions", "prefetch_useful", "prefetch_late", "prefetch_issued")}
                         row["methods"][method] = entry
-                    full = row["methods"]["full"]["nll"]
+                    full = row["methods"]["full"]["nll"] if "full" in row["methods"] else math.nan
                     for entry in row["methods"].values():
                         entry["nll_change"] = entry["nll"] / full - 1
                     note(f"  {name}: " + ", ".join(f"{m} {e['nll']:.4f} ({e['nll_change'] * 100:+.2f}%, {1 / e['seconds_per_token']:.1f} tok/s)"
@@ -336,10 +339,12 @@ def main():
     parser.add_argument("--model", choices=("smollm2", "fixture"), default="smollm2")
     parser.add_argument("--contexts", default="4096,8192")
     parser.add_argument("--budget", type=float, default=0.25, help="fraction of the context a step attends to")
-    parser.add_argument("--page", type=int, default=32, help="tokens per page (kvtierd's page size for this model)")
-    parser.add_argument("--window-pages", type=int, default=8)
+    parser.add_argument("--page", type=int, default=16, help="tokens per page (kvtierd's page size for this model)")
+    parser.add_argument("--window-pages", type=int, default=4)
     parser.add_argument("--promoted-share", type=float, default=0.25)
     parser.add_argument("--continuation", type=int, default=256)
+    parser.add_argument("--methods", default="full,window,promote,summary",
+                        help="which to run (NLL changes need full)")
     parser.add_argument("--docs", type=int, default=2, help="documents per context")
     parser.add_argument("--passkeys", type=int, default=8, help="passkey trials per context")
     parser.add_argument("--answer-tokens", type=int, default=8)

@@ -92,7 +92,7 @@ class OffloadPlan:
         return self.sink_pages * p + self.window_tokens + p - 1 + (self.promoted_pages + self.fetch_pages) * p
 
     @classmethod
-    def for_budget(cls, budget_tokens: int, page_tokens: int, mode: str = "summary", *, window_pages: int = 8,
+    def for_budget(cls, budget_tokens: int, page_tokens: int, mode: str = "summary", *, window_pages: int = 4,
                    promoted_share: float = 0.25, dense_layers: int = 0, layers: int = 0, context_tokens: int = 0,
                    **policy) -> "OffloadPlan":
         """A plan attending to at most ``budget_tokens`` per step: one sink page, then
