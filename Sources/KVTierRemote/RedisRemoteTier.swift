@@ -220,6 +220,15 @@ public final class RedisRemoteTier: RemoteTier, Sendable {
         ] + (configuration.budgetBytes.map { [("remote_budget_bytes", UInt64($0))] } ?? [])
     }
 
+    /// One PING: whether the server answers now (start-up says so in the log).
+    public func probe() -> Bool {
+        withConnection { (connection) throws(RESPError) -> Bool in
+            try connection.send([[.text("PING")]])
+            try connection.readOK("PONG")
+            return true
+        } ?? false
+    }
+
     /// The last failure, for logs and tests ("" while none).
     public var lastError: String { health.withLock { $0.lastError } }
 

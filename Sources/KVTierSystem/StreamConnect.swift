@@ -173,6 +173,11 @@ public struct Deadline: Sendable {
         nanoseconds = Self.now() &+ UInt64(max(0, millis)) &* 1_000_000
     }
 
+    /// A deadline that never passes (benchmarks that time their own runs).
+    public static let never = Deadline(nanoseconds: .max)
+
+    init(nanoseconds: UInt64) { self.nanoseconds = nanoseconds }
+
     public var passed: Bool { Self.now() >= nanoseconds }
 
     /// Milliseconds left for poll, rounded up (0 once passed).

@@ -9,6 +9,7 @@ import Foundation
 import Histogram
 import KVTierClient
 import KVTierCore
+import KVTierRemote
 
 /// Serving throughput of kvtierd to several client processes, against Redis doing the same work
 /// and against one core's memcpy: the engine of `kvtier bench serve`.
@@ -314,7 +315,7 @@ public struct ServeBenchmark: Sendable {
         let deadline = Clocks.monotonicNanoseconds() + 20_000_000_000
         while Clocks.monotonicNanoseconds() < deadline {
             guard process.isRunning else { throw ToolError("redis-server exited before listening:\n\(Self.tail(log))") }
-            if access(socket, F_OK) == 0, let connection = try? RESPConnection(path: socket),
+            if access(socket, F_OK) == 0, let connection = try? RESPConnection.connect(to: .unix(path: socket), timeoutMillis: 2_000),
                (try? connection.command(["PING"])) == .simple("PONG") {
                 guard case .bulk(let info?) = try connection.command(["INFO", "server"]) else { return nil }
                 let line = String(decoding: info, as: UTF8.self).split(whereSeparator: \.isNewline).first { $0.hasPrefix("redis_version:") }

@@ -63,7 +63,7 @@ struct StatusCommand: AsyncParsableCommand {
             ["evictions", "\(view.counters["evictions"] ?? 0)"],
             ["promotions", "\(view.counters["promotions"] ?? 0)"],
             ["checksum failures", "\(view.counters["disk_checksum_failures"] ?? 0)"],
-        ])
+        ] + (view.remoteSummary.map { [["remote", $0]] } ?? []))
         if !codecs.isEmpty {
             print("")
             printTable(CodecChoiceView.header, codecs.map(\.row))
