@@ -19,7 +19,7 @@ extension TieredStore {
 
     /// Most bytes of remote values one batched fetch may bring (each value counted at its upper
     /// bound, `RemoteRecord.maxValueBytes`): what one GET holds in flight from the remote tier.
-    static let remoteBatchBytes = 64 << 20
+    public static let remoteBatchBytes = 64 << 20
 
     /// The tier of each address in this host's tiers (nil: in neither): one lock of the store,
     /// one of the disk tier.
@@ -75,18 +75,27 @@ extension TieredStore {
         let maxValue = RemoteRecord.maxValueBytes(model)
         let batchPages = max(1, Self.remoteBatchBytes / maxValue)
         let pageBytes = model.pageShape(tokens: model.pageTokens).rawBytes
-        var next = 0
-        fetching: while next < candidates.count {
-            // The next batch: pages this host lacks, in prefix order, until a local one ends the
-            // run of missing pages or the batch is full.
-            var batch: [Int] = []
-            while next < candidates.count, batch.count < batchPages {
-                if tiers[next] == nil { batch.append(next) } else if !batch.isEmpty { break }
-                next += 1
-            }
-            guard !batch.isEmpty else { break }
+        // The batches: pages this host lacks, in prefix order, a batch ending where a local page
+        // interrupts the run of missing ones or where it is full.
+        var batches: [[Int]] = []
+        var current: [Int] = []
+        for index in candidates.indices {
+            if tiers[index] == nil { current.append(index) } else if !current.isEmpty { batches.append(current); current = [] }
+            if current.count == batchPages { batches.append(current); current = [] }
+        }
+        if !current.isEmpty { batches.append(current) }
+        // One batch in flight ahead of the one being verified and decoded, so the network and
+        // the cores work at once; a batch that turns out short wastes at most that one fetch.
+        func fetch(_ batch: [Int]) -> Task<[RemoteValue?], Never> {
             let addresses = batch.map { candidates[$0] }
-            let values = await onRemoteQueue { remote.tier.fetch(addresses, maxValueBytes: maxValue) }
+            return Task { await onRemoteQueue { remote.tier.fetch(addresses, maxValueBytes: maxValue) } }
+        }
+        var ahead = batches.first.map(fetch)
+        fetching: for (number, batch) in batches.enumerated() {
+            guard let inFlight = ahead else { break }
+            let values = await inFlight.value
+            ahead = number + 1 < batches.count ? fetch(batches[number + 1]) : nil
+            let addresses = batch.map { candidates[$0] }
             let present = values.prefix { $0 != nil }.count
             defer { for value in values { value?.recycle() } }
             guard present > 0 else { break }
@@ -149,6 +158,8 @@ extension TieredStore {
             }
             if promoted < batch.count { break fetching }
         }
+        // A batch fetched ahead of a short one: its buffers go back.
+        if let ahead { for value in await ahead.value { value?.recycle() } }
         var pages: [PageRef] = []
         let size = model.pageTokens
         for (offset, tier) in tiers.enumerated() {
