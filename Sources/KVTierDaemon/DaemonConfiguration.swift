@@ -157,7 +157,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         maxBufferedFrameBytesPerUID = try value(.maxBufferedFrameBytesPerUID, String.self, "a size string such as \"128MiB\"") ?? maxBufferedFrameBytesPerUID
         remoteURL = try value(.remoteURL, String.self, "a string such as \"redis://cache.internal:6379/0\" or \"unix:///run/redis/redis.sock\"")
         remotePasswordFile = try value(.remotePasswordFile, String.self, "a string: the path of a file holding the Redis password")
-        remoteKeyFile = try value(.remoteKeyFile, String.self, "a string: the path of a file holding the 32-byte page key")
+        remoteKeyFile = try value(.remoteKeyFile, String.self, "a string: the path of a file holding the 32-byte deployment key")
         remoteKeyPrefix = try value(.remoteKeyPrefix, String.self, "a string such as \"kvtier\"") ?? remoteKeyPrefix
         remotePages = try value(.remotePages, String.self, "a string: " + RemotePages.allCases.map(\.rawValue).joined(separator: ", ")) ?? remotePages
         remoteTTLSeconds = try value(.remoteTTLSeconds, Int.self, "an integer: seconds") ?? remoteTTLSeconds
@@ -280,7 +280,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
 
             public init(url: RedisURL) { self.url = url }
 
-            /// The page key and the password, from their files or the environment.
+            /// The deployment key and the password, from their files or the environment.
             public func secrets(environment: [String: String]) throws -> (key: DigestKey, password: String?) {
                 let key: DigestKey
                 do { key = try RemoteSecrets.key(file: keyFile, environment: environment) } catch {

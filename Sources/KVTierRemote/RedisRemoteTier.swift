@@ -24,7 +24,7 @@ public final class RedisRemoteTier: RemoteTier, Sendable {
         public var url: RedisURL
         /// AUTH password (`remotePasswordFile`); nil: no AUTH.
         public var password: String?
-        /// The deployment's page key: values are sealed with it.
+        /// The deployment key: values are sealed with it.
         public var key: DigestKey
         /// First part of every key (`remoteKeyPrefix`).
         public var keyPrefix = "kvtier"

@@ -4,7 +4,7 @@ import KVTierSystem
 import SystemPackage
 
 /// The remote tier's secrets, from files or the environment, never from the command line (where
-/// `ps` shows them to every user): the deployment's page key (`remoteKeyFile` or
+/// `ps` shows them to every user): the deployment key (`remoteKeyFile` or
 /// `KVTIER_REMOTE_KEY`) and the Redis password (`remotePasswordFile` or
 /// `KVTIER_REMOTE_PASSWORD`).
 public enum RemoteSecrets {
@@ -18,7 +18,7 @@ public enum RemoteSecrets {
         public var description: String { reason }
     }
 
-    /// The page key: 32 bytes, written as 64 hexadecimal digits (surrounding whitespace
+    /// The deployment key: 32 bytes, written as 64 hexadecimal digits (surrounding whitespace
     /// ignored) or as the 32 raw bytes. From `file` when given, else the environment.
     public static func key(file: String?, environment: [String: String]) throws(Invalid) -> DigestKey {
         let text: [UInt8]
@@ -30,7 +30,7 @@ public enum RemoteSecrets {
             text = Array(value.utf8)
             source = keyEnvironment
         } else {
-            throw Invalid(reason: "the remote tier needs the deployment's page key, shared by every daemon that uses this Redis: set remoteKeyFile (or \(keyEnvironment)) to 32 random bytes, e.g. made once with `head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > /etc/kvtier/remote.key` and copied to each host")
+            throw Invalid(reason: "the remote tier needs the deployment key, shared by every daemon that uses this Redis: set remoteKeyFile (or \(keyEnvironment)) to 32 random bytes, e.g. made once with `head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > /etc/kvtier/remote.key` and copied to each host")
         }
         if text.count == 32, let key = DigestKey(bytes: text) { return key }
         let hex = text.filter { !($0 == 32 || $0 == 10 || $0 == 13 || $0 == 9) }
