@@ -82,6 +82,9 @@ public final class Daemon: Sendable {
         if let settings = c.remote, let secrets = remoteSecrets {
             let tier = try RedisRemoteTier(configuration: settings.tierConfiguration(key: secrets.key, password: secrets.password), logger: logger)
             remote = (tier, RemoteAttachment(tier: tier, key: secrets.key, pages: settings.pages))
+            if settings.pages == .evicted, c.diskBudgetBytes == nil, c.diskTenantQuotaBytes == nil {
+                logger.warning("remotePages is evicted but no diskBudget or diskTenantQuota is set: the disk never deletes a page, so none is sent to the remote tier (other hosts' pages are still found there); set diskBudget, or remotePages durable or all")
+            }
             // A remote tier that does not answer yet is no reason not to serve: it is retried.
             if tier.probe() {
                 logger.info("remote tier reachable", metadata: ["url": "\(settings.url)", "pages": "\(settings.pages.rawValue)"])

@@ -10,7 +10,7 @@ import SystemPackage
 /// the pages of a prefix under the same names.
 ///
 /// Reads (`contains`, `fetch`) borrow one of at most `connections` pooled connections and make
-/// one batched request (a pipeline of EXISTS, one MGET). Writes are behind the request path:
+/// one batched request (a pipeline of EXISTS; GETs pipelined a few MiB at a time). Writes are behind the request path:
 /// `offer` queues records (bounded by `queueBytes`; what does not fit is dropped), and one writer
 /// thread seals them (`RemoteRecord.seal`) and sends them in pipelined SETs with the TTL, then
 /// deletes the oldest pages it wrote while they pass `budgetBytes`.
@@ -56,6 +56,8 @@ public final class RedisRemoteTier: RemoteTier, Sendable {
     /// Records one pipelined write carries at most, and bytes of values.
     static let writeBatchRecords = 64
     static let writeBatchBytes = 32 << 20
+    /// Bytes of values a fetch keeps asked for and not yet read (`RESPConnection.getEach`).
+    static let fetchWindowBytes = 4 << 20
 
     let configuration: Configuration
     let logger: Logger
@@ -150,37 +152,36 @@ public final class RedisRemoteTier: RemoteTier, Sendable {
         counters.withLock { $0.fetches += addresses.count }
         let keys = addresses.map(redisKey)
         let buffers = self.buffers
-        var taken: [RemoteValue?] = []
+        // Filled buffers by index, outside the exchange: a failure mid-reply gives them back.
+        var filled = [PageBuffer?](repeating: nil, count: keys.count)
         let fetched = withConnection { (connection) throws(RESPError) -> [RemoteValue?] in
-            try connection.send([[.text("MGET")] + keys.map { .text($0) }])
-            try connection.readArrayHeader(count: keys.count)
-            taken = []
             var oversized = 0
-            for _ in keys {
-                var buffer: PageBuffer?
-                let bulk = try connection.readBulk(maxBytes: maxValueBytes) { length in
-                    buffer = buffers.take(max(length, 1))
-                    return buffer!.bytes
-                }
+            // GETs pipelined a few MiB at a time, not one MGET (`RESPConnection.getEach` says why).
+            let bulks = try connection.getEach(keys, windowBytes: Self.fetchWindowBytes, maxBytes: maxValueBytes) { index, length in
+                let buffer = buffers.take(max(length, 1))
+                filled[index] = buffer
+                return buffer.bytes
+            }
+            var values: [RemoteValue?] = []
+            for (index, bulk) in bulks.enumerated() {
                 switch bulk {
-                case .value(let length): taken.append(RemoteValue(buffer: buffer!, count: length, pool: buffers))
-                case .missing: taken.append(nil)
+                case .value(let length): values.append(RemoteValue(buffer: filled[index]!, count: length, pool: buffers))
+                case .missing: values.append(nil)
                 case .skipped:
                     oversized += 1
-                    taken.append(nil)
+                    values.append(nil)
                 }
             }
-            let hits = taken.compactMap { $0 }
+            let hits = values.compactMap { $0 }
             counters.withLock { c in
                 c.fetchHits += hits.count
                 c.fetchBytes += hits.reduce(0) { $0 + $1.count }
                 c.oversized += oversized
             }
-            return taken
+            return values
         }
         guard let fetched else {
-            // A failure mid-reply: the buffers already filled go back.
-            for value in taken { value?.recycle() }
+            for buffer in filled { if let buffer { buffers.give(buffer) } }
             return Array(repeating: nil, count: addresses.count)
         }
         return fetched

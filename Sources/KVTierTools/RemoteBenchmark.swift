@@ -16,7 +16,8 @@ import Logging
 
 /// Restores one long prefix three ways, in one run: from the local disk tier (cold page cache),
 /// from the remote tier (another host's pages in Redis: fetched, verified, decoded into RAM),
-/// and, as the baseline, plain Redis MGETs of the very same values into memory. The engine of
+/// and, as the baseline, plain Redis reads of the very same values into memory (the store's
+/// windowed GETs in its batches; also MGETs of those batches, and one GET per page). The engine of
 /// `kvtier bench remote`.
 ///
 /// Two stores in this process stand for two hosts: A puts the prefix, evicts it to its disk and
@@ -54,6 +55,15 @@ public struct RemoteBenchmark: Sendable {
         public var diskRestoreSecondsRounds: [Double]
         public var remoteRestoreSecondsRounds: [Double]
         public var redisMGETSecondsRounds: [Double]
+        /// The same values as the store asks for them: a pipeline of GETs per batch (the baseline).
+        public var redisPipelinedGETSecondsRounds: [Double]
+        public var redisPipelinedGETSeconds: Double
+        public var redisPipelinedGETValueGBps: Double
+        public var redisPipelinedGETFp16GBps: Double
+        /// The same values with one GET per page, one after another.
+        public var redisGETSecondsRounds: [Double]
+        public var redisGETSeconds: Double
+        public var redisGETValueGBps: Double
         /// Medians, and fp16 bytes delivered per second.
         public var diskRestoreSeconds: Double
         public var remoteRestoreSeconds: Double
@@ -63,8 +73,8 @@ public struct RemoteBenchmark: Sendable {
         /// Value bytes per second of the plain MGETs, and what they carry in fp16 terms.
         public var redisMGETValueGBps: Double
         public var redisMGETFp16GBps: Double
-        /// Remote restore time over the plain MGETs' (the cost of verifying and decoding).
-        public var remoteVsMGET: Double
+        /// Remote restore time over the pipelined GETs' (the cost of verifying and decoding).
+        public var remoteVsPipelinedGET: Double
         /// The remote restore served every page, bit-identical to the disk restore's.
         public var remoteMatchesDisk: Bool
         public var ioPath: String
@@ -158,7 +168,8 @@ public struct RemoteBenchmark: Sendable {
         }
         let mgetBuffer = PageBuffer(byteCount: valueBytes)
 
-        var diskRounds: [Double] = [], remoteRounds: [Double] = [], mgetRounds: [Double] = []
+        var diskRounds: [Double] = [], remoteRounds: [Double] = [], mgetRounds: [Double] = [], getRounds: [Double] = []
+        var pipelineRounds: [Double] = []
         var matches = true
         for round in 0..<rounds {
             // Disk: A's RAM is empty and its segment files are out of the page cache.
@@ -189,29 +200,56 @@ public struct RemoteBenchmark: Sendable {
             _ = try await a.evict(tenant, modelID: nil, tokens: nil, deleteFromDisk: false)
             _ = try await b.evict(tenant, modelID: nil, tokens: nil, deleteFromDisk: true)
 
-            // Baseline: the same values, MGET in the store's batches, into memory.
+            // Baselines: the same values into memory, in the store's batches as it asks for them
+            // (a pipeline of GETs), as MGETs, and one GET after another.
+            for pipelined in [true, false] {
+                start = Clocks.monotonicNanoseconds()
+                var at = 0
+                for first in stride(from: 0, to: pages, by: batchPages) {
+                    let batch = Array(redisKeys[first..<min(pages, first + batchPages)])
+                    if pipelined {
+                        // As the remote tier asks (`RedisRemoteTier.fetchWindowBytes`).
+                        let got = try baseline.getEach(batch.map { String(decoding: $0, as: UTF8.self) }, windowBytes: 4 << 20,
+                                                       maxBytes: valueBytes) { _, length in
+                            defer { at += length }
+                            return UnsafeMutableRawBufferPointer(rebasing: mgetBuffer.bytes[at...])
+                        }
+                        guard got.allSatisfy({ if case .value = $0 { true } else { false } }) else {
+                            throw ToolError("a value went missing from Redis during the run")
+                        }
+                    } else {
+                        let lengths = try baseline.mget(keys: batch, into: UnsafeMutableRawBufferPointer(rebasing: mgetBuffer.bytes[at...]))
+                        guard !lengths.contains(-1) else { throw ToolError("a value went missing from Redis during the run") }
+                        at += lengths.reduce(0, +)
+                    }
+                }
+                if pipelined { pipelineRounds.append(Self.seconds(since: start)) } else { mgetRounds.append(Self.seconds(since: start)) }
+            }
             start = Clocks.monotonicNanoseconds()
             var at = 0
-            for first in stride(from: 0, to: pages, by: batchPages) {
-                let batch = Array(redisKeys[first..<min(pages, first + batchPages)])
-                let lengths = try baseline.mget(keys: batch, into: UnsafeMutableRawBufferPointer(rebasing: mgetBuffer.bytes[at...]))
-                guard !lengths.contains(-1) else { throw ToolError("a value went missing from Redis during the run") }
-                at += lengths.reduce(0, +)
+            for key in redisKeys {
+                let length = try baseline.get(key: key, into: UnsafeMutableRawBufferPointer(rebasing: mgetBuffer.bytes[at...]))
+                guard length >= 0 else { throw ToolError("a value went missing from Redis during the run") }
+                at += length
             }
-            mgetRounds.append(Self.seconds(since: start))
+            getRounds.append(Self.seconds(since: start))
         }
         _ = diskA
-        let disk = Self.median(diskRounds), remote = Self.median(remoteRounds), mget = Self.median(mgetRounds)
+        let disk = Self.median(diskRounds), remote = Self.median(remoteRounds), mget = Self.median(mgetRounds), get = Self.median(getRounds)
+        let pipeline = Self.median(pipelineRounds)
         let fp16 = Double(pages * pageBytes)
         return Report(
             codec: codec.name, pages: pages, tokens: tokens,
             pageShape: "\(Self.shape.layers)×[\(Self.pageTokens), \(Self.shape.kvHeads), \(Self.shape.headDim)] float16",
             fp16Bytes: pages * pageBytes, remoteValueBytes: valueBytes, redisVersion: version, batchPages: batchPages,
             diskRestoreSecondsRounds: diskRounds, remoteRestoreSecondsRounds: remoteRounds, redisMGETSecondsRounds: mgetRounds,
+            redisPipelinedGETSecondsRounds: pipelineRounds, redisPipelinedGETSeconds: pipeline,
+            redisPipelinedGETValueGBps: Double(valueBytes) / pipeline / 1e9, redisPipelinedGETFp16GBps: fp16 / pipeline / 1e9,
+            redisGETSecondsRounds: getRounds, redisGETSeconds: get, redisGETValueGBps: Double(valueBytes) / get / 1e9,
             diskRestoreSeconds: disk, remoteRestoreSeconds: remote, redisMGETSeconds: mget,
             diskRestoreFp16GBps: fp16 / disk / 1e9, remoteRestoreFp16GBps: fp16 / remote / 1e9,
             redisMGETValueGBps: Double(valueBytes) / mget / 1e9, redisMGETFp16GBps: fp16 / mget / 1e9,
-            remoteVsMGET: remote / mget, remoteMatchesDisk: matches, ioPath: "\(selection.reader.path)")
+            remoteVsPipelinedGET: remote / pipeline, remoteMatchesDisk: matches, ioPath: "\(selection.reader.path)")
     }
 
     static func seconds(since start: UInt64) -> Double { Double(Clocks.monotonicNanoseconds() - start) / 1e9 }
