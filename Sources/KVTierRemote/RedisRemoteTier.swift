@@ -33,7 +33,7 @@ public final class RedisRemoteTier: RemoteTier, Sendable {
         /// Most bytes of values this daemon keeps in the store (`remoteBudget`): over it, the
         /// oldest it wrote are deleted. nil: no limit but the TTL (and Redis's own maxmemory).
         public var budgetBytes: Int?
-        /// The longest one request (connect, a pipeline, one MGET) may take (`remoteTimeoutMillis`).
+        /// The longest one request (connect, a pipeline, one batch of GETs) may take (`remoteTimeoutMillis`).
         public var timeoutMillis = 250
         /// Most bytes of records waiting for the writer (`remoteQueueBytes`).
         public var queueBytes = 256 << 20

@@ -190,8 +190,8 @@ public struct RemoteBenchmark: Sendable {
             }
             if round == 0 {
                 let memoryA = try a.memory(for: tenant), memoryB = try b.memory(for: tenant)
-                for (pa, pb) in zip(fromDisk.pages, fromRemote.pages) where
-                    memoryA.buffer(pa.extent).readOnly[0..<pageBytes].elementsEqual(memoryB.buffer(pb.extent).readOnly[0..<pageBytes]) == false {
+                for (pa, pb) in zip(fromDisk.pages, fromRemote.pages)
+                where memcmp(memoryA.buffer(pa.extent).readOnly.baseAddress!, memoryB.buffer(pb.extent).readOnly.baseAddress!, pageBytes) != 0 {
                     matches = false
                 }
             }

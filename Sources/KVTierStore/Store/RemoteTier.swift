@@ -14,8 +14,9 @@ public protocol RemoteTier: AnyObject, Sendable {
     /// every address while the store cannot be asked.
     func contains(_ addresses: [PageAddress]) -> [Bool]
 
-    /// The values stored for `addresses`: one batched request per `maxBatchBytes` of values
-    /// (`maxValueBytes` each at most; a longer value is a miss, never read into memory), nil
+    /// The values stored for `addresses`: one batched request (the store asks for at most
+    /// `TieredStore.remoteBatchBytes` of them at a time; `maxValueBytes` each at most: a longer
+    /// value is a miss, never read into memory), nil
     /// where missing or not to be had. Values are untrusted bytes: the caller opens them with
     /// `RemoteRecord.open`, then hands each back with `RemoteValue.recycle`.
     func fetch(_ addresses: [PageAddress], maxValueBytes: Int) -> [RemoteValue?]

@@ -61,7 +61,7 @@ extension TieredStore {
     }
 
     /// For a GET whose local prefix ends before `candidates`: the pages among them this host
-    /// lacks are fetched from the remote tier (one MGET per `remoteBatchBytes`, up to `limit`
+    /// lacks are fetched from the remote tier (one batched request per `remoteBatchBytes`, up to `limit`
     /// pages), each checked by `RemoteRecord.open` and decoded straight into an extent of the
     /// tenant's arena, on every core, then made resident with a store hold (listed in `held`).
     /// Returns the pages that extend the prefix: promoted ones as `ram`, this host's own as
