@@ -44,7 +44,8 @@ let package = Package(
         .target(
             name: "KVTierTools",
             dependencies: [
-                "KVTierCore", "KVTierCodec", "KVTierStore", "KVTierIO", "CKVTierKernels", "KVTierClient",
+                "KVTierCore", "KVTierCodec", "KVTierStore", "KVTierIO", "CKVTierKernels", "KVTierClient", "KVTierRemote",
+                "KVTierSystem",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -60,6 +61,16 @@ let package = Package(
             name: "CKVTierURingShim",
             dependencies: ["CURing"],
             linkerSettings: [.linkedLibrary("uring")]
+        ),
+        // The remote tier (T3) on Redis/Valkey: RESP2 (the project's one RESP client), Redis URLs,
+        // secrets, and `RedisRemoteTier`, KVTierStore's `RemoteTier`.
+        .target(
+            name: "KVTierRemote",
+            dependencies: [
+                "KVTierStore", "KVTierSystem", "KVTierCore",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         // Wire frames of the kvtierd protocol (docs/protocol.md): pure encode/decode, no I/O.
         .target(name: "KVTierProtocol", dependencies: ["KVTierCore"]),
@@ -94,6 +105,7 @@ let package = Package(
             name: "KVTierDaemon",
             dependencies: [
                 "KVTierServer", "KVTierStore", "KVTierIO", "KVTierSystem", "KVTierProtocol", "KVTierCodec", "KVTierCore",
+                "KVTierRemote",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
@@ -158,6 +170,15 @@ let package = Package(
         .testTarget(
             name: "KVTierStoreTests",
             dependencies: ["KVTierStore", "KVTierStoreTesting", "KVTierTools", "KVTierCodec", "KVTierCore", .product(name: "Logging", package: "swift-log")]
+        ),
+        // The remote tier against real redis-server processes (skipped, saying why, without one).
+        .testTarget(
+            name: "KVTierRemoteTests",
+            dependencies: [
+                "KVTierRemote", "KVTierStore", "KVTierStoreTesting", "KVTierIO", "KVTierSystem", "KVTierCore", "KVTierTestProcess",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .testTarget(
             name: "KVTierIOTests",

@@ -36,3 +36,39 @@ public enum KeyedDigest {
         return UInt64(littleEndian: digest)
     }
 }
+
+extension KeyedDigest {
+    /// Bytes of `mac`.
+    public static let macBytes = 32
+
+    /// A 256-bit message authentication code: BLAKE2b-256 over the key then each of `parts` in
+    /// order (as if concatenated), written into `out` (`macBytes` long). For bytes that leave the
+    /// host (the remote tier): 64 bits suit records on the daemon's own disk, but a value in a
+    /// shared store can be attacked offline.
+    public static func mac(key: DigestKey, _ parts: [UnsafeRawBufferPointer], into out: UnsafeMutableRawBufferPointer) {
+        precondition(out.count >= macBytes, "a MAC needs \(macBytes) bytes")
+        var state = kvt_blake2b_state()
+        kvt_blake2b_init(&state, macBytes)
+        var prefix = (key.words.0.littleEndian, key.words.1.littleEndian, key.words.2.littleEndian, key.words.3.littleEndian)
+        withUnsafeBytes(of: &prefix) { kvt_blake2b_update(&state, $0.baseAddress, $0.count) }
+        for part in parts where part.count > 0 { kvt_blake2b_update(&state, part.baseAddress, part.count) }
+        kvt_blake2b_final(&state, out.baseAddress!.assumingMemoryBound(to: UInt8.self))
+    }
+
+    /// Whether two MACs are equal, in time that does not depend on where they differ.
+    public static func macsEqual(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer) -> Bool {
+        guard a.count == b.count else { return false }
+        var difference: UInt8 = 0
+        for i in 0..<a.count { difference |= a[i] ^ b[i] }
+        return difference == 0
+    }
+}
+
+extension DigestKey {
+    /// A key from exactly 32 bytes (four little-endian words); nil for another length.
+    public init?(bytes: [UInt8]) {
+        guard bytes.count == 32 else { return nil }
+        func word(_ i: Int) -> UInt64 { bytes[i * 8..<i * 8 + 8].reversed().reduce(0) { $0 << 8 | UInt64($1) } }
+        self.init(words: (word(0), word(1), word(2), word(3)))
+    }
+}

@@ -4,6 +4,7 @@
 import Dispatch
 import KVTierCore
 import KVTierIO
+import KVTierRemote
 import KVTierServer
 import KVTierStore
 import Logging
@@ -31,6 +32,8 @@ public final class Daemon: Sendable {
     /// The longest a clean stop spends writing RAM pages to disk (systemd's default stop timeout
     /// is 90 s).
     static let shutdownFlushSeconds = 60
+    /// The longest a clean stop waits for queued remote writes.
+    static let remoteDrainMillis = 2_000
     /// Allocations at least this large are mmapped and returned on free (mallopt M_MMAP_THRESHOLD).
     static let mmapThresholdBytes: Int32 = 1 << 20
 
@@ -59,6 +62,8 @@ public final class Daemon: Sendable {
         // free, after which freed frame buffers stayed in the heap: RSS stayed high long after
         // stalled clients were gone.
         Self.fixMmapThreshold()
+        // The remote tier's secrets first: a missing key stops the daemon before it opens anything.
+        let remoteSecrets = try c.remote?.secrets(environment: KVTierPaths.currentEnvironment())
         let selection = try BlockReaders.make(queueDepth: c.ioQueueDepth, logger: logger)
         defer { selection.reader.close() }
         let operations = try DaemonOperations(configuration: c, ioPath: selection.reader.path, reload: reload, logLevel: logLevel, logger: logger)
@@ -73,6 +78,21 @@ public final class Daemon: Sendable {
         let disk = try DiskTier(storage: storage, configuration: diskConfiguration, logger: logger)
         if let metrics = operations.metrics { disk.observe(with: metrics.diskObserver()) }
         let catalog = try SessionCatalog(storage: storage, logger: logger)
+        var remote: (tier: RedisRemoteTier, attachment: RemoteAttachment)?
+        if let settings = c.remote, let secrets = remoteSecrets {
+            let tier = try RedisRemoteTier(configuration: settings.tierConfiguration(key: secrets.key, password: secrets.password), logger: logger)
+            remote = (tier, RemoteAttachment(tier: tier, key: secrets.key, pages: settings.pages))
+            if settings.pages == .evicted, c.diskBudgetBytes == nil, c.diskTenantQuotaBytes == nil {
+                logger.warning("remotePages is evicted but no diskBudget or diskTenantQuota is set: the disk never deletes a page, so none is sent to the remote tier (other hosts' pages are still found there); set diskBudget, or remotePages durable or all")
+            }
+            // A remote tier that does not answer yet is no reason not to serve: it is retried.
+            if tier.probe() {
+                logger.info("remote tier reachable", metadata: ["url": "\(settings.url)", "pages": "\(settings.pages.rawValue)"])
+            } else {
+                logger.warning("remote tier unreachable at start; serving local tiers and retrying", metadata: [
+                    "url": "\(settings.url)", "error": "\(tier.lastError)"])
+            }
+        }
 
         var storeConfiguration = TieredStore.Configuration()
         storeConfiguration.ramBudgetBytes = c.ramBudgetBytes
@@ -85,7 +105,8 @@ public final class Daemon: Sendable {
         storeConfiguration.codecPolicy = c.codecPolicy
         let arenaBytes = storeConfiguration.arenaBytes, stagingBytes = c.stagingBytes
         storeConfiguration.maxModelsPerTenant = c.maxModelsPerTenant
-        let store = TieredStore(configuration: storeConfiguration, disk: disk, catalog: catalog, logger: logger) { tenant in
+        let store = TieredStore(configuration: storeConfiguration, disk: disk, catalog: catalog, remote: remote?.attachment,
+                                logger: logger) { tenant in
             try ArenaPageMemory(name: "kvtier-arena-\(tenant)", capacity: arenaBytes, stagingCapacity: stagingBytes, logger: logger)
         }
 
@@ -115,6 +136,7 @@ public final class Daemon: Sendable {
         logger.info("kvtierd ready", metadata: [
             "socket": "\(listener.path ?? "passed by systemd")", "stateDir": "\(c.stateDir)", "ramBudget": "\(ByteCount(c.ramBudgetBytes))",
             "diskCodec": "\(c.diskCodec)", "diskPages": "\(disk.stats.pages)", "sessions": "\(catalog.count)", "ioPath": "\(storage.readPath)",
+            "remote": "\(c.remote.map { "\($0.url) (\($0.pages.rawValue))" } ?? "off")",
         ])
         // Sessions past their TTL are forgotten within a few seconds.
         let expiry = Task.detached {
@@ -133,6 +155,8 @@ public final class Daemon: Sendable {
             logger.info("RAM pages written to disk for the next start", metadata: ["pages": "\(flushed.written)", "leftUnwritten": "\(flushed.left)"])
         }
         await disk.close()
+        // What the flush queued for the remote tier goes out for a moment more, then the rest is dropped.
+        remote?.tier.shutdown(drainMillis: Self.remoteDrainMillis)
         logger.info("kvtierd stopped")
     }
 }

@@ -9,6 +9,7 @@ import Foundation
 import KVTierCodec
 import KVTierCore
 import KVTierProtocol
+import KVTierRemote
 import KVTierServer
 import KVTierStore
 import Logging
@@ -75,6 +76,29 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
     public var maxBufferedFrameBytesPerUID: String = "\(ByteCount(ServerConfiguration().maxBufferedFrameBytesPerUID))"
     /// Most models one tenant may register while the daemon runs. Default 256.
     public var maxModelsPerTenant: Int = 256
+    // The remote tier (docs/configuration.md, "Remote tier"): every key but remoteURL applies
+    // only with it.
+    /// Redis or Valkey shared by several hosts' daemons: `redis://[user@]host[:port][/db]` or
+    /// `unix:///path[?db=N]`; nil or empty: no remote tier. Default none.
+    public var remoteURL: String?
+    /// File holding the Redis password (AUTH); nil: `KVTIER_REMOTE_PASSWORD`, else no AUTH.
+    public var remotePasswordFile: String?
+    /// File holding the deployment's 32-byte page key; nil: `KVTIER_REMOTE_KEY`. Required.
+    public var remoteKeyFile: String?
+    /// First part of every Redis key. Default "kvtier".
+    public var remoteKeyPrefix: String = "kvtier"
+    /// Which pages go remote: "evicted", "durable" or "all". Default "evicted".
+    public var remotePages: String = RemotePages.evicted.rawValue
+    /// Expiry of each remote page, seconds; 0: none. Default 86400.
+    public var remoteTTLSeconds: Int = 86_400
+    /// Most bytes of pages this daemon keeps in Redis; nil: no limit but the TTL. Default none.
+    public var remoteBudget: String?
+    /// The longest one remote request may take, milliseconds. Default 250.
+    public var remoteTimeoutMillis: Int = 250
+    /// Most bytes of page records waiting to be written to Redis. Default 256MiB.
+    public var remoteQueueSize: String = "256MiB"
+    /// Connections for remote reads. Default 4.
+    public var remoteConnections: Int = 4
 
     /// Keys that SIGHUP applies without a restart; a change to any other key is logged and
     /// waits for the next start.
@@ -85,6 +109,8 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         case logLevel, metricsListen, metricsAllowNonLoopback, sharedTenantGroups, diskTenantQuota
         case maxConnections, maxConnectionsPerUID, handshakeTimeoutSeconds, idleTimeoutSeconds
         case maxBufferedFrameBytes, maxBufferedFrameBytesPerUID, maxModelsPerTenant
+        case remoteURL, remotePasswordFile, remoteKeyFile, remoteKeyPrefix, remotePages, remoteTTLSeconds, remoteBudget
+        case remoteTimeoutMillis, remoteQueueSize, remoteConnections
     }
 
     /// Every key a config file may hold.
@@ -129,6 +155,16 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         idleTimeoutSeconds = try value(.idleTimeoutSeconds, Int.self, "an integer: seconds") ?? idleTimeoutSeconds
         maxBufferedFrameBytes = try value(.maxBufferedFrameBytes, String.self, "a size string such as \"512MiB\"") ?? maxBufferedFrameBytes
         maxBufferedFrameBytesPerUID = try value(.maxBufferedFrameBytesPerUID, String.self, "a size string such as \"128MiB\"") ?? maxBufferedFrameBytesPerUID
+        remoteURL = try value(.remoteURL, String.self, "a string such as \"redis://cache.internal:6379/0\" or \"unix:///run/redis/redis.sock\"")
+        remotePasswordFile = try value(.remotePasswordFile, String.self, "a string: the path of a file holding the Redis password")
+        remoteKeyFile = try value(.remoteKeyFile, String.self, "a string: the path of a file holding the 32-byte deployment key")
+        remoteKeyPrefix = try value(.remoteKeyPrefix, String.self, "a string such as \"kvtier\"") ?? remoteKeyPrefix
+        remotePages = try value(.remotePages, String.self, "a string: " + RemotePages.allCases.map(\.rawValue).joined(separator: ", ")) ?? remotePages
+        remoteTTLSeconds = try value(.remoteTTLSeconds, Int.self, "an integer: seconds") ?? remoteTTLSeconds
+        remoteBudget = try value(.remoteBudget, String.self, "a size string such as \"50GiB\", or empty for no limit")
+        remoteTimeoutMillis = try value(.remoteTimeoutMillis, Int.self, "an integer: milliseconds") ?? remoteTimeoutMillis
+        remoteQueueSize = try value(.remoteQueueSize, String.self, "a size string such as \"256MiB\"") ?? remoteQueueSize
+        remoteConnections = try value(.remoteConnections, Int.self, "an integer") ?? remoteConnections
     }
 
     struct AnyKey: CodingKey {
@@ -225,6 +261,59 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
         public var maxModelsPerTenant = 256
         /// `evictionHeadroom`; nil: the store's default (`TieredStore.headroom(below:)`).
         public var evictionHeadroomBytes: Int?
+        /// The remote tier (`remoteURL` and the keys after it); nil: none.
+        public var remote: Remote?
+
+        /// The remote tier's settings. Its secrets are read at start (`Remote.secrets`), never
+        /// kept here, so they appear neither in `--print-config` nor in a comparison.
+        public struct Remote: Equatable, Sendable {
+            public var url: RedisURL
+            public var passwordFile: String?
+            public var keyFile: String?
+            public var keyPrefix = "kvtier"
+            public var pages = RemotePages.evicted
+            public var ttlSeconds = 86_400
+            public var budgetBytes: Int?
+            public var timeoutMillis = 250
+            public var queueBytes = 256 << 20
+            public var connections = 4
+
+            public init(url: RedisURL) { self.url = url }
+
+            /// The deployment key and the password, from their files or the environment.
+            public func secrets(environment: [String: String]) throws -> (key: DigestKey, password: String?) {
+                let key: DigestKey
+                do { key = try RemoteSecrets.key(file: keyFile, environment: environment) } catch {
+                    throw Invalid(key: "remoteKeyFile", value: keyFile ?? "(unset, and no \(RemoteSecrets.keyEnvironment))", allowed: error.reason)
+                }
+                do { return (key, try RemoteSecrets.password(file: passwordFile, environment: environment)) } catch {
+                    throw Invalid(key: "remotePasswordFile", value: passwordFile ?? "", allowed: error.reason)
+                }
+            }
+
+            /// The tier's configuration with these settings.
+            public func tierConfiguration(key: DigestKey, password: String?) -> RedisRemoteTier.Configuration {
+                var tier = RedisRemoteTier.Configuration(url: url, password: password, key: key)
+                tier.keyPrefix = keyPrefix
+                tier.ttlSeconds = ttlSeconds
+                tier.budgetBytes = budgetBytes
+                tier.timeoutMillis = timeoutMillis
+                tier.queueBytes = queueBytes
+                tier.connections = connections
+                return tier
+            }
+
+            /// The settings as config keys and JSON values (`--print-config`).
+            var fields: [(String, String)] {
+                func quoted(_ text: String?) -> String { text.map { "\"\($0)\"" } ?? "null" }
+                return [
+                    ("remoteURL", quoted(url.description)), ("remotePasswordFile", quoted(passwordFile)), ("remoteKeyFile", quoted(keyFile)),
+                    ("remoteKeyPrefix", quoted(keyPrefix)), ("remotePages", quoted(pages.rawValue)), ("remoteTTLSeconds", "\(ttlSeconds)"),
+                    ("remoteBudget", quoted(budgetBytes.map { "\(ByteCount($0))" })), ("remoteTimeoutMillis", "\(timeoutMillis)"),
+                    ("remoteQueueSize", quoted("\(ByteCount(queueBytes))")), ("remoteConnections", "\(connections)"),
+                ]
+            }
+        }
 
         /// The tenant of a peer: its primary group's shared tenant (`TenantID.group`) when that
         /// group is listed, else its uid. Nil (refused) for a uid that would collide with group
@@ -266,7 +355,7 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
                 ("maxBufferedFrameBytesPerUID", quoted("\(ByteCount(transport.maxBufferedFrameBytesPerUID))")),
                 ("maxModelsPerTenant", "\(maxModelsPerTenant)"),
                 ("evictionHeadroom", evictionHeadroomBytes.map { quoted("\(ByteCount($0))") } ?? "null"),
-            ]
+            ] + (remote?.fields ?? [("remoteURL", "null")])
             return "{" + fields.map { "\(quoted($0.0)): \($0.1)" }.joined(separator: ", ") + "}"
         }
 
@@ -298,6 +387,10 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             if t.maxBufferedFrameBytesPerUID != o.maxBufferedFrameBytesPerUID { keys.append("maxBufferedFrameBytesPerUID") }
             if maxModelsPerTenant != other.maxModelsPerTenant { keys.append("maxModelsPerTenant") }
             if evictionHeadroomBytes != other.evictionHeadroomBytes { keys.append("evictionHeadroom") }
+            let mine = remote?.fields ?? [("remoteURL", "null")], theirs = other.remote?.fields ?? [("remoteURL", "null")]
+            for key in Set(mine.map(\.0) + theirs.map(\.0)).sorted() where mine.first(where: { $0.0 == key })?.1 != theirs.first(where: { $0.0 == key })?.1 {
+                keys.append(key)
+            }
             return keys
         }
     }
@@ -422,7 +515,49 @@ public struct DaemonConfiguration: Codable, Equatable, Sendable {
             }
             resolved.evictionHeadroomBytes = headroom
         }
+        resolved.remote = try resolvedRemote()
         return resolved
+    }
+
+    /// The remote tier's keys checked (its secrets are read at start, by `Remote.secrets`).
+    func resolvedRemote() throws -> Resolved.Remote? {
+        guard let text = remoteURL, !text.isEmpty else { return nil }
+        let url: RedisURL
+        do { url = try RedisURL.parse(text) } catch { throw Invalid(key: "remoteURL", value: text, allowed: error.reason) }
+        var remote = Resolved.Remote(url: url)
+        remote.passwordFile = remotePasswordFile.flatMap { $0.isEmpty ? nil : $0 }
+        remote.keyFile = remoteKeyFile.flatMap { $0.isEmpty ? nil : $0 }
+        guard (1...64).contains(remoteKeyPrefix.count), remoteKeyPrefix.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:".contains($0)) }) else {
+            throw Invalid(key: "remoteKeyPrefix", value: remoteKeyPrefix, allowed: "1 to 64 letters, digits, - _ . :")
+        }
+        remote.keyPrefix = remoteKeyPrefix
+        guard let pages = RemotePages(rawValue: remotePages) else {
+            throw Invalid(key: "remotePages", value: remotePages, allowed: RemotePages.allCases.map(\.rawValue).joined(separator: ", "))
+        }
+        remote.pages = pages
+        guard (0...315_360_000).contains(remoteTTLSeconds) else {
+            throw Invalid(key: "remoteTTLSeconds", value: "\(remoteTTLSeconds)", allowed: "0 (no expiry) to 315360000 (ten years)")
+        }
+        remote.ttlSeconds = remoteTTLSeconds
+        if let budget = remoteBudget, !budget.isEmpty {
+            guard let bytes = ByteCount(parsing: budget)?.bytes, bytes > 0 else {
+                throw Invalid(key: "remoteBudget", value: budget, allowed: "a size such as 50GiB, or empty for no limit")
+            }
+            remote.budgetBytes = bytes
+        }
+        guard (10...60_000).contains(remoteTimeoutMillis) else {
+            throw Invalid(key: "remoteTimeoutMillis", value: "\(remoteTimeoutMillis)", allowed: "10...60000")
+        }
+        remote.timeoutMillis = remoteTimeoutMillis
+        guard let queue = ByteCount(parsing: remoteQueueSize)?.bytes, queue >= 1 << 20, queue <= 64 << 30 else {
+            throw Invalid(key: "remoteQueueSize", value: remoteQueueSize, allowed: "a size from 1MiB to 64GiB")
+        }
+        remote.queueBytes = queue
+        guard (1...64).contains(remoteConnections) else {
+            throw Invalid(key: "remoteConnections", value: "\(remoteConnections)", allowed: "1...64")
+        }
+        remote.connections = remoteConnections
+        return remote
     }
 
     /// The transport keys checked against each other: a limit that no legal frame or

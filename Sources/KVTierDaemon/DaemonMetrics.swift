@@ -81,6 +81,21 @@ public final class DaemonMetrics: Sendable {
         Mapping(source: "server.errors.protocol", name: "kvtier_protocol_errors_total", labels: [], kind: .counter, help: "Connections closed for a protocol error."),
         Mapping(source: "server.errors.frame_timeout", name: "kvtier_frame_timeouts_total", labels: [], kind: .counter, help: "Connections closed because a frame did not arrive in time."),
         Mapping(source: "server.requests.handled", name: "kvtier_requests_total", labels: [], kind: .counter, help: "Requests answered by the store."),
+        // The remote tier (present only with remoteURL).
+        Mapping(source: "remote_pages", name: "kvtier_tier_pages", labels: [("tier", "remote")], kind: .gauge, help: "Pages held in the tier."),
+        Mapping(source: "remote_bytes", name: "kvtier_tier_bytes", labels: [("tier", "remote")], kind: .gauge, help: "Bytes of pages held in the tier (disk: live record bytes)."),
+        Mapping(source: "remote_budget_bytes", name: "kvtier_tier_budget_bytes", labels: [("tier", "remote")], kind: .gauge, help: "Configured budget of the tier."),
+        Mapping(source: "lookup_hits_remote", name: "kvtier_lookup_hits_total", labels: [("tier", "remote")], kind: .counter, help: "Lookups that found cached tokens, by the slowest tier they needed."),
+        Mapping(source: "remote_up", name: "kvtier_remote_up", labels: [], kind: .gauge, help: "1 while the remote tier answers, 0 while it is down (misses served, retried with back-off)."),
+        Mapping(source: "remote_promotions", name: "kvtier_remote_promotions_total", labels: [], kind: .counter, help: "Pages fetched from the remote tier, verified and promoted to RAM."),
+        Mapping(source: "remote_rejected", name: "kvtier_remote_rejected_total", labels: [], kind: .counter, help: "Remote values refused (MAC, page, model or checksum mismatch): served as misses."),
+        Mapping(source: "remote_writes", name: "kvtier_remote_writes_total", labels: [], kind: .counter, help: "Pages written to the remote tier."),
+        Mapping(source: "remote_writes_dropped", name: "kvtier_remote_writes_dropped_total", labels: [], kind: .counter, help: "Remote copies dropped: queue full or remote tier down."),
+        Mapping(source: "remote_write_errors", name: "kvtier_remote_write_errors_total", labels: [], kind: .counter, help: "Page writes the remote server refused (full, read-only, ACL)."),
+        Mapping(source: "remote_failures", name: "kvtier_remote_failures_total", labels: [], kind: .counter, help: "Remote requests that failed (timeout, connection lost, protocol violation)."),
+        Mapping(source: "remote_reconnects", name: "kvtier_remote_reconnects_total", labels: [], kind: .counter, help: "Times the remote tier came back after being down."),
+        Mapping(source: "remote_queue_bytes", name: "kvtier_remote_queue_bytes", labels: [], kind: .gauge, help: "Bytes of page records waiting to be written to the remote tier."),
+        Mapping(source: "remote_fetch_bytes", name: "kvtier_remote_fetch_bytes_total", labels: [], kind: .counter, help: "Bytes of values fetched from the remote tier."),
     ]
 
     private enum Exported {

@@ -245,8 +245,10 @@ public struct StoreRequestHandler: RequestHandler {
 
     func lookup(_ r: Lookup, _ context: ConnectionContext) throws(StoreError) -> Reply {
         let found = try store.lookup(context.tenant, modelID: r.modelID, tokens: r.tokens)
+        // The wire has no remote field: remote tokens, like disk tokens, are tokens a GET loads
+        // from outside RAM (and the load estimate prices them at the remote tier's speed).
         return .lookup(LookupReply(cachedTokens: UInt32(found.cachedTokens), ramTokens: UInt32(found.ramTokens),
-                                   diskTokens: UInt32(found.diskTokens), estimatedLoadMicros: found.estimatedLoadMicros))
+                                   diskTokens: UInt32(found.diskTokens + found.remoteTokens), estimatedLoadMicros: found.estimatedLoadMicros))
     }
 
     func release(_ r: Release, _ context: ConnectionContext) throws(StoreError) -> Reply {

@@ -90,7 +90,12 @@ public final class ConditionLock<State>: @unchecked Sendable {
         pthread_mutex_init(mutex, nil)
         condition = .allocate(capacity: 1)
         condition.initialize(to: pthread_cond_t())
-        pthread_cond_init(condition, nil)
+        // Timed waits count on the monotonic clock, so a change of the wall clock cannot stretch them.
+        var attributes = pthread_condattr_t()
+        pthread_condattr_init(&attributes)
+        pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+        pthread_cond_init(condition, &attributes)
+        pthread_condattr_destroy(&attributes)
     }
 
     deinit {
@@ -114,6 +119,18 @@ public final class ConditionLock<State>: @unchecked Sendable {
             pthread_cond_wait(condition, mutex)
         }
         return try body(&state)
+    }
+
+    /// Sleeps until `ready` holds or `deadline` passes, then runs `body` under the same lock with
+    /// whether `ready` held (false: timed out).
+    public func withLock<R>(waitingUntil ready: (State) -> Bool, deadline: Deadline, _ body: (inout State, Bool) throws -> R) rethrows -> R {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        var until = timespec(tv_sec: Int(deadline.nanoseconds / 1_000_000_000), tv_nsec: Int(deadline.nanoseconds % 1_000_000_000))
+        while !ready(state) {
+            if pthread_cond_timedwait(condition, mutex, &until) == ETIMEDOUT { return try body(&state, ready(state)) }
+        }
+        return try body(&state, true)
     }
 
     /// Wakes one waiter.

@@ -9,6 +9,7 @@ import Foundation
 import Histogram
 import KVTierClient
 import KVTierCore
+import KVTierRemote
 
 /// Serving throughput of kvtierd to several client processes, against Redis doing the same work
 /// and against one core's memcpy: the engine of `kvtier bench serve`.
@@ -210,7 +211,7 @@ public struct ServeBenchmark: Sendable {
 
         var redis: (put: PhaseSummary, get: PhaseSummary, version: String?)?
         if compareRedis {
-            let server = try ensureRedisServer()
+            let server = try Self.ensureRedisServer(note: note)
             let redisSocket = scratch + "/redis.sock"
             let redisLog = scratch + "/redis.log"
             let process = try ServeChild(
@@ -219,7 +220,7 @@ public struct ServeBenchmark: Sendable {
                             "--daemonize", "no", "--dir", scratch, "--maxmemory", "0"],
                 pipes: false, logPath: redisLog)
             defer { process.terminate() }
-            let version = try waitForRedis(process, socket: redisSocket, log: redisLog)
+            let version = try Self.waitForRedis(process, socket: redisSocket, log: redisLog)
             let (p, g) = try await runWorkers(.redis, socket: redisSocket, maxPages: maxPages) {
                 guard process.isRunning else { throw ToolError("redis-server exited during the run:\n\(Self.tail(redisLog))") }
             }
@@ -310,11 +311,11 @@ public struct ServeBenchmark: Sendable {
     // MARK: servers
 
     /// Waits until redis answers PING; returns its version.
-    private func waitForRedis(_ process: ServeChild, socket: String, log: String) throws -> String? {
+    static func waitForRedis(_ process: ServeChild, socket: String, log: String) throws -> String? {
         let deadline = Clocks.monotonicNanoseconds() + 20_000_000_000
         while Clocks.monotonicNanoseconds() < deadline {
             guard process.isRunning else { throw ToolError("redis-server exited before listening:\n\(Self.tail(log))") }
-            if access(socket, F_OK) == 0, let connection = try? RESPConnection(path: socket),
+            if access(socket, F_OK) == 0, let connection = try? RESPConnection.connect(to: .unix(path: socket), timeoutMillis: 2_000),
                (try? connection.command(["PING"])) == .simple("PONG") {
                 guard case .bulk(let info?) = try connection.command(["INFO", "server"]) else { return nil }
                 let line = String(decoding: info, as: UTF8.self).split(whereSeparator: \.isNewline).first { $0.hasPrefix("redis_version:") }
@@ -327,7 +328,7 @@ public struct ServeBenchmark: Sendable {
 
     /// `redis-server` from PATH; when missing, installs the Debian package with apt-get (saying
     /// so on stderr; apt's own output goes to stderr too, never to stdout).
-    func ensureRedisServer() throws -> String {
+    static func ensureRedisServer(note: (String) -> Void) throws -> String {
         if let found = findExecutable("redis-server") { return found }
         guard let apt = findExecutable("apt-get") else {
             throw ToolError("redis-server is not installed and there is no apt-get to install it; install Redis or drop --compare-redis")

@@ -9,6 +9,7 @@ import Foundation
 import Histogram
 import KVTierClient
 import KVTierCore
+import KVTierRemote
 
 /// One client process of `kvtier bench serve` (`kvtier bench serve-worker`, hidden): connects to
 /// kvtierd or redis-server, says `ready`, then runs the phases the parent names on its stdin
@@ -276,7 +277,8 @@ private struct RedisEngine: Engine {
     let worker: Int
 
     init(_ options: ServeWorker.Options) throws {
-        connection = try RESPConnection(path: options.socketPath)
+        connection = try RESPConnection.connect(to: .unix(path: options.socketPath), timeoutMillis: 5_000)
+        connection.deadline = .never
         pageBytes = options.pageBytes
         pages = options.pagesPerGet
         worker = options.worker

@@ -66,6 +66,12 @@ struct DaemonStatusView: Encodable {
             "disk": Tier(pages: value("disk_pages"), bytes: value("disk_live_bytes"), budgetBytes: counters["disk_budget_bytes"],
                          hits: value("lookup_hits_disk"), hitRate: rate(value("lookup_hits_disk"))),
         ]
+        // The remote tier, when the daemon has one: the pages this daemon wrote there and keeps
+        // (others' pages are not counted), its budget, and lookups it completed.
+        if counters["remote_up"] != nil {
+            tiers["remote"] = Tier(pages: value("remote_pages"), bytes: value("remote_bytes"), budgetBytes: counters["remote_budget_bytes"],
+                                   hits: value("lookup_hits_remote"), hitRate: rate(value("lookup_hits_remote")))
+        }
     }
 
     /// The prefetch row of `kvtier status`: "issued 40, loaded 40, used 36 (90.0%, 3 late), wasted 2".
@@ -73,7 +79,17 @@ struct DaemonStatusView: Encodable {
         "issued \(prefetch.issued), loaded \(prefetch.loaded), used \(prefetch.used) (\(prefetch.accuracy.map(Self.percent) ?? "-"), \(prefetch.late) late), wasted \(prefetch.wasted)"
     }
 
-    static let tierOrder = ["ram", "disk"]
+    static let tierOrder = ["ram", "disk", "remote"]
+
+    /// The remote tier's state line (`kvtier status`), nil without one.
+    var remoteSummary: String? {
+        guard let up = counters["remote_up"] else { return nil }
+        func value(_ name: String) -> UInt64 { counters[name] ?? 0 }
+        return (up == 1 ? "up" : "DOWN (serving misses, retrying)")
+            + ", queue \(ByteCount(Int(clamping: value("remote_queue_bytes"))))"
+            + ", written \(value("remote_writes")), dropped \(value("remote_writes_dropped")), refused \(value("remote_write_errors"))"
+            + ", promoted \(value("remote_promotions")), rejected \(value("remote_rejected")), failures \(value("remote_failures"))"
+    }
 
     /// The tier table: one row per tier, human units.
     var tierRows: [[String]] {

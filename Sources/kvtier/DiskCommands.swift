@@ -86,12 +86,12 @@ enum OfflinePages {
     }
 }
 
-/// `kvtier bench disk|recovery|trace|serve|resume|put`.
+/// `kvtier bench disk|recovery|trace|serve|resume|put|remote`.
 struct DiskBenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
-        abstract: "Benchmark kvtierd on this machine: disk tier, recovery, serving, puts, resume, trace replay.",
-        subcommands: [Disk.self, Recovery.self, TraceBenchCommand.self, ServeBenchCommand.self, ServeWorkerCommand.self, ResumeBenchCommand.self, PutBenchCommand.self]
+        abstract: "Benchmark kvtierd on this machine: disk tier, recovery, serving, puts, resume, trace replay, remote tier.",
+        subcommands: [Disk.self, Recovery.self, TraceBenchCommand.self, ServeBenchCommand.self, ServeWorkerCommand.self, ResumeBenchCommand.self, PutBenchCommand.self, RemoteBenchCommand.self]
     )
 
     struct Disk: AsyncParsableCommand {

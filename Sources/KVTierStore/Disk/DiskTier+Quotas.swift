@@ -166,6 +166,7 @@ extension DiskTier {
         }
         state.withLock { $0.stats.evictions += victims.count }
         logger.info("disk budget or tenant quota exceeded; evicting pages", metadata: ["pages": "\(victims.count)"])
+        copyRecordsLeaving(victims)
         commitInternal(tombstones)
     }
 }

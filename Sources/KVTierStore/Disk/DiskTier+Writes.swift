@@ -65,13 +65,16 @@ extension DiskTier {
         public var codec: Codec
         public var shape: PageShape
         public var data: PageBuffer
+        /// Hand the record, once durable, to the record copies (`setRecordCopies`).
+        public var copyRecord: Bool
 
-        public init(address: PageAddress, modelID: UInt64, codec: Codec, shape: PageShape, data: PageBuffer) {
+        public init(address: PageAddress, modelID: UInt64, codec: Codec, shape: PageShape, data: PageBuffer, copyRecord: Bool = false) {
             self.address = address
             self.modelID = modelID
             self.codec = codec
             self.shape = shape
             self.data = data
+            self.copyRecord = copyRecord
         }
     }
 
@@ -103,6 +106,7 @@ extension DiskTier {
         for ((i, _, _), result) in zip(queued, written) {
             results[i] = result.flatMap { stored in stored.map { .success($0) } ?? .failure(.invalidPage("writer returned no location")) }
         }
+        copyWritten(pages, records, results)
         return results
     }
 

@@ -88,6 +88,9 @@ public final class DiskTier: Sendable {
     let holds = Mutex<SessionHolds?>(nil)
     /// Told how long reads, decodes, encodes and group commits take (`observe(with:)`).
     let observer = Mutex<(any DiskTierObserver)?>(nil)
+    /// Gets copies of page records leaving the tier or written with `PageWrite.copyRecord`
+    /// (`setRecordCopies`: the remote tier).
+    let recordCopies = Mutex<RecordCopies?>(nil)
 
     /// Tells the disk budget how strongly sessions hold each page (the tiered store does this).
     public func setSessionHolds(_ hold: @escaping @Sendable (PageAddress) -> SessionCatalog.Hold) {
@@ -283,20 +286,9 @@ public final class DiskTier: Sendable {
             guard header.kind == .page, header.address == address, header.sequence == location.sequence else {
                 return .failure(.damaged("record at offset \(location.offset) is not the indexed page"))
             }
-            let codec = try Codec(tag: header.codecTag)
-            let sections = try PageRecord.sections(of: record, header)
             let output = destination.flatMap { $0.count >= header.shape.rawBytes ? $0 : nil }
                 ?? PageBuffer(overwrittenByteCount: header.shape.rawBytes)
-            let sectionShape = header.shape.section
-            let part = sectionShape.bytesPerPart
-            let decoder = SectionCodec(codec)
-            for (layer, section) in sections.enumerated() {
-                let base = layer * 2 * part
-                try decoder.decode(
-                    section, shape: sectionShape,
-                    keys: UnsafeMutableRawBufferPointer(rebasing: output.bytes[base..<base + part]),
-                    values: UnsafeMutableRawBufferPointer(rebasing: output.bytes[base + part..<base + 2 * part]))
-            }
+            try PageRecord.decodePage(record, header, into: output.bytes)
             var described = Self.describe(address, location)
             described.lastAccessMicros = Clocks.wallMicros()
             return .success(DiskPage(page: described, data: output))

@@ -130,6 +130,24 @@ public enum PageRecord {
         return CRC32C.checksum(UnsafeRawBufferPointer(rebasing: record[RecordHeader.size...]), continuing: crc)
     }
 
+    /// Decodes every section of a verified page record into `output` (at least
+    /// `header.shape.rawBytes`): the page in page layout, layer by layer, keys then values.
+    public static func decodePage(_ record: UnsafeRawBufferPointer, _ header: RecordHeader, into output: UnsafeMutableRawBufferPointer) throws {
+        precondition(output.count >= header.shape.rawBytes, "decode output shorter than the page")
+        let codec = try Codec(tag: header.codecTag)
+        let sections = try sections(of: record, header)
+        let sectionShape = header.shape.section
+        let part = sectionShape.bytesPerPart
+        let decoder = SectionCodec(codec)
+        for (layer, section) in sections.enumerated() {
+            let base = layer * 2 * part
+            try decoder.decode(
+                section, shape: sectionShape,
+                keys: UnsafeMutableRawBufferPointer(rebasing: output[base..<base + part]),
+                values: UnsafeMutableRawBufferPointer(rebasing: output[base + part..<base + 2 * part]))
+        }
+    }
+
     /// The encoded sections of a verified page record, in layer order.
     public static func sections(of record: UnsafeRawBufferPointer, _ header: RecordHeader) throws(FormatError) -> [UnsafeRawBufferPointer] {
         var reader = ByteReader(record, offset: RecordHeader.size)

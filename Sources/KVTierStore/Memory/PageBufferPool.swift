@@ -4,12 +4,12 @@ import Synchronization
 /// which faults and zeroes every page on first touch: measured at a third of restore time before
 /// this pool existed. Buffers are kept by size class (eight per doubling, so at most 12.5 %
 /// is wasted and equal-sized records reuse each other's buffers) up to a byte limit.
-final class PageBufferPool: Sendable {
+public final class PageBufferPool: Sendable {
     private let free = Mutex<[Int: [PageBuffer]]>([:])
     private let retained = Mutex(0)
-    let limitBytes: Int
+    public let limitBytes: Int
 
-    init(limitBytes: Int) {
+    public init(limitBytes: Int) {
         self.limitBytes = limitBytes
     }
 
@@ -22,7 +22,7 @@ final class PageBufferPool: Sendable {
     }
 
     /// A buffer of at least `bytes` bytes, contents undefined.
-    func take(_ bytes: Int) -> PageBuffer {
+    public func take(_ bytes: Int) -> PageBuffer {
         let size = Self.sizeClass(bytes)
         if let buffer = free.withLock({ $0[size]?.popLast() }) {
             retained.withLock { $0 -= size }
@@ -32,7 +32,7 @@ final class PageBufferPool: Sendable {
     }
 
     /// Returns a buffer obtained from `take`; dropped instead when the pool is full.
-    func give(_ buffer: PageBuffer) {
+    public func give(_ buffer: PageBuffer) {
         let size = buffer.count
         guard size == Self.sizeClass(size) else { return }
         let kept = retained.withLock { total -> Bool in

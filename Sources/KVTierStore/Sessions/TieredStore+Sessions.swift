@@ -126,7 +126,7 @@ extension TieredStore {
         for page in locate(session.tenant, model, session.tokens) {
             switch page.tier {
             case .ram: detail.ramTokens += page.tokens.count
-            case .disk: detail.diskTokens += page.tokens.count
+            case .disk, .remote: detail.diskTokens += page.tokens.count
             }
         }
         return detail

@@ -33,14 +33,15 @@ extension TieredStore {
     /// (`DiskTier.write(_:)`: encoded on every core, one fdatasync) and waits until they are
     /// durable. Each page is leased meanwhile: a concurrent eviction must not free (and another
     /// page reuse) the memory its record is being encoded from. Results in `addresses` order;
-    /// a page not in RAM (or already on disk) succeeds without a write.
-    func persist(_ addresses: [PageAddress]) async -> [Result<Void, StoreError>] {
+    /// a page not in RAM (or already on disk) succeeds without a write. `durable`: the pages of a
+    /// durable or session put, which `remotePages` "durable" copies to the remote tier.
+    func persist(_ addresses: [PageAddress], durable: Bool = false) async -> [Result<Void, StoreError>] {
         // In windows: a window's pages are encoded and held in memory together until their group
         // commit, so a session of thousands of pages costs a window's memory, not its own size.
         guard addresses.count <= Self.evictionGroupPages else {
             var results: [Result<Void, StoreError>] = []
             for start in stride(from: 0, to: addresses.count, by: Self.evictionGroupPages) {
-                results += await persist(Array(addresses[start..<min(start + Self.evictionGroupPages, addresses.count)]))
+                results += await persist(Array(addresses[start..<min(start + Self.evictionGroupPages, addresses.count)]), durable: durable)
             }
             return results
         }
@@ -61,7 +62,8 @@ extension TieredStore {
                 var codec = codecPolicy.codec(for: model, tenant: address.tenant)
                 if (try? codec.quantizer.check(shape.section)) == nil { codec = Codec(.fp16, codec.lossless) }
                 pending.append((index, DiskTier.PageWrite(address: address, modelID: page.modelID, codec: codec, shape: shape,
-                                                          data: memory.buffer(page.extent))))
+                                                          data: memory.buffer(page.extent),
+                                                          copyRecord: copiesToRemote(page, model, durable: durable))))
             }
             return pending
         }
@@ -391,7 +393,7 @@ extension TieredStore {
         }
         let stale: UInt64 = gauges == nil ? 1 : 0
         let figures = gauges ?? statusSnapshot.withLock { $0 }
-        return figures + [("status_stale", stale)] + codecPolicy.status() + (disk.map { d -> [(String, UInt64)] in
+        return figures + [("status_stale", stale)] + (remote?.tier.status() ?? []) + codecPolicy.status() + (disk.map { d -> [(String, UInt64)] in
             let stats = d.stats
             return [("disk_pages", UInt64(stats.pages)), ("disk_live_bytes", UInt64(stats.liveBytes)),
                     ("disk_file_bytes", UInt64(stats.fileBytes)), ("disk_checksum_failures", UInt64(stats.checksumFailures))]
@@ -422,6 +424,6 @@ extension TieredStore {
                 ("sessions", UInt64(sessions)),
                 ("sessions_expired", UInt64(c.sessionsExpired)), ("pinned_bytes", UInt64(pinnedBytes)),
                 ("puts_waited", UInt64(c.putsWaited)), ("evicting", s.evicting ? 1 : 0),
-            ]
+            ] + remoteCounters(c)
     }
 }

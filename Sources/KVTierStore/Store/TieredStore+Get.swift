@@ -40,11 +40,14 @@ extension TieredStore {
             if let result = try leaseIfResident(tenant, owner: owner, pages, maxTokens: maxTokens) { return .done(result) }
         }
         let located = locate(tenant, model, tokens, keys: keys, partialBefore: maxTokens > 0 ? maxTokens : .max)
-        if located.allSatisfy({ $0.tier == .ram }), let result = try leaseIfResident(tenant, owner: owner, located, maxTokens: maxTokens) {
+        // Pages past the local prefix may be in the remote tier: the pending work asks it.
+        let remoteCandidates = remoteCandidates(tenant, model, keys: keys, located: located)
+        if remoteCandidates.isEmpty, located.allSatisfy({ $0.tier == .ram }),
+           let result = try leaseIfResident(tenant, owner: owner, located, maxTokens: maxTokens) {
             return .done(result)
         }
         return .pending { [self] () async throws(StoreError) -> GetResult in
-            try await finishGet(tenant, owner: owner, model, memory, located, maxTokens: maxTokens)
+            try await finishGet(tenant, owner: owner, model, memory, located, remoteCandidates: remoteCandidates, maxTokens: maxTokens)
         }
     }
 
@@ -87,7 +90,7 @@ extension TieredStore {
         }
         let located = wanted
         return .pending { [self] () async throws(StoreError) -> GetResult in
-            counted(try await finishGet(tenant, owner: owner, model, memory, located, maxTokens: 0))
+            counted(try await finishGet(tenant, owner: owner, model, memory, located, remoteCandidates: [], maxTokens: 0))
         }
     }
 
@@ -121,8 +124,23 @@ extension TieredStore {
     /// The rest of a GET whose prefix is not all in RAM: disk pages come in one batched read (or
     /// with a load already under way, e.g. prefetch), within the tenant's quota.
     private func finishGet(_ tenant: TenantID, owner: UInt64, _ model: ModelSpec, _ memory: any PageMemory, _ located: [PageRef],
-                           maxTokens: Int) async throws(StoreError) -> GetResult {
+                           remoteCandidates: [PageAddress], maxTokens: Int) async throws(StoreError) -> GetResult {
         if let refusal = state.withLock({ $0.leases.refusal(tenant: tenant, owner: owner, configuration) }) { throw .overBudget(refusal) }
+        // Pages loaded or promoted are held until pinned, so the evictor cannot take a page this
+        // GET just read (without blocking eviction, or other GETs, during the read).
+        var held = Set<PageAddress>()
+        defer { state.withLock { s in for address in held { s.endHold(address) } } }
+        var located = located
+        if !remoteCandidates.isEmpty {
+            // As many remote pages as the tenant's quota could lease: one batched fetch each
+            // `remoteBatchBytes`, promoted into RAM.
+            let size = model.pageTokens
+            let wanted = located + remoteCandidates.enumerated().map { offset, address in
+                PageRef(address: address, tokens: (located.count + offset) * size..<(located.count + offset + 1) * size, tier: .remote)
+            }
+            let limit = fittingQuota(tenant, model, wanted).count - located.count
+            located += await promoteFromRemote(tenant, model, memory, remoteCandidates, firstIndex: located.count, limit: limit, held: &held)
+        }
         // Leased pages count against the tenant's RAM quota: serve what fits rather than push
         // other tenants' pages out.
         let fitting = fittingQuota(tenant, model, located)
@@ -134,11 +152,7 @@ extension TieredStore {
         if !loading.isEmpty {
             await makeRoom(reserving: (tenant, loading.count * Self.extentBytes(model.pageTokens * model.bytesPerToken)))
         }
-        // Pages loaded are held until pinned, so the evictor cannot take a page this GET just
-        // read (without blocking eviction, or other GETs, during the read).
-        var held = Set<PageAddress>()
         await load(loading, model, memory, prefetch: false, holding: true, held: &held)
-        defer { state.withLock { s in for address in held { s.endHold(address) } } }
         var served: [ServedPage] = []
         var addresses: [PageAddress] = []
         var servedTokens = 0

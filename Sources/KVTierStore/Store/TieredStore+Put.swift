@@ -388,7 +388,7 @@ extension TieredStore {
     /// ran).
     func makeDurable(_ addresses: [PageAddress]) async throws(StoreError) {
         guard let disk else { throw .unavailable("no disk tier is configured: durable puts need one") }
-        for result in await persist(addresses) {
+        for result in await persist(addresses, durable: true) {
             if case .failure(let error) = result { throw error }
         }
         if let index = disk.containsEach(addresses, skipping: addresses.map { _ in false }).firstIndex(of: false) {

@@ -81,6 +81,9 @@ public final class TieredStore: Sendable {
         var onDisk: Bool
         /// Loaded by prefetch and not yet served: the first lease counts a useful prefetch.
         var prefetched = false
+        /// Promoted from the remote tier: its record is there already, so writing it to disk
+        /// sends no copy back.
+        var fromRemote = false
     }
 
     struct Lease {
@@ -193,6 +196,9 @@ public final class TieredStore: Sendable {
         /// Puts that waited for eviction because RAM had no room left (the background evictor
         /// fell behind); with headroom to spare this stays 0.
         var putsWaited = 0
+        /// Lookups whose slowest page is in the remote tier; pages promoted from there; remote
+        /// values refused by `RemoteRecord.open` (bad MAC, wrong page, damage).
+        var hitsRemote = 0, remotePromotions = 0, remoteRejected = 0
     }
 
     /// A request's result: given at once, or the rest of the work, which waits for disk I/O,
@@ -228,14 +234,18 @@ public final class TieredStore: Sendable {
     public let catalog: SessionCatalog
     /// The disk codec of each tenant's model.
     public let codecPolicy: CodecPolicy
+    /// The remote tier (T3), when one is configured (TieredStore+Remote).
+    let remote: RemoteAttachment?
 
     /// `makeMemory` creates a tenant's memory the first time the tenant stores or reads a page.
     /// `catalog` brings the models and sessions of earlier runs; by default they live in
     /// memory only.
-    public init(configuration: Configuration, disk: DiskTier?, catalog: SessionCatalog? = nil, logger: Logger,
-                makeMemory: @escaping @Sendable (TenantID) throws -> any PageMemory) {
+    /// `remote`: the remote tier pages are shared through with other hosts (none by default).
+    public init(configuration: Configuration, disk: DiskTier?, catalog: SessionCatalog? = nil, remote: RemoteAttachment? = nil,
+                logger: Logger, makeMemory: @escaping @Sendable (TenantID) throws -> any PageMemory) {
         self.configuration = configuration
         self.disk = disk
+        self.remote = remote
         self.logger = logger
         self.makeMemory = makeMemory
         codecPolicy = CodecPolicy(configuration: configuration.codecPolicy, defaultCodec: configuration.diskCodec)
@@ -245,6 +255,9 @@ public final class TieredStore: Sendable {
             for model in catalog.models { s.models[model.id] = model }
         }
         disk?.setSessionHolds { [catalog] address in catalog.hold(on: address) }
+        if remote != nil {
+            disk?.setRecordCopies { [weak self] copies in self?.offerRemote(copies) }
+        }
     }
 
     /// The size of a tenant's page arena for a RAM quota: the quota plus fragmentation slack
@@ -329,7 +342,7 @@ public final class TieredStore: Sendable {
 
     // MARK: lookup
 
-    public enum Tier: Sendable, Equatable { case ram, disk }
+    public enum Tier: Sendable, Equatable { case ram, disk, remote }
 
     /// One page of a cached prefix.
     public struct PageRef: Sendable, Equatable {
@@ -343,6 +356,8 @@ public final class TieredStore: Sendable {
         public var cachedTokens: Int
         public var ramTokens: Int
         public var diskTokens: Int
+        /// Tokens of pages only the remote tier holds.
+        public var remoteTokens = 0
         public var estimatedLoadMicros: UInt64
         public var pages: [PageRef]
     }
@@ -351,12 +366,14 @@ public final class TieredStore: Sendable {
     /// fp16, RAM pages at 20 GB/s.
     static let estimatedDiskBytesPerMicro = 2_000.0
     static let estimatedRAMBytesPerMicro = 20_000.0
+    /// Remote pages at 1 GB/s of fp16 (a 10 Gb/s link, or Redis on the same host).
+    static let estimatedRemoteBytesPerMicro = 1_000.0
 
     /// The longest cached prefix of `tokens`: whole pages along the hash chain, then the longest
     /// stored partial page (a sequence's last page, kept at its exact length).
     public func lookup(_ tenant: TenantID, modelID: UInt64, tokens: [UInt32]) throws(StoreError) -> LookupResult {
         let model = try model(modelID)
-        let pages = locate(tenant, model, tokens)
+        let pages = locateIncludingRemote(tenant, model, tokens, keys: Self.wholePageKeys(model, tokens))
         var result = LookupResult(cachedTokens: pages.last?.tokens.upperBound ?? 0, ramTokens: 0, diskTokens: 0,
                                   estimatedLoadMicros: 0, pages: pages)
         var micros = 0.0
@@ -369,12 +386,23 @@ public final class TieredStore: Sendable {
             case .disk:
                 result.diskTokens += page.tokens.count
                 micros += bytes / Self.estimatedDiskBytesPerMicro
+            case .remote:
+                result.remoteTokens += page.tokens.count
+                micros += bytes / Self.estimatedRemoteBytesPerMicro
             }
         }
         result.estimatedLoadMicros = UInt64(micros.rounded(.up))
         state.withLock { s in
             s.counters.lookups += 1
-            if pages.isEmpty { s.counters.misses += 1 } else if result.diskTokens > 0 { s.counters.hitsDisk += 1 } else { s.counters.hitsRAM += 1 }
+            if pages.isEmpty {
+                s.counters.misses += 1
+            } else if result.remoteTokens > 0 {
+                s.counters.hitsRemote += 1
+            } else if result.diskTokens > 0 {
+                s.counters.hitsDisk += 1
+            } else {
+                s.counters.hitsRAM += 1
+            }
         }
         return result
     }
