@@ -50,7 +50,8 @@ struct RemoteTierDaemonTests {
     }
 
     @Test func pagesOneDaemonEvictsAreHitsOnTheOtherAndRedisDeathCostsOnlyMisses() async throws {
-        let redis = try RedisServer()
+        // Its start waits for READY=1: on a thread of its own, not the cooperative pool.
+        let redis = try await EventWaits.onThread { Result { () throws(ProcessFailure) in try RedisServer() } }.get()
         let key = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
         let folderA = try TemporaryFolder("kvtier-remote-a"), folderB = try TemporaryFolder("kvtier-remote-b")
         defer { folderA.remove(); folderB.remove() }

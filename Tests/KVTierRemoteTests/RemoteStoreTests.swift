@@ -24,17 +24,17 @@ struct RemoteStoreTests {
     }
 
     @Test func pagesOneHostEvictsAreBitExactHitsOnTheOther() async throws {
-        let server = try RedisServer()
+        let server = try await startRedis()
         let a = try host(server, .all, seed: 1), b = try host(server, .all, seed: 2)
         defer { a.tier.shutdown(drainMillis: 0); b.tier.shutdown(drainMillis: 0) }
         let sequence = TestSequence(pages: 6, seed: 11)
         _ = try await a.store.put(alice, owner: 1, modelID: testModel.id, tokens: sequence.tokens, dataStart: 0, chunks: sequence.chunks, durable: false)
         let evicted = try await a.store.evict(alice, modelID: nil, tokens: nil, deleteFromDisk: false)
         #expect(evicted.evicted == 6)
-        #expect(a.tier.drained(timeoutMillis: 10_000))
+        #expect(await a.tier.drainedOffPool(timeoutMillis: 10_000))
         #expect(counter(a.tier.status(), "remote_writes") == 6)
 
-        let lookup = try b.store.lookup(alice, modelID: testModel.id, tokens: sequence.tokens)
+        let lookup = try await b.store.lookupOffPool(alice, sequence.tokens)
         #expect(lookup.cachedTokens == sequence.tokens.count)
         #expect(lookup.remoteTokens == sequence.tokens.count)
         let got = try await fetchAll(b.store, alice, sequence.tokens)
@@ -48,17 +48,17 @@ struct RemoteStoreTests {
         #expect(try await fetchAll(b.store, alice, sequence.tokens).bytes == sequence.bytes)
         #expect(counter(b.tier.status(), "remote_fetches") == fetches)
         // Another tenant of B sees none of alice's pages.
-        #expect(try b.store.lookup(bob, modelID: testModel.id, tokens: sequence.tokens).cachedTokens == 0)
+        #expect(try await b.store.lookupOffPool(bob, sequence.tokens).cachedTokens == 0)
         #expect(try await fetchAll(b.store, bob, sequence.tokens).tokens == 0)
         // Written back to B's disk on eviction, a promoted page is not sent to Redis again.
         let writes = counter(b.tier.status(), "remote_writes")
         _ = try await b.store.evict(alice, modelID: nil, tokens: nil, deleteFromDisk: false)
-        #expect(b.tier.drained(timeoutMillis: 10_000))
+        #expect(await b.tier.drainedOffPool(timeoutMillis: 10_000))
         #expect(counter(b.tier.status(), "remote_writes") == writes)
     }
 
     @Test func aPrefixRunsAcrossLocalAndRemotePages() async throws {
-        let server = try RedisServer()
+        let server = try await startRedis()
         let a = try host(server, .all, seed: 3), b = try host(server, .all, seed: 4)
         defer { a.tier.shutdown(drainMillis: 0); b.tier.shutdown(drainMillis: 0) }
         let sequence = TestSequence(pages: 5, seed: 12)
@@ -68,8 +68,8 @@ struct RemoteStoreTests {
                                   chunks: Array(sequence.chunks[0..<2]), durable: false)
         _ = try await a.store.put(alice, owner: 1, modelID: testModel.id, tokens: sequence.tokens, dataStart: 0, chunks: sequence.chunks, durable: false)
         _ = try await a.store.evict(alice, modelID: nil, tokens: nil, deleteFromDisk: false)
-        #expect(a.tier.drained(timeoutMillis: 10_000))
-        let lookup = try b.store.lookup(alice, modelID: testModel.id, tokens: sequence.tokens)
+        #expect(await a.tier.drainedOffPool(timeoutMillis: 10_000))
+        let lookup = try await b.store.lookupOffPool(alice, sequence.tokens)
         #expect(lookup.ramTokens == 2 * size && lookup.remoteTokens == 3 * size)
         let got = try await fetchAll(b.store, alice, sequence.tokens)
         #expect(got.tokens == 5 * size && got.bytes == sequence.bytes)
@@ -81,7 +81,7 @@ struct RemoteStoreTests {
     }
 
     @Test func evictedModeSendsWhatTheDiskBudgetDeletes() async throws {
-        let server = try RedisServer()
+        let server = try await startRedis()
         let recordBytes = Block.roundUp(try pageRecord(address(alice, 0), seed: 0).record.count)
         let a = try host(server, .evicted, seed: 5, diskBudget: 6 * recordBytes)
         let b = try host(server, .evicted, seed: 6)
@@ -94,13 +94,13 @@ struct RemoteStoreTests {
             _ = try await a.store.put(alice, owner: 1, modelID: testModel.id, tokens: Array(sequence.tokens[0..<(turn + 1) * 3 * size]),
                                       dataStart: turn * 3 * size, chunks: Array(sequence.chunks[turn * 3..<(turn + 1) * 3]), durable: true)
         }
-        #expect(a.tier.drained(timeoutMillis: 10_000))
+        #expect(await a.tier.drainedOffPool(timeoutMillis: 10_000))
         // What left A's disk is in Redis, and only that: durable pages are not copied in this mode.
         let addresses = (0..<12).map { i in
             PageAddress(tenant: alice, key: PageKeyChain.keys(modelID: testModel.id, tokens: Array(sequence.tokens[0..<(i + 1) * size]),
                                                               pageTokens: size, wholePagesOnly: true, limit: .max)[i])
         }
-        let inRedis = b.tier.contains(addresses)
+        let inRedis = await b.tier.containsOffPool(addresses)
         let remote = Set(addresses.indices.filter { inRedis[$0] }.map { addresses[$0] })
         // Pages off A's disk now are in Redis (a later durable put may have written some of the
         // deleted pages, still in A's RAM, to disk again: those stay in Redis too). The newest
@@ -117,25 +117,25 @@ struct RemoteStoreTests {
     }
 
     @Test func durableModeCopiesDurablePutsOnly() async throws {
-        let server = try RedisServer()
+        let server = try await startRedis()
         let a = try host(server, .durable, seed: 7)
         defer { a.tier.shutdown(drainMillis: 0) }
         let durable = TestSequence(pages: 3, seed: 14), plain = TestSequence(pages: 2, seed: 15)
         _ = try await a.store.put(alice, owner: 1, modelID: testModel.id, tokens: durable.tokens, dataStart: 0, chunks: durable.chunks, durable: true)
         _ = try await a.store.put(alice, owner: 1, modelID: testModel.id, tokens: plain.tokens, dataStart: 0, chunks: plain.chunks, durable: false)
         _ = try await a.store.evict(alice, modelID: nil, tokens: nil, deleteFromDisk: false)
-        #expect(a.tier.drained(timeoutMillis: 10_000))
+        #expect(await a.tier.drainedOffPool(timeoutMillis: 10_000))
         #expect(counter(a.tier.status(), "remote_writes") == 3)
     }
 
     @Test func remoteBytesCannotInjectPages() async throws {
-        let server = try RedisServer()
+        let server = try await startRedis()
         let a = try host(server, .all, seed: 8), b = try host(server, .all, seed: 9)
         defer { a.tier.shutdown(drainMillis: 0); b.tier.shutdown(drainMillis: 0) }
         let sequence = TestSequence(pages: 2, seed: 16)
         _ = try await a.store.put(alice, owner: 1, modelID: testModel.id, tokens: sequence.tokens, dataStart: 0, chunks: sequence.chunks, durable: false)
         _ = try await a.store.evict(alice, modelID: nil, tokens: nil, deleteFromDisk: false)
-        #expect(a.tier.drained(timeoutMillis: 10_000))
+        #expect(await a.tier.drainedOffPool(timeoutMillis: 10_000))
         let keys = PageKeyChain.keys(modelID: testModel.id, tokens: sequence.tokens, pageTokens: testModel.pageTokens, wholePagesOnly: true, limit: .max)
         func name(_ tenant: TenantID, _ i: Int) -> [UInt8] { Array("kvtier:t\(tenant.rawValue):\(keys[i])".utf8) }
         let redis = try inspect(server)
@@ -180,22 +180,24 @@ struct RemoteStoreTests {
     }
 
     @Test func aDeadRedisCostsMissesNeverRequests() async throws {
-        let server = try RedisServer()
+        let server = try await startRedis()
         let a = try host(server, .all, seed: 10, timeoutMillis: 200)
         defer { a.tier.shutdown(drainMillis: 0) }
         let local = TestSequence(pages: 3, seed: 17), missing = TestSequence(pages: 3, seed: 18)
         _ = try await a.store.put(alice, owner: 1, modelID: testModel.id, tokens: local.tokens, dataStart: 0, chunks: local.chunks, durable: false)
         server.kill()
         let started = Deadline(millisFromNow: 0).nanoseconds
-        #expect(try a.store.lookup(alice, modelID: testModel.id, tokens: missing.tokens).cachedTokens == 0)
+        #expect(try await a.store.lookupOffPool(alice, missing.tokens).cachedTokens == 0)
         #expect(try await fetchAll(a.store, alice, missing.tokens).tokens == 0)
         #expect(try await fetchAll(a.store, alice, local.tokens).bytes == local.bytes)
         // Evicting to disk still works; the remote copies are dropped.
         #expect(try await a.store.evict(alice, modelID: nil, tokens: nil, deleteFromDisk: false).evicted == 3)
-        #expect(a.tier.drained(timeoutMillis: 10_000))
+        #expect(await a.tier.drainedOffPool(timeoutMillis: 10_000))
         #expect(try await fetchAll(a.store, alice, local.tokens).bytes == local.bytes)
         let elapsed = Int((Deadline(millisFromNow: 0).nanoseconds - started) / 1_000_000)
-        #expect(elapsed < 3_000, "requests with Redis dead took \(elapsed) ms")
+        // Each request that asks Redis costs at most its 200 ms timeout; bounded loosely for a
+        // loaded machine, far below what a hang would take.
+        #expect(elapsed < 10_000, "requests with Redis dead took \(elapsed) ms")
         let status = a.store.status()
         #expect(counter(status, "remote_up") == 0)
         #expect((counter(status, "remote_writes_dropped") ?? 0) >= 1)

@@ -56,23 +56,61 @@ func makeTier(_ server: RedisServer, key: DigestKey, _ configure: (inout RedisRe
     return try RedisRemoteTier(configuration: configuration, logger: quietLogger)
 }
 
-/// A plain connection to `server`, for looking at what the tier stored (and for forging).
+/// A plain connection to `server`, for looking at what the tier stored (and for forging). No
+/// deadline: under a loaded full-suite run a test can take longer than any fixed one.
 func inspect(_ server: RedisServer) throws -> RESPConnection {
-    let connection = try RESPConnection.connect(to: .unix(path: server.socketPath), timeoutMillis: 2_000)
-    connection.expire(inMillis: 10_000)
+    let connection = try RESPConnection.connect(to: .unix(path: server.socketPath), timeoutMillis: 10_000)
+    connection.deadline = .never
     return connection
+}
+
+// Calls that block (a server's start, network waits, the writer's drain) run on threads of their
+// own, never on the cooperative pool: two threads on two cores, and a test holding one starved
+// every other suite's tasks in a loaded full run (docs/testing.md).
+
+/// `body` on a thread of its own.
+func offPool<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+    await EventWaits.onThread(body)
+}
+
+/// A started redis-server, its start (and its wait for READY=1) off the pool.
+func startRedis(tcpPort: UInt16? = nil, extraArguments: [String] = []) async throws -> RedisServer {
+    try await offPool { Result { () throws(ProcessFailure) in try RedisServer(tcpPort: tcpPort, extraArguments: extraArguments) } }.get()
+}
+
+extension RedisServer {
+    func restart() async throws {
+        try await offPool { Result { () throws(ProcessFailure) in try self.start() } }.get()
+    }
+}
+
+extension RedisRemoteTier {
+    func drainedOffPool(timeoutMillis: Int) async -> Bool { await offPool { self.drained(timeoutMillis: timeoutMillis) } }
+    func containsOffPool(_ addresses: [PageAddress]) async -> [Bool] { await offPool { self.contains(addresses) } }
+    func fetchOffPool(_ addresses: [PageAddress], maxValueBytes: Int) async -> [RemoteValue?] {
+        await offPool { self.fetch(addresses, maxValueBytes: maxValueBytes) }
+    }
+}
+
+extension TieredStore {
+    func lookupOffPool(_ tenant: TenantID, _ tokens: [UInt32]) async throws -> LookupResult {
+        try await offPool { Result { () throws(StoreError) in try self.lookup(tenant, modelID: testModel.id, tokens: tokens) } }.get()
+    }
+}
+
+/// Blocking `body` on a thread of its own, and the milliseconds it took there.
+func timedOffPool<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> (millis: Int, value: T) {
+    await offPool {
+        let start = Deadline(millisFromNow: 0).nanoseconds
+        let value = body()
+        return (Int((Deadline(millisFromNow: 0).nanoseconds - start) / 1_000_000), value)
+    }
 }
 
 func counter(_ status: [(name: String, value: UInt64)], _ name: String) -> UInt64? {
     status.first { $0.name == name }?.value
 }
 
-/// Milliseconds `body` took.
-func millis(_ body: () -> Void) -> Int {
-    let start = Deadline(millisFromNow: 0).nanoseconds
-    body()
-    return Int((Deadline(millisFromNow: 0).nanoseconds - start) / 1_000_000)
-}
 
 /// A store on simulated storage with real shared memory, attached to `remote`.
 func makeStore(remote: RemoteAttachment?, ramBudget: Int = 64 << 20, diskBudget: Int? = nil, seed: UInt64) throws -> TieredStore {
