@@ -41,6 +41,8 @@ public final class RedisRemoteTier: RemoteTier, Sendable {
         public var connections = 4
         /// Bytes of fetch buffers kept for reuse.
         public var bufferPoolBytes = 256 << 20
+        /// The back-off after a failure, doubling from this to `maxRetryMillis` (tests lengthen it).
+        public var minRetryMillis = RedisRemoteTier.minRetryMillis
 
         public init(url: RedisURL, password: String? = nil, key: DigestKey) {
             self.url = url
@@ -274,7 +276,7 @@ public final class RedisRemoteTier: RemoteTier, Sendable {
             h.probing = false
             h.failures += 1
             h.failuresSeen += 1
-            let backoff = min(Self.maxRetryMillis, Self.minRetryMillis << min(h.failures - 1, 16))
+            let backoff = min(max(Self.maxRetryMillis, configuration.minRetryMillis), configuration.minRetryMillis << min(h.failures - 1, 16))
             h.retryAtNanos = now + UInt64(backoff) * 1_000_000
             h.lastError = error.description
             return wasUp
@@ -291,7 +293,7 @@ public final class RedisRemoteTier: RemoteTier, Sendable {
         pool.broadcast()
         if first {
             logger.warning("remote tier unreachable; serving misses until it answers", metadata: [
-                "url": "\(configuration.url)", "error": "\(error)", "retryMillis": "\(Self.minRetryMillis)"])
+                "url": "\(configuration.url)", "error": "\(error)", "retryMillis": "\(configuration.minRetryMillis)"])
         }
     }
 
