@@ -112,6 +112,61 @@ typedef struct {
 } kvt_tq_tables;
 const kvt_tq_tables *kvt_tq_get_tables(void);
 
+/* ---- scalar tq pieces shared by tq.c and tqx.c ---- */
+
+/* Unnormalized Walsh-Hadamard transform in place, stages len = 1, 2, ..., D/2. */
+static inline void kvt_fwht(float *y, size_t D) {
+    for (size_t len = 1; len < D; len <<= 1)
+        for (size_t j0 = 0; j0 < D; j0 += 2 * len)
+            for (size_t j = j0; j < j0 + len; j++) {
+                float a = y[j], b = y[j + len];
+                y[j] = a + b;
+                y[j + len] = a - b;
+            }
+}
+
+/* Bytes of one packed block of 32 codes of `bits` (2 or 3), plus `half` (one more bit for codes
+ * 0...15). */
+KVT_INLINE size_t kvt_block_bytes(int bits, int half) { return 8 + (bits == 3 ? 4 : 0) + (half ? 2 : 0); }
+
+/* Packs 32 codes: their low 2 bits four to a byte (code i, i+8, i+16, i+24 in byte i), then for
+ * 3 bits each code's bit 2 as one little-endian u32, then for `half` bit `bits` of codes 0...15 as
+ * one little-endian u16. Layouts: docs/codec-layouts.md. */
+static inline void kvt_pack_block(const uint8_t *c, int bits, int half, uint8_t *out) {
+    for (int i = 0; i < 8; i++)
+        out[i] = (uint8_t)((c[i] & 3) | (c[i + 8] & 3) << 2 | (c[i + 16] & 3) << 4 | (c[i + 24] & 3) << 6);
+    out += 8;
+    if (bits == 3) {
+        uint32_t w = 0;
+        for (int j = 0; j < 32; j++) w |= (uint32_t)((c[j] >> 2) & 1) << j;
+        out[0] = (uint8_t)w; out[1] = (uint8_t)(w >> 8); out[2] = (uint8_t)(w >> 16); out[3] = (uint8_t)(w >> 24);
+        out += 4;
+    }
+    if (half) {
+        uint32_t w = 0;
+        for (int j = 0; j < 16; j++) w |= (uint32_t)((c[j] >> bits) & 1) << j;
+        out[0] = (uint8_t)w; out[1] = (uint8_t)(w >> 8);
+    }
+}
+
+/* The inverse of kvt_pack_block. */
+static inline void kvt_unpack_block(const uint8_t *in, int bits, int half, uint8_t *c) {
+    for (int i = 0; i < 8; i++) {
+        uint8_t v = in[i];
+        c[i] = v & 3; c[i + 8] = (v >> 2) & 3; c[i + 16] = (v >> 4) & 3; c[i + 24] = v >> 6;
+    }
+    in += 8;
+    if (bits == 3) {
+        uint32_t w = (uint32_t)in[0] | (uint32_t)in[1] << 8 | (uint32_t)in[2] << 16 | (uint32_t)in[3] << 24;
+        for (int j = 0; j < 32; j++) c[j] |= (uint8_t)(((w >> j) & 1) << 2);
+        in += 4;
+    }
+    if (half) {
+        uint32_t w = (uint32_t)in[0] | (uint32_t)in[1] << 8;
+        for (int j = 0; j < 16; j++) c[j] |= (uint8_t)(((w >> j) & 1) << bits);
+    }
+}
+
 /* Exact scalar failure counts (shared by every path; only run after a path saw a failure). */
 size_t kvt_tq_fail(const void *src, size_t vectors, size_t D, int bits, int dtype);
 size_t kvt_tqm_fail(const uint16_t *src, size_t T, size_t H, size_t D, int bits, int dtype);

@@ -64,31 +64,13 @@ KVT_INLINE float kvt_sqrtf(float v) {
 #endif
 }
 
-/* Unnormalized Walsh-Hadamard transform, stages len = 1, 2, ..., D/2. */
-static void fwht(float *y, size_t D) {
-    for (size_t len = 1; len < D; len <<= 1)
-        for (size_t j0 = 0; j0 < D; j0 += 2 * len)
-            for (size_t j = j0; j < j0 + len; j++) {
-                float a = y[j], b = y[j + len];
-                y[j] = a + b;
-                y[j + len] = a - b;
-            }
-}
-
 static void pack_codes(const uint8_t *c, size_t D, int bits, uint8_t *out) {
     for (size_t b = 0; b < D; b += 32, c += 32) {
         if (bits == 4) {
             for (int i = 0; i < 16; i++) *out++ = (uint8_t)(c[i] | c[i + 16] << 4);
         } else {
-            for (int i = 0; i < 8; i++)
-                *out++ = (uint8_t)((c[i] & 3) | (c[i + 8] & 3) << 2 | (c[i + 16] & 3) << 4 | (c[i + 24] & 3) << 6);
-            if (bits == 3) {
-                uint32_t hi = 0;
-                for (int j = 0; j < 32; j++) hi |= (uint32_t)((c[j] >> 2) & 1) << j;
-                out[0] = (uint8_t)hi; out[1] = (uint8_t)(hi >> 8);
-                out[2] = (uint8_t)(hi >> 16); out[3] = (uint8_t)(hi >> 24);
-                out += 4;
-            }
+            kvt_pack_block(c, bits, 0, out);
+            out += kvt_block_bytes(bits, 0);
         }
     }
 }
@@ -99,16 +81,8 @@ static void unpack_codes(const uint8_t *in, size_t D, int bits, uint8_t *c) {
             for (int i = 0; i < 16; i++) { c[i] = in[i] & 15; c[i + 16] = in[i] >> 4; }
             in += 16;
         } else {
-            for (int i = 0; i < 8; i++) {
-                uint8_t v = in[i];
-                c[i] = v & 3; c[i + 8] = (v >> 2) & 3; c[i + 16] = (v >> 4) & 3; c[i + 24] = v >> 6;
-            }
-            in += 8;
-            if (bits == 3) {
-                uint32_t hi = (uint32_t)in[0] | (uint32_t)in[1] << 8 | (uint32_t)in[2] << 16 | (uint32_t)in[3] << 24;
-                for (int j = 0; j < 32; j++) c[j] |= (uint8_t)(((hi >> j) & 1) << 2);
-                in += 4;
-            }
+            kvt_unpack_block(in, bits, 0, c);
+            in += kvt_block_bytes(bits, 0);
         }
     }
 }
@@ -118,7 +92,7 @@ static uint16_t tq_encode_vec(const kvt_tq_tables *tb, const float *x, size_t D,
     float y[256];
     uint8_t code[256];
     for (size_t i = 0; i < D; i++) y[i] = tb->sign[i] * x[i];
-    fwht(y, D);
+    kvt_fwht(y, D);
     float ss = 0.0f;
     for (size_t i = 0; i < D; i++) ss += y[i] * y[i];
     float rms = kvt_sqrtf(ss / (float)D);
@@ -155,7 +129,7 @@ static int tq_decode_vec(const kvt_tq_tables *tb, const uint8_t *in, size_t D, i
     unpack_codes(in + 2, D, bits, code);
     const float *lev = tb->lev[bits - 2];
     for (size_t i = 0; i < D; i++) x[i] = a * lev[code[i]];
-    fwht(x, D);
+    kvt_fwht(x, D);
     float invD = 1.0f / (float)D; /* exact power of two: x*invD == x/D */
     for (size_t i = 0; i < D; i++) x[i] = tb->sign[i] * x[i] * invD;
     if (mean)

@@ -41,58 +41,12 @@ static int spec_ok(size_t D, int bits, int half) {
     return (bits == 2 || bits == 3) && (half == 0 || half == 1) && (D == 32 || D == 64 || D == 128 || D == 256);
 }
 
-KVT_INLINE size_t block_bytes(int bits, int half) { return 8 + (bits == 3 ? 4 : 0) + (half ? 2 : 0); }
-KVT_INLINE size_t vector_bytes(size_t D, int bits, int half) { return 1 + D / 32 * block_bytes(bits, half); }
+KVT_INLINE size_t vector_bytes(size_t D, int bits, int half) { return 1 + D / 32 * kvt_block_bytes(bits, half); }
 
 size_t kvt_tqx_part_size(size_t T, size_t H, size_t D, int bits, int half, int center, size_t exact) {
     if (!spec_ok(D, bits, half)) return 0;
     size_t e = exact < T ? exact : T;
     return e * H * D * 2 + (center ? H * D * 2 : 0) + H * 2 + (T - e) * H * vector_bytes(D, bits, half);
-}
-
-/* Codes of one block of 32: bits b, plus one more for c[0..15] when half. */
-static void pack_block(const uint8_t *c, int bits, int half, uint8_t *out) {
-    for (int i = 0; i < 8; i++)
-        out[i] = (uint8_t)((c[i] & 3) | (c[i + 8] & 3) << 2 | (c[i + 16] & 3) << 4 | (c[i + 24] & 3) << 6);
-    out += 8;
-    if (bits == 3) {
-        uint32_t w = 0;
-        for (int j = 0; j < 32; j++) w |= (uint32_t)((c[j] >> 2) & 1) << j;
-        out[0] = (uint8_t)w; out[1] = (uint8_t)(w >> 8); out[2] = (uint8_t)(w >> 16); out[3] = (uint8_t)(w >> 24);
-        out += 4;
-    }
-    if (half) {
-        uint32_t w = 0;
-        for (int j = 0; j < 16; j++) w |= (uint32_t)((c[j] >> bits) & 1) << j;
-        out[0] = (uint8_t)w; out[1] = (uint8_t)(w >> 8);
-    }
-}
-
-static void unpack_block(const uint8_t *in, int bits, int half, uint8_t *c) {
-    for (int i = 0; i < 8; i++) {
-        uint8_t v = in[i];
-        c[i] = v & 3; c[i + 8] = (v >> 2) & 3; c[i + 16] = (v >> 4) & 3; c[i + 24] = v >> 6;
-    }
-    in += 8;
-    if (bits == 3) {
-        uint32_t w = (uint32_t)in[0] | (uint32_t)in[1] << 8 | (uint32_t)in[2] << 16 | (uint32_t)in[3] << 24;
-        for (int j = 0; j < 32; j++) c[j] |= (uint8_t)(((w >> j) & 1) << 2);
-        in += 4;
-    }
-    if (half) {
-        uint32_t w = (uint32_t)in[0] | (uint32_t)in[1] << 8;
-        for (int j = 0; j < 16; j++) c[j] |= (uint8_t)(((w >> j) & 1) << bits);
-    }
-}
-
-static void fwht(float *y, size_t D) {
-    for (size_t len = 1; len < D; len <<= 1)
-        for (size_t j0 = 0; j0 < D; j0 += 2 * len)
-            for (size_t j = j0; j < j0 + len; j++) {
-                float a = y[j], b = y[j + len];
-                y[j] = a + b;
-                y[j + len] = a - b;
-            }
 }
 
 /* Codebook (index bits - 2 of the tq tables) of coordinate i. */
@@ -104,7 +58,7 @@ static float encode_vec(const kvt_tq_tables *tb, const float *u, size_t D, int b
     float y[256];
     uint8_t code[256];
     for (size_t i = 0; i < D; i++) y[i] = tb->sign[i] * u[i];
-    fwht(y, D);
+    kvt_fwht(y, D);
     float ss = 0.0f;
     for (size_t i = 0; i < D; i++) ss += y[i] * y[i];
     float rms = sqrtf(ss / (float)D);
@@ -125,7 +79,7 @@ static float encode_vec(const kvt_tq_tables *tb, const float *u, size_t D, int b
         a = proj ? ss / num : num / den;
     }
     for (size_t blk = 0; blk < D / 32; blk++)
-        pack_block(code + 32 * blk, bits, half, out + blk * block_bytes(bits, half));
+        kvt_pack_block(code + 32 * blk, bits, half, out + blk * kvt_block_bytes(bits, half));
     return a;
 }
 
@@ -133,13 +87,13 @@ static void decode_vec(const kvt_tq_tables *tb, const uint8_t *in, size_t D, int
                        float *x) {
     uint8_t code[256];
     for (size_t blk = 0; blk < D / 32; blk++)
-        unpack_block(in + blk * block_bytes(bits, half), bits, half, code + 32 * blk);
+        kvt_unpack_block(in + blk * kvt_block_bytes(bits, half), bits, half, code + 32 * blk);
     const float *lo = tb->lev[bits - 2], *hi = tb->lev[bits - 2 + half];
     for (size_t i = 0; i < D; i += 32) {
         for (size_t j = 0; j < 16; j++) x[i + j] = a * hi[code[i + j]];
         for (size_t j = 16; j < 32; j++) x[i + j] = a * lo[code[i + j]];
     }
-    fwht(x, D);
+    kvt_fwht(x, D);
     float invD = 1.0f / (float)D; /* a power of two: x * invD == x / D */
     for (size_t i = 0; i < D; i++) x[i] = tb->sign[i] * x[i] * invD;
 }
