@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import kvtier  # noqa: E402
-from kvtier.torch import get_tensors, put_tensors  # noqa: E402
+from kvtier.torch import get_tensors, pin_page_arena, put_tensors  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -36,3 +36,49 @@ def test_tensors_round_trip(daemon, device, dtype):
         if dtype == "bfloat16":
             nk, _ = c.get(spec, tokens.cpu().numpy())
             assert np.array_equal(nk, keys.cpu().view(torch.int16).numpy().view(np.uint16))
+
+
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["arena", "inline"])
+def test_get_tensors_serves_whole_partial_and_missing_prefixes(daemon, shared_memory):
+    spec = kvtier.ModelSpec("torch-prefixes", layers=2, kv_heads=3, head_dim=32, dtype="float16", page_tokens=16)
+    g = torch.Generator().manual_seed(1)
+    n = 70  # four whole pages and a tail of 6
+    keys = torch.randn(2, n, 3, 32, generator=g).half()
+    values = torch.randn(2, n, 3, 32, generator=g).half()
+    tokens = list(range(500, 500 + n))
+    with kvtier.Client(daemon.socket, shared_memory=shared_memory) as c:
+        assert c.shared_memory == shared_memory
+        put_tensors(c, spec, tokens, keys, values)
+        for most, want in ((0, n), (33, 33), (64, 64), (69, 69)):
+            k, v = get_tensors(c, spec, tokens, max_tokens=most)
+            assert k.shape == (2, want, 3, 32) and k.is_contiguous()
+            assert torch.equal(k, keys[:, :want]) and torch.equal(v, values[:, :want])
+        # A prefix the daemon never saw: nothing served, empty tensors of the right shape.
+        k, v = get_tensors(c, spec, [1, 2, 3])
+        assert k.shape == v.shape == (2, 0, 3, 32)
+        # The lease of each GET was released: the daemon holds none for this client.
+        assert c.status()["leases"] == 0
+
+
+SPEC_PIN = kvtier.ModelSpec("torch-pin", layers=1, kv_heads=1, head_dim=32, dtype="float16", page_tokens=16)
+
+
+def test_pin_page_arena_says_why_not_and_unpins_at_close(daemon):
+    with kvtier.Client(daemon.socket, shared_memory=False) as c:
+        assert c.page_arena_address() is None
+        assert "no shared page arena" in pin_page_arena(c)
+    calls = []
+    with kvtier.Client(daemon.socket) as c:
+        address, length = c.page_arena_address()
+        assert address > 0 and length == c.arena_bytes
+        c.on_unmap(lambda: calls.append(c.page_arena_address()))
+        if torch.cuda.is_available():
+            assert pin_page_arena(c) is None
+            put_tensors(c, SPEC_PIN, range(64), *[torch.ones(1, 64, 1, 32, dtype=torch.float16)] * 2)
+            k, _ = get_tensors(c, SPEC_PIN, range(64), device="cuda")
+            assert bool((k == 1).all()) and c._kvtier_cuda_pins.chunks == {0}
+        else:
+            assert pin_page_arena(c) == "CUDA is not available"
+            assert pin_page_arena(c) == "CUDA is not available"  # decided once per client
+    # the hook ran once, before the arena was unmapped (the mapping was still there)
+    assert calls == [(address, length)]

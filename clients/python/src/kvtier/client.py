@@ -124,6 +124,8 @@ class Client:
         self.arena_bytes = 0
         self.staging_bytes = 0
         self.tenant: Optional[int] = None
+        # Called (once each) before the page arena is unmapped: kvtier.torch unpins it there.
+        self._before_unmap: List[Callable[[], None]] = []
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
@@ -159,6 +161,12 @@ class Client:
             sock, self._sock = getattr(self, "_sock", None), None
             if sock is not None:
                 sock.close()
+            hooks, self._before_unmap = getattr(self, "_before_unmap", []), []
+            for hook in hooks:
+                try:
+                    hook()
+                except Exception:
+                    pass  # unpinning is best effort; the mapping goes either way
             for name in ("_mm", "_staging"):
                 mm = getattr(self, name, None)
                 setattr(self, name, None)
@@ -173,6 +181,20 @@ class Client:
     @property
     def closed(self) -> bool:
         return self._sock is None
+
+    def page_arena_address(self) -> Optional[Tuple[int, int]]:
+        """``(address, bytes)`` of this process's read-only mapping of the page arena, or None
+        without shared memory. For registering it with a device driver (``kvtier.torch`` pins
+        it for CUDA copies); ``on_unmap`` undoes such a registration before the mapping goes."""
+        with self._lock:
+            if self._mm is None:
+                return None
+            return int(np.frombuffer(self._mm, dtype=np.uint8, count=1).ctypes.data), self.arena_bytes
+
+    def on_unmap(self, hook: Callable[[], None]) -> None:
+        """Calls ``hook()`` once, when ``close`` is about to unmap the page arena."""
+        with self._lock:
+            self._before_unmap.append(hook)
 
     @property
     def shared_memory(self) -> bool:

@@ -49,8 +49,7 @@ class PrefixCache:
         """
         start = time.perf_counter()
         tokens = np.asarray(tokens, dtype=np.int64).ravel()
-        self.last_lookup = self.client.lookup_detail(self.model, tokens)
-        most = min(self.last_lookup.cached_tokens, len(tokens) - 1)
+        most = self.restorable(tokens)
         if most <= 0:
             shape = self.model.shape.kv_shape(0)
             keys = np.empty(shape, dtype=self.model.numpy_dtype)
@@ -61,6 +60,13 @@ class PrefixCache:
             keys, values = self.client.get(self.model, tokens, max_tokens=most)
         self.restore_seconds = time.perf_counter() - start
         return keys, values
+
+    def restorable(self, tokens) -> int:
+        """How many leading tokens of ``tokens`` a restore would ask for (LOOKUP, at most
+        ``len(tokens) - 1``; 0 when nothing is cached); sets ``last_lookup``."""
+        tokens = np.asarray(tokens, dtype=np.int64).ravel()
+        self.last_lookup = self.client.lookup_detail(self.model, tokens)
+        return max(0, min(self.last_lookup.cached_tokens, len(tokens) - 1))
 
     def save(self, tokens, keys, values) -> int:
         """Stores the KV of ``tokens`` (``[layers, len(tokens), kv_heads, head_dim]``) and returns

@@ -1,12 +1,18 @@
 """Optional PyTorch helpers: tensors in, tensors out, over the NumPy path of ``kvtier.Client``.
 
 Import as ``from kvtier.torch import put_tensors, get_tensors``; needs ``torch`` (not a
-dependency of ``kvtier``). CUDA tensors are copied to host memory for a put and the result of
-a get is moved to ``device``. The Transformers cache class is ``kvtier.transformers.KVTierCache``.
+dependency of ``kvtier``). CUDA tensors are copied to host memory for a put. ``get_tensors``
+restores straight into ``device``: each page goes from the daemon's shared arena to the device
+in one contiguous copy and is laid out there; on CUDA the arena mapping is registered with the
+driver as pages are first copied (``pin_page_arena``), so those copies are DMA at PCIe speed
+instead of being staged through pageable memory. The Transformers cache class is
+``kvtier.transformers.KVTierCache``.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Optional, Tuple
 
 import numpy as np
@@ -20,6 +26,12 @@ from .client import Client
 from .model import ModelSpec
 
 _DTYPES = {"float16": _torch.float16, "bfloat16": _torch.bfloat16}
+log = logging.getLogger("kvtier")
+
+# cudaHostRegister flags (driver_types.h): usable from every context, and read-only, which a
+# PROT_READ mapping (the page arena is sealed against writes) requires.
+_HOST_REGISTER_PORTABLE = 0x1
+_HOST_REGISTER_READ_ONLY = 0x8
 
 
 def torch_dtype(spec: ModelSpec):
@@ -61,14 +73,121 @@ def put_tensors(client: Client, model: ModelSpec, tokens, keys, values, session:
                       session=session, durable=durable)
 
 
-def get_tensors(client: Client, model: ModelSpec, tokens, max_tokens: int = 0,
-                device=None) -> Tuple["_torch.Tensor", "_torch.Tensor"]:
-    """``client.get`` returning torch tensors ``[layers, served, kv_heads, head_dim]`` of the
-    model's dtype, on ``device`` (default CPU)."""
-    keys, values = client.get(model, _tokens(tokens), max_tokens=max_tokens)
+class _ArenaPins:
+    """The parts of one client's page-arena mapping registered with CUDA.
 
-    def convert(arr: np.ndarray):
-        t = from_numpy(arr, model)
-        return t if device is None else t.to(device)
+    The arena's size is virtual (the tenant's quota plus slack) and a pinned page is committed
+    memory, so it is registered in chunks of ``CHUNK`` bytes as pages in them are first
+    copied, never as a whole; the daemon fills the arena from its low end, so the pinned part
+    follows what the tenant stores. The arena is sealed against writes and never has holes
+    punched in it, so a registered page keeps its physical memory for the mapping's life."""
 
-    return convert(keys), convert(values)
+    CHUNK = 64 << 20
+
+    def __init__(self, client: Client):
+        self.failed: Optional[str] = None
+        self.chunks = set()
+        arena = client.page_arena_address()
+        if arena is None:
+            self.failed = "the client has no shared page arena (pages come inline)"
+        elif not _torch.cuda.is_available():
+            self.failed = "CUDA is not available"
+        else:
+            self.base, self.length = arena
+            self.cudart = _torch.cuda.cudart()
+            client.on_unmap(self.unpin_all)
+
+    def cover(self, address: int, length: int) -> bool:
+        """Registers the chunks holding ``[address, address + length)``; False once any failed."""
+        if self.failed is not None:
+            return False
+        first = (address - self.base) // self.CHUNK
+        last = (address + length - 1 - self.base) // self.CHUNK
+        for chunk in range(first, last + 1):
+            if chunk in self.chunks:
+                continue
+            start = self.base + chunk * self.CHUNK
+            size = min(self.CHUNK, self.length - chunk * self.CHUNK)
+            err = self.cudart.cudaHostRegister(start, size, _HOST_REGISTER_PORTABLE | _HOST_REGISTER_READ_ONLY)
+            code = int(getattr(err, "value", err))
+            if code != 0:
+                self.failed = f"cudaHostRegister of {size} bytes of the page arena failed with CUDA error {code}"
+                log.warning("kvtier: page arena not pinned for GPU copies (they run at pageable-memory speed): %s",
+                            self.failed)
+                return False
+            self.chunks.add(chunk)
+        return True
+
+    def unpin_all(self) -> None:
+        for chunk in sorted(self.chunks):
+            self.cudart.cudaHostUnregister(self.base + chunk * self.CHUNK)
+        self.chunks.clear()
+
+
+def _pins(client: Client) -> _ArenaPins:
+    pins = getattr(client, "_kvtier_cuda_pins", None)
+    if pins is None:
+        pins = _ArenaPins(client)
+        client._kvtier_cuda_pins = pins
+    return pins
+
+
+def pin_page_arena(client: Client) -> Optional[str]:
+    """Whether ``client``'s page arena can be pinned for CUDA copies: None when it can (pages
+    are then registered chunk by chunk as ``get_tensors`` first copies them, and unregistered
+    when the client closes), else why not: no shared memory, no CUDA, or the driver refused a
+    registration. Copies work either way; unpinned ones run at pageable-memory speed."""
+    return _pins(client).failed
+
+
+def get_tensors(client: Client, model: ModelSpec, tokens, max_tokens: int = 0, device=None,
+                pin: bool = True) -> Tuple["_torch.Tensor", "_torch.Tensor"]:
+    """The KV of the longest cached prefix of ``tokens`` (at most ``max_tokens``; 0: all) as
+    tensors ``[layers, served, kv_heads, head_dim]`` of the model's dtype on ``device`` (default
+    CPU); ``served`` may be 0.
+
+    Each page crosses to the device in one contiguous copy from the shared arena while the
+    lease holds it, and keys and values are laid out there. On CUDA (with ``pin``) the arena's
+    chunks holding the pages are registered with the driver first (``pin_page_arena``) and the
+    copies are asynchronous DMA; the call returns once they are done, before the lease is
+    released. Without shared memory the pages come inline and
+    are copied from the reply."""
+    device = _torch.device("cpu") if device is None else _torch.device(device)
+    cuda = device.type == "cuda"
+    pins = _pins(client) if cuda and pin else None
+    tdtype = torch_dtype(model)
+    shape = model.shape
+    per_token = shape.layers * 2 * shape.kv_heads * shape.head_dim
+    staged = None
+    slabs = []
+    total = 0
+
+    def begin(served: int) -> None:
+        nonlocal staged, total
+        total = served
+        staged = _torch.empty(served * per_token, dtype=_torch.int16, device=device)
+
+    def visit(a: int, page: np.ndarray) -> None:
+        t = page.shape[2]
+        if not page.flags.c_contiguous:  # a last page served in part: its leading tokens
+            page = np.ascontiguousarray(page)
+        elif pins is not None:
+            pins.cover(page.ctypes.data, page.nbytes)
+        with warnings.catch_warnings():  # the arena is read-only; the tensor is only read
+            warnings.simplefilter("ignore", UserWarning)
+            src = _torch.from_numpy(page.view(np.int16))
+        slab = staged[a * per_token:(a + t) * per_token].view(src.shape)
+        slab.copy_(src, non_blocking=cuda)
+        slabs.append((a, t, slab))
+        if cuda and a + t >= total:
+            # The lease ends when get_pages returns: the copies must be done by then.
+            _torch.cuda.current_stream(device).synchronize()
+
+    served = client.get_pages(model, _tokens(tokens), visit, max_tokens=max_tokens, begin=begin)
+    out_shape = (shape.layers, served, shape.kv_heads, shape.head_dim)
+    keys = _torch.empty(out_shape, dtype=_torch.int16, device=device)
+    values = _torch.empty(out_shape, dtype=_torch.int16, device=device)
+    for a, t, slab in slabs:
+        keys[:, a:a + t] = slab[:, 0]
+        values[:, a:a + t] = slab[:, 1]
+    return keys.view(tdtype), values.view(tdtype)

@@ -24,6 +24,7 @@ rest from kvtierd as attention needs it (``kvtier.offload``; docs/attention-offl
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -38,7 +39,7 @@ from .client import Client
 from .model import ModelSpec
 from .offload import OffloadPlan, PagedAttention
 from .prefix import PrefixCache
-from .torch import from_numpy, to_numpy, torch_dtype
+from .torch import get_tensors, to_numpy, torch_dtype
 
 if not hasattr(DynamicCache(), "layers"):  # pragma: no cover - depends on the environment
     raise ImportError("kvtier.transformers needs Transformers >= 4.56 (the layered Cache API): "
@@ -77,15 +78,23 @@ class KVTierCache(DynamicCache):
         on ``tokens[n:]`` next (``generate`` skips the cached tokens by itself)."""
         if self.get_seq_length() != 0:
             raise ValueError("restore needs an empty cache: make a new KVTierCache per conversation")
-        keys, values = self.kvtier.restore(_token_list(tokens))
-        n = keys.shape[1]
+        start = time.perf_counter()
+        tokens = _token_list(tokens)
+        most = self.kvtier.restorable(tokens)
+        n = 0
+        if most > 0:
+            # Straight into the device (pinned arena on CUDA); the daemon may serve fewer tokens
+            # than LOOKUP promised (pages evicted in between): what comes back is what counts.
+            keys, values = get_tensors(self.kvtier.client, self.spec, tokens, max_tokens=most, device=self.tensor_device)
+            n = keys.shape[1]
         if n:
             # [layers, n, kv_heads, head_dim] -> per layer [1, kv_heads, n, head_dim]
-            k = from_numpy(keys, self.spec).to(self.tensor_device, self.tensor_dtype).permute(0, 2, 1, 3)
-            v = from_numpy(values, self.spec).to(self.tensor_device, self.tensor_dtype).permute(0, 2, 1, 3)
+            k = keys.to(self.tensor_dtype).permute(0, 2, 1, 3)
+            v = values.to(self.tensor_dtype).permute(0, 2, 1, 3)
             for layer in range(self.spec.layers):
                 self.update(k[layer].unsqueeze(0).contiguous(), v[layer].unsqueeze(0).contiguous(), layer)
         self.restored_tokens = n
+        self.kvtier.restore_seconds = time.perf_counter() - start
         return n
 
     def save(self, tokens) -> int:
