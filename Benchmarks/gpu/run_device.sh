@@ -1,39 +1,46 @@
 #!/usr/bin/env bash
-# Runs the disk-tier restore benchmark and the GPU prefill benchmark on one GPU host and puts
-# the JSON under $OUT (default ./out-gpu). Expects a kvtier binary at $KVTIER (default
-# .device/bin/kvtier) with its shared libraries beside it (liburing.so.2), and python3 with
-# torch + transformers. See README.md.
+# Every GPU measurement in one go, for one device call: host description, prefill (recompute) of
+# a Llama-3-8B-shaped model, the restore paths into GPU memory (restore_paths.py: RAM tier pinned
+# and pageable, disk tier, k4v4/tq4 bytes with GPU dequant, copy floors), TTFT through
+# KVTierCache (daemon_ttft.py), and optionally `kvtier bench disk`. JSON under $OUT (default
+# ./out-gpu). Expects .device/bin from prepare_device.sh (kvtier, kvtierd, liburing.so.2) and
+# python3 with torch + transformers. Each step is bounded so that the rest still runs.
 set -u
 OUT=${OUT:-$PWD/out-gpu}
 mkdir -p "$OUT"
-BIN=${KVTIER:-.device/bin/kvtier}
-LIBDIR=$(cd "$(dirname "$BIN")" && pwd)  # liburing.so.2 beside the binary; only kvtier sees it
+BIN=${KVTIER_BIN_DIR:-.device/bin}
+BIN=$(cd "$BIN" && pwd)
+export LD_LIBRARY_PATH=$BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+TOKENS=${TOKENS:-16384}
 DIR=${BENCH_DIR:-/tmp}
 # tmpfs has no O_DIRECT and no page cache to drop: use a disk-backed folder instead.
 if [ -z "${BENCH_DIR:-}" ] && [ "$(df --output=fstype "$DIR" | tail -1)" = tmpfs ]; then DIR=/var/tmp; fi
-CODECS=${CODECS:-"k4v4 fp16 tq3m"}
+export TMPDIR=$DIR   # kvtierd's state directories (LocalDaemon) go here too
 HERE=$(cd "$(dirname "$0")" && pwd)
+DROP=""
+[ "$(id -u)" -eq 0 ] && DROP=--drop-caches
 exec > >(tee "$OUT/log.txt") 2>&1
+step() {  # name timeout command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*"
+  local s=$SECONDS
+  PYTHONUNBUFFERED=1 timeout "$limit" "$@"
+  echo "== $name: rc=$? in $((SECONDS - s)) s"
+}
 echo "== host"
 {
   date -u; uname -a; nproc; free -g; nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv
   lscpu | grep -E 'Model name|^CPU\(s\)|Flags' | cut -c1-200
-  echo "== bench dir $DIR"; df -T "$DIR"; findmnt -T "$DIR"; lsblk -o NAME,SIZE,ROTA,TYPE,MOUNTPOINT 2>/dev/null
-  cat /sys/block/*/queue/scheduler 2>/dev/null | head -3
-  LD_LIBRARY_PATH=$LIBDIR ldd "$BIN"
+  echo "== bench dir $DIR"; df -T "$DIR"; ulimit -l
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+  ldd "$BIN/kvtierd"
 }
-disk() {  # one codec, bounded so that the rest still runs
-  echo "== kvtier bench disk --dir $DIR --codec $1 --json"
-  local s=$SECONDS
-  LD_LIBRARY_PATH=$LIBDIR timeout "${DISK_TIMEOUT:-120}" "$BIN" bench disk --dir "$DIR" --codec "$1" --json > "$OUT/disk-$1.json" 2>> "$OUT/disk.err"
-  echo "rc=$? in $((SECONDS - s)) s"; cat "$OUT/disk-$1.json"; echo
-}
-set -- $CODECS
-disk "$1"; shift   # the first codec before the GPU part, the others after it
-echo "== prefill"
-s=$SECONDS
-PYTHONUNBUFFERED=1 timeout "${PREFILL_TIMEOUT:-240}" python3 "$HERE/prefill.py" --out "$OUT/prefill.json" ${PREFILL_ARGS:-}
-echo "rc=$? in $((SECONDS - s)) s"
-for c in "$@"; do disk "$c"; done
-echo "== compare"
-python3 "$HERE/compare.py" --prefill "$OUT/prefill.json" "$OUT"/disk-*.json --json-out "$OUT/compare.json"
+step prefill "${PREFILL_TIMEOUT:-180}" python3 "$HERE/prefill.py" --tokens "$TOKENS" --repeats 3 --out "$OUT/prefill.json"
+step restore "${RESTORE_TIMEOUT:-180}" python3 "$HERE/restore_paths.py" --daemon "$BIN/kvtierd" --kvtier "$BIN/kvtier" \
+  --tokens "$TOKENS" --prefill "$OUT/prefill.json" $DROP --out "$OUT/restore.json"
+step ttft "${TTFT_TIMEOUT:-180}" python3 "$HERE/daemon_ttft.py" --daemon "$BIN/kvtierd" --tokens "$TOKENS" --repeats 3 \
+  $DROP --out "$OUT/ttft-k4v4.json"
+for c in ${CODECS:-}; do   # e.g. CODECS="k4v4 fp16": kvtier bench disk per codec
+  step "disk $c" "${DISK_TIMEOUT:-120}" sh -c "\"$BIN/kvtier\" bench disk --dir \"$DIR\" --codec $c --json > \"$OUT/disk-$c.json\""
+done
+echo "== done"

@@ -1,0 +1,281 @@
+#!/usr/bin/env python3
+"""Restore paths into GPU memory for a Llama-3-8B-shaped KV (32 layers, 8 KV heads, head_dim
+128, bf16; 16K tokens = 2 GiB), each timed against a copy floor measured in the same run:
+
+- ``ramPinned``: kvtierd's RAM tier through ``kvtier.torch.get_tensors`` (one contiguous
+  host-to-device copy per page from the shared arena, registered with CUDA chunk by chunk,
+  then keys and values laid out on the GPU). The first restore pays the registration; it is
+  reported apart (``ramPinnedFirstSeconds``).
+- ``ramPageable``: the same with ``pin=False`` (the driver stages every page through its own
+  pinned buffer).
+- ``quantized``: for each codec (k4v4, tq4), the page sections as kvtierd encodes them
+  (``kvtier codec roundtrip --out-encoded``, the C encoder) in pinned host memory: host-to-device
+  copy of those bytes, then ``kvtier.dequant.decode_sections`` on the GPU into bf16
+  ``[layers, tokens, kv_heads, head_dim]``. The GPU's output is checked bit for bit against the
+  C decoder's for layer 0. This is the transfer a RAM tier holding quantized pages would make;
+  kvtierd's RAM tier holds decoded pages today, so it is the kernel and PCIe half of that path.
+- ``disk``: kvtierd restarted on its state directory (RAM tier empty; ``--drop-caches`` as root
+  empties the page cache too), then ``get_tensors`` again: disk read, decode, copy.
+- Floors: ``h2dPinned`` (the KV's bytes from a pinned buffer), ``h2dPageable``, ``d2d`` (a
+  device-to-device copy of the KV: the floor of restoring from a VRAM tier, which does not
+  exist yet).
+
+With ``--prefill prefill.json`` (from ``prefill.py``) each path gets its ratio to recompute.
+
+    python3 Benchmarks/gpu/restore_paths.py --daemon .device/bin/kvtierd --kvtier .device/bin/kvtier --out r.json
+    python3 Benchmarks/gpu/restore_paths.py --smoke      # CPU, small shape: exercises every path
+
+JSON to ``--out``, a Markdown table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(REPO, "clients", "python", "src"))
+
+import kvtier  # noqa: E402
+from kvtier import dequant  # noqa: E402
+from kvtier.local_daemon import LocalDaemon, find_daemon  # noqa: E402
+from kvtier.torch import get_tensors, pin_page_arena, put_tensors  # noqa: E402
+
+LLAMA = dict(layers=32, kv_heads=8, head_dim=128)
+SMOKE = dict(layers=2, kv_heads=2, head_dim=64)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats, warmup=1):
+    """Median, min and all of ``repeats`` timed calls of ``fn`` after ``warmup`` untimed ones."""
+    times = []
+    for i in range(warmup + repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "min": min(times), "all": times}
+
+
+def find_cli():
+    for candidate in (os.environ.get("KVTIER_BIN"), os.path.join(REPO, ".device", "bin", "kvtier"),
+                      os.path.join(REPO, ".build", "debug", "kvtier"), os.path.join(REPO, ".build", "release", "kvtier")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def c_encode(cli, codec, keys, values, page_tokens):
+    """One layer's keys and values [T, H, D] (bf16 tensors on the CPU) through the C codec:
+    (encoded sections of every page, decoded keys bits, decoded values bits)."""
+    with tempfile.TemporaryDirectory(prefix="kvtier-restore-") as tmp:
+        paths = {n: os.path.join(tmp, f"{n}.npy") for n in ("k", "v", "k2", "v2")}
+        np.save(paths["k"], keys.view(torch.int16).numpy().view(np.uint16))
+        np.save(paths["v"], values.view(torch.int16).numpy().view(np.uint16))
+        encoded = os.path.join(tmp, "encoded.bin")
+        env = dict(os.environ, LD_LIBRARY_PATH=os.path.dirname(os.path.abspath(cli)) + ":" + os.environ.get("LD_LIBRARY_PATH", ""))
+        r = subprocess.run([cli, "codec", "roundtrip", "--codec", codec, "--keys", paths["k"], "--values", paths["v"],
+                            "--out-keys", paths["k2"], "--out-values", paths["v2"], "--page-tokens", str(page_tokens),
+                            "--dtype", "bfloat16", "--out-encoded", encoded, "--json"],
+                           capture_output=True, text=True, timeout=600, env=env)
+        if r.returncode != 0:
+            raise SystemExit(f"kvtier codec roundtrip --codec {codec} failed: {r.stderr}")
+        with open(encoded, "rb") as f:
+            data = f.read()
+        return data, np.load(paths["k2"]).view(np.uint16), np.load(paths["v2"]).view(np.uint16)
+
+
+def measure_quantized(args, cli, codec, keys, values, shape, device, page_tokens):
+    """H2D of one codec's sections for every layer and page, then GPU dequant into the layout
+    attention uses. Layer 0 comes from the C encoder; the other layers repeat its bytes (the
+    cost does not depend on the values)."""
+    L, T, H, D = keys.shape
+    data, want_k, want_v = c_encode(cli, codec, keys[0], values[0], page_tokens)
+    per_page = dequant.section_bytes(codec, page_tokens, H, D)
+    pages = T // page_tokens
+    if len(data) != pages * per_page:
+        raise SystemExit(f"{codec}: {len(data)} encoded bytes for {pages} pages of {per_page}")
+    layer0 = torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(pages, 1, per_page)
+    host = layer0.expand(pages, L, per_page).contiguous()            # [pages, layers, bytes], page-major as stored
+    if device.type == "cuda":
+        host = host.pin_memory()
+    gpu = torch.empty_like(host, device=device)
+    out_k = torch.empty(L, T, H, D, dtype=torch.bfloat16, device=device)
+    out_v = torch.empty_like(out_k)
+
+    def restore():
+        gpu.copy_(host, non_blocking=True)
+        k, v = dequant.decode_sections(codec, gpu, page_tokens, H, D, torch.bfloat16, check=args.check)
+        # [pages, layers, page_tokens, H, D] -> [layers, pages * page_tokens, H, D]
+        out_k.view(L, pages, page_tokens, H, D).copy_(k.transpose(0, 1))
+        out_v.view(L, pages, page_tokens, H, D).copy_(v.transpose(0, 1))
+
+    def copy_only():
+        gpu.copy_(host, non_blocking=True)
+
+    row = {"codec": codec, "bytes": host.numel(), "ratioToFp16Bytes": (2 * L * T * H * D * 2) / host.numel()}
+    row["restore"] = timed(restore, device, args.repeats)
+    row["h2dOnly"] = timed(copy_only, device, args.repeats)
+    restore()
+    sync(device)
+    got_k = out_k[0].cpu().view(torch.int16).numpy().view(np.uint16)
+    got_v = out_v[0].cpu().view(torch.int16).numpy().view(np.uint16)
+    row["bitExactLayer0"] = bool(np.array_equal(got_k, want_k) and np.array_equal(got_v, want_v))
+    if not row["bitExactLayer0"]:
+        print(f"{codec}: the GPU decode differs from the C decoder", file=sys.stderr)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--daemon", default=os.environ.get("KVTIER_DAEMON"), help="kvtierd binary")
+    ap.add_argument("--kvtier", default=None, help="kvtier CLI (the C encoder for the quantized paths)")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--page-tokens", type=int, default=256)
+    ap.add_argument("--codecs", default="k4v4,tq4")
+    ap.add_argument("--disk-codec", default="k4v4")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                    help="validate scales in the GPU decoder (one reduction and sync per call)")
+    ap.add_argument("--drop-caches", action="store_true", help="drop the page cache before each disk restore (root)")
+    ap.add_argument("--prefill", help="prefill.py's JSON: ratios to recompute at --tokens")
+    ap.add_argument("--smoke", action="store_true", help="small shape on the CPU, 1 repeat")
+    ap.add_argument("--out", help="write the JSON report here")
+    args = ap.parse_args()
+
+    if args.smoke:
+        shape, device, args.tokens, args.page_tokens, args.repeats = SMOKE, torch.device("cpu"), 512, 64, 1
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("restore_paths.py needs a CUDA GPU (or --smoke)")
+        shape, device = LLAMA, torch.device("cuda")
+    daemon_bin = args.daemon or find_daemon(REPO, ("release", "debug"))
+    if not daemon_bin:
+        sys.exit("no kvtierd: pass --daemon")
+    cli = args.kvtier or find_cli()
+    L, H, D, T = shape["layers"], shape["kv_heads"], shape["head_dim"], args.tokens
+    if T % args.page_tokens:
+        sys.exit("--tokens must be a multiple of --page-tokens")
+    spec = kvtier.ModelSpec("restore-paths-" + ("smoke" if args.smoke else "llama3-8b-shape"), layers=L, kv_heads=H,
+                            head_dim=D, dtype="bfloat16", page_tokens=args.page_tokens)
+    kv_bytes = T * spec.bytes_per_token
+    report = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "tokens": T, "shape": shape, "pageTokens": args.page_tokens,
+              "kvBytes": kv_bytes, "repeats": args.repeats, "diskCodec": args.disk_codec, "smoke": args.smoke}
+
+    gen = torch.Generator().manual_seed(7)
+    keys = torch.randn(L, T, H, D, generator=gen).to(torch.bfloat16)
+    values = torch.randn(L, T, H, D, generator=gen).to(torch.bfloat16)
+    tokens = list(range(1000, 1000 + T))
+
+    # Floors, on the same bytes.
+    host = torch.cat((keys.reshape(-1), values.reshape(-1)))
+    pinned = host.pin_memory() if device.type == "cuda" else host.clone()
+    on_device = torch.empty_like(host, device=device)
+    report["h2dPinned"] = timed(lambda: on_device.copy_(pinned, non_blocking=True), device, args.repeats)
+    report["h2dPageable"] = timed(lambda: on_device.copy_(host), device, args.repeats)
+    spare = torch.empty_like(on_device)
+    report["d2d"] = timed(lambda: spare.copy_(on_device), device, args.repeats)
+    del pinned, spare
+
+    budget = f"{max(64, (3 * kv_bytes) >> 20)}MiB"
+    daemon = LocalDaemon(daemon_bin, "--ram-budget", budget, "--disk-codec", args.disk_codec, prefix="kvtier-restore-")
+    try:
+        with kvtier.Client(daemon.socket) as c:
+            t0 = time.perf_counter()
+            put_tensors(c, spec, tokens, keys, values, durable=True)
+            report["putSeconds"] = time.perf_counter() - t0
+
+        with kvtier.Client(daemon.socket) as c:
+            report["pinned"] = pin_page_arena(c) is None
+            sync(device)
+            t0 = time.perf_counter()
+            k, v = get_tensors(c, spec, tokens, device=device)
+            sync(device)
+            report["ramPinnedFirstSeconds"] = time.perf_counter() - t0
+            if not (torch.equal(k.cpu(), keys) and torch.equal(v.cpu(), values)):
+                raise SystemExit("the RAM-tier restore returned different bytes")
+            del k, v
+            report["ramPinned"] = timed(lambda: get_tensors(c, spec, tokens, device=device), device, args.repeats)
+        with kvtier.Client(daemon.socket) as c:
+            report["ramPageable"] = timed(lambda: get_tensors(c, spec, tokens, device=device, pin=False), device,
+                                          args.repeats)
+
+        disk = []
+        for _ in range(args.repeats):
+            daemon.restart()
+            if args.drop_caches:
+                os.sync()
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("1\n")
+            with kvtier.Client(daemon.socket) as c:
+                before = c.lookup_detail(spec, tokens)
+                sync(device)
+                t0 = time.perf_counter()
+                k, _ = get_tensors(c, spec, tokens, device=device)
+                sync(device)
+                disk.append(time.perf_counter() - t0)
+                if k.shape[1] != T or before.disk_tokens != T:
+                    raise SystemExit(f"disk restore: {k.shape[1]} tokens served, lookup {before}")
+                del k
+        report["disk"] = {"seconds": statistics.median(disk), "min": min(disk), "all": disk}
+    finally:
+        daemon.stop()
+
+    report["quantized"] = []
+    if cli is None:
+        print("no kvtier CLI: the quantized paths are skipped (--kvtier)", file=sys.stderr)
+    else:
+        for codec in [c for c in args.codecs.split(",") if c]:
+            report["quantized"].append(measure_quantized(args, cli, codec, keys, values, shape, device, args.page_tokens))
+
+    prefill = None
+    if args.prefill:
+        with open(args.prefill) as f:
+            for row in json.load(f)["prefill"]:
+                if row["tokens"] == T:
+                    prefill = row["prefillSecondsMedian"]
+    report["prefillSeconds"] = prefill
+
+    rows = [("RAM tier, pinned arena", report["ramPinned"]["seconds"]),
+            ("RAM tier, pageable", report["ramPageable"]["seconds"]),
+            (f"disk tier ({args.disk_codec})", report["disk"]["seconds"])]
+    rows += [(f"{q['codec']} bytes H2D + GPU dequant", q["restore"]["seconds"]) for q in report["quantized"]]
+    rows += [("floor: H2D pinned", report["h2dPinned"]["seconds"]), ("floor: H2D pageable", report["h2dPageable"]["seconds"]),
+             ("floor: D2D (VRAM tier)", report["d2d"]["seconds"])]
+    report["table"] = [{"path": name, "seconds": s, "GBps": kv_bytes / s / 1e9,
+                        "ratioToRecompute": (s / prefill) if prefill else None} for name, s in rows]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    print(f"{T} tokens, {kv_bytes / 2**30:.2f} GiB of KV on {report['device']}" +
+          (f"; recompute {prefill * 1e3:.1f} ms" if prefill else ""))
+    print("| path | ms | GB/s of bf16 KV | × recompute |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in report["table"]:
+        ratio = f"{r['ratioToRecompute']:.3f}" if r["ratioToRecompute"] is not None else "-"
+        print(f"| {r['path']} | {r['seconds'] * 1e3:.1f} | {r['GBps']:.1f} | {ratio} |")
+    for q in report["quantized"]:
+        print(f"{q['codec']}: {q['bytes'] / 2**20:.0f} MiB moved ({q['ratioToFp16Bytes']:.2f}x fewer than bf16), "
+              f"H2D alone {q['h2dOnly']['seconds'] * 1e3:.1f} ms, GPU result bit-exact with the C decoder: {q['bitExactLayer0']}")
+
+
+if __name__ == "__main__":
+    main()
