@@ -105,7 +105,10 @@ def test_engine_cache_survives_the_daemon_dying_under_it(binary, caplog):
         d.stop()
 
 
-def test_vllm_paged_layout_round_trips_through_pages():
+@pytest.mark.parametrize("stage_pages", [False, True], ids=["strided", "staged"])
+def test_vllm_paged_layout_round_trips_through_pages(stage_pages):
+    # staged: what a CUDA KV cache does (one contiguous copy of the page to the device, then the
+    # scatter there), run on the CPU.
     torch = pytest.importorskip("torch")
     from kvtier.vllm._layout import PagedKV, blocks_of
 
@@ -113,7 +116,8 @@ def test_vllm_paged_layout_round_trips_through_pages():
     for split in ("cpu", "last-dim"):
         caches = {f"model.layers.{i}.self_attn.attn": torch.randint(-30000, 30000, (blocks, heads, block, 2 * dim), dtype=torch.int16).view(torch.bfloat16)
                   for i in (2, 0, 1)}
-        paged = PagedKV(caches, blocks, block, heads, dim, split)
+        paged = PagedKV(caches, blocks, block, heads, dim, split, stage_pages=stage_pages)
+        assert paged.stage_pages == stage_pages
         assert paged.layer_names == [f"model.layers.{i}.self_attn.attn" for i in range(3)]
         block_ids = [4, 1, 5]
         page = np.zeros((layers, 2, 40, heads, dim), np.uint16)

@@ -82,3 +82,26 @@ def test_pin_page_arena_says_why_not_and_unpins_at_close(daemon):
             assert pin_page_arena(c) == "CUDA is not available"  # decided once per client
     # the hook ran once, before the arena was unmapped (the mapping was still there)
     assert calls == [(address, length)]
+
+
+def test_engine_load_for_a_gpu_sink_serves_every_page_whether_or_not_it_can_pin(daemon):
+    from kvtier.engine import EngineCache
+    from kvtier.torch import pin_pages
+
+    spec = kvtier.ModelSpec("torch-engine-pin", layers=2, kv_heads=1, head_dim=32, dtype="float16", page_tokens=16)
+    keys = torch.randn(2, 48, 1, 32).half()
+    values = torch.randn(2, 48, 1, 32).half()
+    with kvtier.Client(daemon.socket) as c:
+        put_tensors(c, spec, range(48), keys, values)
+    cache = EngineCache(daemon.socket)
+    got = []
+    try:
+        assert cache.load(spec, list(range(48)), lambda a, page: got.append((a, page.copy())), pin_cuda=True) == 48
+    finally:
+        cache.close()
+    assert [a for a, _ in got] == [0, 16, 32]
+    for a, page in got:
+        assert np.array_equal(page[:, 0], keys[:, a:a + 16].numpy().view(np.uint16))
+    with kvtier.Client(daemon.socket, shared_memory=False) as c:
+        page = np.zeros((2, 2, 16, 1, 32), np.uint16)
+        assert pin_pages(c, page) is False  # no arena, or no CUDA: not pinned, and says so

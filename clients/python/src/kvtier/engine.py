@@ -161,8 +161,11 @@ class EngineCache:
             self.stats.hit_tokens += usable
             return Hit(usable, ram, usable - ram)
 
-    def load(self, model: ModelSpec, tokens, sink: Sink) -> int:
+    def load(self, model: ModelSpec, tokens, sink: Sink, *, pin_cuda: bool = False) -> int:
         """Hands the cached KV of ``tokens`` to ``sink`` page by page; returns the tokens loaded.
+
+        ``pin_cuda``: the sink copies pages to a GPU; each page's part of the shared arena is
+        registered with CUDA first (``kvtier.torch.pin_pages``; needs torch), so the copy is DMA.
 
         Raises ``LoadFailed`` (with how many leading tokens did arrive) when fewer than
         ``len(tokens)`` come back: the daemon went away, the pages were evicted and deleted since
@@ -176,9 +179,14 @@ class EngineCache:
                 self.stats.load_failures += 1
                 raise LoadFailed(0, f"kvtierd unavailable: {self._down_reason}")
             done = 0
+            pin = None
+            if pin_cuda:
+                from .torch import pin_pages as pin
 
             def visit(a: int, page: np.ndarray) -> None:
                 nonlocal done
+                if pin is not None:
+                    pin(client, page)
                 sink(a, page)
                 done = a + page.shape[2]
 

@@ -132,6 +132,19 @@ def _pins(client: Client) -> _ArenaPins:
     return pins
 
 
+def pin_pages(client: Client, page: np.ndarray) -> bool:
+    """Registers with CUDA the chunks of ``client``'s page arena that hold ``page`` (a view of
+    the arena from ``get_pages`` or ``lease_pages``), so a copy from it to a GPU is DMA. False
+    when it cannot be (see ``pin_page_arena``); the copy then runs at pageable speed."""
+    pins = _pins(client)
+    if pins.failed is not None:
+        return False
+    address = page.ctypes.data
+    if not (pins.base <= address and address + page.nbytes <= pins.base + pins.length):
+        return False  # not a view of the arena (an inline reply's bytes)
+    return pins.cover(address, page.nbytes)
+
+
 def pin_page_arena(client: Client) -> Optional[str]:
     """Whether ``client``'s page arena can be pinned for CUDA copies: None when it can (pages
     are then registered chunk by chunk as ``get_tensors`` first copies them, and unregistered
@@ -154,7 +167,7 @@ def get_tensors(client: Client, model: ModelSpec, tokens, max_tokens: int = 0, d
     are copied from the reply."""
     device = _torch.device("cpu") if device is None else _torch.device(device)
     cuda = device.type == "cuda"
-    pins = _pins(client) if cuda and pin else None
+    pin_arena = cuda and pin
     tdtype = torch_dtype(model)
     shape = model.shape
     per_token = shape.layers * 2 * shape.kv_heads * shape.head_dim
@@ -171,8 +184,8 @@ def get_tensors(client: Client, model: ModelSpec, tokens, max_tokens: int = 0, d
         t = page.shape[2]
         if not page.flags.c_contiguous:  # a last page served in part: its leading tokens
             page = np.ascontiguousarray(page)
-        elif pins is not None:
-            pins.cover(page.ctypes.data, page.nbytes)
+        elif pin_arena:
+            pin_pages(client, page)
         with warnings.catch_warnings():  # the arena is read-only; the tensor is only read
             warnings.simplefilter("ignore", UserWarning)
             src = _torch.from_numpy(page.view(np.int16))

@@ -18,7 +18,7 @@ Backend layouts (vLLM 0.32, per-layer logical shape ``[B, H, N, C]``, RFC #42082
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class PagedKV:
     """
 
     def __init__(self, kv_caches: Dict[str, torch.Tensor], num_blocks: int, block_size: int, kv_heads: int,
-                 head_dim: int, split: str):
+                 head_dim: int, split: str, stage_pages: Optional[bool] = None):
         if not kv_caches:
             raise ValueError("kvtier: vLLM registered no KV cache tensors")
         self.layer_names = _layer_order(list(kv_caches))
@@ -87,6 +87,11 @@ class PagedKV:
         self.ratio = ratio or 1
         self.kernel_block = block_size // self.ratio
         self.device = self.keys[0].device
+        #: Whether a loaded page crosses to the KV's device in one contiguous copy first (then
+        #: scattered there): the default off the CPU, where the strided per-block copies would
+        #: each be a small transfer from pageable memory.
+        self.stage_pages = self.device.type != "cpu" if stage_pages is None else stage_pages
+        self._staging = None
 
     @property
     def layers(self) -> int:
@@ -124,6 +129,8 @@ class PagedKV:
         if lo >= a + t:
             return
         src = torch.from_numpy(page.view(np.int16))
+        if self.stage_pages:
+            src = self._stage(src)
         runs = list(self._runs(block_ids, lo, a + t))
         skip = lo - a
         for layer in range(self.layers):
@@ -132,6 +139,21 @@ class PagedKV:
             for block, offset, n, at in runs:
                 keys[block, offset:offset + n].copy_(src_k[skip + at:skip + at + n])
                 values[block, offset:offset + n].copy_(src_v[skip + at:skip + at + n])
+        if self.stage_pages and self.device.type == "cuda":
+            # The page's lease ends when we return: the upload must be done (the scatter after
+            # it reads the staging buffer in stream order, before the next page's upload).
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _stage(self, src: torch.Tensor) -> torch.Tensor:
+        """``src`` (a host page) in a reused buffer on the KV's device, by one copy."""
+        n = src.numel()
+        if self._staging is None or self._staging.numel() < n:
+            self._staging = torch.empty(n, dtype=torch.int16, device=self.device)
+        staged = self._staging[:n].view(src.shape)
+        if not src.is_contiguous():
+            src = src.contiguous()
+        staged.copy_(src, non_blocking=self.device.type == "cuda")
+        return staged
 
 
 def blocks_of(block_ids: Sequence[int], block_size: int, a: int, b: int) -> Tuple[int, ...]:

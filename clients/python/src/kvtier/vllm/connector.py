@@ -477,7 +477,8 @@ class _WorkerSide:
             paged, blocks, first = self.paged, job.block_ids, job.first
             try:
                 self.loader.load(self.spec(job.name_suffix), job.tokens,
-                                 lambda a, page: paged.scatter(blocks, a, page, first))
+                                 lambda a, page: paged.scatter(blocks, a, page, first),
+                                 pin_cuda=paged.device.type == "cuda")
             except LoadFailed as e:
                 good = max(first, e.loaded - e.loaded % block)
                 bad = blocks_of(blocks, block, good, len(job.tokens))
