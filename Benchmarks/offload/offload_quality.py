@@ -147,7 +147,13 @@ class Runner:
         return {"window": OffloadPlan.for_budget(budget, p, "window"),
                 "promote": OffloadPlan.for_budget(budget, p, "promote", window_pages=self.args.window_pages),
                 "summary": OffloadPlan.for_budget(budget, p, "summary", window_pages=self.args.window_pages,
-                                                  promoted_share=self.args.promoted_share)}
+                                                  promoted_share=self.args.promoted_share, **self.dense(context))}
+
+    def dense(self, context: int):
+        """The summary plan's dense first layers (--dense-layers), as OffloadPlan.for_budget takes them."""
+        if not self.args.dense_layers:
+            return {}
+        return dict(dense_layers=self.args.dense_layers, layers=self.model.config.num_hidden_layers, context_tokens=context)
 
     @torch.no_grad()
     def prefill(self, client, ids, plan):
@@ -342,6 +348,8 @@ def main():
     parser.add_argument("--page", type=int, default=16, help="tokens per page (kvtierd's page size for this model)")
     parser.add_argument("--window-pages", type=int, default=4)
     parser.add_argument("--promoted-share", type=float, default=0.25)
+    parser.add_argument("--dense-layers", type=int, default=0,
+                        help="summary: this many first layers attend to the whole context, the others share the rest")
     parser.add_argument("--continuation", type=int, default=256)
     parser.add_argument("--methods", default="full,window,promote,summary",
                         help="which to run (NLL changes need full)")

@@ -12,6 +12,7 @@ instead of being staged through pageable memory. The Transformers cache class is
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from typing import Optional, Tuple
 
@@ -87,6 +88,7 @@ class _ArenaPins:
     def __init__(self, client: Client):
         self.failed: Optional[str] = None
         self.chunks = set()
+        self.lock = threading.Lock()  # a Client may be shared by threads
         arena = client.page_arena_address()
         if arena is None:
             self.failed = "the client has no shared page arena (pages come inline)"
@@ -99,6 +101,10 @@ class _ArenaPins:
 
     def cover(self, address: int, length: int) -> bool:
         """Registers the chunks holding ``[address, address + length)``; False once any failed."""
+        with self.lock:
+            return self._cover(address, length)
+
+    def _cover(self, address: int, length: int) -> bool:
         if self.failed is not None:
             return False
         first = (address - self.base) // self.CHUNK
@@ -119,17 +125,20 @@ class _ArenaPins:
         return True
 
     def unpin_all(self) -> None:
-        for chunk in sorted(self.chunks):
-            self.cudart.cudaHostUnregister(self.base + chunk * self.CHUNK)
-        self.chunks.clear()
+        with self.lock:
+            for chunk in sorted(self.chunks):
+                self.cudart.cudaHostUnregister(self.base + chunk * self.CHUNK)
+            self.chunks.clear()
+            self.failed = "the client was closed"
 
 
 def _pins(client: Client) -> _ArenaPins:
-    pins = getattr(client, "_kvtier_cuda_pins", None)
-    if pins is None:
-        pins = _ArenaPins(client)
-        client._kvtier_cuda_pins = pins
-    return pins
+    with client._lock:
+        pins = getattr(client, "_kvtier_cuda_pins", None)
+        if pins is None:
+            pins = _ArenaPins(client)
+            client._kvtier_cuda_pins = pins
+        return pins
 
 
 def pin_pages(client: Client, page: np.ndarray) -> bool:
