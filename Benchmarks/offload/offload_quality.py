@@ -346,7 +346,7 @@ def main():
     parser.add_argument("--contexts", default="4096,8192")
     parser.add_argument("--budget", type=float, default=0.25, help="fraction of the context a step attends to")
     parser.add_argument("--page", type=int, default=16, help="tokens per page (kvtierd's page size for this model)")
-    parser.add_argument("--window-pages", type=int, default=4)
+    parser.add_argument("--window-pages", type=int, default=None, help="default: OffloadPlan.for_budget's (budget / 8)")
     parser.add_argument("--promoted-share", type=float, default=0.25)
     parser.add_argument("--dense-layers", type=int, default=0,
                         help="summary: this many first layers attend to the whole context, the others share the rest")

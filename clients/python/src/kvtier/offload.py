@@ -92,15 +92,18 @@ class OffloadPlan:
         return self.sink_pages * p + self.window_tokens + p - 1 + (self.promoted_pages + self.fetch_pages) * p
 
     @classmethod
-    def for_budget(cls, budget_tokens: int, page_tokens: int, mode: str = "summary", *, window_pages: int = 4,
-                   promoted_share: float = 0.25, dense_layers: int = 0, layers: int = 0, context_tokens: int = 0,
-                   **policy) -> "OffloadPlan":
+    def for_budget(cls, budget_tokens: int, page_tokens: int, mode: str = "summary", *,
+                   window_pages: Optional[int] = None, promoted_share: float = 0.25, dense_layers: int = 0,
+                   layers: int = 0, context_tokens: int = 0, **policy) -> "OffloadPlan":
         """A plan attending to at most ``budget_tokens`` per step: one sink page, then
-        ``"window"``: the rest as window; otherwise a window of ``window_pages`` pages and the rest
-        as page slots, ``promoted_share`` of them promoted and the others fetched (``"summary"``)
-        or all promoted (``"promote"``). With ``dense_layers`` of the model's ``layers`` attending
-        to all ``context_tokens``, the other layers share what is left of ``layers × budget``."""
+        ``"window"``: the rest as window; otherwise a window of ``window_pages`` pages (default:
+        an eighth of the budget, at least 4 pages) and the rest as page slots, ``promoted_share``
+        of them promoted and the others fetched (``"summary"``) or all promoted (``"promote"``).
+        With ``dense_layers`` of the model's ``layers`` attending to all ``context_tokens``, the
+        other layers share what is left of ``layers × budget``."""
         p = page_tokens
+        if window_pages is None:
+            window_pages = max(4, round(budget_tokens / 8 / p))
         if dense_layers:
             if not 0 < dense_layers < layers or context_tokens <= 0:
                 raise ValueError("dense_layers needs layers (more than dense_layers) and context_tokens")
