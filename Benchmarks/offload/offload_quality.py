@@ -322,11 +322,15 @@ def summarize(report):
             keys.setdefault((row["context"], method), []).append(e["correct"])
     print("\n| context | method | NLL | change | passkey | decode tok/s | pages leased | in RAM at the GET | there by prefetch | prefetch used / issued |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for (context, method), entries in sorted(by.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1]))):
+    for context, method in sorted(set(by) | set(keys), key=lambda k: (k[0], METHODS.index(k[1]))):
+        entries = by.get((context, method), [])
+        found = keys.get((context, method), [])
+        if not entries:  # passkeys only (--docs 0)
+            print(f"| {context} | {method} | - | - | {sum(found)}/{len(found)} | - | - | - | - | - |")
+            continue
         mean = sum(e["nll"] for e in entries) / len(entries)
         change = sum(e["nll_change"] for e in entries) / len(entries)
         speed = len(entries) / sum(e["seconds_per_token"] for e in entries)
-        found = keys.get((context, method), [])
         total = lambda key: sum(e.get(key, 0) for e in entries)  # noqa: E731
         leased = total("pages_leased")
         ram = f"{100 * (1 - (total('demand_loads') + total('prefetch_late')) / leased):.1f}%" if leased else "-"
