@@ -10,7 +10,7 @@ what the turn added. NumPy only; ``kvtier.transformers.KVTierCache`` is this plu
 from __future__ import annotations
 
 import time
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -40,16 +40,21 @@ class PrefixCache:
         self.last_put: Optional[PutResult] = None
         self.restore_seconds = 0.0
 
-    def restore(self, tokens) -> Tuple[np.ndarray, np.ndarray]:
+    def restore(self, tokens, fetch: Optional[Callable] = None) -> Tuple:
         """The KV of the longest cached prefix of ``tokens``, at most ``len(tokens) - 1`` tokens.
 
         Returns ``(keys, values)`` of ``model.numpy_dtype``, ``[layers, n, kv_heads, head_dim]``;
         ``n`` is 0 when nothing is cached. ``last_lookup`` tells how the prefix split over the
         daemon's RAM and disk tiers, ``restore_seconds`` how long lookup plus get took.
+
+        ``fetch(tokens, most)``, when given, gets the prefix instead of ``Client.get`` (and its
+        result is returned as it is), e.g. ``kvtier.torch.get_tensors`` into a GPU; it is not
+        called when nothing is cached.
         """
         start = time.perf_counter()
         tokens = np.asarray(tokens, dtype=np.int64).ravel()
-        most = self.restorable(tokens)
+        self.last_lookup = self.client.lookup_detail(self.model, tokens)
+        most = min(self.last_lookup.cached_tokens, len(tokens) - 1)
         if most <= 0:
             shape = self.model.shape.kv_shape(0)
             keys = np.empty(shape, dtype=self.model.numpy_dtype)
@@ -57,16 +62,10 @@ class PrefixCache:
         else:
             # The daemon may serve fewer tokens than LOOKUP promised (pages evicted in between,
             # or the inline reply limit): what comes back is what counts.
-            keys, values = self.client.get(self.model, tokens, max_tokens=most)
+            fetch = fetch or (lambda toks, n: self.client.get(self.model, toks, max_tokens=n))
+            keys, values = fetch(tokens, most)
         self.restore_seconds = time.perf_counter() - start
         return keys, values
-
-    def restorable(self, tokens) -> int:
-        """How many leading tokens of ``tokens`` a restore would ask for (LOOKUP, at most
-        ``len(tokens) - 1``; 0 when nothing is cached); sets ``last_lookup``."""
-        tokens = np.asarray(tokens, dtype=np.int64).ravel()
-        self.last_lookup = self.client.lookup_detail(self.model, tokens)
-        return max(0, min(self.last_lookup.cached_tokens, len(tokens) - 1))
 
     def save(self, tokens, keys, values) -> int:
         """Stores the KV of ``tokens`` (``[layers, len(tokens), kv_heads, head_dim]``) and returns

@@ -24,7 +24,6 @@ rest from kvtierd as attention needs it (``kvtier.offload``; docs/attention-offl
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 
@@ -78,15 +77,10 @@ class KVTierCache(DynamicCache):
         on ``tokens[n:]`` next (``generate`` skips the cached tokens by itself)."""
         if self.get_seq_length() != 0:
             raise ValueError("restore needs an empty cache: make a new KVTierCache per conversation")
-        start = time.perf_counter()
-        tokens = _token_list(tokens)
-        most = self.kvtier.restorable(tokens)
-        n = 0
-        if most > 0:
-            # Straight into the device (pinned arena on CUDA); the daemon may serve fewer tokens
-            # than LOOKUP promised (pages evicted in between): what comes back is what counts.
-            keys, values = get_tensors(self.kvtier.client, self.spec, tokens, max_tokens=most, device=self.tensor_device)
-            n = keys.shape[1]
+        # Straight into the device (pinned arena on CUDA).
+        keys, values = self.kvtier.restore(_token_list(tokens), fetch=lambda toks, most: get_tensors(
+            self.kvtier.client, self.spec, toks, max_tokens=most, device=self.tensor_device))
+        n = keys.shape[1]
         if n:
             # [layers, n, kv_heads, head_dim] -> per layer [1, kv_heads, n, head_dim]
             k = keys.to(self.tensor_dtype).permute(0, 2, 1, 3)
@@ -94,7 +88,6 @@ class KVTierCache(DynamicCache):
             for layer in range(self.spec.layers):
                 self.update(k[layer].unsqueeze(0).contiguous(), v[layer].unsqueeze(0).contiguous(), layer)
         self.restored_tokens = n
-        self.kvtier.restore_seconds = time.perf_counter() - start
         return n
 
     def save(self, tokens) -> int:
