@@ -38,8 +38,10 @@ def test_tensors_round_trip(daemon, device, dtype):
             assert np.array_equal(nk, keys.cpu().view(torch.int16).numpy().view(np.uint16))
 
 
+@pytest.mark.parametrize("stage", [False, True], ids=["direct", "staged"])
 @pytest.mark.parametrize("shared_memory", [True, False], ids=["arena", "inline"])
-def test_get_tensors_serves_whole_partial_and_missing_prefixes(daemon, shared_memory):
+def test_get_tensors_serves_whole_partial_and_missing_prefixes(daemon, shared_memory, stage):
+    # staged: what a GPU device does (one copy of each page to the device, laid out there), on the CPU.
     spec = kvtier.ModelSpec("torch-prefixes", layers=2, kv_heads=3, head_dim=32, dtype="float16", page_tokens=16)
     g = torch.Generator().manual_seed(1)
     n = 70  # four whole pages and a tail of 6
@@ -50,11 +52,11 @@ def test_get_tensors_serves_whole_partial_and_missing_prefixes(daemon, shared_me
         assert c.shared_memory == shared_memory
         put_tensors(c, spec, tokens, keys, values)
         for most, want in ((0, n), (33, 33), (64, 64), (69, 69)):
-            k, v = get_tensors(c, spec, tokens, max_tokens=most)
+            k, v = get_tensors(c, spec, tokens, max_tokens=most, stage=stage)
             assert k.shape == (2, want, 3, 32) and k.is_contiguous()
             assert torch.equal(k, keys[:, :want]) and torch.equal(v, values[:, :want])
         # A prefix the daemon never saw: nothing served, empty tensors of the right shape.
-        k, v = get_tensors(c, spec, [1, 2, 3])
+        k, v = get_tensors(c, spec, [1, 2, 3], stage=stage)
         assert k.shape == v.shape == (2, 0, 3, 32)
         # The lease of each GET was released: the daemon holds none for this client.
         assert c.status()["leases"] == 0

@@ -163,53 +163,59 @@ def pin_page_arena(client: Client) -> Optional[str]:
 
 
 def get_tensors(client: Client, model: ModelSpec, tokens, max_tokens: int = 0, device=None,
-                pin: bool = True) -> Tuple["_torch.Tensor", "_torch.Tensor"]:
+                pin: bool = True, stage: Optional[bool] = None) -> Tuple["_torch.Tensor", "_torch.Tensor"]:
     """The KV of the longest cached prefix of ``tokens`` (at most ``max_tokens``; 0: all) as
     tensors ``[layers, served, kv_heads, head_dim]`` of the model's dtype on ``device`` (default
     CPU); ``served`` may be 0.
 
-    Each page crosses to the device in one contiguous copy from the shared arena while the
-    lease holds it, and keys and values are laid out there. On CUDA (with ``pin``) the arena's
-    chunks holding the pages are registered with the driver first (``pin_page_arena``) and the
-    copies are asynchronous DMA; the call returns once they are done, before the lease is
-    released. Without shared memory the pages come inline and
+    Off the CPU (``stage``, default: whether ``device`` is not the CPU) each page crosses to the
+    device in one contiguous copy from the shared arena while the lease holds it, and keys and
+    values are laid out there; on the CPU they are copied straight from the arena into place.
+    On CUDA (with ``pin``) the arena's chunks holding the pages are registered with the driver
+    first (``pin_page_arena``) and the copies are asynchronous DMA; the call returns once they
+    are done, before the lease is released. Without shared memory the pages come inline and
     are copied from the reply."""
     device = _torch.device("cpu") if device is None else _torch.device(device)
     cuda = device.type == "cuda"
+    stage = device.type != "cpu" if stage is None else stage
     pin_arena = cuda and pin
-    tdtype = torch_dtype(model)
     shape = model.shape
     per_token = shape.layers * 2 * shape.kv_heads * shape.head_dim
-    staged = None
-    slabs = []
-    total = 0
+    out = {}
+    staged = []
 
     def begin(served: int) -> None:
-        nonlocal staged, total
-        total = served
-        staged = _torch.empty(served * per_token, dtype=_torch.int16, device=device)
+        out_shape = (shape.layers, served, shape.kv_heads, shape.head_dim)
+        out["keys"] = _torch.empty(out_shape, dtype=_torch.int16, device=device)
+        out["values"] = _torch.empty(out_shape, dtype=_torch.int16, device=device)
+        out["served"] = served
+        if stage:
+            out["staging"] = _torch.empty(served * per_token, dtype=_torch.int16, device=device)
 
     def visit(a: int, page: np.ndarray) -> None:
         t = page.shape[2]
-        if not page.flags.c_contiguous:  # a last page served in part: its leading tokens
+        if stage and not page.flags.c_contiguous:  # a last page served in part: its leading tokens
             page = np.ascontiguousarray(page)
         elif pin_arena:
             pin_pages(client, page)
         with warnings.catch_warnings():  # the arena is read-only; the tensor is only read
             warnings.simplefilter("ignore", UserWarning)
             src = _torch.from_numpy(page.view(np.int16))
-        slab = staged[a * per_token:(a + t) * per_token].view(src.shape)
+        if not stage:
+            out["keys"][:, a:a + t] = src[:, 0]
+            out["values"][:, a:a + t] = src[:, 1]
+            return
+        slab = out["staging"][a * per_token:(a + t) * per_token].view(src.shape)
         slab.copy_(src, non_blocking=cuda)
-        slabs.append((a, t, slab))
-        if cuda and a + t >= total:
+        staged.append((a, t, slab))
+        if cuda and a + t >= out["served"]:
             # The lease ends when get_pages returns: the copies must be done by then.
             _torch.cuda.current_stream(device).synchronize()
 
-    served = client.get_pages(model, _tokens(tokens), visit, max_tokens=max_tokens, begin=begin)
-    out_shape = (shape.layers, served, shape.kv_heads, shape.head_dim)
-    keys = _torch.empty(out_shape, dtype=_torch.int16, device=device)
-    values = _torch.empty(out_shape, dtype=_torch.int16, device=device)
-    for a, t, slab in slabs:
+    client.get_pages(model, _tokens(tokens), visit, max_tokens=max_tokens, begin=begin)
+    keys, values = out["keys"], out["values"]
+    for a, t, slab in staged:
         keys[:, a:a + t] = slab[:, 0]
         values[:, a:a + t] = slab[:, 1]
+    tdtype = torch_dtype(model)
     return keys.view(tdtype), values.view(tdtype)
