@@ -157,20 +157,22 @@ def _k4v4_values(part, groups, check):
 
 
 def _k4v4_keys(part, T, HD, check):
+    """The keys part: whole groups of 32 tokens in one pass, then a shorter last group if any."""
     n = part.shape[0]
+    full, tail = divmod(T, 32)
+    group_bytes = 4 * HD + 16 * HD
+    pieces = [(part[:, :full * group_bytes].reshape(n, full, group_bytes), 32)] if full else []
+    if tail:
+        pieces.append((part[:, full * group_bytes:].reshape(n, 1, -1), tail))
+    mins = [_f16(g[..., :2 * HD]) for g, _ in pieces]                 # [n, groups, HD]
+    scales = [_f16(g[..., 2 * HD:4 * HD]) for g, _ in pieces]
+    if check:
+        _check_finite(_torch.cat(mins, 1), "k4v4 minimum")
+        _check_scale(_torch.cat(scales, 1), "k4v4 scale")
     out = []
-    at = 0
-    for t0 in range(0, T, 32):
-        nt = min(32, T - t0)
-        size = 4 * HD + nt * HD // 2
-        group = part[:, at:at + size]
-        at += size
-        m, s = _f16(group[:, :2 * HD]), _f16(group[:, 2 * HD:4 * HD])
-        if check:
-            _check_finite(m, "k4v4 minimum")
-            _check_scale(s, "k4v4 scale")
-        codes = _unpack4(group[:, 4 * HD:].reshape(n, nt, HD // 2)).float()  # [n, nt, HD]
-        out.append(codes * s[:, None, :] + m[:, None, :])
+    for (g, nt), m, s in zip(pieces, mins, scales):
+        codes = _unpack4(g[..., 4 * HD:].reshape(n, g.shape[1], nt, HD // 2)).float()  # [n, groups, nt, HD]
+        out.append((codes * s[:, :, None, :] + m[:, :, None, :]).reshape(n, -1, HD))
     return out[0] if len(out) == 1 else _torch.cat(out, dim=1)
 
 
@@ -207,7 +209,13 @@ def _tq(part, vectors, D, bits, check):
     if check:
         _check_finite(alpha, f"tq{bits} alpha")
     codes = (_unpack4 if bits == 4 else _unpack3)(rows[..., 2:]).long()
-    levels = _torch.tensor(_LEVELS[bits], dtype=_torch.float32, device=part.device)
+    levels, sign = _tq_constants(bits, D, part.device)
     y = _fwht(alpha * levels[codes])
-    sign = _torch.tensor(_signs(D), dtype=_torch.float32, device=part.device)
     return sign * y * (1.0 / D)
+
+
+@lru_cache(maxsize=None)
+def _tq_constants(bits: int, D: int, device):
+    """The codebook and the signs as float32 tensors on ``device``, made once."""
+    return (_torch.tensor(_LEVELS[bits], dtype=_torch.float32, device=device),
+            _torch.tensor(_signs(D), dtype=_torch.float32, device=device))
