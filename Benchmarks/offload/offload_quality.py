@@ -300,13 +300,16 @@ def run(args):
 def move_to_disk(client, spec, tokens):
     """Evicts the cached prefix of ``tokens`` until kvtierd holds none of it in RAM (pages whose
     disk write is still running, or leased by a step just ended, stay on the first try)."""
-    for _ in range(200):
+    deadline = time.monotonic() + 120
+    while True:
         client.evict(spec, tokens)
         look = client.lookup_detail(spec, tokens)
         if look.ram_tokens == 0:
             return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"kvtierd still keeps {look.ram_tokens} tokens of the prompt in RAM after 120 s of evictions: "
+                             "is its disk full or its disk budget too small for the prompt's pages (kvtier status)?")
         time.sleep(0.05)
-    raise SystemExit(f"kvtierd keeps {look.ram_tokens} tokens of the prompt in RAM after 200 evictions")
 
 
 def stats_of(cache, before, after):
