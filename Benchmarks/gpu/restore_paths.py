@@ -16,9 +16,14 @@
   kvtierd's RAM tier holds decoded pages today, so it is the kernel and PCIe half of that path.
 - ``disk``: kvtierd restarted on its state directory (RAM tier empty; ``--drop-caches`` as root
   empties the page cache too), then ``get_tensors`` again: disk read, decode, copy.
+- ``vram``: the VRAM tier's restore. This process puts every page in a ``kvtier.vram.VramPool``
+  (one GPU allocation of page slots); a second process attaches it through CUDA IPC and
+  restores the prefix with ``restore_pages`` (one device-to-device copy per page and half into
+  ``[layers, tokens, kv_heads, head_dim]``), timed there; ``vramSameProcess`` is the pool
+  owner's own restore. The bytes are checked by checksums on both sides. kvtierd does not
+  take part (no directory lookup), so this is the copy half of a VRAM-tier restore.
 - Floors: ``h2dPinned`` (the KV's bytes from a pinned buffer), ``h2dPageable``, ``d2d`` (a
-  device-to-device copy of the KV: the floor of restoring from a VRAM tier, which does not
-  exist yet).
+  device-to-device copy of the KV in one call: the floor of restoring from the VRAM tier).
 
 With ``--prefill prefill.json`` (from ``prefill.py``) each path gets its ratio to recompute.
 
@@ -47,7 +52,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(REPO, "clients", "python", "src"))
 
 import kvtier  # noqa: E402
-from kvtier import dequant  # noqa: E402
+from kvtier import dequant, vram  # noqa: E402
 from kvtier.local_daemon import LocalDaemon, find_daemon  # noqa: E402
 from kvtier.torch import get_tensors, pin_page_arena, put_tensors  # noqa: E402
 
@@ -142,6 +147,68 @@ def measure_quantized(args, cli, codec, keys, values, shape, device, page_tokens
     return row
 
 
+def checksum(keys, values):
+    """Two exact integer sums of the KV's 16-bit words (plain, and weighted by position mod 251),
+    per layer so the int64 temporaries stay small."""
+    total, weighted = 0, 0
+    for half in (keys, values):
+        for layer in half:
+            x = layer.reshape(-1).view(torch.int16).to(torch.int64)
+            w = torch.arange(x.numel(), device=x.device, dtype=torch.int64) % 251
+            total += int(x.sum())
+            weighted += int((x * w).sum())
+    return [total, weighted]
+
+
+def vram_child(args):
+    """The second process of the VRAM measurement: attaches the pool described on stdin,
+    restores, and prints timings and the checksum as JSON."""
+    job = json.loads(sys.stdin.read())
+    device = torch.device(job["device"])
+    spec = kvtier.ModelSpec(**job["spec"])
+    with vram.VramPool.attach(job["handle"].encode()) as pool:
+        slots, tokens = job["slots"], job["tokens"]
+        result = {"attachedOn": str(pool.device)}
+        result["restore"] = timed(lambda: vram.restore_pages(pool, slots, spec, tokens, device=device), device,
+                                  job["repeats"])
+        k, v = vram.restore_pages(pool, slots, spec, tokens, device=device)
+        sync(device)
+        result["checksum"] = checksum(k, v)
+        del k, v
+    print(json.dumps(result))
+
+
+def measure_vram(args, spec, keys, values, device):
+    """Pages into a pool here, restored from it in a second process (see the module's doc)."""
+    L, T, H, D = keys.shape
+    P = args.page_tokens
+    pages = -(-T // P)
+    with vram.VramPool.create(device, pages, vram.page_bytes(spec)) as pool:
+        dk, dv = keys.to(device), values.to(device)
+        for i in range(pages):
+            vram.store_page(pool, i, spec, dk[:, i * P:(i + 1) * P], dv[:, i * P:(i + 1) * P])
+        sync(device)
+        want = checksum(dk, dv)
+        del dk, dv
+        slots = list(range(pages))
+        row = {"poolBytes": pool.slots * pool.slot_bytes, "pages": pages}
+        row["sameProcess"] = timed(lambda: vram.restore_pages(pool, slots, spec, T), device, args.repeats)
+        job = {"handle": pool.handle.to_bytes().decode(), "device": str(device), "slots": slots, "tokens": T,
+               "repeats": args.repeats, "spec": dict(name=spec.name, layers=L, kv_heads=H, head_dim=D,
+                                                      dtype=spec.dtype, page_tokens=P)}
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--vram-child"], input=json.dumps(job),
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"the VRAM child failed ({r.returncode}): {r.stderr[-2000:]}")
+        child = json.loads(r.stdout.strip().splitlines()[-1])
+        row["otherProcess"] = child["restore"]
+        row["bytesMatch"] = child["checksum"] == want
+        if not row["bytesMatch"]:
+            raise RuntimeError(f"the VRAM restore in the other process returned different bytes "
+                               f"(checksum {child['checksum']} against {want})")
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--daemon", default=os.environ.get("KVTIER_DAEMON"), help="kvtierd binary")
@@ -157,7 +224,10 @@ def main():
     ap.add_argument("--prefill", help="prefill.py's JSON: ratios to recompute at --tokens")
     ap.add_argument("--smoke", action="store_true", help="small shape on the CPU, 1 repeat")
     ap.add_argument("--out", help="write the JSON report here")
+    ap.add_argument("--vram-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.vram_child:
+        return vram_child(args)
 
     if args.smoke:
         shape, device, args.tokens, args.page_tokens, args.repeats = SMOKE, torch.device("cpu"), 512, 64, 1
@@ -193,6 +263,11 @@ def main():
     spare = torch.empty_like(on_device)
     report["d2d"] = timed(lambda: spare.copy_(on_device), device, args.repeats)
     del pinned, spare
+    try:
+        report["vram"] = measure_vram(args, spec, keys, values, device)
+    except (RuntimeError, vram.VramError, subprocess.SubprocessError) as e:
+        report["vram"] = {"error": str(e)}
+        print(f"VRAM tier: {e}", file=sys.stderr)
 
     budget = f"{max(64, (3 * kv_bytes) >> 20)}MiB"
     daemon = LocalDaemon(daemon_bin, "--ram-budget", budget, "--disk-codec", args.disk_codec, prefix="kvtier-restore-")
@@ -257,6 +332,9 @@ def main():
             ("RAM tier, pageable", report["ramPageable"]["seconds"]),
             (f"disk tier ({args.disk_codec})", report["disk"]["seconds"])]
     rows += [(f"{q['codec']} bytes H2D + GPU dequant", q["restore"]["seconds"]) for q in report["quantized"]]
+    if "otherProcess" in report["vram"]:
+        rows += [("VRAM tier, other process (attached pool)", report["vram"]["otherProcess"]["seconds"]),
+                 ("VRAM tier, pool owner", report["vram"]["sameProcess"]["seconds"])]
     rows += [("floor: H2D pinned", report["h2dPinned"]["seconds"]), ("floor: H2D pageable", report["h2dPageable"]["seconds"]),
              ("floor: D2D (VRAM tier)", report["d2d"]["seconds"])]
     report["table"] = [{"path": name, "seconds": s, "GBps": kv_bytes / s / 1e9,

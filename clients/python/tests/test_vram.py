@@ -1,0 +1,104 @@
+"""kvtier.vram: the pool of page slots, on its host backend (the CUDA backend runs on the lent
+GPU through Benchmarks/gpu/restore_paths.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import kvtier  # noqa: E402
+from kvtier import vram  # noqa: E402
+
+SPEC = kvtier.ModelSpec("vram-test", layers=3, kv_heads=2, head_dim=8, dtype="bfloat16", page_tokens=16)
+
+
+def kv(tokens, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (3, tokens, 2, 8)
+    return torch.randn(shape, generator=g).to(torch.bfloat16), torch.randn(shape, generator=g).to(torch.bfloat16)
+
+
+def fill(pool, keys, values, slots):
+    P = SPEC.page_tokens
+    for i, slot in enumerate(slots):
+        vram.store_page(pool, slot, SPEC, keys[:, i * P:(i + 1) * P], values[:, i * P:(i + 1) * P])
+
+
+def test_restore_returns_the_stored_pages_in_slot_order_with_a_partial_last_page():
+    keys, values = kv(40, 1)   # pages of 16, 16 and 8 tokens
+    with vram.VramPool.create("cpu", 5, vram.page_bytes(SPEC)) as pool:
+        slots = [3, 0, 4]
+        fill(pool, keys, values, slots)
+        k, v = vram.restore_pages(pool, slots, SPEC, 40)
+        assert k.dtype == torch.bfloat16 and k.shape == (3, 40, 2, 8)
+        assert torch.equal(k.view(torch.int16), keys.view(torch.int16))
+        assert torch.equal(v.view(torch.int16), values.view(torch.int16))
+        # A prefix that stops inside a page.
+        k, v = vram.restore_pages(pool, slots[:2], SPEC, 20)
+        assert torch.equal(k.view(torch.int16), keys[:, :20].view(torch.int16))
+
+
+def test_another_process_attaches_the_pool_and_reads_the_same_bytes():
+    keys, values = kv(32, 2)
+    with vram.VramPool.create("cpu", 2, vram.page_bytes(SPEC)) as pool:
+        fill(pool, keys, values, [1, 0])
+        code = (
+            "import sys, json, torch, kvtier\n"
+            "from kvtier import vram\n"
+            "job = json.loads(sys.stdin.read())\n"
+            "spec = kvtier.ModelSpec(**job['spec'])\n"
+            "with vram.VramPool.attach(job['handle'].encode()) as pool:\n"
+            "    k, v = vram.restore_pages(pool, [1, 0], spec, 32)\n"
+            "    print(json.dumps([k.view(torch.int16).reshape(-1).tolist(), v.view(torch.int16).reshape(-1).tolist()]))\n"
+        )
+        job = {"handle": pool.handle.to_bytes().decode(),
+               "spec": dict(name=SPEC.name, layers=3, kv_heads=2, head_dim=8, dtype="bfloat16", page_tokens=16)}
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        r = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), capture_output=True, text=True,
+                           timeout=120, env=env)
+        assert r.returncode == 0, r.stderr
+        k, v = json.loads(r.stdout)
+        assert k == keys.view(torch.int16).reshape(-1).tolist()
+        assert v == values.view(torch.int16).reshape(-1).tolist()
+
+
+def test_the_creator_closing_removes_the_shared_file():
+    pool = vram.VramPool.create("cpu", 1, 64)
+    path = os.path.join("/dev/shm", pool.handle.ipc.decode())
+    assert os.path.exists(path) and (os.stat(path).st_mode & 0o777) == 0o600
+    pool.close()
+    pool.close()  # idempotent
+    assert not os.path.exists(path)
+    with pytest.raises(FileNotFoundError):
+        vram.VramPool.attach(pool.handle)
+
+
+@pytest.mark.parametrize("data", [
+    b"not json",
+    b'{"backend": "rdma", "device_uuid": "", "slots": 1, "slot_bytes": 1, "owner_pid": 1, "ipc": ""}',
+    b'{"backend": "cuda", "device_uuid": "x", "slots": 1, "slot_bytes": 1, "owner_pid": 1, "ipc": "AAAA"}',
+    b'{"backend": "host", "device_uuid": "", "slots": 1, "slot_bytes": 1, "owner_pid": 1, "ipc": "Li4vLi4vZXRjL3Bhc3N3ZA=="}',
+    b'{"backend": "host", "device_uuid": "", "slots": 0, "slot_bytes": 1, "owner_pid": 1, "ipc": ""}',
+])
+def test_handles_that_are_not_a_pool_are_refused_before_anything_is_opened(data):
+    with pytest.raises(vram.VramError):
+        vram.VramPool.attach(data)
+
+
+def test_wrong_shapes_and_slots_are_refused():
+    with vram.VramPool.create("cpu", 2, vram.page_bytes(SPEC)) as pool:
+        keys, values = kv(17, 3)
+        with pytest.raises(vram.VramError, match="at most 16 tokens"):
+            vram.store_page(pool, 0, SPEC, keys, values)
+        with pytest.raises(IndexError):
+            pool.slot(2)
+        with pytest.raises(vram.VramError, match="take 2 pages"):
+            vram.restore_pages(pool, [0], SPEC, 20)
+    small = kvtier.ModelSpec("vram-test", layers=3, kv_heads=2, head_dim=8, dtype="bfloat16", page_tokens=32)
+    with vram.VramPool.create("cpu", 1, vram.page_bytes(SPEC)) as pool:
+        with pytest.raises(vram.VramError, match="slots have"):
+            vram.restore_pages(pool, [0], small, 32)
