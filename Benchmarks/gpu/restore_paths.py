@@ -21,7 +21,11 @@
   restores the prefix with ``restore_pages`` (one device-to-device copy per page and half into
   ``[layers, tokens, kv_heads, head_dim]``), timed there; ``vramSameProcess`` is the pool
   owner's own restore. The bytes are checked by checksums on both sides. kvtierd does not
-  take part (no directory lookup), so this is the copy half of a VRAM-tier restore.
+  take part (no directory lookup): the copy half of a VRAM-tier restore.
+- ``vramDaemon``: the same through kvtierd's directory: this process registers a pool and places
+  the prefix (``kvtier.vram.VramTier.place``, timed as ``placeSeconds``); the second process
+  calls ``VramTier.restore``: ``VRAM_LEASE`` (where the pages are), the pool attached once (the
+  first restore, ``otherProcessFirstSeconds``), device-to-device copies, ``RELEASE``.
 - Floors: ``h2dPinned`` (the KV's bytes from a pinned buffer), ``h2dPageable``, ``d2d`` (a
   device-to-device copy of the KV in one call: the floor of restoring from the VRAM tier).
 
@@ -161,11 +165,28 @@ def checksum(keys, values):
 
 
 def vram_child(args):
-    """The second process of the VRAM measurement: attaches the pool described on stdin,
-    restores, and prints timings and the checksum as JSON."""
+    """The second process of the VRAM measurements: restores from the pool the parent made,
+    and prints timings and the checksum as JSON. With a ``socket`` in the job, through kvtierd
+    (``VramTier.restore``: VRAM_LEASE, attach once, device-to-device copies, RELEASE); else
+    from the pool's handle directly."""
     job = json.loads(sys.stdin.read())
     device = torch.device(job["device"])
     spec = kvtier.ModelSpec(**job["spec"])
+    if job.get("socket"):
+        tokens = job["tokens"]
+        with kvtier.Client(job["socket"]) as c, vram.VramTier(c) as tier:
+            result = {"lookup": c.lookup_detail(spec, tokens).__dict__}
+            t0 = time.perf_counter()
+            k, v = tier.restore(spec, tokens, device=device)
+            sync(device)
+            result["firstSeconds"] = time.perf_counter() - t0   # includes attaching the pool
+            result["checksum"] = checksum(k, v)
+            result["servedTokens"] = k.shape[1]
+            del k, v
+            result["restore"] = timed(lambda: tier.restore(spec, tokens, device=device), device, job["repeats"])
+            result["stats"] = tier.stats
+        print(json.dumps(result))
+        return
     with vram.VramPool.attach(job["handle"].encode()) as pool:
         slots, tokens = job["slots"], job["tokens"]
         result = {"attachedOn": str(pool.device)}
@@ -206,6 +227,40 @@ def measure_vram(args, spec, keys, values, device):
         if not row["bytesMatch"]:
             raise RuntimeError(f"the VRAM restore in the other process returned different bytes "
                                f"(checksum {child['checksum']} against {want})")
+    return row
+
+
+def measure_vram_daemon(args, socket_path, spec, tokens, keys, values, device):
+    """The VRAM tier through kvtierd: this process makes a pool, registers it and places the
+    prefix's pages (``VramTier.place``, timed); a second process restores the prefix with
+    ``VramTier.restore``, which asks kvtierd where the pages are."""
+    L, T, H, D = keys.shape
+    pages = -(-T // args.page_tokens)
+    with kvtier.Client(socket_path) as c, vram.VramTier(c) as tier:
+        tier.create_pool(device, pages, model=spec)
+        dk, dv = keys.to(device), values.to(device)
+        sync(device)
+        t0 = time.perf_counter()
+        placed = tier.place(spec, tokens, dk, dv)
+        sync(device)
+        row = {"placeSeconds": time.perf_counter() - t0, "placedTokens": placed}
+        want = checksum(dk, dv)
+        del dk, dv
+        row["lookupVramTokens"] = c.lookup_detail(spec, tokens).vram_tokens
+        job = {"socket": socket_path, "device": str(device), "tokens": tokens, "repeats": args.repeats,
+               "spec": dict(name=spec.name, layers=L, kv_heads=H, head_dim=D, dtype=spec.dtype,
+                            page_tokens=args.page_tokens)}
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--vram-child"], input=json.dumps(job),
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"the VRAM child failed ({r.returncode}): {r.stderr[-2000:]}")
+        child = json.loads(r.stdout.strip().splitlines()[-1])
+        row.update(otherProcess=child["restore"], otherProcessFirstSeconds=child["firstSeconds"],
+                   servedTokens=child["servedTokens"], childLookup=child["lookup"], childStats=child["stats"])
+        row["bytesMatch"] = child["checksum"] == want and child["servedTokens"] == T
+        if not row["bytesMatch"]:
+            raise RuntimeError(f"the VRAM-tier restore through kvtierd returned different bytes or length "
+                               f"({child['servedTokens']} tokens, checksum {child['checksum']} against {want})")
     return row
 
 
@@ -276,6 +331,11 @@ def main():
             t0 = time.perf_counter()
             put_tensors(c, spec, tokens, keys, values, durable=True)
             report["putSeconds"] = time.perf_counter() - t0
+        try:
+            report["vramDaemon"] = measure_vram_daemon(args, daemon.socket, spec, tokens, keys, values, device)
+        except (RuntimeError, vram.VramError, kvtier.KVTierError, subprocess.SubprocessError) as e:
+            report["vramDaemon"] = {"error": str(e)}
+            print(f"VRAM tier through kvtierd: {e}", file=sys.stderr)
 
         with kvtier.Client(daemon.socket) as c:
             report["pinned"] = pin_page_arena(c) is None
@@ -332,9 +392,11 @@ def main():
             ("RAM tier, pageable", report["ramPageable"]["seconds"]),
             (f"disk tier ({args.disk_codec})", report["disk"]["seconds"])]
     rows += [(f"{q['codec']} bytes H2D + GPU dequant", q["restore"]["seconds"]) for q in report["quantized"]]
+    if "otherProcess" in report["vramDaemon"]:
+        rows += [("VRAM tier through kvtierd, other process", report["vramDaemon"]["otherProcess"]["seconds"])]
     if "otherProcess" in report["vram"]:
-        rows += [("VRAM tier, other process (attached pool)", report["vram"]["otherProcess"]["seconds"]),
-                 ("VRAM tier, pool owner", report["vram"]["sameProcess"]["seconds"])]
+        rows += [("VRAM pool alone, other process (attached)", report["vram"]["otherProcess"]["seconds"]),
+                 ("VRAM pool alone, pool owner", report["vram"]["sameProcess"]["seconds"])]
     rows += [("floor: H2D pinned", report["h2dPinned"]["seconds"]), ("floor: H2D pageable", report["h2dPageable"]["seconds"]),
              ("floor: D2D (VRAM tier)", report["d2d"]["seconds"])]
     report["table"] = [{"path": name, "seconds": s, "GBps": kv_bytes / s / 1e9,

@@ -108,3 +108,26 @@ def test_misuse_is_refused(daemon, model):
             cache.restore(tokens)
         with pytest.raises(ValueError, match="only 5 token ids"):
             cache.save(tokens[:5])
+
+
+@torch.no_grad()
+def test_a_vram_pool_serves_the_next_restore_device_to_device(daemon, model):
+    from kvtier.vram import VramTier
+    tokens = prompt(50, seed=5)
+    s = spec("bfloat16")
+    with kvtier.Client(daemon.socket) as client, VramTier(client) as owner:
+        owner.create_pool("cpu", 8, model=s)        # the host backend: a pool in shared memory
+        first = KVTierCache(client, s, dtype=torch.float32, vram=owner)
+        first.restore(tokens)
+        model(torch.tensor([tokens]), past_key_values=first, use_cache=True)
+        assert first.save(tokens) == 50                 # stored, and placed in the pool
+        assert client.lookup_detail(s, tokens).vram_tokens == 50
+
+        with VramTier(client) as reader:                # no pool of its own: attaches the owner's
+            from_vram = KVTierCache(client, s, dtype=torch.float32, vram=reader)
+            assert from_vram.restore(tokens) == 49 and from_vram.restored_from == "vram"
+            from_daemon = KVTierCache(client, s, dtype=torch.float32)
+            assert from_daemon.restore(tokens) == 49 and from_daemon.restored_from == "daemon"
+            for a, b in zip(from_vram.layers, from_daemon.layers):
+                assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+            assert reader.stats["restores"] == 1 and reader.stats["restoredTokens"] == 49

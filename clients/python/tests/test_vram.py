@@ -102,3 +102,103 @@ def test_wrong_shapes_and_slots_are_refused():
     with vram.VramPool.create("cpu", 1, vram.page_bytes(SPEC)) as pool:
         with pytest.raises(vram.VramError, match="slots have"):
             vram.restore_pages(pool, [0], small, 32)
+
+
+# --- through kvtierd's directory (VRAM_POOL / VRAM_PLACE / VRAM_COMMIT / VRAM_LEASE) ----------
+
+def put(client, tokens, seed):
+    keys, values = kv(len(tokens), seed)
+    from kvtier.torch import put_tensors
+    put_tensors(client, SPEC, tokens, keys, values)
+    return keys, values
+
+
+def test_a_second_process_restores_what_the_first_placed(daemon):
+    tokens = list(range(500, 540))                  # pages of 16, 16 and a partial 8
+    with kvtier.Client(daemon.socket) as c, vram.VramTier(c) as owner:
+        keys, values = put(c, tokens, 10)
+        owner.create_pool("cpu", 4, model=SPEC)
+        assert c.lookup_detail(SPEC, tokens).vram_tokens == 0
+        assert owner.place(SPEC, tokens, keys, values) == 40
+        assert c.lookup_detail(SPEC, tokens).vram_tokens == 40
+        assert owner.place(SPEC, tokens, keys, values) == 40   # nothing new to place
+        assert owner.stats["placedPages"] == 3
+        code = (
+            "import sys, json, torch, kvtier\n"
+            "from kvtier import vram\n"
+            "job = json.loads(sys.stdin.read())\n"
+            "spec = kvtier.ModelSpec(**job['spec'])\n"
+            "with kvtier.Client(job['socket']) as c, vram.VramTier(c) as tier:\n"
+            "    k, v = tier.restore(spec, job['tokens'])\n"
+            "    part = tier.restore(spec, job['tokens'], max_tokens=20)\n"
+            "    print(json.dumps([k.view(torch.int16).reshape(-1).tolist(), v.view(torch.int16).reshape(-1).tolist(),\n"
+            "                      part[0].shape[1], tier.stats]))\n"
+        )
+        job = {"socket": daemon.socket, "tokens": tokens,
+               "spec": dict(name=SPEC.name, layers=3, kv_heads=2, head_dim=8, dtype="bfloat16", page_tokens=16)}
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        r = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), capture_output=True, text=True,
+                           timeout=120, env=env)
+        assert r.returncode == 0, r.stderr
+        k, v, part, stats = json.loads(r.stdout)
+        assert k == keys.view(torch.int16).reshape(-1).tolist()
+        assert v == values.view(torch.int16).reshape(-1).tolist()
+        assert part == 20 and stats["restores"] == 2
+    # The owner's connection closed with the tier: the pool is gone from the directory.
+    with kvtier.Client(daemon.socket) as c, vram.VramTier(c) as tier:
+        assert c.lookup_detail(SPEC, tokens).vram_tokens == 0
+        assert tier.restore(SPEC, tokens) is None and tier.stats["misses"] == 1
+
+
+def test_only_pages_kvtierd_holds_are_placed_and_a_full_pool_evicts_the_coldest(daemon):
+    hot, cold, new = list(range(1000, 1016)), list(range(2000, 2016)), list(range(3000, 3032))
+    with kvtier.Client(daemon.socket) as c, vram.VramTier(c) as tier:
+        tier.create_pool("cpu", 3, model=SPEC)
+        nk, nv = kv(32, 20)
+        assert tier.place(SPEC, new, nk, nv) == 0       # not stored in kvtierd: nothing placed
+        hk, hv = put(c, hot, 21)
+        ck, cv = put(c, cold, 22)
+        nk, nv = put(c, new, 23)
+        assert tier.place(SPEC, hot, hk, hv) == 16
+        assert tier.place(SPEC, cold, ck, cv) == 16
+        for _ in range(3):                              # uses make the hot page hot
+            assert tier.restore(SPEC, hot) is not None
+        assert tier.place(SPEC, new, nk, nv) == 32      # the free slot, then the cold page's
+        assert c.lookup_detail(SPEC, hot).vram_tokens == 16
+        assert c.lookup_detail(SPEC, cold).vram_tokens == 0
+        k, v = tier.restore(SPEC, new)
+        assert torch.equal(k.view(torch.int16), nk.view(torch.int16))
+        assert torch.equal(v.view(torch.int16), nv.view(torch.int16))
+
+
+def test_a_placement_released_unwritten_leaves_nothing_resident(daemon):
+    tokens = list(range(4000, 4016))
+    with kvtier.Client(daemon.socket) as c, vram.VramTier(c) as tier:
+        put(c, tokens, 30)
+        tier.create_pool("cpu", 1, model=SPEC)
+        placement = c.vram_place(SPEC, tier.pool_id, tokens)
+        assert placement.lease_id and [p[:2] for p in placement.pages] == [(0, 16)]
+        assert c.lookup_detail(SPEC, tokens).vram_tokens == 0   # written, not committed
+        c.release(placement.lease_id)
+        assert c.lookup_detail(SPEC, tokens).vram_tokens == 0
+        again = c.vram_place(SPEC, tier.pool_id, tokens)         # the slot is free again
+        assert [p[:2] for p in again.pages] == [(0, 16)]
+        c.release(again.lease_id)
+
+
+def test_pool_registration_is_checked(daemon):
+    with kvtier.Client(daemon.socket) as c:
+        with pytest.raises(ValueError):
+            c.vram_register_pool("", 1, 64, b"x")
+        with pytest.raises(ValueError):
+            c.vram_register_pool("gpu", 0, 64, b"x")
+        with pytest.raises(ValueError):
+            c.vram_register_pool("gpu", 1, 64, b"x" * 1025)
+        with pytest.raises(kvtier.KVTierError) as e:
+            c.vram_place(SPEC, 987654, list(range(16)))         # no such pool
+        assert e.value.code == "notFound"
+        small = c.vram_register_pool("gpu", 1, 64, b"x")        # slots smaller than a page
+        put(c, list(range(5000, 5016)), 40)
+        with pytest.raises(kvtier.KVTierError) as e:
+            c.vram_place(SPEC, small, list(range(5000, 5016)))
+        assert e.value.code == "invalidArgument"

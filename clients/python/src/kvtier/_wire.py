@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import ProtocolViolation
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: LOOKUP replies end in vramTokens; the VRAM_* opcodes
 HEADER = struct.Struct("<IHHII")
 HEADER_BYTES = HEADER.size  # 16
 
@@ -41,6 +41,12 @@ MAX_EXTENTS = 4096
 ARENA_ALIGNMENT = 4096
 
 EXTENT = struct.Struct("<QQI")  # offset, bytes, tokens
+
+# VRAM_POOL bounds (docs/protocol.md).
+MAX_VRAM_SLOTS = 65_536
+MAX_VRAM_SLOT_BYTES = 1 << 30
+MAX_VRAM_HANDLE_BYTES = 1024
+MAX_VRAM_UUID_BYTES = 64
 
 
 class Op:
@@ -66,6 +72,10 @@ class Op:
     EVICT = 0x0052
     MODELS = 0x0053
     CODECS = 0x0054
+    VRAM_POOL = 0x0060
+    VRAM_PLACE = 0x0061
+    VRAM_COMMIT = 0x0062
+    VRAM_LEASE = 0x0063
 
 
 # Opcodes whose frames may carry inline data (bounded by maxInlineBody, not maxControlBody).

@@ -63,6 +63,34 @@ class LookupResult:
     ram_tokens: int
     disk_tokens: int
     estimated_load_micros: int
+    #: Leading tokens whose pages are all resident in one of the tenant's VRAM pools
+    #: (``kvtier.vram``); independent of the RAM/disk split.
+    vram_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class VramPlacement:
+    """Slots a ``vram_place`` reserved: ``pages`` are ``(page index, tokens, slot)``; the leading
+    ``resident_tokens`` were in the pool already. ``lease_id`` 0: nothing reserved."""
+
+    lease_id: int
+    resident_tokens: int
+    pages: List[Tuple[int, int, int]]
+
+
+@dataclass(frozen=True)
+class VramLease:
+    """A ``vram_lease`` answer: the pool (id, device, slot count and size, the handle to map it)
+    and the resident leading pages, ``(tokens, slot)`` in page order, ``tokens`` in all."""
+
+    pool_id: int
+    device_uuid: str
+    slots: int
+    slot_bytes: int
+    handle: bytes
+    lease_id: int
+    tokens: int
+    pages: List[Tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -433,9 +461,10 @@ class Client:
         toks = self._tokens(tokens, truncate=True)
         body, _ = self._call(Op.LOOKUP, [_wire.u64(mid), _wire.tokens_field(toks)])
         r = _wire.Reader(body, "LOOKUP reply")
-        out = LookupResult(r.u32(), r.u32(), r.u32(), r.u64())
+        out = LookupResult(r.u32(), r.u32(), r.u32(), r.u64(), r.u32())
         r.finish()
-        if out.cached_tokens > len(toks) or out.ram_tokens + out.disk_tokens != out.cached_tokens:
+        if (out.cached_tokens > len(toks) or out.ram_tokens + out.disk_tokens != out.cached_tokens
+                or out.vram_tokens > out.cached_tokens):
             raise self._protocol(f"LOOKUP reply: {out} for {len(toks)} tokens")
         return out
 
@@ -482,6 +511,80 @@ class Client:
         except KVTierError as e:
             if e.code != "notFound":
                 raise
+
+    # ------------------------------------------------------------ VRAM tier directory
+
+    def vram_register_pool(self, device_uuid: str, slots: int, slot_bytes: int, handle: bytes) -> int:
+        """Low level (``kvtier.vram.VramTier`` does this): tells kvtierd about a pool of ``slots``
+        slots of ``slot_bytes`` in GPU memory (``VRAM_POOL``); ``handle`` is what other processes
+        of this tenant need to map it. Returns the pool's id. The pool is this connection's: it
+        is forgotten, with everything resident in it, when the connection closes."""
+        uuid_bytes = device_uuid.encode()
+        if not 0 < len(uuid_bytes) <= _wire.MAX_VRAM_UUID_BYTES:
+            raise ValueError(f"a device UUID has 1...{_wire.MAX_VRAM_UUID_BYTES} bytes")
+        if not 0 < slots <= _wire.MAX_VRAM_SLOTS or not 0 < slot_bytes <= _wire.MAX_VRAM_SLOT_BYTES:
+            raise ValueError(f"a VRAM pool has 1...{_wire.MAX_VRAM_SLOTS} slots of 1...{_wire.MAX_VRAM_SLOT_BYTES} bytes")
+        if not 0 < len(handle) <= _wire.MAX_VRAM_HANDLE_BYTES:
+            raise ValueError(f"a VRAM pool handle has 1...{_wire.MAX_VRAM_HANDLE_BYTES} bytes")
+        body, _ = self._call(Op.VRAM_POOL, [_wire.string(device_uuid, "deviceUUID"), _wire.u32(slots),
+                                             _wire.u64(slot_bytes), _wire.u16(len(handle)), bytes(handle)])
+        r = _wire.Reader(body, "VRAM_POOL reply")
+        pool_id = r.u32()
+        r.finish()
+        if pool_id == 0:
+            raise self._protocol("VRAM_POOL reply: pool id 0")
+        return pool_id
+
+    def vram_place(self, model: ModelRef, pool_id: int, tokens) -> "VramPlacement":
+        """Low level: reserves slots of pool ``pool_id`` for the cached pages of ``tokens`` that
+        it does not hold yet (``VRAM_PLACE``). Write each page into its slot, then
+        ``vram_commit(lease_id)``; ``release(lease_id)`` gives the slots back unwritten."""
+        spec, reg = self._spec(model)
+        toks = self._tokens(tokens, truncate=True)
+        body, _ = self._call(Op.VRAM_PLACE, [_wire.u64(reg.model_id), _wire.u32(pool_id), _wire.tokens_field(toks)])
+        r = _wire.Reader(body, "VRAM_PLACE reply")
+        lease_id, resident = r.u64(), r.u32()
+        n = r.count("pages", _wire.MAX_TOKENS_PER_REQUEST, 12)
+        pages = [tuple(r.unpack("III")) for _ in range(n)]
+        r.finish()
+        size = reg.page_tokens
+        for index, t, _slot in pages:
+            if not 0 < t <= size or index * size + t > len(toks) or index * size < resident:
+                raise self._protocol(f"VRAM_PLACE reply: page {index} of {t} tokens for {len(toks)} tokens, "
+                                     f"{resident} resident")
+        if (lease_id == 0) != (n == 0) or resident > len(toks):
+            raise self._protocol(f"VRAM_PLACE reply: lease {lease_id} for {n} pages, {resident} resident")
+        return VramPlacement(lease_id, resident, pages)
+
+    def vram_commit(self, lease_id: int) -> None:
+        """Low level: the pages of a ``vram_place`` lease are written; they become resident."""
+        body, _ = self._call(Op.VRAM_COMMIT, [_wire.u64(lease_id)])
+        _wire.empty_reply(body, "VRAM_COMMIT reply")
+
+    def vram_lease(self, model: ModelRef, tokens) -> "VramLease":
+        """Low level: the leading pages of ``tokens``' cached prefix resident in one of this
+        tenant's VRAM pools, and the pool (``VRAM_LEASE``). Their slots are not overwritten until
+        ``release(lease.lease_id)``. ``tokens`` 0 in the answer: none resident."""
+        spec, reg = self._spec(model)
+        toks = self._tokens(tokens, truncate=True)
+        body, _ = self._call(Op.VRAM_LEASE, [_wire.u64(reg.model_id), _wire.tokens_field(toks)])
+        r = _wire.Reader(body, "VRAM_LEASE reply")
+        pool_id = r.u32()
+        device_uuid = r.string("deviceUUID")
+        slots, slot_bytes = r.u32(), r.u64()
+        handle = bytes(r.take(r.u16()))
+        lease_id, served = r.u64(), r.u32()
+        n = r.count("pages", _wire.MAX_TOKENS_PER_REQUEST, 8)
+        pages = [tuple(r.unpack("II")) for _ in range(n)]
+        r.finish()
+        size = reg.page_tokens
+        ok = served <= len(toks) and sum(t for t, _ in pages) == served and all(s < slots for _, s in pages)
+        ok = ok and all(t == size for t, _ in pages[:-1]) and all(0 < t <= size for t, _ in pages[-1:])
+        ok = ok and (served == 0) == (lease_id == 0)
+        if not ok:
+            raise self._protocol(f"VRAM_LEASE reply: {served} tokens in pages {pages[:4]}... of a {slots}-slot pool, "
+                                 f"lease {lease_id}, for {len(toks)} tokens of {size}-token pages")
+        return VramLease(pool_id, device_uuid, slots, slot_bytes, handle, lease_id, served, pages)
 
     # ------------------------------------------------------------ put
 

@@ -39,6 +39,7 @@ from .model import ModelSpec
 from .offload import OffloadPlan, PagedAttention
 from .prefix import PrefixCache
 from .torch import get_tensors, to_numpy, torch_dtype
+from .vram import same_device
 
 if not hasattr(DynamicCache(), "layers"):  # pragma: no cover - depends on the environment
     raise ImportError("kvtier.transformers needs Transformers >= 4.56 (the layered Cache API): "
@@ -54,10 +55,15 @@ class KVTierCache(DynamicCache):
     tensors the network's attention uses (default: the spec's dtype, CPU). ``durable=True``:
     ``save`` returns once the pages are on disk (they then survive a daemon restart). ``config``
     is passed on to ``DynamicCache``.
+
+    ``vram`` (a ``kvtier.vram.VramTier``) adds the VRAM tier: ``restore`` copies the prefix
+    device to device when a pool of the tenant holds all of it (``restored_from`` says which
+    tier served), and with a pool of its own on this cache's device, ``save`` and restores
+    from RAM or disk also place the pages there for the next process.
     """
 
     def __init__(self, client: Client, model: ModelSpec, *, dtype=None, device=None, durable: bool = False,
-                 config=None):
+                 config=None, vram=None):
         if config is None:
             super().__init__()
         else:
@@ -70,6 +76,30 @@ class KVTierCache(DynamicCache):
         self.tensor_dtype = dtype if dtype is not None else torch_dtype(model)
         self.tensor_device = _torch.device(device) if device is not None else _torch.device("cpu")
         self.restored_tokens = 0
+        self.vram = vram
+        #: "vram", "daemon" (RAM or disk through the page arena) or None: where the last restore's KV came from.
+        self.restored_from = None
+
+    def _fetch(self, tokens, most: int):
+        lookup = self.kvtier.last_lookup
+        if self.vram is not None and lookup.vram_tokens >= most:
+            kv = self.vram.restore(self.spec, tokens, device=self.tensor_device, max_tokens=most, min_tokens=most)
+            if kv is not None:
+                self.restored_from = "vram"
+                return kv
+        # Straight into the device (pinned arena on CUDA).
+        keys, values = get_tensors(self.kvtier.client, self.spec, tokens, max_tokens=most, device=self.tensor_device)
+        self.restored_from = "daemon"
+        self._place(tokens, keys, values)
+        return keys, values
+
+    def _place(self, tokens, keys, values) -> None:
+        """Copies the pages of ``tokens`` the VRAM pool lacks into it, when this cache has a pool
+        on its own device."""
+        pool = self.vram.pool if self.vram is not None else None
+        if pool is None or not same_device(pool.device, self.tensor_device) or keys.shape[1] == 0:
+            return
+        self.vram.place(self.spec, tokens[:keys.shape[1]], keys, values)
 
     def restore(self, tokens) -> int:
         """Loads the KV of the longest cached prefix of ``tokens`` (leaving at least the last token
@@ -77,9 +107,8 @@ class KVTierCache(DynamicCache):
         on ``tokens[n:]`` next (``generate`` skips the cached tokens by itself)."""
         if self.get_seq_length() != 0:
             raise ValueError("restore needs an empty cache: make a new KVTierCache per conversation")
-        # Straight into the device (pinned arena on CUDA).
-        keys, values = self.kvtier.restore(_token_list(tokens), fetch=lambda toks, most: get_tensors(
-            self.kvtier.client, self.spec, toks, max_tokens=most, device=self.tensor_device))
+        self.restored_from = None
+        keys, values = self.kvtier.restore(_token_list(tokens), fetch=self._fetch)
         n = keys.shape[1]
         if n:
             # [layers, n, kv_heads, head_dim] -> per layer [1, kv_heads, n, head_dim]
@@ -109,9 +138,10 @@ class KVTierCache(DynamicCache):
                 raise ValueError(f"KVTierCache holds one sequence; this one has batch size {layer.keys.shape[0]}")
             keys.append(layer.keys[0, :, :n].transpose(0, 1).to(want))
             values.append(layer.values[0, :, :n].transpose(0, 1).to(want))
-        k = to_numpy("keys", _torch.stack(keys), self.spec)
-        v = to_numpy("values", _torch.stack(values), self.spec)
-        return self.kvtier.save(tokens[:n], k, v)
+        keys, values = _torch.stack(keys), _torch.stack(values)
+        cached = self.kvtier.save(tokens[:n], to_numpy("keys", keys, self.spec), to_numpy("values", values, self.spec))
+        self._place(tokens[:n], keys, values)
+        return cached
 
 
 def _token_list(tokens) -> np.ndarray:

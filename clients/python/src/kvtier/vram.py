@@ -35,7 +35,7 @@ import torch
 
 from .model import ModelSpec
 
-__all__ = ["PoolHandle", "VramPool", "VramError", "page_bytes", "store_page", "restore_pages"]
+__all__ = ["PoolHandle", "VramPool", "VramTier", "VramError", "page_bytes", "store_page", "restore_pages"]
 
 
 class VramError(RuntimeError):
@@ -292,6 +292,17 @@ class VramPool:
         self.close()
 
 
+def same_device(a, b) -> bool:
+    """Whether torch devices ``a`` and ``b`` are the same device ("cuda" is the current one)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
 def _page_view(pool: VramPool, slot: int, model: ModelSpec, tokens: int) -> torch.Tensor:
     s = model.shape
     n = s.layers * 2 * tokens * s.kv_heads * s.head_dim
@@ -337,3 +348,141 @@ def restore_pages(pool: VramPool, slots: Sequence[int], model: ModelSpec, tokens
         values[:, a:a + t].copy_(src[:, 1, :t], non_blocking=True)
     dtype = torch_dtype(model)
     return keys.view(dtype), values.view(dtype)
+
+
+class VramTier:
+    """One process's side of the VRAM tier: its own pool, registered with kvtierd (optional), and
+    the pools of other processes of the tenant that it has attached to restore from.
+
+        tier = VramTier(client)
+        tier.create_pool("cuda", slots=64, model=spec)          # this process lends GPU memory
+        tier.place(spec, tokens, keys, values)                    # after a prefill or a restore
+        kv = tier.restore(spec, tokens)                           # any process of the tenant
+        if kv is None: ...                                        # not resident: RAM or disk
+
+    kvtierd keeps the directory (which page is in which slot, leases, eviction by heat;
+    docs/protocol.md, ``VRAM_*``), so a process restores from another's pool without knowing
+    it: ``restore`` leases the slots, copies device to device, and releases them. The pool is
+    freed when ``close`` (or the client's connection) ends it; a process that attached other
+    pools closes its attachments in ``close``.
+    """
+
+    MAX_ATTACHED = 8
+
+    def __init__(self, client):
+        self.client = client
+        self.pool: Optional[VramPool] = None
+        self.pool_id: Optional[int] = None
+        self._attached = {}   # pool id -> VramPool, oldest first
+        self._owner = None    # the connection that registered self.pool
+        self.stats = {"placedPages": 0, "restores": 0, "restoredTokens": 0, "misses": 0}
+
+    def create_pool(self, device, slots: int, model: Optional[ModelSpec] = None, slot_bytes: int = 0) -> VramPool:
+        """Allocates this process's pool (``slots`` slots of ``slot_bytes``, default one page of
+        ``model``) and registers it with kvtierd."""
+        if self.pool is not None:
+            raise VramError("this VramTier has a pool already")
+        slot_bytes = slot_bytes or page_bytes(model)
+        pool = VramPool.create(device, slots, slot_bytes)
+        # The pool lives as long as the connection that registered it: a connection of its own,
+        # so that ``close`` ends the pool in kvtierd before its memory is freed.
+        from .client import Client
+        owner = None
+        try:
+            owner = Client(self.client.socket_path, shared_memory=False,
+                           client_name=f"kvtier vram pool pid {os.getpid()}")
+            self.pool_id = owner.vram_register_pool(pool.handle.device_uuid or "host", slots, slot_bytes,
+                                                    pool.handle.to_bytes())
+        except BaseException:
+            if owner is not None:
+                owner.close()
+            pool.close()
+            raise
+        self._owner = owner
+        self.pool = pool
+        return pool
+
+    def place(self, model: ModelSpec, tokens, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Copies the cached pages of ``tokens`` that this process's pool lacks into it, from
+        ``keys`` and ``values`` (``[layers, ≥ cached tokens, kv_heads, head_dim]`` on the pool's
+        device, or anywhere torch can copy from), and makes them resident. Only pages kvtierd
+        holds can be placed (put them first). Returns the leading tokens resident afterwards."""
+        if self.pool is None:
+            raise VramError("no pool: create_pool first")
+        placement = self.client.vram_place(model, self.pool_id, tokens)
+        if placement.lease_id == 0:
+            return placement.resident_tokens
+        P = _page_tokens(model)
+        try:
+            for index, t, slot in placement.pages:
+                a = index * P
+                if a + t > keys.shape[1]:
+                    raise VramError(f"page {index} needs tokens up to {a + t}; the tensors have {keys.shape[1]}")
+                store_page(self.pool, slot, model, keys[:, a:a + t], values[:, a:a + t])
+            if self.pool.device.type == "cuda":
+                torch.cuda.synchronize(self.pool.device)
+        except BaseException:
+            self.client._release_quietly(placement.lease_id)
+            raise
+        self.client.vram_commit(placement.lease_id)
+        self.stats["placedPages"] += len(placement.pages)
+        last = placement.pages[-1]
+        return last[0] * P + last[1]
+
+    def _pool_for(self, lease) -> VramPool:
+        if lease.pool_id == self.pool_id:
+            return self.pool
+        pool = self._attached.pop(lease.pool_id, None)
+        if pool is None:
+            pool = VramPool.attach(lease.handle)
+            if (pool.slots, pool.slot_bytes) != (lease.slots, lease.slot_bytes):
+                pool.close()
+                raise VramError(f"pool {lease.pool_id}'s handle describes {pool.slots} x {pool.slot_bytes} bytes; "
+                                f"kvtierd says {lease.slots} x {lease.slot_bytes}")
+            while len(self._attached) >= self.MAX_ATTACHED:
+                self._attached.pop(next(iter(self._attached))).close()
+        self._attached[lease.pool_id] = pool  # most recent last
+        return pool
+
+    def restore(self, model: ModelSpec, tokens, device=None, max_tokens: int = 0, min_tokens: int = 1):
+        """Keys and values ``[layers, served, kv_heads, head_dim]`` of the longest prefix of
+        ``tokens`` (at most ``max_tokens``; 0: all) resident in a VRAM pool of this tenant, copied
+        device to device (on ``device``, default the pool's), or None when fewer than
+        ``min_tokens`` are resident."""
+        lease = self.client.vram_lease(model, tokens)
+        served = min(lease.tokens, max_tokens) if max_tokens else lease.tokens
+        if served < max(1, min_tokens):
+            if lease.lease_id:
+                self.client._release_quietly(lease.lease_id)
+            self.stats["misses"] += 1
+            return None
+        try:
+            pool = self._pool_for(lease)
+            slots = [slot for _, slot in lease.pages][:-(-served // _page_tokens(model))]
+            keys, values = restore_pages(pool, slots, model, served, device=device)
+            if pool.device.type == "cuda":
+                torch.cuda.synchronize(pool.device)   # the lease ends below: the copies must be done
+        finally:
+            self.client._release_quietly(lease.lease_id)
+        self.stats["restores"] += 1
+        self.stats["restoredTokens"] += served
+        return keys, values
+
+    def close(self) -> None:
+        """Closes attachments to other pools, and this process's pool (kvtierd forgets it when
+        the client's connection closes; close the client before the pool where others may be
+        restoring from it, so the directory stops handing it out first)."""
+        for pool in self._attached.values():
+            pool.close()
+        self._attached.clear()
+        if self.pool is not None:
+            self._owner.close()
+            self._owner = None
+            self.pool.close()
+            self.pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
