@@ -5,6 +5,9 @@
 # KVTierCache (daemon_ttft.py), and optionally `kvtier bench disk`. JSON under $OUT (default
 # ./out-gpu). Expects .device/bin from prepare_device.sh (kvtier, kvtierd, liburing.so.2) and
 # python3 with torch + transformers. Each step is bounded so that the rest still runs.
+# STEPS picks the steps (default "prefill restore ttft"); PREFILL_JSON reuses an earlier
+# prefill.json for the ratios when prefill is not among them; RESTORE_ARGS adds arguments to
+# restore_paths.py (e.g. "--disk-codec tq3 --codecs tq3") and RESTORE_TAG to its JSON's name.
 set -u
 OUT=${OUT:-$PWD/out-gpu}
 mkdir -p "$OUT"
@@ -35,10 +38,14 @@ echo "== host"
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
   ldd "$BIN/kvtierd"
 }
-step prefill "${PREFILL_TIMEOUT:-180}" python3 "$HERE/prefill.py" --tokens "$TOKENS" --repeats 3 --out "$OUT/prefill.json"
-step restore "${RESTORE_TIMEOUT:-180}" python3 "$HERE/restore_paths.py" --daemon "$BIN/kvtierd" --kvtier "$BIN/kvtier" \
-  --tokens "$TOKENS" --prefill "$OUT/prefill.json" $DROP --out "$OUT/restore.json"
-step ttft "${TTFT_TIMEOUT:-180}" python3 "$HERE/daemon_ttft.py" --daemon "$BIN/kvtierd" --tokens "$TOKENS" --repeats 3 \
+STEPS=${STEPS:-prefill restore ttft}
+PREFILL_JSON=${PREFILL_JSON:-$OUT/prefill.json}
+has() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
+has prefill && step prefill "${PREFILL_TIMEOUT:-180}" python3 "$HERE/prefill.py" --tokens "$TOKENS" --repeats 3 --out "$PREFILL_JSON"
+# shellcheck disable=SC2086  # RESTORE_ARGS is split on purpose
+has restore && step restore "${RESTORE_TIMEOUT:-180}" python3 "$HERE/restore_paths.py" --daemon "$BIN/kvtierd" --kvtier "$BIN/kvtier" \
+  --tokens "$TOKENS" --prefill "$PREFILL_JSON" $DROP --out "$OUT/restore${RESTORE_TAG:-}.json" ${RESTORE_ARGS:-}
+has ttft && step ttft "${TTFT_TIMEOUT:-180}" python3 "$HERE/daemon_ttft.py" --daemon "$BIN/kvtierd" --tokens "$TOKENS" --repeats 3 \
   $DROP --out "$OUT/ttft-k4v4.json"
 for c in ${CODECS:-}; do   # e.g. CODECS="k4v4 fp16": kvtier bench disk per codec
   step "disk $c" "${DISK_TIMEOUT:-120}" sh -c "\"$BIN/kvtier\" bench disk --dir \"$DIR\" --codec $c --json > \"$OUT/disk-$c.json\""

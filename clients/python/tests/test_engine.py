@@ -147,6 +147,43 @@ def test_vllm_paged_layout_round_trips_through_pages(stage_pages):
         assert blocks_of(other, block, 16, 40) == (2, 3)
 
 
+def test_vllm_paged_kv_moves_pages_through_a_vram_pool(daemon):
+    # What two vLLM workers with vram_pages do: one saves a request and places its pages in its
+    # pool straight from its blocks; the other loads them from the pool into its own blocks.
+    # On the CPU the pool is shared memory; on a GPU the same calls are device-to-device copies.
+    torch = pytest.importorskip("torch")
+    from kvtier.vllm._layout import PagedKV
+    from kvtier.vram import VramTier
+
+    blocks, block, heads, dim, layers = 8, 16, 2, 8, 2
+    spec = kvtier.ModelSpec("vllm-vram", layers=layers, kv_heads=heads, head_dim=dim, dtype="bfloat16",
+                            page_tokens=32)
+
+    def worker(seed):
+        g = torch.Generator().manual_seed(seed)
+        caches = {f"model.layers.{i}.self_attn.attn": torch.randint(-30000, 30000, (blocks, heads, block, 2 * dim),
+                                                                     generator=g, dtype=torch.int16).view(torch.bfloat16)
+                  for i in range(layers)}
+        return PagedKV(caches, blocks, block, heads, dim, "last-dim")
+
+    a, b = worker(1), worker(2)
+    tokens = list(range(700, 750))                  # a page of 32 and a partial page of 18
+    saved_blocks, loaded_blocks = [5, 0, 3, 6], [1, 7, 2, 4]
+    with kvtier.Client(daemon.socket) as c, VramTier(c) as owner, VramTier(c) as reader:
+        c.put_pages(spec, tokens, lambda lo, hi, dest: a.gather(saved_blocks, lo, hi, dest))
+        owner.create_pool("cpu", 4, model=spec)
+        placed = owner.place_from(spec, tokens, lambda lo, hi, page: a.gather_tensor(saved_blocks, lo, hi, page))
+        assert placed == 50 and c.lookup_detail(spec, tokens).vram_tokens == 50
+        served = reader.restore_into(spec, tokens, lambda at, page: b.scatter_tensor(loaded_blocks, at, page, 0),
+                                     min_tokens=50)
+        assert served == 50
+    want = np.zeros((layers, 2, 50, heads, dim), np.uint16)
+    got = np.zeros_like(want)
+    a.gather(saved_blocks, 0, 50, want)
+    b.gather(loaded_blocks, 0, 50, got)
+    assert np.array_equal(got, want)
+
+
 def test_kernel_blocks_smaller_than_manager_blocks():
     torch = pytest.importorskip("torch")
     from kvtier.vllm._layout import PagedKV

@@ -23,6 +23,7 @@ rest from kvtierd as attention needs it (``kvtier.offload``; docs/attention-offl
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
@@ -39,7 +40,7 @@ from .model import ModelSpec
 from .offload import OffloadPlan, PagedAttention
 from .prefix import PrefixCache
 from .torch import get_tensors, to_numpy, torch_dtype
-from .vram import same_device
+from .vram import VramError, same_device
 
 if not hasattr(DynamicCache(), "layers"):  # pragma: no cover - depends on the environment
     raise ImportError("kvtier.transformers needs Transformers >= 4.56 (the layered Cache API): "
@@ -83,7 +84,11 @@ class KVTierCache(DynamicCache):
     def _fetch(self, tokens, most: int):
         lookup = self.kvtier.last_lookup
         if self.vram is not None and lookup.vram_tokens >= most:
-            kv = self.vram.restore(self.spec, tokens, device=self.tensor_device, max_tokens=most, min_tokens=most)
+            try:
+                kv = self.vram.restore(self.spec, tokens, device=self.tensor_device, max_tokens=most, min_tokens=most)
+            except VramError as e:  # e.g. the pool is on another GPU: RAM and disk still serve
+                log.warning("kvtier: VRAM tier restore failed, restoring from kvtierd instead: %s", e)
+                kv = None
             if kv is not None:
                 self.restored_from = "vram"
                 return kv
@@ -153,6 +158,8 @@ def _token_list(tokens) -> np.ndarray:
         return tokens.detach().cpu().numpy().astype(np.int64)
     return np.asarray(tokens, dtype=np.int64).ravel()
 
+
+log = logging.getLogger("kvtier")
 
 OFFLOAD_ATTENTION = "kvtier_offload"
 _ids = threading.local()

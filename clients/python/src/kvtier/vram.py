@@ -35,7 +35,8 @@ import torch
 
 from .model import ModelSpec
 
-__all__ = ["PoolHandle", "VramPool", "VramTier", "VramError", "page_bytes", "store_page", "restore_pages"]
+__all__ = ["PoolHandle", "VramPool", "VramTier", "VramError", "page_bytes", "page_view", "store_page", "restore_pages",
+           "same_device"]
 
 
 class VramError(RuntimeError):
@@ -303,6 +304,12 @@ def same_device(a, b) -> bool:
     return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
+def page_view(pool: VramPool, slot: int, model: ModelSpec, tokens: int) -> torch.Tensor:
+    """The first ``tokens`` tokens of the page in ``slot``: an int16 view ``[layers, 2, tokens,
+    kv_heads, head_dim]`` of the pool (strided when ``tokens`` is short of a page)."""
+    return _page_view(pool, slot, model, _page_tokens(model))[:, :, :tokens]
+
+
 def _page_view(pool: VramPool, slot: int, model: ModelSpec, tokens: int) -> torch.Tensor:
     s = model.shape
     n = s.layers * 2 * tokens * s.kv_heads * s.head_dim
@@ -402,11 +409,11 @@ class VramTier:
         self.pool = pool
         return pool
 
-    def place(self, model: ModelSpec, tokens, keys: torch.Tensor, values: torch.Tensor) -> int:
-        """Copies the cached pages of ``tokens`` that this process's pool lacks into it, from
-        ``keys`` and ``values`` (``[layers, ≥ cached tokens, kv_heads, head_dim]`` on the pool's
-        device, or anywhere torch can copy from), and makes them resident. Only pages kvtierd
-        holds can be placed (put them first). Returns the leading tokens resident afterwards."""
+    def place_from(self, model: ModelSpec, tokens, fill) -> int:
+        """Places the cached pages of ``tokens`` that this process's pool lacks, written by
+        ``fill(a, b, page)``: tokens ``a..<b`` into ``page``, an int16 view of the slot
+        ``[layers, 2, b - a, kv_heads, head_dim]`` on the pool's device. Only pages kvtierd holds
+        can be placed (put them first). Returns the leading tokens resident afterwards."""
         if self.pool is None:
             raise VramError("no pool: create_pool first")
         placement = self.client.vram_place(model, self.pool_id, tokens)
@@ -415,10 +422,7 @@ class VramTier:
         P = _page_tokens(model)
         try:
             for index, t, slot in placement.pages:
-                a = index * P
-                if a + t > keys.shape[1]:
-                    raise VramError(f"page {index} needs tokens up to {a + t}; the tensors have {keys.shape[1]}")
-                store_page(self.pool, slot, model, keys[:, a:a + t], values[:, a:a + t])
+                fill(index * P, index * P + t, page_view(self.pool, slot, model, t))
             if self.pool.device.type == "cuda":
                 torch.cuda.synchronize(self.pool.device)
         except BaseException:
@@ -428,6 +432,17 @@ class VramTier:
         self.stats["placedPages"] += len(placement.pages)
         last = placement.pages[-1]
         return last[0] * P + last[1]
+
+    def place(self, model: ModelSpec, tokens, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """``place_from`` with the pages cut from ``keys`` and ``values`` (``[layers, ≥ cached
+        tokens, kv_heads, head_dim]`` of the model's dtype, on the pool's device or anywhere torch
+        copies from)."""
+        def fill(a: int, b: int, page: torch.Tensor) -> None:
+            if b > keys.shape[1]:
+                raise VramError(f"the page of tokens {a}..<{b} is cached; the tensors hold {keys.shape[1]} tokens")
+            page[:, 0].copy_(keys[:, a:b].view(torch.int16), non_blocking=True)
+            page[:, 1].copy_(values[:, a:b].view(torch.int16), non_blocking=True)
+        return self.place_from(model, tokens, fill)
 
     def _pool_for(self, lease) -> VramPool:
         if lease.pool_id == self.pool_id:
@@ -444,10 +459,13 @@ class VramTier:
         self._attached[lease.pool_id] = pool  # most recent last
         return pool
 
-    def restore(self, model: ModelSpec, tokens, device=None, max_tokens: int = 0, min_tokens: int = 1):
-        """Keys and values ``[layers, served, kv_heads, head_dim]`` of the longest prefix of
-        ``tokens`` (at most ``max_tokens``; 0: all) resident in a VRAM pool of this tenant, copied
-        device to device (on ``device``, default the pool's), or None when fewer than
+    def restore_into(self, model: ModelSpec, tokens, visit, max_tokens: int = 0, min_tokens: int = 1,
+                     begin=None) -> int:
+        """Hands the pages of the longest prefix of ``tokens`` (at most ``max_tokens``; 0: all)
+        resident in a VRAM pool of this tenant to ``visit(a, page)``, page by page: ``page`` an
+        int16 view ``[layers, 2, t, kv_heads, head_dim]`` of the slot (on the pool's device)
+        holding tokens ``a..<a + t``, valid only during the call. ``begin(served, device)``, when
+        given, comes first. Returns the tokens served: 0 (and no call) when fewer than
         ``min_tokens`` are resident."""
         lease = self.client.vram_lease(model, tokens)
         served = min(lease.tokens, max_tokens) if max_tokens else lease.tokens
@@ -455,18 +473,47 @@ class VramTier:
             if lease.lease_id:
                 self.client._release_quietly(lease.lease_id)
             self.stats["misses"] += 1
-            return None
+            return 0
+        P = _page_tokens(model)
         try:
             pool = self._pool_for(lease)
-            slots = [slot for _, slot in lease.pages][:-(-served // _page_tokens(model))]
-            keys, values = restore_pages(pool, slots, model, served, device=device)
+            if begin is not None:
+                begin(served, pool.device)
+            for i, (_, slot) in enumerate(lease.pages[:-(-served // P)]):
+                a = i * P
+                visit(a, page_view(pool, slot, model, min(P, served - a)))
             if pool.device.type == "cuda":
                 torch.cuda.synchronize(pool.device)   # the lease ends below: the copies must be done
         finally:
             self.client._release_quietly(lease.lease_id)
         self.stats["restores"] += 1
         self.stats["restoredTokens"] += served
-        return keys, values
+        return served
+
+    def restore(self, model: ModelSpec, tokens, device=None, max_tokens: int = 0, min_tokens: int = 1):
+        """Keys and values ``[layers, served, kv_heads, head_dim]`` of the longest prefix of
+        ``tokens`` (at most ``max_tokens``; 0: all) resident in a VRAM pool of this tenant, copied
+        device to device (on ``device``, default the pool's), or None when fewer than
+        ``min_tokens`` are resident."""
+        from .torch import torch_dtype
+        s = model.shape
+        out = {}
+
+        def begin(served: int, pool_device) -> None:
+            shape = (s.layers, served, s.kv_heads, s.head_dim)
+            at = pool_device if device is None else torch.device(device)
+            out["keys"] = torch.empty(shape, dtype=torch.int16, device=at)
+            out["values"] = torch.empty(shape, dtype=torch.int16, device=at)
+
+        def visit(a: int, page: torch.Tensor) -> None:
+            t = page.shape[2]
+            out["keys"][:, a:a + t].copy_(page[:, 0], non_blocking=True)
+            out["values"][:, a:a + t].copy_(page[:, 1], non_blocking=True)
+
+        if not self.restore_into(model, tokens, visit, max_tokens=max_tokens, min_tokens=min_tokens, begin=begin):
+            return None
+        dtype = torch_dtype(model)
+        return out["keys"].view(dtype), out["values"].view(dtype)
 
     def close(self) -> None:
         """Closes attachments to other pools, and this process's pool (kvtierd forgets it when

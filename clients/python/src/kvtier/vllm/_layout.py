@@ -111,38 +111,53 @@ class PagedKV:
     def gather(self, block_ids: Sequence[int], a: int, b: int, dest: np.ndarray) -> None:
         """Writes tokens ``a..<b`` of a request whose blocks are ``block_ids`` into ``dest``, a
         ``[layers, 2, b - a, heads, dim]`` uint16 page buffer."""
-        out = torch.from_numpy(dest.view(np.int16))
+        self.gather_tensor(block_ids, a, b, torch.from_numpy(dest.view(np.int16)))
+
+    def gather_tensor(self, block_ids: Sequence[int], a: int, b: int, out: torch.Tensor) -> None:
+        """``gather`` into an int16 tensor ``[layers, 2, b - a, heads, dim]`` (strides allowed),
+        e.g. a VRAM pool's slot on the KV's device: device-to-device copies, asynchronous on CUDA."""
         runs = list(self._runs(block_ids, a, b))
+        asynchronous = out.device.type != "cpu"  # a copy into host memory completes before returning
         for layer in range(self.layers):
             keys, values = self.keys[layer], self.values[layer]
             out_k, out_v = out[layer, 0], out[layer, 1]
             for block, offset, n, at in runs:
-                out_k[at:at + n].copy_(keys[block, offset:offset + n])
-                out_v[at:at + n].copy_(values[block, offset:offset + n])
+                out_k[at:at + n].copy_(keys[block, offset:offset + n], non_blocking=asynchronous)
+                out_v[at:at + n].copy_(values[block, offset:offset + n], non_blocking=asynchronous)
 
     def scatter(self, block_ids: Sequence[int], a: int, page: np.ndarray, first: int) -> None:
         """Copies a page holding tokens ``a..<a + t`` into the request's blocks, skipping tokens
         before ``first`` (already computed by vLLM). Synchronous: the page is a view of the
         daemon's arena that its lease protects only until the caller returns."""
         t = page.shape[2]
-        lo = max(a, first)
-        if lo >= a + t:
+        if max(a, first) >= a + t:
             return
         src = torch.from_numpy(page.view(np.int16))
         if self.stage_pages:
             src = self._stage(src)
-        runs = list(self._runs(block_ids, lo, a + t))
-        skip = lo - a
-        for layer in range(self.layers):
-            keys, values = self.keys[layer], self.values[layer]
-            src_k, src_v = src[layer, 0], src[layer, 1]
-            for block, offset, n, at in runs:
-                keys[block, offset:offset + n].copy_(src_k[skip + at:skip + at + n])
-                values[block, offset:offset + n].copy_(src_v[skip + at:skip + at + n])
+        self.scatter_tensor(block_ids, a, src, first)
         if self.stage_pages and self.device.type == "cuda":
             # The page's lease ends when we return: the upload must be done (the scatter after
             # it reads the staging buffer in stream order, before the next page's upload).
             torch.cuda.current_stream(self.device).synchronize()
+
+    def scatter_tensor(self, block_ids: Sequence[int], a: int, src: torch.Tensor, first: int) -> None:
+        """``scatter`` from an int16 tensor ``[layers, 2, t, heads, dim]`` (strides allowed) on
+        the KV's device, e.g. a VRAM pool's slot: device-to-device copies, asynchronous on CUDA
+        (the caller synchronizes before the source may change)."""
+        t = src.shape[2]
+        lo = max(a, first)
+        if lo >= a + t:
+            return
+        runs = list(self._runs(block_ids, lo, a + t))
+        skip = lo - a
+        asynchronous = src.device.type != "cpu"  # from host memory (the arena): done before returning
+        for layer in range(self.layers):
+            keys, values = self.keys[layer], self.values[layer]
+            src_k, src_v = src[layer, 0], src[layer, 1]
+            for block, offset, n, at in runs:
+                keys[block, offset:offset + n].copy_(src_k[skip + at:skip + at + n], non_blocking=asynchronous)
+                values[block, offset:offset + n].copy_(src_v[skip + at:skip + at + n], non_blocking=asynchronous)
 
     def _stage(self, src: torch.Tensor) -> torch.Tensor:
         """``src`` (a host page) in a reused buffer on the KV's device, by one copy."""

@@ -80,6 +80,7 @@ class ConnectorSettings:
     save_decode_tokens: bool = True
     timeout: float = 30.0
     retry_interval: float = 5.0
+    vram_pages: int = 0
 
     @staticmethod
     def parse(extra: Dict[str, Any]) -> "ConnectorSettings":
@@ -101,6 +102,8 @@ class ConnectorSettings:
             v = getattr(s, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 raise ValueError(f"kvtier: {name} must be a positive number of seconds, got {v!r}")
+        if not isinstance(s.vram_pages, int) or isinstance(s.vram_pages, bool) or not 0 <= s.vram_pages <= _wire.MAX_VRAM_SLOTS:
+            raise ValueError(f"kvtier: vram_pages must be an integer in 0...{_wire.MAX_VRAM_SLOTS}, got {s.vram_pages!r}")
         if not isinstance(s.namespace, str) or not s.namespace:
             raise ValueError("kvtier: namespace must be a non-empty string")
         return s
@@ -441,6 +444,7 @@ class _WorkerSide:
         self.loader = EngineCache(s.socket, timeout=s.timeout, retry_interval=s.retry_interval, client_name=name + " loads")
         self.saver = EngineCache(s.socket, timeout=s.timeout, retry_interval=s.retry_interval, client_name=name + " saves")
         self.paged: Optional[PagedKV] = None
+        self.vram = None  # kvtier.vram.VramTier when vram_pages > 0 and the pool could be made
         self.specs: Dict[Tuple[Optional[str], Optional[str]], ModelSpec] = {}
         self.load_errors: Set[int] = set()
         self.cond = threading.Condition()
@@ -466,6 +470,61 @@ class _WorkerSide:
             raise ValueError(f"kvtier: vLLM registered {len(caches)} of the {shape.layers} attention layers' KV caches")
         split = "cpu" if current_platform.is_cpu() else "last-dim"
         self.paged = PagedKV(caches, shape.num_blocks, shape.block_size, shape.kv_heads, shape.head_dim, split)
+        if self.c.settings.vram_pages:
+            self._start_vram()
+
+    # ---- the VRAM tier (vram_pages > 0): a pool on the KV's device, shared with other workers
+
+    def _start_vram(self) -> None:
+        from .. import Client
+        from ..vram import VramTier
+
+        s = self.c.settings
+        try:
+            client = Client(s.socket, timeout=s.timeout, shared_memory=False,
+                            client_name=f"vllm worker rank {self.rank} (kvtier.vllm) vram")
+            tier = VramTier(client)
+            tier.create_pool(self.paged.device, s.vram_pages, model=self.spec((None, None)))
+        except Exception as e:  # no daemon, no CUDA IPC, no GPU memory: the RAM and disk tiers still serve
+            log.warning("kvtier: VRAM tier not started (%s); loads come from kvtierd's RAM and disk", e)
+            return
+        self.vram = tier
+        log.info("kvtier: VRAM pool of %d pages on %s registered as pool %d", s.vram_pages, self.paged.device,
+                 tier.pool_id)
+
+    def _vram_failed(self, what: str, e: Exception) -> None:
+        from ..errors import KVTierConnectionError
+
+        log.warning("kvtier: VRAM tier %s failed (%s)%s", what, e,
+                    "; VRAM tier off" if isinstance(e, KVTierConnectionError) else "")
+        if isinstance(e, KVTierConnectionError):
+            self._stop_vram()
+
+    def _stop_vram(self) -> None:
+        tier, self.vram = self.vram, None
+        if tier is not None:
+            client = tier.client
+            tier.close()
+            client.close()
+
+    def _load_vram(self, spec: ModelSpec, job) -> bool:
+        """The whole of ``job`` from a VRAM pool, device to device; False when no pool holds it."""
+        paged, blocks, first = self.paged, job.block_ids, job.first
+        try:
+            served = self.vram.restore_into(spec, job.tokens, lambda a, page: paged.scatter_tensor(blocks, a, page, first),
+                                            min_tokens=len(job.tokens))
+        except Exception as e:
+            self._vram_failed("load", e)
+            return False
+        return served == len(job.tokens)
+
+    def _place_vram(self, spec: ModelSpec, job) -> None:
+        """Copies the saved pages this worker's pool lacks into it, from the request's blocks."""
+        paged, blocks = self.paged, job.block_ids
+        try:
+            self.vram.place_from(spec, job.tokens, lambda a, b, page: paged.gather_tensor(blocks, a, b, page))
+        except Exception as e:
+            self._vram_failed("placement", e)
 
     # ---- loads (synchronous, before the forward pass)
 
@@ -475,6 +534,8 @@ class _WorkerSide:
         block = self.c.block_size
         for job in meta.loads:
             paged, blocks, first = self.paged, job.block_ids, job.first
+            if self.vram is not None and self._load_vram(self.spec(job.name_suffix), job):
+                continue
             try:
                 self.loader.load(self.spec(job.name_suffix), job.tokens,
                                  lambda a, page: paged.scatter(blocks, a, page, first),
@@ -512,6 +573,8 @@ class _WorkerSide:
                 self.saver.store(self.spec(job.name_suffix), job.tokens,
                                  lambda a, b, dest: paged.gather(blocks, a, b, dest),
                                  durable=self.c.settings.durable)
+                if self.vram is not None:
+                    self._place_vram(self.spec(job.name_suffix), job)
             except Exception:  # a bug here must not kill the thread that frees finished requests' blocks
                 log.exception("kvtier: saving request %s failed", job.req_id)
             finally:
@@ -539,5 +602,6 @@ class _WorkerSide:
     def shutdown(self) -> None:
         self.jobs.put(None)
         self.thread.join(timeout=self.c.settings.timeout)
+        self._stop_vram()
         self.loader.close()
         self.saver.close()
