@@ -41,7 +41,8 @@ def test_smoke(tmp_path):
 def test_restore_paths_smoke(tmp_path):
     """Benchmarks/gpu/restore_paths.py --smoke: every restore path of the GPU benchmark (RAM tier
     pinned and pageable, disk tier, quantized bytes decoded by kvtier.dequant and checked against
-    the C decoder, the copy floors) on the CPU with a small shape."""
+    the C decoder, the VRAM tier alone and through kvtierd's directory in a second process, the
+    copy floors) on the CPU with a small shape."""
     binary = daemon_binary()
     if binary is None:
         pytest.skip("kvtierd is not built: run `swift build --product kvtierd`, or set KVTIER_DAEMON")
@@ -61,3 +62,7 @@ def test_restore_paths_smoke(tmp_path):
     for key in ("ramPinned", "ramPageable", "disk", "h2dPinned", "d2d"):
         assert report[key]["seconds"] > 0, key
     assert "| RAM tier, pinned arena |" in p.stdout
+    assert report["vram"]["bytesMatch"] and report["vram"]["otherProcess"]["seconds"] > 0
+    vram = report["vramDaemon"]
+    assert vram["bytesMatch"] and vram["servedTokens"] == 512 and vram["lookupVramTokens"] == 512
+    assert vram["childStats"]["restores"] >= 2 and vram["childStats"]["misses"] == 0
