@@ -90,12 +90,16 @@ public struct LookupResult: Sendable, Hashable {
     public var diskTokens: Int
     /// The daemon's estimate of the time to serve the prefix.
     public var estimatedLoadMicros: UInt64
+    /// Leading tokens of the prefix whose pages are all resident in one VRAM pool of the tenant
+    /// (docs/vram-tier.md); at most `cachedTokens`, apart from the RAM/disk split.
+    public var vramTokens: Int
 
-    public init(cachedTokens: Int, ramTokens: Int, diskTokens: Int, estimatedLoadMicros: UInt64) {
+    public init(cachedTokens: Int, ramTokens: Int, diskTokens: Int, estimatedLoadMicros: UInt64, vramTokens: Int = 0) {
         self.cachedTokens = cachedTokens
         self.ramTokens = ramTokens
         self.diskTokens = diskTokens
         self.estimatedLoadMicros = estimatedLoadMicros
+        self.vramTokens = vramTokens
     }
 }
 

@@ -167,15 +167,17 @@ public final class KVTierClient: Sendable {
         let reply = try await call(.lookup(Lookup(modelID: model.modelID, tokens: tokens)), expecting: "LOOKUP") {
             if case .lookup(let r) = $0 { r } else { nil }
         }
-        guard reply.cachedTokens <= tokens.count, UInt64(reply.ramTokens) + UInt64(reply.diskTokens) == UInt64(reply.cachedTokens) else {
+        guard reply.cachedTokens <= tokens.count, UInt64(reply.ramTokens) + UInt64(reply.diskTokens) == UInt64(reply.cachedTokens),
+              reply.vramTokens <= reply.cachedTokens else {
             throw KVTierClientError.protocolViolation("LOOKUP of \(tokens.count) tokens says \(reply.cachedTokens) cached "
-                                                      + "(\(reply.ramTokens) in RAM, \(reply.diskTokens) on disk)")
+                                                      + "(\(reply.ramTokens) in RAM, \(reply.diskTokens) on disk, \(reply.vramTokens) in VRAM)")
         }
         return LookupResult(cachedTokens: Int(reply.cachedTokens), ramTokens: Int(reply.ramTokens),
-                            diskTokens: Int(reply.diskTokens), estimatedLoadMicros: reply.estimatedLoadMicros)
+                            diskTokens: Int(reply.diskTokens), estimatedLoadMicros: reply.estimatedLoadMicros,
+                            vramTokens: Int(reply.vramTokens))
     }
 
-    /// Ends a lease from `GET` or `ALLOC`.
+    /// Ends a lease from `GET`, `ALLOC`, `VRAM_PLACE` or `VRAM_LEASE`.
     public func release(leaseID: UInt64) async throws {
         _ = try await call(.release(Release(leaseID: leaseID)), expecting: "RELEASE") { if case .release = $0 { () } else { nil } }
     }

@@ -30,4 +30,9 @@ public enum TenantLimits {
     public static let pageArenaSlackPer1024 = 256
     /// Fixed fragmentation slack of a tenant's page arena (room for a few large pages).
     public static let pageArenaSlackBytes = 64 << 20
+    /// VRAM pools (`VRAM_POOL`) one tenant may have registered at once.
+    public static let maxVramPoolsPerTenant = 4
+    /// Slots all of one tenant's `VRAM_LEASE` leases may name at once (a slot leased twice
+    /// counts twice): bounds the directory's lease records whatever a client leaves unreleased.
+    public static let maxVramLeasedSlotsPerTenant = 1 << 20
 }

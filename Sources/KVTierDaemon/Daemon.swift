@@ -118,8 +118,10 @@ public final class Daemon: Sendable {
             try DirectoryTrust.prepare(socketDirectory.isEmpty ? "/" : socketDirectory, mode: 0o755)
         }
         let listener = try operations.makeListener(socketPath: c.socket)
+        // The VRAM tier's directory: pools of GPU memory in clients (docs/vram-tier.md).
+        let vram = VramDirectory(heatHalfLifeMicros: store.heatHalfLifeMicros)
         let server = KVServer(
-            listener: listener, handler: operations.instrument(StoreRequestHandler(store: store, defaultPageTokens: c.pageTokens)),
+            listener: listener, handler: operations.instrument(StoreRequestHandler(store: store, defaultPageTokens: c.pageTokens, vram: vram)),
             configuration: c.transport.serverConfiguration,
             tenantFor: { peer in c.tenant(uid: peer.uid, gid: peer.gid) },
             arenaProvider: { tenant in
@@ -145,7 +147,7 @@ public final class Daemon: Sendable {
                 store.expireSessions()
             }
         }
-        operations.started(store: store, server: server, status: "serving \(disk.stats.pages) disk pages, \(catalog.count) sessions; io \(storage.readPath)")
+        operations.started(store: store, vram: vram, server: server, status: "serving \(disk.stats.pages) disk pages, \(catalog.count) sessions; io \(storage.readPath)")
         try await server.run()
         expiry.cancel()
         // A clean stop keeps the whole cache: RAM pages go to disk (hottest first, for at most

@@ -96,6 +96,18 @@ public final class DaemonMetrics: Sendable {
         Mapping(source: "remote_reconnects", name: "kvtier_remote_reconnects_total", labels: [], kind: .counter, help: "Times the remote tier came back after being down."),
         Mapping(source: "remote_queue_bytes", name: "kvtier_remote_queue_bytes", labels: [], kind: .gauge, help: "Bytes of page records waiting to be written to the remote tier."),
         Mapping(source: "remote_fetch_bytes", name: "kvtier_remote_fetch_bytes_total", labels: [], kind: .counter, help: "Bytes of values fetched from the remote tier."),
+        // The VRAM tier's directory (VramDirectory.status).
+        Mapping(source: "vram_pools", name: "kvtier_vram_pools", labels: [], kind: .gauge, help: "VRAM pools registered by clients."),
+        Mapping(source: "vram_slots", name: "kvtier_vram_slots", labels: [("state", "all")], kind: .gauge, help: "Slots of the VRAM pools: all, resident (visible to readers) and writing (reserved by a placement)."),
+        Mapping(source: "vram_resident_slots", name: "kvtier_vram_slots", labels: [("state", "resident")], kind: .gauge, help: "Slots of the VRAM pools: all, resident (visible to readers) and writing (reserved by a placement)."),
+        Mapping(source: "vram_writing_slots", name: "kvtier_vram_slots", labels: [("state", "writing")], kind: .gauge, help: "Slots of the VRAM pools: all, resident (visible to readers) and writing (reserved by a placement)."),
+        Mapping(source: "vram_leases", name: "kvtier_vram_leases", labels: [], kind: .gauge, help: "VRAM_PLACE and VRAM_LEASE leases held by clients."),
+        Mapping(source: "vram_placements", name: "kvtier_vram_placements_total", labels: [], kind: .counter, help: "VRAM_PLACE requests that had pages to place."),
+        Mapping(source: "vram_placed_slots", name: "kvtier_vram_placed_slots_total", labels: [], kind: .counter, help: "Slots VRAM_PLACE reserved."),
+        Mapping(source: "vram_commits", name: "kvtier_vram_commits_total", labels: [], kind: .counter, help: "Placements committed (their slots became resident)."),
+        Mapping(source: "vram_evictions", name: "kvtier_vram_evictions_total", labels: [], kind: .counter, help: "Resident VRAM slots evicted to make room for a placement."),
+        Mapping(source: "vram_lease_hits", name: "kvtier_vram_leases_total", labels: [("result", "hit")], kind: .counter, help: "VRAM_LEASE requests, by whether a pool held the prefix's first page."),
+        Mapping(source: "vram_lease_misses", name: "kvtier_vram_leases_total", labels: [("result", "miss")], kind: .counter, help: "VRAM_LEASE requests, by whether a pool held the prefix's first page."),
     ]
 
     private enum Exported {

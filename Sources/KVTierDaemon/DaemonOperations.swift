@@ -68,10 +68,10 @@ final class DaemonOperations: Sendable {
 
     /// The daemon accepts connections: start the metrics endpoint, SIGHUP handling and the
     /// watchdog, and tell systemd READY=1.
-    func started(store: TieredStore, server: KVServer, status: String) {
+    func started(store: TieredStore, vram: VramDirectory, server: KVServer, status: String) {
         if let metrics, let metricsServer {
             metricsServer.start {
-                metrics.refresh(store.status() + server.counters.snapshot().map { ($0.name, $0.value) })
+                metrics.refresh(store.status() + vram.status() + server.counters.snapshot().map { ($0.name, $0.value) })
                 metrics.refreshCodecs(store.codecPolicy.everyChoice())
                 return metrics.exposition()
             }

@@ -4,14 +4,18 @@ import KVTierProtocol
 import KVTierServer
 import KVTierStore
 
-/// The daemon's request semantics: wire requests onto the tiered store.
+/// The daemon's request semantics: wire requests onto the tiered store, and the `VRAM_*`
+/// requests onto the VRAM tier's directory (StoreRequestHandler+Vram).
 public struct StoreRequestHandler: RequestHandler {
     let store: TieredStore
     let defaultPageTokens: Int
+    let vram: VramDirectory
 
-    public init(store: TieredStore, defaultPageTokens: Int) {
+    /// `vram`: the VRAM tier's directory; by default a new one whose heat decays as the store's.
+    public init(store: TieredStore, defaultPageTokens: Int, vram: VramDirectory? = nil) {
         self.store = store
         self.defaultPageTokens = defaultPageTokens
+        self.vram = vram ?? VramDirectory(heatHalfLifeMicros: store.heatHalfLifeMicros)
     }
 
     /// Plans each request once: the store answers at once when nothing has to wait (a `GET` of
@@ -26,6 +30,7 @@ public struct StoreRequestHandler: RequestHandler {
     }
 
     public func connectionClosed(_ context: ConnectionContext) async {
+        vram.connectionClosed(owner: context.connectionID)
         store.releaseAll(owner: context.connectionID)
     }
 
@@ -91,7 +96,7 @@ public struct StoreRequestHandler: RequestHandler {
                                          count: Int(r.count), model: store.model(r.modelID), tenant: tenant)
             return .reply(.querySample)
         case .status:
-            return .reply(.status(StatusReply(counters: store.status().map { StatusCounter(name: $0.name, value: $0.value) })))
+            return .reply(.status(StatusReply(counters: (store.status() + vram.status()).map { StatusCounter(name: $0.name, value: $0.value) })))
         case .models(let r):
             return .reply(models(r, context))
         case .codecs(let r):
@@ -136,6 +141,15 @@ public struct StoreRequestHandler: RequestHandler {
             // The client is resuming the session: its disk pages start loading now.
             let resumed = try store.resumeSession(tenant, name: r.name)
             return .reply(.sessionTokens(SessionTokensReply(modelID: resumed.session.modelID, tokens: resumed.session.tokens)))
+        case .vramPool(let r):
+            return .reply(try vramPool(r, context))
+        case .vramPlace(let r):
+            return .reply(try vramPlace(r, context))
+        case .vramCommit(let r):
+            try vram.commit(tenant, owner: context.connectionID, leaseID: r.leaseID)
+            return .reply(.vramCommit)
+        case .vramLease(let r):
+            return .reply(try vramLease(r, context))
         }
     }
 
@@ -248,10 +262,14 @@ public struct StoreRequestHandler: RequestHandler {
         // The wire has no remote field: remote tokens, like disk tokens, are tokens a GET loads
         // from outside RAM (and the load estimate prices them at the remote tier's speed).
         return .lookup(LookupReply(cachedTokens: UInt32(found.cachedTokens), ramTokens: UInt32(found.ramTokens),
-                                   diskTokens: UInt32(found.diskTokens + found.remoteTokens), estimatedLoadMicros: found.estimatedLoadMicros))
+                                   diskTokens: UInt32(found.diskTokens + found.remoteTokens), estimatedLoadMicros: found.estimatedLoadMicros,
+                                   vramTokens: UInt32(vram.residentTokens(context.tenant, Self.vramPages(found.pages)))))
     }
 
     func release(_ r: Release, _ context: ConnectionContext) throws(StoreError) -> Reply {
+        // The directory's lease ids never collide with the store's (VramDirectory.firstLeaseID),
+        // so a GET's RELEASE does not take the directory's lock.
+        if r.leaseID >= VramDirectory.firstLeaseID, vram.release(context.tenant, leaseID: r.leaseID) { return .release }
         try store.release(context.tenant, leaseID: r.leaseID)
         return .release
     }

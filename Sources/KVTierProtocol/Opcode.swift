@@ -22,6 +22,10 @@ public enum Opcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case evict = 0x0052
     case models = 0x0053
     case codecs = 0x0054
+    case vramPool = 0x0060
+    case vramPlace = 0x0061
+    case vramCommit = 0x0062
+    case vramLease = 0x0063
 
     /// The spec's name, as in `LOOKUP`.
     public var description: String {
@@ -48,6 +52,10 @@ public enum Opcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .evict: "EVICT"
         case .models: "MODELS"
         case .codecs: "CODECS"
+        case .vramPool: "VRAM_POOL"
+        case .vramPlace: "VRAM_PLACE"
+        case .vramCommit: "VRAM_COMMIT"
+        case .vramLease: "VRAM_LEASE"
         }
     }
 }
@@ -62,7 +70,7 @@ public struct FrameFlags: OptionSet, Sendable, Hashable {
     public static let reply = FrameFlags(rawValue: 1 << 0)
     /// File descriptors ride on the frame's first byte as SCM_RIGHTS (bit 1).
     public static let fileDescriptors = FrameFlags(rawValue: 1 << 1)
-    /// Every bit version 1 defines.
+    /// Every bit the protocol defines.
     public static let known: FrameFlags = [.reply, .fileDescriptors]
 
     /// The flags of a received header; throws for undefined bits.

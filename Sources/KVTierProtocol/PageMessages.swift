@@ -35,19 +35,25 @@ enum ModelTokens {
     }
 }
 
-/// `LOOKUP` reply: `u32 cachedTokens`, `u32 ramTokens`, `u32 diskTokens`, `u64 estimatedLoadMicros`.
+/// `LOOKUP` reply: `u32 cachedTokens`, `u32 ramTokens`, `u32 diskTokens`, `u64 estimatedLoadMicros`,
+/// `u32 vramTokens` (protocol version 2).
 public struct LookupReply: WireBody {
     /// The longest cached prefix, at token granularity.
     public var cachedTokens: UInt32
     public var ramTokens: UInt32
     public var diskTokens: UInt32
     public var estimatedLoadMicros: UInt64
+    /// Leading tokens of the cached prefix whose pages are all resident in one VRAM pool of the
+    /// tenant (the pool holding the first page); at most `cachedTokens`, independent of the
+    /// RAM/disk split.
+    public var vramTokens: UInt32
 
-    public init(cachedTokens: UInt32, ramTokens: UInt32, diskTokens: UInt32, estimatedLoadMicros: UInt64) {
+    public init(cachedTokens: UInt32, ramTokens: UInt32, diskTokens: UInt32, estimatedLoadMicros: UInt64, vramTokens: UInt32 = 0) {
         self.cachedTokens = cachedTokens
         self.ramTokens = ramTokens
         self.diskTokens = diskTokens
         self.estimatedLoadMicros = estimatedLoadMicros
+        self.vramTokens = vramTokens
     }
 
     public func encode(into writer: inout ByteWriter) throws(ProtocolError) {
@@ -55,6 +61,7 @@ public struct LookupReply: WireBody {
         writer.u32(ramTokens)
         writer.u32(diskTokens)
         writer.u64(estimatedLoadMicros)
+        writer.u32(vramTokens)
     }
 
     public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
@@ -63,6 +70,7 @@ public struct LookupReply: WireBody {
         ramTokens = try reader.u32()
         diskTokens = try reader.u32()
         estimatedLoadMicros = try reader.u64()
+        vramTokens = try reader.u32()
         try reader.finish()
     }
 }

@@ -27,14 +27,24 @@ public enum ProtocolLimits {
     public static let extentAlignment: UInt64 = 4096
     /// 16: the bytes of every frame header.
     public static let frameHeaderBytes = 16
+    /// 65 536: the most slots of one VRAM pool (`VRAM_POOL`), hence the most pages one
+    /// `VRAM_PLACE` or `VRAM_LEASE` reply lists.
+    public static let maxVramSlots = 65_536
+    /// 1 GiB: the largest slot of a VRAM pool (a page of one model, all layers).
+    public static let maxVramSlotBytes: UInt64 = 1 << 30
+    /// 1024: the most bytes of a VRAM pool's handle (opaque to the daemon).
+    public static let maxVramHandleBytes = 1024
+    /// 64: the most UTF-8 bytes of a VRAM pool's device UUID.
+    public static let maxDeviceUUIDBytes = 64
 }
 
 /// The protocol versions this build speaks.
 public enum ProtocolVersion {
-    /// The version of docs/protocol.md this module implements.
-    public static let current: UInt16 = 1
-    /// The oldest version this build still speaks.
-    public static let oldestSupported: UInt16 = 1
+    /// The version of docs/protocol.md this module implements. 2: `LOOKUP` replies end in
+    /// `vramTokens`, and the `VRAM_*` opcodes exist.
+    public static let current: UInt16 = 2
+    /// The oldest version this build still speaks (a version 1 client would misread `LOOKUP`).
+    public static let oldestSupported: UInt16 = 2
 
     /// The highest version both sides speak, given the client's `HELLO` range; nil when there is
     /// none (reply `unsupportedVersion`).

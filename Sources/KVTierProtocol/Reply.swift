@@ -24,6 +24,10 @@ public enum Reply: Sendable, Equatable {
     case evict(EvictReply)
     case models(ModelsReply)
     case codecs(CodecsReply)
+    case vramPool(VramPoolReply)
+    case vramPlace(VramPlaceReply)
+    case vramCommit
+    case vramLease(VramLeaseReply)
     /// A non-zero status, answering a request of `opcode` (raw: unknown opcodes get one too).
     case error(opcode: UInt16, ErrorReply)
 
@@ -54,6 +58,10 @@ public enum Reply: Sendable, Equatable {
         case .evict: known = .evict
         case .models: known = .models
         case .codecs: known = .codecs
+        case .vramPool: known = .vramPool
+        case .vramPlace: known = .vramPlace
+        case .vramCommit: known = .vramCommit
+        case .vramLease: known = .vramLease
         }
         return known.rawValue
     }
@@ -73,7 +81,7 @@ public enum Reply: Sendable, Equatable {
 
     public func encodeBody(into writer: inout ByteWriter) throws(ProtocolError) {
         switch self {
-        case .ping, .release, .sessionPin, .sessionTTL, .sessionDelete, .attention, .querySample: break
+        case .ping, .release, .sessionPin, .sessionTTL, .sessionDelete, .attention, .querySample, .vramCommit: break
         case .hello(let body): try body.encode(into: &writer)
         case .registerModel(let body): try body.encode(into: &writer)
         case .lookup(let body): try body.encode(into: &writer)
@@ -88,6 +96,9 @@ public enum Reply: Sendable, Equatable {
         case .evict(let body): try body.encode(into: &writer)
         case .models(let body): try body.encode(into: &writer)
         case .codecs(let body): try body.encode(into: &writer)
+        case .vramPool(let body): try body.encode(into: &writer)
+        case .vramPlace(let body): try body.encode(into: &writer)
+        case .vramLease(let body): try body.encode(into: &writer)
         case .error(_, let body): try body.encode(into: &writer)
         }
     }
@@ -144,6 +155,10 @@ public enum Reply: Sendable, Equatable {
         case .evict: return .evict(try EvictReply(decoding: body))
         case .models: return .models(try ModelsReply(decoding: body))
         case .codecs: return .codecs(try CodecsReply(decoding: body))
+        case .vramPool: return .vramPool(try VramPoolReply(decoding: body))
+        case .vramPlace: return .vramPlace(try VramPlaceReply(decoding: body))
+        case .vramCommit: try expectEmpty(body, opcode, reply: true); return .vramCommit
+        case .vramLease: return .vramLease(try VramLeaseReply(decoding: body))
         }
     }
 }

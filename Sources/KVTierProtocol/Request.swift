@@ -24,6 +24,10 @@ public enum Request: Sendable, Equatable {
     case evict(Evict)
     case models(ListPage)
     case codecs(ListPage)
+    case vramPool(VramPool)
+    case vramPlace(VramPlace)
+    case vramCommit(VramCommit)
+    case vramLease(VramLease)
 
     public var opcode: Opcode {
         switch self {
@@ -49,6 +53,10 @@ public enum Request: Sendable, Equatable {
         case .evict: .evict
         case .models: .models
         case .codecs: .codecs
+        case .vramPool: .vramPool
+        case .vramPlace: .vramPlace
+        case .vramCommit: .vramCommit
+        case .vramLease: .vramLease
         }
     }
 
@@ -72,6 +80,10 @@ public enum Request: Sendable, Equatable {
         case .querySample(let body): try body.encode(into: &writer)
         case .pages(let body): try body.encode(into: &writer)
         case .evict(let body): try body.encode(into: &writer)
+        case .vramPool(let body): try body.encode(into: &writer)
+        case .vramPlace(let body): try body.encode(into: &writer)
+        case .vramCommit(let body): try body.encode(into: &writer)
+        case .vramLease(let body): try body.encode(into: &writer)
         }
     }
 
@@ -89,7 +101,7 @@ public enum Request: Sendable, Equatable {
         guard !header.isReply else { throw .malformed("frame \(header.requestID) is a reply where a request was expected") }
         guard header.status == 0 else { throw .malformed("request \(header.requestID) has status \(header.status); requests carry 0") }
         guard !header.flags.contains(.fileDescriptors) else {
-            throw .malformed("request \(header.requestID) announces file descriptors; no version 1 request carries any")
+            throw .malformed("request \(header.requestID) announces file descriptors; no request carries any")
         }
         guard let opcode = header.knownOpcode else { throw .unknownOpcode(header.opcode) }
         return try withRawBytes(frame.body) { (body) throws(ProtocolError) -> Request in
@@ -121,6 +133,10 @@ public enum Request: Sendable, Equatable {
         case .evict: return .evict(try Evict(decoding: body))
         case .models: return .models(try ListPage(decoding: body, context: "MODELS request"))
         case .codecs: return .codecs(try ListPage(decoding: body, context: "CODECS request"))
+        case .vramPool: return .vramPool(try VramPool(decoding: body))
+        case .vramPlace: return .vramPlace(try VramPlace(decoding: body))
+        case .vramCommit: return .vramCommit(try VramCommit(decoding: body))
+        case .vramLease: return .vramLease(try VramLease(decoding: body))
         }
     }
 }

@@ -85,7 +85,7 @@ struct RequestTemplate: Sendable {
         return [
             RequestTemplate(name: "HELLO", opcode: .hello, isHello: true) { _ in
                 var r = FieldRecorder()
-                r.u16("minVersion", 1); r.u16("maxVersion", 1); r.u32("capabilities", 0); r.string("clientName", "fuzz")
+                r.u16("minVersion", ProtocolVersion.current); r.u16("maxVersion", ProtocolVersion.current); r.u32("capabilities", 0); r.string("clientName", "fuzz")
                 return r
             },
             RequestTemplate(name: "PING", opcode: .ping) { _ in FieldRecorder() },
@@ -166,6 +166,21 @@ struct RequestTemplate: Sendable {
             },
             RequestTemplate(name: "MODELS", opcode: .models) { _ in
                 var r = FieldRecorder(); r.u32("offset", 0); r.u32("limit", 16); return r
+            },
+            RequestTemplate(name: "VRAM_POOL", opcode: .vramPool) { _ in
+                var r = FieldRecorder()
+                r.string("deviceUUID", "GPU-fuzz"); r.u32("slots", 4); r.u64("slotBytes", UInt64(pageBytes))
+                r.u16("handle.length", 3); r.raw([1, 2, 3])
+                return r
+            },
+            RequestTemplate(name: "VRAM_PLACE", opcode: .vramPlace) { s in
+                var r = FieldRecorder(); r.u64("modelID", s.modelID); r.u32("poolID", 1); r.tokens("tokens", tokens); return r
+            },
+            RequestTemplate(name: "VRAM_COMMIT", opcode: .vramCommit) { _ in
+                var r = FieldRecorder(); r.u64("leaseID", 1 << 62); return r
+            },
+            RequestTemplate(name: "VRAM_LEASE", opcode: .vramLease) { s in
+                var r = FieldRecorder(); r.u64("modelID", s.modelID); r.tokens("tokens", tokens); return r
             },
         ]
     }

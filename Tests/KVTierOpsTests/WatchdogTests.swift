@@ -40,7 +40,7 @@ import Testing
             }
         }.start()
         held.wait()
-        operations.started(store: store, server: server, status: "test")
+        operations.started(store: store, vram: VramDirectory(heatHalfLifeMicros: store.heatHalfLifeMicros), server: server, status: "test")
         let descriptor = notify.descriptor
         let pings = await EventWaits.onThread {
             EventWaits.count(on: descriptor, of: "WATCHDOG=1", upTo: 4, seconds: 30)

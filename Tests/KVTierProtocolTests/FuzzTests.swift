@@ -19,7 +19,7 @@ import Testing
             var bytes = (0..<length).map { _ in UInt8(truncatingIfNeeded: random.next()) }
             if random.chance(0.5), bytes.count >= 16 {
                 // A plausible header, so bodies get reached: small size, known opcode, valid flags.
-                let opcode = Opcode.allCases[Int(random.next() % 17)].rawValue
+                let opcode = Opcode.allCases[Int(random.next() % UInt64(Opcode.allCases.count))].rawValue
                 let head = header(bodyBytes: UInt32(random.next() % 80), opcode: opcode, flags: UInt16(random.next() % 4),
                                   status: random.chance(0.8) ? 0 : UInt32(random.next() % 13))
                 bytes.replaceSubrange(0..<16, with: head)

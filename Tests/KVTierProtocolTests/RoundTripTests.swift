@@ -131,7 +131,8 @@ import Testing
         #expect(ProtocolError.unsupportedFlags(4).wireError == .malformed)
         #expect(ProtocolError.tooLarge(what: "x", size: 2, limit: 1).wireError == .tooLarge)
         #expect(ProtocolError.unknownOpcode(9).wireError == .unknownOpcode)
-        #expect(Opcode.allCases.map(\.rawValue) == [0x01, 0x02, 0x10, 0x20, 0x21, 0x22, 0x23, 0x24, 0x30, 0x31, 0x32, 0x33, 0x34, 0x35, 0x36, 0x40, 0x41, 0x50, 0x51, 0x52, 0x53, 0x54])
+        #expect(Opcode.allCases.map(\.rawValue) == [0x01, 0x02, 0x10, 0x20, 0x21, 0x22, 0x23, 0x24, 0x30, 0x31, 0x32, 0x33, 0x34, 0x35, 0x36, 0x40, 0x41, 0x50, 0x51, 0x52, 0x53, 0x54,
+                                                     0x60, 0x61, 0x62, 0x63])
     }
 
     @Test func longErrorMessagesAreCutAtACharacterBoundary() throws {
@@ -141,10 +142,12 @@ import Testing
     }
 
     @Test func versionNegotiationPicksTheHighestCommonVersion() {
-        #expect(ProtocolVersion.negotiate(minVersion: 1, maxVersion: 5) == 1)
-        #expect(ProtocolVersion.negotiate(minVersion: 0, maxVersion: 1) == 1)
-        #expect(ProtocolVersion.negotiate(minVersion: 2, maxVersion: 3) == nil)
-        #expect(ProtocolVersion.negotiate(minVersion: 1, maxVersion: 0) == nil)
+        #expect(ProtocolVersion.current == 2 && ProtocolVersion.oldestSupported == 2)
+        #expect(ProtocolVersion.negotiate(minVersion: 1, maxVersion: 5) == 2)
+        #expect(ProtocolVersion.negotiate(minVersion: 0, maxVersion: 2) == 2)
+        #expect(ProtocolVersion.negotiate(minVersion: 1, maxVersion: 1) == nil, "version 1 LOOKUP replies lack vramTokens")
+        #expect(ProtocolVersion.negotiate(minVersion: 3, maxVersion: 4) == nil)
+        #expect(ProtocolVersion.negotiate(minVersion: 2, maxVersion: 0) == nil)
     }
 }
 

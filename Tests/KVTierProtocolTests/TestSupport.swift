@@ -117,7 +117,18 @@ struct MessageGenerator {
         case .evict: .evict(Evict(modelID: u64(), tokens: tokens(), deleteFromDisk: bool(), everyPage: bool(), session: string()))
         case .models: .models(ListPage(offset: u32(), limit: UInt32(int(1...ProtocolLimits.maxListEntries))))
         case .codecs: .codecs(ListPage(offset: u32(), limit: UInt32(int(1...ProtocolLimits.maxListEntries))))
+        case .vramPool:
+            .vramPool(VramPool(deviceUUID: "GPU-" + string(maxBytes: 60), slots: UInt32(int(1...ProtocolLimits.maxVramSlots)),
+                               slotBytes: UInt64(int(1...Int(ProtocolLimits.maxVramSlotBytes))), handle: bytes(1...ProtocolLimits.maxVramHandleBytes)))
+        case .vramPlace: .vramPlace(VramPlace(modelID: u64(), poolID: u32(), tokens: tokens()))
+        case .vramCommit: .vramCommit(VramCommit(leaseID: u64()))
+        case .vramLease: .vramLease(VramLease(modelID: u64(), tokens: tokens()))
         }
+    }
+
+    /// Random bytes, as many as `count` allows.
+    mutating func bytes(_ count: ClosedRange<Int>) -> [UInt8] {
+        (0..<int(count)).map { _ in UInt8(truncatingIfNeeded: random.next()) }
     }
 
     /// A reply to `opcode`: one time in eight an error reply instead.
@@ -168,6 +179,16 @@ struct MessageGenerator {
                                 codecTag: u32(), attentionError: float(), maxAttentionError: float(), lastCheckError: float(),
                                 checks: u32(), fallbacks: u32(), sampledTokens: u32(), sampledLayers: u16(), message: string())
             }))
+        case .vramPool: return .vramPool(VramPoolReply(poolID: u32()))
+        case .vramPlace:
+            return .vramPlace(VramPlaceReply(leaseID: u64(), residentTokens: u32(), pages: (0..<int(0...maxList)).map { _ in
+                VramPlacedPage(pageIndex: u32(), tokens: u32(), slot: u32())
+            }))
+        case .vramCommit: return .vramCommit
+        case .vramLease:
+            return .vramLease(VramLeaseReply(poolID: u32(), deviceUUID: string(maxBytes: 64), slots: u32(), slotBytes: u64(),
+                                             handle: bytes(0...ProtocolLimits.maxVramHandleBytes), leaseID: u64(), tokens: u32(),
+                                             pages: (0..<int(0...maxList)).map { _ in VramLeasedPage(tokens: u32(), slot: u32()) }))
         }
     }
 }

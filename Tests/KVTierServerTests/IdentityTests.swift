@@ -41,7 +41,7 @@ struct IdentityTests {
     func refusedPeer() async throws {
         let harness = try TestServer(tenantFor: { _ in nil })
         let client = try TestClient(path: harness.path)
-        let (reply, _, _) = try await client.call(.hello(Hello(minVersion: 1, maxVersion: 1, capabilities: [], clientName: "refused")))
+        let (reply, _, _) = try await client.call(.hello(Hello(minVersion: ProtocolVersion.current, maxVersion: ProtocolVersion.current, capabilities: [], clientName: "refused")))
         guard case .error(_, let error) = reply else {
             Issue.record("HELLO of a refused peer was answered \(reply)")
             return

@@ -86,7 +86,7 @@ struct ListenerTests {
         let server = KVServer(listener: listener, handler: CountersHandler(counters: ServerCounters()), logger: quietLogger)
         let running = Task { try await server.run() }
         let client = try TestClient(path: path)
-        #expect(try await client.hello().version == 1)
+        #expect(try await client.hello().version == ProtocolVersion.current)
         server.shutdown()
         try await running.value
         #expect(exists(path))

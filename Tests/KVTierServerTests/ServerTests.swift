@@ -6,12 +6,12 @@ import Testing
 
 @Suite("KVServer")
 struct ServerTests {
-    @Test("HELLO negotiates version 1 and the tenant is the peer's uid; PING echoes its request id")
+    @Test("HELLO negotiates the current version and the tenant is the peer's uid; PING echoes its request id")
     func helloAndPing() async throws {
         let harness = try TestServer()
         let client = try TestClient(path: harness.path)
         let hello = try await client.hello()
-        #expect(hello.version == 1)
+        #expect(hello.version == ProtocolVersion.current)
         #expect(hello.tenant == TenantID(getuid()))
         #expect(hello.capabilities == [])
         #expect(hello.arenaBytes == 0)
@@ -46,7 +46,7 @@ struct ServerTests {
         #expect(wireError(of: future) == .unsupportedVersion)
         let inverted = try await client.call(.hello(Hello(minVersion: 2, maxVersion: 1, capabilities: [], clientName: "inverted"))).reply
         #expect(wireError(of: inverted) == .unsupportedVersion)
-        #expect(try await client.hello().version == 1)
+        #expect(try await client.hello().version == ProtocolVersion.current)
         try await harness.stop()
     }
 
@@ -165,7 +165,7 @@ struct ServerTests {
         second = nil
         #expect(await harness.eventually { harness.server.openConnections == 1 })
         let fourth = try TestClient(path: harness.path)
-        #expect(try await fourth.hello().version == 1)
+        #expect(try await fourth.hello().version == ProtocolVersion.current)
         try await harness.stop()
     }
 

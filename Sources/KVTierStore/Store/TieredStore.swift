@@ -407,6 +407,17 @@ public final class TieredStore: Sendable {
         return result
     }
 
+    /// The pages of the cached prefix of `tokens` as `lookup` finds them (`LookupResult.pages`),
+    /// without counting a lookup: for the VRAM directory, which places and leases copies of them.
+    public func cachedPages(_ tenant: TenantID, modelID: UInt64, tokens: [UInt32]) throws(StoreError) -> [PageRef] {
+        let model = try model(modelID)
+        return locateIncludingRemote(tenant, model, tokens, keys: Self.wholePageKeys(model, tokens))
+    }
+
+    /// Half-life of a page's heat (`Configuration.heatHalfLifeMicros`), which the VRAM directory
+    /// decays its slots' uses with too.
+    public var heatHalfLifeMicros: UInt64 { configuration.heatHalfLifeMicros }
+
     /// Whether each address is stored in either tier: RAM under one lock of the store, the disk
     /// tier under one of its own for the rest.
     func inEitherTier(_ addresses: [PageAddress]) -> [Bool] {

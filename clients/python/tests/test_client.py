@@ -375,7 +375,7 @@ def test_bad_replies_are_refused(tmp_path, reply, what):
 
 def test_hello_wire_bytes():
     body = _wire.hello_request(True, "x")
-    assert body == struct.pack("<HHI", 1, 1, 1) + b"\x01\x00x"
+    assert body == struct.pack("<HHI", 2, 2, 1) + b"\x01\x00x"
 
 
 def test_a_large_put_fills_its_pages_from_several_threads_exactly(daemon, monkeypatch):
