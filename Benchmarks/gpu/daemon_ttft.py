@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Time to first token through kvtierd: a prompt's prefix restored from the daemon's RAM tier or
-its disk tier (kvtier.transformers.KVTierCache: lookup + get, host to device, then the last
-prompt token computed) versus the whole prompt recomputed.
+"""Time to first token through kvtierd: a prompt's prefix restored from the VRAM tier, the
+daemon's RAM tier or its disk tier (kvtier.transformers.KVTierCache: lookup + get, host to
+device, or VRAM_LEASE + device-to-device copies; then the last prompt token computed) versus the
+whole prompt recomputed.
 
     python3 Benchmarks/gpu/daemon_ttft.py --daemon .device/bin/kvtierd --out ttft.json
     python3 Benchmarks/gpu/daemon_ttft.py --daemon .build/debug/kvtierd --smoke    # CPU, tiny
@@ -9,8 +10,9 @@ prompt token computed) versus the whole prompt recomputed.
 Default: a Llama-3-8B-shaped LlamaForCausalLM (32 layers, hidden 4096, 32 heads, 8 KV heads,
 vocab 128256; random bf16 weights: speed only) on CUDA, prompts of 4K, 16K and 32K tokens.
 Per length: recompute (one forward over the prompt, `logits_to_keep=1`, median of --repeats after
-a warm-up), whose KV is then stored in kvtierd (durable put); RAM-tier restore (same daemon, the
-pages resident); disk-tier restore (kvtierd stopped with SIGTERM and started again on the same
+a warm-up), whose KV is then stored in kvtierd (durable put) and placed in a VRAM pool of this
+process (kvtier.vram.VramTier, as an engine's save would); RAM-tier restore (same daemon, the
+pages resident); VRAM-tier restore (the pool's slots copied device to device); disk-tier restore (kvtierd stopped with SIGTERM and started again on the same
 state directory before each repeat, so RAM is empty; with --drop-caches, as root, the kernel's
 page cache is dropped too, so the page files are read from the device). Each restored path's
 logits are compared with the recompute's. `--smoke` runs a 2-layer model on CPU at 64 and 200
@@ -37,6 +39,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "clients", "python", "src"))  
 
 import kvtier  # noqa: E402
 from kvtier.transformers import KVTierCache  # noqa: E402
+from kvtier.vram import VramTier  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
@@ -103,9 +106,14 @@ def measure(args, model, spec, device, dtype, tokens, daemon):
     row = {"tokens": tokens}
 
     recompute = []
+    # The VRAM tier: a pool in this process, filled by the save below (as an engine's prefill
+    # would); its restores are device-to-device copies after a VRAM_LEASE.
+    vclient = kvtier.Client(daemon.socket)
+    tier = VramTier(vclient)
+    tier.create_pool(device, -(-tokens // (spec.page_tokens or 256)), model=spec)
     with kvtier.Client(daemon.socket) as client:
         for i in range(args.repeats + 1):  # the first is a warm-up
-            cache = KVTierCache(client, spec, dtype=dtype, device=device, durable=True)
+            cache = KVTierCache(client, spec, dtype=dtype, device=device, durable=True, vram=tier)
             sync(device)
             t0 = time.perf_counter()
             reference = last_logits(model, ids, cache)
@@ -118,8 +126,8 @@ def measure(args, model, spec, device, dtype, tokens, daemon):
         row["kvBytes"] = tokens * spec.bytes_per_token
         del cache
 
-    def restored_ttft(client, expect_tier):
-        cache = KVTierCache(client, spec, dtype=dtype, device=device)
+    def restored_ttft(client, expect_tier, vram=None):
+        cache = KVTierCache(client, spec, dtype=dtype, device=device, vram=vram)
         sync(device)
         t0 = time.perf_counter()
         n = cache.restore(ids)
@@ -129,18 +137,25 @@ def measure(args, model, spec, device, dtype, tokens, daemon):
         sync(device)
         t2 = time.perf_counter()
         look = cache.kvtier.last_lookup
-        tier_tokens = look.ram_tokens if expect_tier == "ram" else look.disk_tokens
-        if n != tokens - 1 or tier_tokens != tokens:
+        tier_tokens = {"ram": look.ram_tokens, "disk": look.disk_tokens, "vram": look.vram_tokens}[expect_tier]
+        served_by = "vram" if expect_tier == "vram" else "daemon"
+        if n != tokens - 1 or tier_tokens != tokens or cache.restored_from != served_by:
             sys.exit(f"{tokens} tokens, {expect_tier} tier: restored {n}, lookup {look}")
         diff = float((logits - reference).abs().max())
         return t2 - t0, t1 - t0, diff
 
-    ram, disk = [], []
+    ram, vram, disk = [], [], []
     with kvtier.Client(daemon.socket) as client:
         for i in range(args.repeats + 1):
             r = restored_ttft(client, "ram")
             if i:
                 ram.append(r)
+        for i in range(args.repeats + 1):
+            r = restored_ttft(client, "vram", vram=tier)
+            if i:
+                vram.append(r)
+    tier.close()
+    vclient.close()
     for i in range(args.repeats):
         daemon.restart()
         if args.drop_caches:
@@ -151,7 +166,7 @@ def measure(args, model, spec, device, dtype, tokens, daemon):
     rec = statistics.median(recompute)
     row["recomputeSeconds"] = rec
     row["recomputeSecondsAll"] = recompute
-    for name, runs in (("ram", ram), ("disk", disk)):
+    for name, runs in (("ram", ram), ("vram", vram), ("disk", disk)):
         ttft = statistics.median(r[0] for r in runs)
         row[name] = {"ttftSeconds": ttft, "restoreSeconds": statistics.median(r[1] for r in runs),
                      "ratioToRecompute": ttft / rec, "maxLogitDiff": max(r[2] for r in runs),
@@ -212,13 +227,13 @@ def main():
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
-    print(f"| tokens | recompute | RAM tier: TTFT (restore) | ratio | disk tier ({args.disk_codec}): TTFT (restore) | ratio |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    tiers = (("vram", "VRAM tier"), ("ram", "RAM tier"), ("disk", f"disk tier ({args.disk_codec})"))
+    print("| tokens | recompute | " + " | ".join(f"{label}: TTFT (restore) | ratio" for _, label in tiers) + " |")
+    print("| ---: | ---: | " + " | ".join("---: | ---:" for _ in tiers) + " |")
     for r in report["rows"]:
-        ram, disk = r["ram"], r["disk"]
-        print(f"| {r['tokens']} | {r['recomputeSeconds'] * 1e3:.1f} ms "
-              f"| {ram['ttftSeconds'] * 1e3:.1f} ms ({ram['restoreSeconds'] * 1e3:.1f} ms) | {ram['ratioToRecompute']:.2f} "
-              f"| {disk['ttftSeconds'] * 1e3:.1f} ms ({disk['restoreSeconds'] * 1e3:.1f} ms) | {disk['ratioToRecompute']:.2f} |")
+        cells = [f"{r[k]['ttftSeconds'] * 1e3:.1f} ms ({r[k]['restoreSeconds'] * 1e3:.1f} ms) | {r[k]['ratioToRecompute']:.3f}"
+                 for k, _ in tiers]
+        print(f"| {r['tokens']} | {r['recomputeSeconds'] * 1e3:.1f} ms | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ def test_smoke(tmp_path):
         assert 0 < row["ram"]["maxLogitDiff"] < 1e-3
         assert row["ram"]["maxLogitDiff"] < row["disk"]["maxLogitDiff"] < 0.2
         assert row["ram"]["ttftSeconds"] > row["ram"]["restoreSeconds"] > 0
+        # VRAM tier (a shared-memory pool on the CPU): the same bytes as the RAM tier's.
+        assert row["vram"]["maxLogitDiff"] == row["ram"]["maxLogitDiff"]
+        assert row["vram"]["ttftSeconds"] > row["vram"]["restoreSeconds"] > 0
     assert "| 200 |" in p.stdout
 
 
