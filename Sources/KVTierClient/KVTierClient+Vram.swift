@@ -55,4 +55,13 @@ extension KVTierClient {
         }
         return reply
     }
+
+    /// Takes pool `poolID` (registered on this connection) out of the directory and returns the
+    /// reader leases still on it; free the pool's memory once this returns 0.
+    public func vramDrop(poolID: UInt32) async throws -> Int {
+        let reply = try await call(.vramDrop(VramDrop(poolID: poolID)), expecting: "VRAM_DROP") {
+            if case .vramDrop(let r) = $0 { r } else { nil }
+        }
+        return Int(reply.readers)
+    }
 }

@@ -150,6 +150,9 @@ public struct StoreRequestHandler: RequestHandler {
             return .reply(.vramCommit)
         case .vramLease(let r):
             return .reply(try vramLease(r, context))
+        case .vramDrop(let r):
+            let readers = try vram.retire(tenant, owner: context.connectionID, poolID: r.poolID)
+            return .reply(.vramDrop(VramDropReply(readers: UInt32(clamping: readers))))
         }
     }
 

@@ -112,6 +112,9 @@ public final class VramDirectory: Sendable {
         var leases: Set<UInt64> = []
         var residentCount = 0
         var writingCount = 0
+        /// `VRAM_DROP` was asked: no new request sees the pool; it is forgotten once no reader
+        /// lease is left on it.
+        var retired = false
 
         /// The slot holding `address` resident, if it is.
         func resident(_ address: PageAddress) -> (slot: Int, page: Resident)? {
@@ -292,7 +295,8 @@ public final class VramDirectory: Sendable {
             throw .invalidArgument("a VRAM pool has 1 to \(ProtocolLimits.maxVramSlots) slots of 1 to \(ProtocolLimits.maxVramSlotBytes) bytes, a device UUID of 1 to \(ProtocolLimits.maxDeviceUUIDBytes) bytes and a handle of 1 to \(ProtocolLimits.maxVramHandleBytes) bytes")
         }
         let id = state.withLock { s -> Result<UInt32, StoreError> in
-            let held = s.poolsOfTenant[tenant]?.count ?? 0
+            // Retired pools count until they are forgotten: dropping cannot make room for more.
+            let held = s.pools.values.reduce(0) { $0 + ($1.tenant == tenant ? 1 : 0) }
             guard held < limits.maxPoolsPerTenant else {
                 return .failure(.overBudget("this tenant has \(held) VRAM pools, the most one may (maxVramPoolsPerTenant \(limits.maxPoolsPerTenant)): close the connection of a pool it no longer uses"))
             }
@@ -313,7 +317,7 @@ public final class VramDirectory: Sendable {
 
     /// Checks that `tenant` has pool `id` with slots of at least `pageBytes`.
     public func checkPool(_ tenant: TenantID, _ id: UInt32, pageBytes: Int) throws(StoreError) {
-        let slotBytes = state.withLock { s in s.pools[id].flatMap { $0.tenant == tenant ? $0.info.slotBytes : nil } }
+        let slotBytes = state.withLock { s in s.pools[id].flatMap { $0.tenant == tenant && !$0.retired ? $0.info.slotBytes : nil } }
         guard let slotBytes else { throw Self.noPool(id) }
         guard slotBytes >= UInt64(pageBytes) else {
             throw .invalidArgument("VRAM pool \(id) has slots of \(slotBytes) bytes; a page of this model takes \(pageBytes) (pageTokens × bytesPerToken): register a pool sized for the model")
@@ -343,7 +347,7 @@ public final class VramDirectory: Sendable {
     public func place(_ tenant: TenantID, owner: UInt64, poolID: UInt32, pages: [Page], pageBytes: Int) throws(StoreError) -> Placement {
         let now = now()
         let result = state.withLock { s -> Result<Placement, StoreError> in
-            guard var pool = s.pools[poolID], pool.tenant == tenant else { return .failure(Self.noPool(poolID)) }
+            guard var pool = s.pools[poolID], pool.tenant == tenant, !pool.retired else { return .failure(Self.noPool(poolID)) }
             guard pool.info.slotBytes >= UInt64(pageBytes) else {
                 return .failure(.invalidArgument("VRAM pool \(poolID) has slots of \(pool.info.slotBytes) bytes; a page of this model takes \(pageBytes) (pageTokens × bytesPerToken): register a pool sized for the model"))
             }
@@ -436,6 +440,29 @@ public final class VramDirectory: Sendable {
             return .success(Lent(pool: pool.info, leaseID: leaseID, tokens: lent.reduce(0) { $0 + $1.tokens }, pages: lent))
         }
         return try result.get()
+    }
+
+    /// `VRAM_DROP`: pool `poolID`, registered by connection `owner`, leaves the directory for new
+    /// requests at once (its placements in progress end unwritten); returns the reader leases
+    /// still on it. The pool is forgotten when that count is 0, so the owner may free its memory.
+    public func retire(_ tenant: TenantID, owner: UInt64, poolID: UInt32) throws(StoreError) -> Int {
+        let readers = state.withLock { s -> Int? in
+            guard var pool = s.pools[poolID], pool.tenant == tenant, pool.owner == owner else { return nil }
+            if !pool.retired {
+                pool.retired = true
+                s.pools[poolID] = pool
+                s.poolsOfTenant[tenant]?.removeAll { $0 == poolID }
+                if s.poolsOfTenant[tenant]?.isEmpty == true { s.poolsOfTenant[tenant] = nil }
+                for id in pool.leases where s.leases[id]?.kind == .place { s.endLease(id) }
+            }
+            let readers = s.pools[poolID]!.leases.count
+            if readers == 0 { s.dropPool(poolID) }
+            return readers
+        }
+        guard let readers else {
+            throw .notFound("no VRAM pool \(poolID) registered by this connection (dropped already, or another connection's): VRAM_DROP is for the connection that sent VRAM_POOL")
+        }
+        return readers
     }
 
     /// Ends lease `leaseID` of `tenant` (a placement or a reader, of any of its connections);

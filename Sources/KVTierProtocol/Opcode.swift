@@ -26,6 +26,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case vramPlace = 0x0061
     case vramCommit = 0x0062
     case vramLease = 0x0063
+    case vramDrop = 0x0064
 
     /// The spec's name, as in `LOOKUP`.
     public var description: String {
@@ -56,6 +57,7 @@ public enum Opcode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .vramPlace: "VRAM_PLACE"
         case .vramCommit: "VRAM_COMMIT"
         case .vramLease: "VRAM_LEASE"
+        case .vramDrop: "VRAM_DROP"
         }
     }
 }

@@ -28,6 +28,7 @@ public enum Reply: Sendable, Equatable {
     case vramPlace(VramPlaceReply)
     case vramCommit
     case vramLease(VramLeaseReply)
+    case vramDrop(VramDropReply)
     /// A non-zero status, answering a request of `opcode` (raw: unknown opcodes get one too).
     case error(opcode: UInt16, ErrorReply)
 
@@ -62,6 +63,7 @@ public enum Reply: Sendable, Equatable {
         case .vramPlace: known = .vramPlace
         case .vramCommit: known = .vramCommit
         case .vramLease: known = .vramLease
+        case .vramDrop: known = .vramDrop
         }
         return known.rawValue
     }
@@ -99,6 +101,7 @@ public enum Reply: Sendable, Equatable {
         case .vramPool(let body): try body.encode(into: &writer)
         case .vramPlace(let body): try body.encode(into: &writer)
         case .vramLease(let body): try body.encode(into: &writer)
+        case .vramDrop(let body): try body.encode(into: &writer)
         case .error(_, let body): try body.encode(into: &writer)
         }
     }
@@ -159,6 +162,7 @@ public enum Reply: Sendable, Equatable {
         case .vramPlace: return .vramPlace(try VramPlaceReply(decoding: body))
         case .vramCommit: try expectEmpty(body, opcode, reply: true); return .vramCommit
         case .vramLease: return .vramLease(try VramLeaseReply(decoding: body))
+        case .vramDrop: return .vramDrop(try VramDropReply(decoding: body))
         }
     }
 }

@@ -28,6 +28,7 @@ public enum Request: Sendable, Equatable {
     case vramPlace(VramPlace)
     case vramCommit(VramCommit)
     case vramLease(VramLease)
+    case vramDrop(VramDrop)
 
     public var opcode: Opcode {
         switch self {
@@ -57,6 +58,7 @@ public enum Request: Sendable, Equatable {
         case .vramPlace: .vramPlace
         case .vramCommit: .vramCommit
         case .vramLease: .vramLease
+        case .vramDrop: .vramDrop
         }
     }
 
@@ -84,6 +86,7 @@ public enum Request: Sendable, Equatable {
         case .vramPlace(let body): try body.encode(into: &writer)
         case .vramCommit(let body): try body.encode(into: &writer)
         case .vramLease(let body): try body.encode(into: &writer)
+        case .vramDrop(let body): try body.encode(into: &writer)
         }
     }
 
@@ -137,6 +140,7 @@ public enum Request: Sendable, Equatable {
         case .vramPlace: return .vramPlace(try VramPlace(decoding: body))
         case .vramCommit: return .vramCommit(try VramCommit(decoding: body))
         case .vramLease: return .vramLease(try VramLease(decoding: body))
+        case .vramDrop: return .vramDrop(try VramDrop(decoding: body))
         }
     }
 }

@@ -284,3 +284,38 @@ public struct VramLeaseReply: WireBody {
         try reader.finish()
     }
 }
+
+/// `VRAM_DROP` request: `u32 poolID` (a pool this connection registered). The pool leaves the
+/// directory for new requests at once (`LOOKUP`, `VRAM_PLACE`, `VRAM_LEASE` no longer see it;
+/// its placements in progress end unwritten), and the reply says how many `VRAM_LEASE` leases
+/// still read from it. The owner frees the pool's memory once a `VRAM_DROP` answers 0; the pool
+/// is forgotten then.
+public struct VramDrop: WireBody {
+    public var poolID: UInt32
+
+    public init(poolID: UInt32) { self.poolID = poolID }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) { writer.u32(poolID) }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "VRAM_DROP request")
+        poolID = try reader.u32()
+        try reader.finish()
+    }
+}
+
+/// `VRAM_DROP` reply: `u32 readers`, the `VRAM_LEASE` leases still on the pool (0: its memory may
+/// be freed).
+public struct VramDropReply: WireBody {
+    public var readers: UInt32
+
+    public init(readers: UInt32) { self.readers = readers }
+
+    public func encode(into writer: inout ByteWriter) throws(ProtocolError) { writer.u32(readers) }
+
+    public init(decoding body: UnsafeRawBufferPointer) throws(ProtocolError) {
+        var reader = BodyReader(body, context: "VRAM_DROP reply")
+        readers = try reader.u32()
+        try reader.finish()
+    }
+}

@@ -182,6 +182,9 @@ struct RequestTemplate: Sendable {
             RequestTemplate(name: "VRAM_LEASE", opcode: .vramLease) { s in
                 var r = FieldRecorder(); r.u64("modelID", s.modelID); r.tokens("tokens", tokens); return r
             },
+            RequestTemplate(name: "VRAM_DROP", opcode: .vramDrop) { _ in
+                var r = FieldRecorder(); r.u32("poolID", 1); return r
+            },
         ]
     }
 }

@@ -434,3 +434,48 @@ extension VramDirectoryTests {
         #expect(status["vram_pools"] == 0 && status["vram_leases"] == 0 && status["vram_slots"] == 0, "seed \(seed): \(status)")
     }
 }
+
+extension VramDirectoryTests {
+    /// VRAM_DROP: the pool leaves the directory at once, and the owner hears how many readers
+    /// are still copying from it, so it frees the memory only after the last one released.
+    @Test func aDroppedPoolIsHiddenAtOnceAndForgottenWhenItsLastReaderReleases() async throws {
+        let tokens = Self.sequence(90_000, 32)  // two whole pages
+        let (handler, _) = try await Self.handler(storing: [tokens])
+        let owner = Self.context(1), reader = Self.context(2), other = Self.context(3)
+        let pool = try handler.registerPool(owner, slots: 4)
+        _ = try handler.placeAndCommit(pool, tokens, owner)
+        let lent = try handler.vramLease(tokens, reader)
+        #expect(lent.tokens == 32 && lent.leaseID != 0)
+        let writing = try handler.place(pool, Self.sequence(90_000, 32) + [1], other)  // nothing new to write
+        #expect(writing.leaseID == 0)
+
+        #expect(wireError(try handler.now(.vramDrop(VramDrop(poolID: pool)), reader)) == .notFound, "only the owner drops")
+        #expect(try handler.now(.vramDrop(VramDrop(poolID: pool)), owner) == .vramDrop(VramDropReply(readers: 1)))
+        #expect(try handler.lookup(tokens, other).vramTokens == 0, "hidden from lookups")
+        #expect(try handler.vramLease(tokens, other) == .none, "and from new leases")
+        #expect(wireError(try handler.now(.vramPlace(VramPlace(modelID: Self.modelID, poolID: pool, tokens: tokens)), owner)) == .notFound)
+        #expect(try handler.status(owner)["vram_pools"] == 1, "kept while a reader copies")
+        // Dropped pools still count against the tenant's four until they are forgotten.
+        for _ in 0..<3 { _ = try handler.registerPool(other, slots: 1) }
+        #expect(wireError(try handler.now(.vramPool(VramPool(deviceUUID: "GPU-test", slots: 1, slotBytes: Self.pageBytes,
+                                                             handle: Self.handle)), other)) == .overBudget)
+
+        #expect(try handler.release(lent.leaseID, reader) == .release)
+        #expect(try handler.now(.vramDrop(VramDrop(poolID: pool)), owner) == .vramDrop(VramDropReply(readers: 0)))
+        #expect(try handler.status(owner)["vram_pools"] == 3, "forgotten")
+        #expect(wireError(try handler.now(.vramDrop(VramDrop(poolID: pool)), owner)) == .notFound, "dropped once")
+    }
+
+    /// A placement in progress on a dropped pool ends unwritten: its commit is refused.
+    @Test func droppingAPoolEndsItsPlacementsInProgress() async throws {
+        let tokens = Self.sequence(91_000, 16)
+        let (handler, _) = try await Self.handler(storing: [tokens])
+        let owner = Self.context(1), writer = Self.context(2)
+        let pool = try handler.registerPool(owner, slots: 2)
+        let placed = try handler.place(pool, tokens, writer)
+        #expect(placed.leaseID != 0)
+        #expect(try handler.now(.vramDrop(VramDrop(poolID: pool)), owner) == .vramDrop(VramDropReply(readers: 0)))
+        #expect(wireError(try handler.commit(placed.leaseID, writer)) == .notFound)
+        #expect(try handler.status(owner)["vram_leases"] == 0 && handler.status(owner)["vram_pools"] == 0)
+    }
+}

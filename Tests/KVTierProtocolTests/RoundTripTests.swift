@@ -132,7 +132,7 @@ import Testing
         #expect(ProtocolError.tooLarge(what: "x", size: 2, limit: 1).wireError == .tooLarge)
         #expect(ProtocolError.unknownOpcode(9).wireError == .unknownOpcode)
         #expect(Opcode.allCases.map(\.rawValue) == [0x01, 0x02, 0x10, 0x20, 0x21, 0x22, 0x23, 0x24, 0x30, 0x31, 0x32, 0x33, 0x34, 0x35, 0x36, 0x40, 0x41, 0x50, 0x51, 0x52, 0x53, 0x54,
-                                                     0x60, 0x61, 0x62, 0x63])
+                                                     0x60, 0x61, 0x62, 0x63, 0x64])
     }
 
     @Test func longErrorMessagesAreCutAtACharacterBoundary() throws {

@@ -123,6 +123,7 @@ struct MessageGenerator {
         case .vramPlace: .vramPlace(VramPlace(modelID: u64(), poolID: u32(), tokens: tokens()))
         case .vramCommit: .vramCommit(VramCommit(leaseID: u64()))
         case .vramLease: .vramLease(VramLease(modelID: u64(), tokens: tokens()))
+        case .vramDrop: .vramDrop(VramDrop(poolID: u32()))
         }
     }
 
@@ -189,6 +190,7 @@ struct MessageGenerator {
             return .vramLease(VramLeaseReply(poolID: u32(), deviceUUID: string(maxBytes: 64), slots: u32(), slotBytes: u64(),
                                              handle: bytes(0...ProtocolLimits.maxVramHandleBytes), leaseID: u64(), tokens: u32(),
                                              pages: (0..<int(0...maxList)).map { _ in VramLeasedPage(tokens: u32(), slot: u32()) }))
+        case .vramDrop: return .vramDrop(VramDropReply(readers: u32()))
         }
     }
 }

@@ -38,6 +38,10 @@ import Testing
 
         #expect(try VramCommit(leaseID: 0x0A0B).encodedBody() == body { $0.u64(0x0A0B) })
         #expect(try VramCommit(decoding: body { $0.u64(0x0A0B) }).leaseID == 0x0A0B)
+        #expect(try VramDrop(poolID: 9).encodedBody() == body { $0.u32(9) })
+        #expect(try VramDrop(decoding: body { $0.u32(9) }).poolID == 9)
+        #expect(try VramDropReply(readers: 2).encodedBody() == body { $0.u32(2) })
+        #expect(try VramDropReply(decoding: body { $0.u32(2) }).readers == 2)
 
         let lease = VramLease(modelID: 3, tokens: [1])
         #expect(try lease.encodedBody() == body { w in w.u64(3); w.u32(1); w.u32(1) })
@@ -69,6 +73,7 @@ import Testing
         #expect(Request.vramPlace(VramPlace(modelID: 1, poolID: 1, tokens: [])).opcode.rawValue == 0x0061)
         #expect(Request.vramCommit(VramCommit(leaseID: 1)).opcode.rawValue == 0x0062)
         #expect(Request.vramLease(VramLease(modelID: 1, tokens: [])).opcode.rawValue == 0x0063)
+        #expect(Request.vramDrop(VramDrop(poolID: 1)).opcode.rawValue == 0x0064 && Opcode.vramDrop.description == "VRAM_DROP")
         let commit = try decodeOneFrame(Reply.vramCommit.encodeFrame(requestID: 5))
         #expect(commit.body.isEmpty && commit.header.opcode == 0x0062)
         #expect(try Reply.decode(commit) == .vramCommit)
@@ -123,6 +128,8 @@ import Testing
         expectError(.malformed) { () throws(ProtocolError) in _ = try VramPlace(decoding: Array(place.dropLast())) }
         expectError(.malformed) { () throws(ProtocolError) in _ = try VramCommit(decoding: body { $0.u64(1) } + [0]) }
         expectError(.malformed) { () throws(ProtocolError) in _ = try VramCommit(decoding: [1, 2, 3]) }
+        expectError(.malformed) { () throws(ProtocolError) in _ = try VramDrop(decoding: body { $0.u32(1) } + [0]) }
+        expectError(.malformed) { () throws(ProtocolError) in _ = try VramDropReply(decoding: [1, 0]) }
         expectError(.malformed) { () throws(ProtocolError) in _ = try VramLease(decoding: body { w in w.u64(1); w.u32(0) } + [0]) }
         expectError(.malformed) { () throws(ProtocolError) in _ = try VramPoolReply(decoding: [1, 0, 0, 0, 0]) }
         expectError(.malformed) { () throws(ProtocolError) in

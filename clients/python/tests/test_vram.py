@@ -202,3 +202,23 @@ def test_pool_registration_is_checked(daemon):
         with pytest.raises(kvtier.KVTierError) as e:
             c.vram_place(SPEC, small, list(range(5000, 5016)))
         assert e.value.code == "invalidArgument"
+
+
+def test_a_pool_is_freed_only_after_its_last_reader_released(daemon):
+    tokens = list(range(6000, 6032))
+    with kvtier.Client(daemon.socket) as c, kvtier.Client(daemon.socket) as reader:
+        keys, values = put(c, tokens, 50)
+        tier = vram.VramTier(c)
+        tier.create_pool("cpu", 2, model=SPEC)
+        assert tier.place(SPEC, tokens, keys, values) == 32
+        lease = reader.vram_lease(SPEC, tokens)          # a reader mid-copy
+        assert lease.tokens == 32
+        path = os.path.join("/dev/shm", tier.pool.handle.ipc.decode())
+        assert tier._owner.vram_drop(tier.pool_id) == 1  # out of the directory, one reader left
+        assert c.lookup_detail(SPEC, tokens).vram_tokens == 0
+        assert reader.vram_lease(SPEC, tokens).tokens == 0
+        assert os.path.exists(path)                      # the memory stays while the reader copies
+        reader.release(lease.lease_id)
+        tier.close()                                     # the next VRAM_DROP answers 0: freed
+        assert not os.path.exists(path)
+        assert tier.pool is None

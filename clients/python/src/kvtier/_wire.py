@@ -76,6 +76,7 @@ class Op:
     VRAM_PLACE = 0x0061
     VRAM_COMMIT = 0x0062
     VRAM_LEASE = 0x0063
+    VRAM_DROP = 0x0064
 
 
 # Opcodes whose frames may carry inline data (bounded by maxInlineBody, not maxControlBody).

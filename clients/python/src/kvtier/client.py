@@ -561,6 +561,16 @@ class Client:
         body, _ = self._call(Op.VRAM_COMMIT, [_wire.u64(lease_id)])
         _wire.empty_reply(body, "VRAM_COMMIT reply")
 
+    def vram_drop(self, pool_id: int) -> int:
+        """Low level: takes pool ``pool_id`` (registered on this connection) out of kvtierd's
+        directory (``VRAM_DROP``): no new lease or placement sees it. Returns the leases still
+        reading from it; its memory may be freed once this returns 0."""
+        body, _ = self._call(Op.VRAM_DROP, [_wire.u32(pool_id)])
+        r = _wire.Reader(body, "VRAM_DROP reply")
+        readers = r.u32()
+        r.finish()
+        return readers
+
     def vram_lease(self, model: ModelRef, tokens) -> "VramLease":
         """Low level: the leading pages of ``tokens``' cached prefix resident in one of this
         tenant's VRAM pools, and the pool (``VRAM_LEASE``). Their slots are not overwritten until

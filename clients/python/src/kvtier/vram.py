@@ -25,8 +25,10 @@ import base64
 import glob
 import json
 import mmap
+import logging
 import os
 import sys
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence, Tuple
@@ -34,6 +36,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .model import ModelSpec
+
+log = logging.getLogger("kvtier")
 
 __all__ = ["PoolHandle", "VramPool", "VramTier", "VramError", "page_bytes", "page_view", "store_page", "restore_pages",
            "same_device"]
@@ -515,18 +519,34 @@ class VramTier:
         dtype = torch_dtype(model)
         return out["keys"].view(dtype), out["values"].view(dtype)
 
+    DROP_DEADLINE = 10.0
+
     def close(self) -> None:
-        """Closes attachments to other pools, and this process's pool (kvtierd forgets it when
-        the client's connection closes; close the client before the pool where others may be
-        restoring from it, so the directory stops handing it out first)."""
+        """Closes attachments to other pools, and this process's pool: first it leaves kvtierd's
+        directory (``VRAM_DROP``), then, once no other process is copying from it (their leases
+        are released, which takes milliseconds), its memory is freed."""
         for pool in self._attached.values():
             pool.close()
         self._attached.clear()
-        if self.pool is not None:
-            self._owner.close()
-            self._owner = None
-            self.pool.close()
-            self.pool = None
+        if self.pool is None:
+            return
+        from .errors import KVTierConnectionError, KVTierError
+        deadline = time.monotonic() + self.DROP_DEADLINE
+        pause = 0.0005
+        try:
+            while self._owner.vram_drop(self.pool_id):
+                if time.monotonic() >= deadline:
+                    log.warning("kvtier: VRAM pool %d still had readers after %.0f s; freeing it anyway",
+                                self.pool_id, self.DROP_DEADLINE)
+                    break
+                time.sleep(pause)           # readers are mid-copy: their RELEASE comes within milliseconds
+                pause = min(pause * 2, 0.05)
+        except (KVTierConnectionError, KVTierError) as e:
+            log.warning("kvtier: VRAM_DROP of pool %d failed (%s); freeing it", self.pool_id, e)
+        self._owner.close()
+        self._owner = None
+        self.pool.close()
+        self.pool = None
 
     def __enter__(self):
         return self
