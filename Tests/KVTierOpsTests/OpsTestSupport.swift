@@ -188,11 +188,18 @@ func httpRequest(port: UInt16, method: String = "GET", path: String) throws -> (
     }
     guard connected == 0 else { throw TestFailure("connect 127.0.0.1:\(port): errno \(errno)") }
     let request = Array("\(method) \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".utf8)
-    _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+    var sent = 0
+    while sent < request.count {
+        let n = request[sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { throw TestFailure("send to 127.0.0.1:\(port): errno \(errno)") }
+        sent += n
+    }
     var response: [UInt8] = []
     var chunk = [UInt8](repeating: 0, count: 65536)
     while true {
         let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+        if n < 0 && errno == EINTR { continue }  // a signal to this test process, not the end of the response
         guard n > 0 else { break }
         response += chunk[0..<n]
     }
