@@ -8,7 +8,9 @@ walks the whole story with four engines:
 1. engine A (connector) and a plain engine P serve the same ~1,800-token prompt: the same greedy
    tokens; A's pages go to kvtierd (durably, fp16+lz4 on disk: lossless).
 2. engine B starts while A runs; A serves a shared prefix with one tail, B the same prefix with
-   another: B loads the prefix that A stored, and its tokens match P's.
+   another: B loads the prefix that A stored, and its tokens match P's. A and B lend VRAM pools
+   (``vram_pages``; shared memory on the CPU): A places what it saves, and B's load comes from
+   A's pool (kvtierd's VRAM counters say so).
 3. kvtierd is SIGKILLed while A serves a new request: the request completes (recomputed), and
    so does the next one while the daemon is down.
 4. kvtierd restarts on its state directory; a fresh engine C serves the first prompt: it loads
@@ -23,11 +25,13 @@ import sys
 import pytest
 
 from conftest import REPO, Daemon, daemon_binary
+from kvtier import Client
 
 sys.path.insert(0, str(REPO / "Benchmarks" / "vllm"))
 import harness  # noqa: E402
 
 BLOCK = 128  # vLLM's CPU block size for this model (checked against what the engines report)
+VRAM_PAGES = 8  # A's pool holds the shared prefix's pages after it served with_tail_a
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,7 @@ def test_engines_share_prefixes_through_restarts_and_a_dead_daemon(vllm_setup, t
         with_tail_b = shared + text[5000:5300]
 
         # 1. A connector engine and a plain engine agree on a miss.
-        a = engine("A", daemon.socket)
+        a = engine("A", daemon.socket, extra_config={"vram_pages": VRAM_PAGES})
         plain = engine("plain")
         a.wait_ready()
         plain.wait_ready()
@@ -78,12 +82,19 @@ def test_engines_share_prefixes_through_restarts_and_a_dead_daemon(vllm_setup, t
         assert p_tail_b["cached"] == len(shared) // BLOCK * BLOCK
         plain.close()
 
-        # 2. Two engines at once: B loads the prefix that A stored.
-        b = engine("B", daemon.socket).wait_ready()
+        # 2. Two engines at once: B loads the prefix that A stored, from A's VRAM pool (both lend
+        #    one: vram_pages; on the CPU a pool is shared memory, so this is the GPU path's logic).
+        b = engine("B", daemon.socket, extra_config={"vram_pages": VRAM_PAGES}).wait_ready()
         a.generate(with_tail_a)
+        with Client(daemon.socket) as client:
+            before = client.status()
         b1 = b.generate(with_tail_b)
         assert b1["cached"] >= len(shared) - len(shared) % BLOCK, b1
         assert b1["tokens"] == p_tail_b["tokens"], "B restored A's prefix and must decode exactly as vLLM alone"
+        with Client(daemon.socket) as client:
+            after = client.status()
+        assert after["vram_pools"] == 2 and after["vram_commits"] >= 2, after
+        assert after["vram_lease_hits"] > before["vram_lease_hits"], "B's load came from a VRAM pool"
         b.close()
 
         # 3. kvtierd dies under A: requests still complete, as misses.

@@ -445,6 +445,9 @@ class _WorkerSide:
         self.saver = EngineCache(s.socket, timeout=s.timeout, retry_interval=s.retry_interval, client_name=name + " saves")
         self.paged: Optional[PagedKV] = None
         self.vram = None  # kvtier.vram.VramTier when vram_pages > 0 and the pool could be made
+        # Loads (the model runner's thread) and placements (the saver thread) share the tier; a
+        # failure in one stops it, so the other must not be copying from the pool meanwhile.
+        self.vram_lock = threading.Lock()
         self.specs: Dict[Tuple[Optional[str], Optional[str]], ModelSpec] = {}
         self.load_errors: Set[int] = set()
         self.cond = threading.Condition()
@@ -501,6 +504,7 @@ class _WorkerSide:
             self._stop_vram()
 
     def _stop_vram(self) -> None:
+        """Called with ``vram_lock`` held, or when no other thread uses the tier."""
         tier, self.vram = self.vram, None
         if tier is not None:
             client = tier.client
@@ -511,6 +515,8 @@ class _WorkerSide:
         """The whole of ``job`` from a VRAM pool, device to device; False when no pool holds it."""
         paged, blocks, first = self.paged, job.block_ids, job.first
         try:
+            if self.vram is None:
+                return False
             served = self.vram.restore_into(spec, job.tokens, lambda a, page: paged.scatter_tensor(blocks, a, page, first),
                                             min_tokens=len(job.tokens))
         except Exception as e:
@@ -522,6 +528,8 @@ class _WorkerSide:
         """Copies the saved pages this worker's pool lacks into it, from the request's blocks."""
         paged, blocks = self.paged, job.block_ids
         try:
+            if self.vram is None:
+                return
             self.vram.place_from(spec, job.tokens, lambda a, b, page: paged.gather_tensor(blocks, a, b, page))
         except Exception as e:
             self._vram_failed("placement", e)
@@ -534,8 +542,11 @@ class _WorkerSide:
         block = self.c.block_size
         for job in meta.loads:
             paged, blocks, first = self.paged, job.block_ids, job.first
-            if self.vram is not None and self._load_vram(self.spec(job.name_suffix), job):
-                continue
+            if self.vram is not None:
+                with self.vram_lock:
+                    from_vram = self._load_vram(self.spec(job.name_suffix), job)
+                if from_vram:
+                    continue
             try:
                 self.loader.load(self.spec(job.name_suffix), job.tokens,
                                  lambda a, page: paged.scatter(blocks, a, page, first),
@@ -574,7 +585,8 @@ class _WorkerSide:
                                  lambda a, b, dest: paged.gather(blocks, a, b, dest),
                                  durable=self.c.settings.durable)
                 if self.vram is not None:
-                    self._place_vram(self.spec(job.name_suffix), job)
+                    with self.vram_lock:
+                        self._place_vram(self.spec(job.name_suffix), job)
             except Exception:  # a bug here must not kill the thread that frees finished requests' blocks
                 log.exception("kvtier: saving request %s failed", job.req_id)
             finally:
@@ -602,6 +614,7 @@ class _WorkerSide:
     def shutdown(self) -> None:
         self.jobs.put(None)
         self.thread.join(timeout=self.c.settings.timeout)
-        self._stop_vram()
+        with self.vram_lock:
+            self._stop_vram()
         self.loader.close()
         self.saver.close()
