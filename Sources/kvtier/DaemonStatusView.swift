@@ -79,6 +79,17 @@ struct DaemonStatusView: Encodable {
         "issued \(prefetch.issued), loaded \(prefetch.loaded), used \(prefetch.used) (\(prefetch.accuracy.map(Self.percent) ?? "-"), \(prefetch.late) late), wasted \(prefetch.wasted)"
     }
 
+    /// The VRAM tier's row of `kvtier status` (docs/vram-tier.md): "2 pools, 64 of 1024 slots
+    /// resident (3 being written), 5 leases; leases 40 hit / 2 missed, 12 evictions", nil while
+    /// no pool was ever registered.
+    var vramSummary: String? {
+        func value(_ name: String) -> UInt64 { counters[name] ?? 0 }
+        guard value("vram_pools") > 0 || value("vram_placements") > 0 || value("vram_lease_hits") > 0 else { return nil }
+        return "\(value("vram_pools")) pools, \(value("vram_resident_slots")) of \(value("vram_slots")) slots resident"
+            + " (\(value("vram_writing_slots")) being written), \(value("vram_leases")) leases;"
+            + " leases \(value("vram_lease_hits")) hit / \(value("vram_lease_misses")) missed, \(value("vram_evictions")) evictions"
+    }
+
     static let tierOrder = ["ram", "disk", "remote"]
 
     /// The remote tier's state line (`kvtier status`), nil without one.

@@ -64,7 +64,7 @@ struct StatusCommand: AsyncParsableCommand {
             ["promotions", "\(view.counters["promotions"] ?? 0)"],
             ["prefetch", view.prefetchSummary],
             ["checksum failures", "\(view.counters["disk_checksum_failures"] ?? 0)"],
-        ] + (view.remoteSummary.map { [["remote", $0]] } ?? []))
+        ] + (view.remoteSummary.map { [["remote", $0]] } ?? []) + (view.vramSummary.map { [["vram", $0]] } ?? []))
         if !codecs.isEmpty {
             print("")
             printTable(CodecChoiceView.header, codecs.map(\.row))

@@ -101,6 +101,30 @@ struct StatusCommandTests {
         #expect(row.contains("issued 2,") && row.contains("used 0 (0.0%, 0 late), wasted 0"), "prefetch row: \(row)\n\(table.output)")
     }
 
+    /// A VRAM pool registered, a prefix placed and leased: status shows the directory's row.
+    @Test func statusReportsTheVramDirectory() async throws {
+        let folder = try TemporaryFolder()
+        defer { folder.remove() }
+        let daemon = try await startDaemon(in: folder, [])
+        defer { daemon.stop() }
+        let socket = folder.path + "/s.sock"
+        let writer = try await Writer(socket: socket, tokens: 48)  // 3 pages of 16 tokens
+        try await writer.put()
+        let before = try runToCompletion([Checkout.cli!, "status", "--socket", socket])
+        #expect(!before.output.contains("\nvram "), "no row before any pool:\n\(before.output)")
+        let pageBytes = Int(Self.spec.pageTokens) * Self.spec.shape.elements(tokens: 1) * 4
+        let pool = try await writer.client.vramRegisterPool(deviceUUID: "GPU-status", slots: 8, slotBytes: pageBytes, handle: [1, 2, 3])
+        let placed = try await writer.client.vramPlace(writer.model, poolID: pool, tokens: writer.tokens)
+        try await writer.client.vramCommit(leaseID: placed.leaseID)
+        let lent = try await writer.client.vramLease(writer.model, tokens: writer.tokens)
+        #expect(lent.tokens == 48)
+        let table = try runToCompletion([Checkout.cli!, "status", "--socket", socket])
+        await writer.client.close()
+        let row = table.output.split(separator: "\n").first { $0.hasPrefix("vram ") }.map(String.init) ?? ""
+        #expect(row.contains("1 pools, 3 of 8 slots resident (0 being written), 1 leases; leases 1 hit / 0 missed, 0 evictions"),
+                "vram row: \(row)\n\(table.output)")
+    }
+
     @Test func statusFailsClearlyWithoutADaemon() throws {
         let folder = try TemporaryFolder()
         defer { folder.remove() }
