@@ -36,6 +36,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
                       "pip install torch 'transformers>=4.56' (kvtier itself needs only NumPy)") from e
 
 from .client import Client
+from .errors import KVTierError
 from .model import ModelSpec
 from .offload import OffloadPlan, PagedAttention
 from .prefix import PrefixCache
@@ -86,7 +87,7 @@ class KVTierCache(DynamicCache):
         if self.vram is not None and lookup.vram_tokens >= most:
             try:
                 kv = self.vram.restore(self.spec, tokens, device=self.tensor_device, max_tokens=most, min_tokens=most)
-            except VramError as e:  # e.g. the pool is on another GPU: RAM and disk still serve
+            except (VramError, KVTierError, OSError) as e:  # pool on another GPU, gone, unmappable: RAM and disk serve
                 log.warning("kvtier: VRAM tier restore failed, restoring from kvtierd instead: %s", e)
                 kv = None
             if kv is not None:
@@ -104,7 +105,10 @@ class KVTierCache(DynamicCache):
         pool = self.vram.pool if self.vram is not None else None
         if pool is None or not same_device(pool.device, self.tensor_device) or keys.shape[1] == 0:
             return
-        self.vram.place(self.spec, tokens[:keys.shape[1]], keys, values)
+        try:
+            self.vram.place(self.spec, tokens[:keys.shape[1]], keys, values)
+        except (VramError, KVTierError, OSError) as e:  # the pool is an extra: the store already holds the pages
+            log.warning("kvtier: placing pages in the VRAM pool failed: %s", e)
 
     def restore(self, tokens) -> int:
         """Loads the KV of the longest cached prefix of ``tokens`` (leaving at least the last token

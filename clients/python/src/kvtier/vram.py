@@ -388,12 +388,19 @@ class VramTier:
         self._owner = None    # the connection that registered self.pool
         self.stats = {"placedPages": 0, "restores": 0, "restoredTokens": 0, "misses": 0}
 
+    def _resolved(self, model: ModelSpec) -> ModelSpec:
+        """``model`` with the page size kvtierd registered it with (``page_tokens`` 0 takes the
+        daemon's ``pageTokens``, which need not be 256): slot layouts must match the daemon's pages."""
+        import dataclasses
+        _, reg = self.client._spec(model)
+        return model if model.page_tokens == reg.page_tokens else dataclasses.replace(model, page_tokens=reg.page_tokens)
+
     def create_pool(self, device, slots: int, model: Optional[ModelSpec] = None, slot_bytes: int = 0) -> VramPool:
         """Allocates this process's pool (``slots`` slots of ``slot_bytes``, default one page of
         ``model``) and registers it with kvtierd."""
         if self.pool is not None:
             raise VramError("this VramTier has a pool already")
-        slot_bytes = slot_bytes or page_bytes(model)
+        slot_bytes = slot_bytes or page_bytes(self._resolved(model))
         pool = VramPool.create(device, slots, slot_bytes)
         # The pool lives as long as the connection that registered it: a connection of its own,
         # so that ``close`` ends the pool in kvtierd before its memory is freed.
@@ -423,6 +430,7 @@ class VramTier:
         placement = self.client.vram_place(model, self.pool_id, tokens)
         if placement.lease_id == 0:
             return placement.resident_tokens
+        model = self._resolved(model)
         P = _page_tokens(model)
         try:
             for index, t, slot in placement.pages:
@@ -472,6 +480,7 @@ class VramTier:
         given, comes first. Returns the tokens served: 0 (and no call) when fewer than
         ``min_tokens`` are resident."""
         lease = self.client.vram_lease(model, tokens)
+        model = self._resolved(model)
         served = min(lease.tokens, max_tokens) if max_tokens else lease.tokens
         if served < max(1, min_tokens):
             if lease.lease_id:
@@ -479,6 +488,7 @@ class VramTier:
             self.stats["misses"] += 1
             return 0
         P = _page_tokens(model)
+        pool = None
         try:
             pool = self._pool_for(lease)
             if begin is not None:
@@ -486,9 +496,9 @@ class VramTier:
             for i, (_, slot) in enumerate(lease.pages[:-(-served // P)]):
                 a = i * P
                 visit(a, page_view(pool, slot, model, min(P, served - a)))
-            if pool.device.type == "cuda":
-                torch.cuda.synchronize(pool.device)   # the lease ends below: the copies must be done
         finally:
+            if pool is not None and pool.device.type == "cuda":
+                torch.cuda.synchronize(pool.device)   # the lease ends below: every queued copy must be done
             self.client._release_quietly(lease.lease_id)
         self.stats["restores"] += 1
         self.stats["restoredTokens"] += served
